@@ -1,0 +1,141 @@
+"""The config schema shared by every config file, and its argument parser.
+
+Config files under `configs/` start from `base_config()` and override fields;
+`parse_arg('epochs=300,dataset=folder')` turns the `:ARG` suffix of
+`--config=configs/NAME.py:ARG` into a ConfigDict, as big_vision does.
+"""
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
+  """Parses 'k1=v1,k2=v2' into a ConfigDict whose defaults and types are `spec`.
+
+  Args:
+    arg: the string after ':' in `--config=file.py:ARG`, or None.
+    **spec: the allowed keys with their default values (their types coerce).
+
+  Returns:
+    A ConfigDict with every key of `spec`.
+
+  Raises:
+    ValueError: for an unknown key or a value of the wrong type.
+  """
+  result = ml_collections.ConfigDict(spec)
+  if not arg:
+    return result
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, sep, value = item.partition("=")
+    if key not in spec:
+      raise ValueError(
+          f"Unknown config argument {key!r}; allowed: {sorted(spec)}.")
+    default = spec[key]
+    if not sep:  # A bare key is a boolean flag.
+      result[key] = True
+    elif isinstance(default, bool):
+      result[key] = value.lower() in ("1", "true", "yes", "y")
+    elif isinstance(default, int):
+      result[key] = int(value)
+    elif isinstance(default, float):
+      result[key] = float(value)
+    else:
+      result[key] = value
+  return result
+
+
+def view_augment(*, flip=0.5, color_jitter=0.8, brightness=0.4, contrast=0.4,
+                 saturation=0.2, hue=0.1, grayscale=0.2, blur=1.0,
+                 solarize=0.0) -> dict[str, float]:
+  """Probabilities and strengths of the device-side augmentations of one view.
+
+  Defaults are BYOL's T (DESIGN section 3); `byol_view2()` gives T'.
+  """
+  return dict(flip=flip, color_jitter=color_jitter, brightness=brightness,
+              contrast=contrast, saturation=saturation, hue=hue,
+              grayscale=grayscale, blur=blur, solarize=solarize)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the trainer reads, with BYOL's defaults."""
+  c = ml_collections.ConfigDict()
+  c.method = "byol"  # 'byol' | 'simsiam' | 'simclr'
+  c.seed = 0
+
+  # --- Schedule. Steps derive from epochs unless total_steps > 0.
+  c.batch_size = 4096          # global batch, over all devices and hosts
+  c.num_epochs = 300
+  c.total_steps = 0            # > 0 overrides num_epochs
+  c.warmup_epochs = 10.0
+  c.num_train_examples = 0     # 0: take it from the dataset
+
+  # --- Encoder: getattr(byol_jax.models, model.name)(**model_kwargs).
+  c.model = ml_collections.ConfigDict()
+  c.model.depth = 50                # 18, 34, 50, 101, 152, 200
+  c.model.width = 1                 # width multiplier 1..4
+  c.model.stem = "imagenet"         # 'imagenet' | 'cifar'
+  c.model.dtype = "float32"         # computation dtype; params stay float32
+  c.model.zero_init_residual = False
+  c.model.bn_momentum = 0.9
+  c.model.bn_epsilon = 1e-5
+
+  # --- Heads.
+  c.projector = ml_collections.ConfigDict(
+      dict(hidden_dim=4096, output_dim=256, num_layers=2))
+  c.predictor = ml_collections.ConfigDict(
+      dict(hidden_dim=4096, output_dim=256, num_layers=2))
+
+  # --- Method.
+  c.tau_base = 0.99            # BYOL target EMA, cosine to 1
+  c.temperature = 0.1          # SimCLR NT-Xent
+
+  # --- Optimizer.
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "lars"         # 'lars' | 'sgd'
+  c.optimizer.base_lr = 0.3         # lr = base_lr * batch_size / 256
+  c.optimizer.lr_scaling = "linear"  # 'linear' | 'sqrt' (0.075 sqrt(batch))
+  c.optimizer.weight_decay = 1e-6
+  c.optimizer.momentum = 0.9
+  c.optimizer.eta = 1e-3
+  c.optimizer.nesterov = False
+  c.optimizer.fixed_lr_predictor = False  # SimSiam: predictor LR not decayed
+  c.optimizer.classifier_lr = 0.2    # online classifier (plain SGD-momentum)
+
+  # --- Data.
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds"         # 'tfds' | 'folder' | 'npz' | 'arrays'
+  c.data.name = "imagenet2012"   # TFDS name
+  c.data.data_dir = ""           # TFDS data_dir (e.g. a gs:// bucket)
+  c.data.path = ""               # image-folder root or .npz file
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.num_classes = 1000
+  c.data.image_size = 224
+  c.data.crop_scale = (0.08, 1.0)
+  c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.data.eval_crop_fraction = 0.875  # centre crop of the shorter side
+  c.data.on_device = False       # keep the uint8 set on the accelerators
+  c.data.shuffle_buffer = 10_000
+  c.data.cache = False
+  c.data.skip_corrupt = True     # corrupt images in folders: skip and count
+  c.data.num_parallel_calls = -1  # tf.data AUTOTUNE
+
+  # --- Device-side augmentations, per view (T and T').
+  c.augment = ml_collections.ConfigDict()
+  c.augment.view1 = view_augment()
+  c.augment.view2 = view_augment(blur=0.1, solarize=0.2)
+  c.augment.normalize = True     # ImageNet mean/std
+
+  # --- Evaluation during training.
+  c.eval_every_steps = 0         # 0: only at the end
+  c.knn = ml_collections.ConfigDict(
+      dict(enabled=False, k=200, temperature=0.1, every_steps=0))
+
+  # --- Logging and checkpoints.
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.checkpoint_every_minutes = 0.0  # 0: off
+  c.keep_checkpoints = 3
+  return c

@@ -1,0 +1,57 @@
+"""The device mesh and the two shardings the trainer uses.
+
+One `data` axis over every device of every process: the batch is split along
+it, the train state is replicated on it. Under `jax.jit` on the global batch,
+batch norm then reduces over the global batch (cross-replica BN for free).
+"""
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from byol_jax.errors import ConfigError
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh named `data` over `devices` (default: all global devices)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the `data` axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Fully replicated on every device of the mesh."""
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """Returns the per-process batch size, or raises ConfigError.
+
+  Args:
+    global_batch_size: the batch over all devices and processes.
+    mesh: the mesh the batch is sharded over.
+  """
+  n = mesh.devices.size
+  if global_batch_size <= 0 or global_batch_size % n:
+    raise ConfigError(
+        f"batch_size={global_batch_size} is not divisible by the {n} devices; "
+        f"set --config.batch_size to a multiple of {n}.")
+  return global_batch_size // jax.process_count()
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+  """Forms global arrays from this process's slice of the batch.
+
+  Args:
+    local: a pytree of numpy arrays, leading dim = per-process batch.
+    mesh: the mesh; the result is sharded over its `data` axis.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      local)
