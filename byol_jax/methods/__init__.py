@@ -1,0 +1,22 @@
+"""The self-supervised methods, wired explicitly by name.
+
+Each method module has `HAS_TARGET`, `make_network(config)` and
+`make_loss_fn(config)`; the loss_fn contract is documented in `byol.loss_fn`.
+"""
+from types import ModuleType
+
+from byol_jax.errors import ConfigError
+from byol_jax.methods import byol
+from byol_jax.methods import simclr
+from byol_jax.methods import simsiam
+
+METHODS: dict[str, ModuleType] = {
+    "byol": byol, "simsiam": simsiam, "simclr": simclr}
+
+
+def get(name: str) -> ModuleType:
+  """The method module called `name`, or a ConfigError naming the choices."""
+  if name not in METHODS:
+    raise ConfigError(f"Unknown method {name!r}; set --config.method to one "
+                      f"of {sorted(METHODS)}.")
+  return METHODS[name]

@@ -1,0 +1,74 @@
+"""The network every method trains: encoder, projector, predictor, classifier.
+
+Parameters live under the top-level keys `encoder`, `projector`, `predictor`
+(BYOL and SimSiam only) and `classifier` (the online linear classifier), so the
+encoder can be cut out of a checkpoint by key and the optimizer can treat the
+predictor and the classifier on their own.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from byol_jax import models
+
+
+class Network(nn.Module):
+  """Encoder f, projector g, optional predictor q and a linear classifier.
+
+  Attributes:
+    encoder: maps images [B, H, W, 3] to representations y [B, D].
+    projector: maps y to projections z [B, P].
+    predictor: maps z to predictions q [B, P]; None for SimCLR.
+    num_classes: classes of the online classifier (0: none).
+  """
+  encoder: nn.Module
+  projector: nn.Module
+  predictor: nn.Module | None
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> dict[str, jax.Array]:
+    """Runs every part; returns repr [B, D], proj [B, P], pred and logits."""
+    y = self.encoder(x, train=train)
+    z = self.projector(y, train=train)
+    q = self.predictor(z, train=train) if self.predictor is not None else z
+    out = dict(repr=y, proj=z, pred=q)
+    if self.num_classes:
+      # The classifier sees a stop-gradient copy: it never moves the encoder.
+      out["logits"] = nn.Dense(self.num_classes, name="classifier")(
+          jax.lax.stop_gradient(y)).astype(jnp.float32)
+    return out
+
+  def project(self, x: jax.Array, train: bool = True) -> dict[str, jax.Array]:
+    """Encoder and projector only: the target network's forward pass."""
+    y = self.encoder(x, train=train)
+    return dict(repr=y, proj=self.projector(y, train=train))
+
+  def represent(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """The representation y used downstream [B, D]."""
+    return self.encoder(x, train=train)
+
+
+def make_encoder(config: ml_collections.ConfigDict) -> nn.Module:
+  """The ResNet encoder described by `config.model`."""
+  m = config.model
+  return models.resnet(
+      m.depth, width=m.width, stem=m.stem, dtype=jnp.dtype(m.dtype),
+      zero_init_residual=m.zero_init_residual, bn_momentum=m.bn_momentum,
+      bn_epsilon=m.bn_epsilon)
+
+
+def head_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Keyword arguments every head shares: dtype and batch-norm settings."""
+  return dict(dtype=jnp.dtype(config.model.dtype),
+              bn_momentum=config.model.bn_momentum,
+              bn_epsilon=config.model.bn_epsilon)
+
+
+def split_target(variables: dict) -> dict:
+  """The encoder and projector subtrees of `variables`: a target network."""
+  return {col: {k: v for k, v in tree.items() if k in ("encoder", "projector")}
+          for col, tree in variables.items()}

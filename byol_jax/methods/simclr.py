@@ -1,0 +1,67 @@
+"""SimCLR (Chen et al., 2020): NT-Xent over the global batch.
+
+Under `jax.jit` on globally sharded arrays the similarity matrix spans every
+device, so each view's negatives are the other 2(N - 1) views of the whole
+global batch, not of one device's shard.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from byol_jax import models
+from byol_jax.methods import network
+
+HAS_TARGET = False
+
+
+def make_network(config: ml_collections.ConfigDict) -> network.Network:
+  """ResNet and a projection head with BN after each dense layer, no predictor."""
+  kw = network.head_kwargs(config)
+  return network.Network(
+      encoder=network.make_encoder(config),
+      projector=models.MLP(
+          config.projector.hidden_dim, config.projector.output_dim,
+          num_layers=config.projector.num_layers, hidden_bias=False,
+          output_bias=False, output_bn=True, output_bn_scale=True,
+          output_bn_bias=False, **kw),
+      predictor=None,
+      num_classes=config.data.num_classes)
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
+  """Normalised-temperature cross-entropy of 2N views, averaged over them.
+
+  Args:
+    z1, z2: projections of the two views [N, P]; row i of each is a pair.
+    temperature: the softmax temperature tau.
+
+  Returns:
+    mean over the 2N views of -log(exp(s_ij/tau) / sum_{k != i} exp(s_ik/tau)).
+  """
+  z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)   # [2N, P]
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  n = z1.shape[0]
+  logits = z @ z.T / temperature                                 # [2N, 2N]
+  # Mask self-similarity out of the softmax with a large negative number.
+  logits = jnp.where(jnp.eye(2 * n, dtype=bool), -1e9, logits)
+  positives = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
+  log_prob = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.mean(jnp.take_along_axis(log_prob, positives[:, None], axis=-1))
+
+
+def make_loss_fn(config: ml_collections.ConfigDict):
+  """The SimCLR loss_fn at `config.temperature`; contract of `byol.loss_fn`."""
+  temperature = config.temperature
+
+  def loss_fn(model, params, batch_stats, target, view1, view2):
+    del target
+    n = view1.shape[0]
+    # Both views in ONE batch-norm batch, as in SimCLR.
+    out, bs = model.apply({"params": params, "batch_stats": batch_stats},
+                          jnp.concatenate([view1, view2], axis=0), train=True,
+                          mutable=["batch_stats"])
+    loss = nt_xent(out["proj"][:n], out["proj"][n:], temperature)
+    out1 = jax.tree.map(lambda x: x[:n], out)
+    return loss, (out1, bs["batch_stats"], None, {})
+
+  return loss_fn

@@ -1,0 +1,59 @@
+"""SimSiam (Chen & He, 2021): BYOL without the target network.
+
+One network; the other view's projection is only stop-gradient.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from byol_jax import models
+from byol_jax.methods import network
+
+HAS_TARGET = False
+
+
+def make_network(config: ml_collections.ConfigDict) -> network.Network:
+  """ResNet, 3-layer projector (last BN without affine), 2048-512-2048 predictor."""
+  kw = network.head_kwargs(config)
+  return network.Network(
+      encoder=network.make_encoder(config),
+      projector=models.MLP(
+          config.projector.hidden_dim, config.projector.output_dim,
+          num_layers=config.projector.num_layers, hidden_bias=False,
+          output_bias=False, output_bn=True, output_bn_scale=False,
+          output_bn_bias=False, **kw),
+      predictor=models.MLP(
+          config.predictor.hidden_dim, config.predictor.output_dim,
+          num_layers=config.predictor.num_layers, hidden_bias=False, **kw),
+      num_classes=config.data.num_classes)
+
+
+def negative_cosine(p: jax.Array, z: jax.Array) -> jax.Array:
+  """-cos(p, sg(z)) per row [B]; the gradient never reaches z."""
+  z = jax.lax.stop_gradient(z).astype(jnp.float32)
+  p = p.astype(jnp.float32)
+  p = p / jnp.maximum(jnp.linalg.norm(p, axis=-1, keepdims=True), 1e-12)
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  return -jnp.sum(p * z, axis=-1)
+
+
+def symmetric_loss(p1, p2, z1, z2) -> jax.Array:
+  """-(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2, averaged over the batch."""
+  return jnp.mean(negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2.0
+
+
+def make_loss_fn(config: ml_collections.ConfigDict):
+  """SimSiam's loss_fn (it has no hyper-parameters)."""
+  del config
+  return loss_fn
+
+
+def loss_fn(model, params, batch_stats, target, view1, view2):
+  """The SimSiam loss; same contract as `byol.loss_fn` (target unused)."""
+  del target
+  out1, bs = model.apply({"params": params, "batch_stats": batch_stats}, view1,
+                         train=True, mutable=["batch_stats"])
+  out2, bs = model.apply({"params": params, **bs}, view2, train=True,
+                         mutable=["batch_stats"])
+  loss = symmetric_loss(out1["pred"], out2["pred"], out1["proj"], out2["proj"])
+  return loss, (out1, bs["batch_stats"], None, {})

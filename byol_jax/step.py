@@ -1,0 +1,112 @@
+"""The train step shared by every method: a pure function under `jax.jit`.
+
+    train_step(state, batch) -> (state, metrics)
+
+`batch` is the global batch {'view1', 'view2': [B, S, S, 3] crops (uint8, or
+float in [0, 1]), 'label': int32 [B] (-1 where unknown)}, sharded over the
+`data` axis; the state is replicated and donated. Randomness is
+`fold_in(seed_key, state.step)`, so a resumed run continues exactly.
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import optax.losses
+from jax.sharding import Mesh
+
+from byol_jax import methods
+from byol_jax import sharding
+from byol_jax.data import augment
+from byol_jax.methods import byol
+from byol_jax.methods import network
+from byol_jax.train_state import TrainState
+
+
+def classifier_metrics(logits: jax.Array, labels: jax.Array):
+  """Cross-entropy and accuracy of the online classifier over labelled rows.
+
+  Args:
+    logits: [B, C] float32.
+    labels: [B] int32, -1 for unlabelled images (ignored).
+  """
+  valid = labels >= 0
+  count = jnp.maximum(jnp.sum(valid), 1)
+  ce = optax.losses.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.where(valid, labels, 0))
+  acc = (jnp.argmax(logits, -1) == labels) & valid
+  return jnp.sum(jnp.where(valid, ce, 0.0)) / count, jnp.sum(acc) / count
+
+
+def embedding_std(z: jax.Array) -> jax.Array:
+  """Collapse indicator: mean over dimensions of the batch std of z/|z|.
+
+  About 1/sqrt(P) for projections spread over the sphere, 0 when collapsed.
+  """
+  z = z.astype(jnp.float32)
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  return jnp.mean(jnp.std(z, axis=0))
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: network.Network,
+                    tx: optax.GradientTransformation,
+                    lr_fn: optax.Schedule,
+                    tau_fn: Callable[[jax.Array], jax.Array] | None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Builds the (unjitted) train step of `config.method`.
+
+  Args:
+    config: the run's config (method, seed, augment).
+    model: the method's network.
+    tx: the optimizer.
+    lr_fn: the learning-rate schedule, for logging.
+    tau_fn: BYOL's EMA decay schedule (None for methods without a target).
+  """
+  method = methods.get(config.method)
+  loss_fn = method.make_loss_fn(config)
+  seed_key = jax.random.PRNGKey(config.seed)
+  augment_cfg = config.augment
+
+  def train_step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(seed_key, state.step)
+    view1, view2 = augment.augment_views(rng, batch, augment_cfg)  # [B,S,S,3]
+    labels = batch["label"]
+
+    def total_loss(params):
+      loss, (out1, bs, tbs, extra) = loss_fn(
+          model, params, state.batch_stats, state.target, view1, view2)
+      cls_loss, cls_acc = classifier_metrics(out1["logits"], labels)
+      aux = dict(loss=loss, classifier_loss=cls_loss,
+                 classifier_accuracy=cls_acc,
+                 embedding_std=embedding_std(out1["proj"]), **extra)
+      # The classifier reads a stop-gradient copy of the representation, so
+      # adding its loss trains it without moving the encoder.
+      return loss + cls_loss, (aux, bs, tbs)
+
+    grads, (metrics, bs, tbs) = jax.grad(total_loss, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    target = state.target
+    metrics["lr"] = lr_fn(state.step)
+    if method.HAS_TARGET:
+      tau = tau_fn(state.step)
+      target = dict(params=byol.update_target(target["params"], params, tau),
+                    batch_stats=tbs)
+      metrics["tau"] = tau
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=bs, target=target,
+                              opt_state=opt_state)
+    return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                                   metrics)
+
+  return train_step
+
+
+def jit_train_step(train_step, mesh: Mesh):
+  """Compiles the step once: batch sharded on `data`, state replicated and donated."""
+  rep = sharding.replicated(mesh)
+  return jax.jit(train_step,
+                 in_shardings=(rep, sharding.batch_sharding(mesh)),
+                 out_shardings=(rep, rep), donate_argnums=(0,))

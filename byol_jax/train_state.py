@@ -1,0 +1,74 @@
+"""The train state: online network, target network and optimizer state.
+
+All of it is one pytree (a `flax.struct` dataclass), replicated over the mesh
+and donated to the train step, so the step is a pure function of pytrees.
+"""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from byol_jax import sharding
+from byol_jax.methods import network
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly (randomness derives from step).
+
+  Attributes:
+    step: optimizer steps taken, int32 scalar.
+    params: online params {'encoder', 'projector', ['predictor'],
+      'classifier'}.
+    batch_stats: online batch-norm moving averages.
+    target: BYOL's target {'params', 'batch_stats'} (encoder and projector)
+      or None for methods without one.
+    opt_state: the optimizer state of `params`.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  target: Any
+  opt_state: optax.OptState
+
+
+def create(config: ml_collections.ConfigDict, model: network.Network,
+           tx: optax.GradientTransformation, mesh: Mesh,
+           has_target: bool) -> TrainState:
+  """Initialises the state directly on the mesh, replicated.
+
+  The target network is initialised from its own key (the paper reports no
+  difference from copying the online network).
+
+  Args:
+    config: the run's config (seed, data.image_size).
+    model: the network to initialise.
+    tx: the optimizer.
+    mesh: the device mesh; the state is replicated over it.
+    has_target: whether to create a target network.
+  """
+  size = config.data.image_size
+
+  def init(key):
+    online_key, target_key = jax.random.split(key)
+    dummy = jnp.zeros((2, size, size, 3), jnp.float32)
+    variables = model.init(online_key, dummy, train=True)
+    target = None
+    if has_target:
+      target = network.split_target(model.init(target_key, dummy, train=True))
+    return TrainState(step=jnp.zeros((), jnp.int32),
+                      params=variables["params"],
+                      batch_stats=variables["batch_stats"], target=target,
+                      opt_state=tx.init(variables["params"]))
+
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), -1 % 2**31)
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))(key)
+
+
+def abstract(config, model, tx, mesh, has_target) -> TrainState:
+  """Shapes, dtypes and shardings of the state, without allocating it."""
+  return jax.eval_shape(lambda: create(config, model, tx, mesh, has_target))
