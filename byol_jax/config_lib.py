@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.depth = 50                # 18, 34, 50, 101, 152, 200
   c.model.width = 1                 # width multiplier 1..4
+  c.model.num_filters = 64          # stem channels at width 1 (tests: 8)
   c.model.stem = "imagenet"         # 'imagenet' | 'cifar'
   c.model.dtype = "float32"         # computation dtype; params stay float32
   c.model.zero_init_residual = False

@@ -1,0 +1,67 @@
+r"""A tiny run for CPUs, tests and the README smoke run (about a minute).
+
+Narrow ResNet-18 (8 base filters), small heads, 32 px CIFAR-10 images from
+the packed subset in ../shared/datasets, on-device data path.
+
+  python -m byol_jax.train --config=configs/tiny.py --workdir=/tmp/tiny
+  python -m byol_jax.train --config=configs/tiny.py:method=simclr ...
+"""
+import os
+
+from byol_jax import config_lib
+
+_DEFAULT_NPZ = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                            "datasets", "cifar10_small.npz")
+
+
+def get_config(arg=None):
+  """ARG: method=byol|simsiam|simclr, steps=N, batch=N, source=..., path=..."""
+  arg = config_lib.parse_arg(arg, method="byol", steps=60, batch=64,
+                             source="npz", path=os.path.normpath(_DEFAULT_NPZ))
+  c = config_lib.base_config()
+  c.method = arg.method
+  c.batch_size = arg.batch
+  c.total_steps = arg.steps
+  c.warmup_epochs = 1
+  c.model.depth = 18
+  c.model.num_filters = 8
+  c.model.stem = "cifar"
+  c.projector.hidden_dim = 64
+  c.projector.output_dim = 32
+  c.predictor.hidden_dim = 64
+  c.predictor.output_dim = 32
+  if arg.method == "simsiam":
+    c.projector.num_layers = 3
+    c.projector.output_dim = 64
+    c.predictor.hidden_dim = 16
+    c.predictor.output_dim = 64
+    c.optimizer.name = "sgd"
+    c.optimizer.base_lr = 0.05
+    c.optimizer.weight_decay = 1e-4
+    c.optimizer.fixed_lr_predictor = True
+  elif arg.method == "simclr":
+    c.projector.num_layers = 3
+    c.temperature = 0.2
+  if arg.method != "simsiam":
+    c.optimizer.name = "lars"
+    c.optimizer.base_lr = 1.0
+    c.optimizer.weight_decay = 1e-5
+  c.tau_base = 0.99
+  c.data.source = arg.source
+  c.data.name = "cifar10"
+  c.data.path = arg.path
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.num_classes = 10
+  c.data.image_size = 32
+  c.data.eval_crop_fraction = 1.0
+  c.data.on_device = True
+  c.augment.view1 = config_lib.view_augment(blur=0.0, solarize=0.0)
+  c.augment.view2 = config_lib.view_augment(blur=0.0, solarize=0.2)
+  c.knn.enabled = True
+  c.knn.k = 20
+  c.eval_every_steps = 0
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 20
+  c.keep_checkpoints = 3
+  return c
