@@ -1,0 +1,51 @@
+"""Scalars to stdout, WORKDIR/metrics.jsonl and TensorBoard event files.
+
+Only process 0 writes. TensorBoard needs TensorFlow (`pip install
+byol_jax[tf]`); without it the JSON-lines file is still written.
+"""
+import json
+import os
+from typing import Mapping
+
+import jax
+from absl import logging
+
+
+class MetricWriter:
+  """Writes scalar metrics of a run."""
+
+  def __init__(self, workdir: str):
+    self._enabled = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if not self._enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(workdir)
+    except ImportError:
+      logging.warning("TensorFlow is not installed: no TensorBoard event "
+                      "files, metrics go to metrics.jsonl only.")
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    """Records `metrics` at `step` (floats)."""
+    if not self._enabled:
+      return
+    self._jsonl.write(json.dumps(
+        {"step": int(step), **{k: float(v) for k, v in metrics.items()}})
+                      + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      with self._tb.as_default():
+        for k, v in metrics.items():
+          self._tf.summary.scalar(k, float(v), step=int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
