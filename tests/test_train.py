@@ -1,0 +1,181 @@
+"""`python -m byol_jax.train` end to end: checkpoints, resume, preemption, errors."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from byol_jax import checkpoint
+from byol_jax import methods
+from byol_jax import optim
+from byol_jax import sharding
+from byol_jax import train_state
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Small enough for a 2-core CI machine: 4 base filters, 32 px, batch 16.
+TINY = ["--config.model.num_filters=4", "--config.projector.hidden_dim=32",
+        "--config.predictor.hidden_dim=32", "--config.knn.k=10"]
+
+
+def _env(tmp_path_factory=None):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def _train_cmd(workdir, cifar_npz, arg="", *extra):
+  return [sys.executable, "-m", "byol_jax.train",
+          f"--config={REPO / 'configs' / 'tiny.py'}:path={cifar_npz},batch=16"
+          + (f",{arg}" if arg else ""),
+          f"--workdir={workdir}", *TINY, *extra]
+
+
+def run_train(workdir, cifar_npz, arg="", *extra, check=True, timeout=600):
+  proc = subprocess.run(_train_cmd(workdir, cifar_npz, arg, *extra), cwd=REPO,
+                        env=_env(), capture_output=True, text=True,
+                        timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout}\n"
+                         f"{proc.stderr[-5000:]}")
+  return proc
+
+
+def steps_on_disk(workdir) -> list[int]:
+  d = pathlib.Path(workdir) / "checkpoints"
+  if not d.exists():
+    return []
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
+
+
+def final_params(workdir):
+  _, state, step = checkpoint.load_run(str(workdir))
+  return state, step
+
+
+# ------------------------------------------------------------------------
+def test_end_to_end_then_continue(tmp_path, cifar_npz):
+  workdir = tmp_path / "run"
+  proc = run_train(workdir, cifar_npz, "steps=8",
+                   "--config.checkpoint_every_steps=4")
+  assert "step 8/8" in proc.stdout
+  assert "eval/online_top1" in proc.stdout and "eval/knn_top1" in proc.stdout
+  assert steps_on_disk(workdir) == [4, 8]
+  assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard events"
+  assert (workdir / "config.json").exists()
+  assert (workdir / "metrics.jsonl").read_text().count('"loss"') >= 1
+  # Running again with more steps continues from step 8.
+  proc = run_train(workdir, cifar_npz, "steps=12",
+                   "--config.checkpoint_every_steps=4")
+  assert "step 9/12" not in proc.stdout  # It logs every 10 steps and at end.
+  assert "step 12/12" in proc.stdout
+  assert "step 10/12" in proc.stdout and "Starting" not in proc.stderr
+  assert "Resuming from step 8" in proc.stderr
+  assert steps_on_disk(workdir)[-1] == 12
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path, cifar_npz):
+  n2 = 40
+  ref = tmp_path / "ref"
+  run_train(ref, cifar_npz, f"steps={n2}", "--config.checkpoint_every_steps=10")
+  # Same run, killed with SIGKILL once a checkpoint is on disk, then resumed.
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(
+      _train_cmd(killed, cifar_npz, f"steps={n2}",
+                 "--config.checkpoint_every_steps=10"),
+      cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not steps_on_disk(killed) and time.time() < deadline:
+    if proc.poll() is not None:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = steps_on_disk(killed)
+  assert saved and saved[-1] < n2, f"kill came too late: {saved}"
+  run_train(killed, cifar_npz, f"steps={n2}",
+            "--config.checkpoint_every_steps=10")
+  (a, sa), (b, sb) = final_params(ref), final_params(killed)
+  assert sa == sb == n2
+  chex.assert_trees_all_close(a["params"], b["params"], rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(a["target"], b["target"], rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_saves_the_step_reached(tmp_path, cifar_npz):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      _train_cmd(workdir, cifar_npz, "steps=100000",
+                 "--config.checkpoint_every_steps=100000",
+                 "--config.log_every_steps=1"),
+      cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  # Wait until it trains (a progress line), then preempt it.
+  seen = 0
+  for line in proc.stdout:
+    if line.startswith("step "):
+      seen += 1
+      if seen == 3:
+        break
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  logged = [int(l.split()[1].split("/")[0]) for l in out.splitlines()
+            if l.startswith("step ") and "/" in l.split()[1]]
+  saved = steps_on_disk(workdir)
+  assert len(saved) == 1 and saved[0] >= 3
+  assert saved[0] >= max(logged, default=0)
+  assert f"Saved step {saved[0]} after SIGTERM" in err
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path, cifar_npz):
+  from byol_jax import config_lib  # pylint: disable=g-import-not-at-top
+  import test_step  # pylint: disable=g-import-not-at-top
+  config = test_step.tiny_config(cifar_npz)
+  mesh = sharding.make_mesh()
+  method = methods.get(config.method)
+  model = method.make_network(config)
+  tx, _ = optim.build_optimizer(config, 10, 10)
+  state = train_state.create(config, model, tx, mesh, True)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), config)
+  ckpt.save(1, state)
+  ckpt.save(2, state.replace(step=state.step + 1))
+  ckpt.wait()
+  # Damage the newest: truncate every file of its state.
+  for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  restored = ckpt.restore(train_state.abstract(config, model, tx, mesh, True))
+  assert int(restored.step) == 0  # step 1 held the initial state
+  assert steps_on_disk(tmp_path) == [1]
+  assert list((tmp_path / "checkpoints_damaged").iterdir())
+  chex.assert_trees_all_close(jax.device_get(restored.params),
+                              jax.device_get(state.params))
+  ckpt.close()
+  del config_lib
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["--config.data.source=tfds", "--config.data.name=no_such_dataset"],
+     "no_such_dataset"),
+    (["--config.batch_size=12"], "not divisible"),
+    (["--config.data.source=folder", "--config.data.path=/no/such/folder"],
+     "/no/such/folder"),
+    (["--config.method=moco"], "Unknown method"),
+])
+def test_bad_config_exits_with_one_clear_line(tmp_path, cifar_npz, overrides,
+                                              expected):
+  proc = run_train(tmp_path / "run", cifar_npz, "steps=2", *overrides,
+                   check=False, timeout=300)
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
