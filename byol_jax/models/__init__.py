@@ -1,0 +1,16 @@
+"""Encoders (ResNet v1) and MLP heads."""
+from byol_jax.models.heads import MLP
+from byol_jax.models.resnet import representation_dim
+from byol_jax.models.resnet import resnet
+from byol_jax.models.resnet import ResNet
+from byol_jax.models.resnet import ResNet101
+from byol_jax.models.resnet import ResNet152
+from byol_jax.models.resnet import ResNet18
+from byol_jax.models.resnet import ResNet200
+from byol_jax.models.resnet import ResNet34
+from byol_jax.models.resnet import ResNet50
+
+__all__ = [
+    "MLP", "ResNet", "resnet", "representation_dim", "ResNet18", "ResNet34",
+    "ResNet50", "ResNet101", "ResNet152", "ResNet200",
+]

@@ -1,0 +1,79 @@
+"""MLP heads: projectors and predictors of BYOL, SimSiam and SimCLR.
+
+One configurable module covers them all:
+
+  BYOL projector/predictor: MLP(4096, 256)
+      Linear -> BN -> ReLU -> Linear.
+  SimSiam projector: MLP(2048, 2048, num_layers=3, hidden_bias=False,
+      output_bias=False, output_bn=True, output_bn_scale=False,
+      output_bn_bias=False)   (the last BN has no affine transform).
+  SimSiam predictor: MLP(512, 2048, hidden_bias=False).
+  SimCLR v2 head: MLP(2048, 128, num_layers=3, hidden_bias=False,
+      output_bias=False, output_bn=True, output_bn_bias=False)
+      (the last BN scales but does not centre).
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+  """(num_layers - 1) x [Dense -> BN -> ReLU], Dense, optional BN.
+
+  Attributes:
+    hidden_dim: width of the hidden layers.
+    output_dim: width of the output.
+    num_layers: number of Dense layers (>= 1).
+    hidden_bias: whether the hidden Dense layers have a bias (redundant before
+      BN, but BYOL keeps it).
+    output_bias: whether the last Dense layer has a bias.
+    output_bn: batch-normalise the output.
+    output_bn_scale: whether the output BN learns a scale.
+    output_bn_bias: whether the output BN learns an offset.
+    dtype: computation dtype; parameters and the output stay float32.
+    bn_momentum: batch-norm moving-average decay.
+    bn_epsilon: batch-norm epsilon.
+  """
+  hidden_dim: int
+  output_dim: int
+  num_layers: int = 2
+  hidden_bias: bool = True
+  output_bias: bool = True
+  output_bn: bool = False
+  output_bn_scale: bool = True
+  output_bn_bias: bool = True
+  dtype: Any = jnp.float32
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Maps [B, D_in] to [B, output_dim] float32.
+
+    Args:
+      x: inputs [B, D_in], any float dtype.
+      train: batch statistics if True, moving averages otherwise.
+    """
+    if self.num_layers < 1:
+      raise ValueError(f"MLP needs num_layers >= 1, got {self.num_layers}.")
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              param_dtype=jnp.float32)
+    # Global-batch statistics under jit, so no axis_name (see resnet.py).
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum,
+                             epsilon=self.bn_epsilon, dtype=self.dtype,
+                             param_dtype=jnp.float32)
+    x = jnp.asarray(x).astype(self.dtype)
+    for i in range(self.num_layers - 1):
+      x = dense(self.hidden_dim, use_bias=self.hidden_bias,
+                name=f"dense{i + 1}")(x)                  # [B, hidden_dim]
+      x = nn.relu(norm(name=f"bn{i + 1}")(x))
+    x = dense(self.output_dim, use_bias=self.output_bias,
+              name=f"dense{self.num_layers}")(x)          # [B, output_dim]
+    if self.output_bn:
+      x = norm(use_scale=self.output_bn_scale, use_bias=self.output_bn_bias,
+               name=f"bn{self.num_layers}")(x)
+    return x.astype(jnp.float32)

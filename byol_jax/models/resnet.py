@@ -1,0 +1,215 @@
+"""ResNet v1 encoders (He et al., 2016) in the torchvision layout.
+
+The layout follows torchvision so that converted PyTorch weights behave the
+same: the bottleneck's stride sits on its 3x3 convolution, shortcuts become a
+1x1 convolution plus batch norm when the shape changes, convolutions carry no
+bias, and every padding is explicit and symmetric (Flax's 'SAME' would pad
+asymmetrically for stride 2 and shift the sampling grid by one pixel).
+
+The encoder returns the global-average-pooled representation; there is no
+classification layer (the online classifier lives in `methods.network`).
+"""
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'), an
+# untruncated normal with variance 2 / (kh * kw * out_channels).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Blocks per stage and block type for each supported depth.
+_DEPTHS: dict[int, tuple[tuple[int, ...], bool]] = {
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+    152: ((3, 8, 36, 3), True),
+    200: ((3, 24, 36, 3), True),
+}
+
+_BOTTLENECK_EXPANSION = 4
+_STEMS = ("imagenet", "cifar")
+
+
+def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """PyTorch's symmetric padding k // 2 on both spatial axes."""
+  return ((k // 2, k // 2), (k // 2, k // 2))
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions (ResNet-18/34); output has `filters` channels."""
+  filters: int
+  strides: int
+  conv: Callable[..., nn.Module]
+  norm: Callable[..., nn.Module]
+  zero_init_residual: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    residual = x
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides),
+                  padding=_pad(3), name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), padding=_pad(3), name="conv2")(y)
+    # Zero-initialising the last scale makes each block start as the identity.
+    y = self.norm(name="bn2", scale_init=(
+        nn.initializers.zeros if self.zero_init_residual
+        else nn.initializers.ones))(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
+                           padding="VALID", name="downsample_conv")(residual)
+      residual = self.norm(name="downsample_bn")(residual)
+    return nn.relu(y + residual)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 convolutions; output has 4 * `filters`."""
+  filters: int
+  strides: int
+  conv: Callable[..., nn.Module]
+  norm: Callable[..., nn.Module]
+  zero_init_residual: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    residual = x
+    out_filters = self.filters * _BOTTLENECK_EXPANSION
+    y = self.conv(self.filters, (1, 1), padding="VALID", name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    # ResNet v1.5 / torchvision: the stride is on the 3x3 convolution.
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides),
+                  padding=_pad(3), name="conv2")(y)
+    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.conv(out_filters, (1, 1), padding="VALID", name="conv3")(y)
+    y = self.norm(name="bn3", scale_init=(
+        nn.initializers.zeros if self.zero_init_residual
+        else nn.initializers.ones))(y)
+    if residual.shape != y.shape:
+      residual = self.conv(out_filters, (1, 1), (self.strides, self.strides),
+                           padding="VALID", name="downsample_conv")(residual)
+      residual = self.norm(name="downsample_bn")(residual)
+    return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+  """ResNet v1 encoder returning the pooled representation.
+
+  Attributes:
+    stage_sizes: blocks in each of the (usually four) stages.
+    bottleneck: bottleneck blocks (ResNet-50 and deeper) or basic blocks.
+    width: channel multiplier applied to every layer, the stem included.
+    stem: 'imagenet' (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or 'cifar'
+      (3x3/1 conv, BN, ReLU, no pooling) for 32 px images.
+    num_filters: stem channels at width 1 (64 for the standard networks;
+      smaller values give the narrow networks of CPU tests).
+    dtype: computation dtype; parameters and the output stay float32.
+    zero_init_residual: zero-initialise the last BN scale of every block.
+    bn_momentum: batch-norm moving-average decay.
+    bn_epsilon: batch-norm epsilon.
+  """
+  stage_sizes: Sequence[int]
+  bottleneck: bool
+  width: int = 1
+  stem: str = "imagenet"
+  num_filters: int = 64
+  dtype: Any = jnp.float32
+  zero_init_residual: bool = False
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Encodes images.
+
+    Args:
+      x: images [B, H, W, C], any float dtype.
+      train: batch statistics (and moving-average updates; make
+        'batch_stats' mutable) if True, moving averages otherwise.
+
+    Returns:
+      The representation [B, 512 * width] for basic blocks or
+      [B, 2048 * width] for bottleneck blocks, float32.
+    """
+    if self.stem not in _STEMS:
+      raise ValueError(f"Unknown stem {self.stem!r}; allowed: {_STEMS}.")
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             param_dtype=jnp.float32,
+                             kernel_init=conv_kernel_init)
+    # No axis_name: under jit the batch axis is the global batch, so the
+    # statistics are already global (cross-replica BN for free).
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum,
+                             epsilon=self.bn_epsilon, dtype=self.dtype,
+                             param_dtype=jnp.float32)
+    block_cls = BottleneckBlock if self.bottleneck else BasicBlock
+
+    x = jnp.asarray(x).astype(self.dtype)
+    stem_filters = self.num_filters * self.width
+    if self.stem == "imagenet":
+      x = conv(stem_filters, (7, 7), (2, 2), padding=_pad(7),
+               name="stem_conv")(x)                       # [B, H/2, W/2, F]
+      x = nn.relu(norm(name="stem_bn")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))  # [B, H/4..]
+    else:
+      x = conv(stem_filters, (3, 3), padding=_pad(3), name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_bn")(x))                # [B, H, W, F]
+
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        # Stage i halves the resolution (except stage 0) on its first block.
+        strides = 2 if i > 0 and j == 0 else 1
+        x = block_cls(filters=stem_filters * 2**i, strides=strides, conv=conv,
+                      norm=norm, zero_init_residual=self.zero_init_residual,
+                      name=f"stage{i + 1}_block{j + 1}")(x)
+
+    # Global average pool in float32: [B, h, w, D] -> [B, D].
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def _check_depth(depth: int) -> tuple[tuple[int, ...], bool]:
+  if depth not in _DEPTHS:
+    raise ValueError(
+        f"Unsupported ResNet depth {depth}; allowed: {sorted(_DEPTHS)}.")
+  return _DEPTHS[depth]
+
+
+def resnet(depth: int, **kwargs: Any) -> ResNet:
+  """The ResNet of the given depth (18, 34, 50, 101, 152 or 200).
+
+  Args:
+    depth: network depth.
+    **kwargs: other `ResNet` fields (width, stem, dtype, ...).
+
+  Returns:
+    An unbound `ResNet` module.
+
+  Raises:
+    ValueError: for an unsupported depth.
+  """
+  stage_sizes, bottleneck = _check_depth(depth)
+  return ResNet(stage_sizes=stage_sizes, bottleneck=bottleneck, **kwargs)
+
+
+def representation_dim(depth: int, width: int = 1,
+                       num_filters: int = 64) -> int:
+  """Size of the pooled representation of `resnet(depth, width=width)`."""
+  stage_sizes, bottleneck = _check_depth(depth)
+  expansion = _BOTTLENECK_EXPANSION if bottleneck else 1
+  return num_filters * width * 2**(len(stage_sizes) - 1) * expansion
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=_DEPTHS[18][0],
+                             bottleneck=False)
+ResNet34 = functools.partial(ResNet, stage_sizes=_DEPTHS[34][0],
+                             bottleneck=False)
+ResNet50 = functools.partial(ResNet, stage_sizes=_DEPTHS[50][0],
+                             bottleneck=True)
+ResNet101 = functools.partial(ResNet, stage_sizes=_DEPTHS[101][0],
+                              bottleneck=True)
+ResNet152 = functools.partial(ResNet, stage_sizes=_DEPTHS[152][0],
+                              bottleneck=True)
+ResNet200 = functools.partial(ResNet, stage_sizes=_DEPTHS[200][0],
+                              bottleneck=True)

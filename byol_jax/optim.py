@@ -1,0 +1,242 @@
+"""Optimizers and schedules: LARS as in BYOL, SGD for SimSiam, EMA schedule.
+
+LARS follows the official BYOL code (DESIGN section 3):
+
+  u = g + wd * p                                  (kernels only)
+  u = trust * u,  trust = eta * ||p|| / ||u||     (kernels only; 1 where
+                                                   either norm is 0)
+  m = momentum * m + u
+  p = p - lr * m
+
+`optax.lars` scales by the learning rate *before* the momentum trace, which
+changes the effective step whenever the learning rate moves (warm-up, cosine),
+so it is not used here.
+"""
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from byol_jax import errors
+
+_OPTIMIZERS = ("lars", "sgd")
+_LR_SCALINGS = ("linear", "sqrt")
+
+# Top-level parameter keys with their own optimizer (see methods/network.py).
+_PREDICTOR = "predictor"
+_CLASSIFIER = "classifier"
+
+
+def exclude_bias_and_bn(params: Any) -> Any:
+  """Mask of the leaves that get weight decay and the trust ratio.
+
+  Args:
+    params: a parameter pytree (or an updates pytree of the same shapes).
+
+  Returns:
+    The same structure with True for kernels (ndim > 1) and False for biases
+    and batch-norm scales and offsets (ndim <= 1).
+  """
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def lars(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
+         momentum: float = 0.9, eta: float = 1e-3, nesterov: bool = False,
+         mask: Any = exclude_bias_and_bn) -> optax.GradientTransformation:
+  """LARS with the learning rate applied after the momentum trace.
+
+  Args:
+    learning_rate: a constant or a schedule of the step count.
+    weight_decay: decay coefficient wd (added to the gradient as wd * p).
+    momentum: momentum of the trace.
+    eta: trust coefficient.
+    nesterov: Nesterov momentum (BYOL: False).
+    mask: pytree of bools, or a function of the params returning one, that
+      selects the leaves getting weight decay and the trust ratio.
+
+  Returns:
+    The optax transformation.
+  """
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=mask),
+      # eps=0: optax then returns trust 1 where ||p|| or ||u|| is 0, exactly
+      # the reference behaviour (and no NaN for zero-initialised leaves).
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=eta, eps=0.0),
+                   mask),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def sgd(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        nesterov: bool = False) -> optax.GradientTransformation:
+  """SGD with momentum and weight decay on every parameter (as SimSiam).
+
+  Args:
+    learning_rate: a constant or a schedule of the step count.
+    weight_decay: decay coefficient, added to the gradient as wd * p.
+    momentum: momentum of the trace.
+    nesterov: Nesterov momentum.
+
+  Returns:
+    The optax transformation.
+  """
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def scaled_lr(base_lr: float, batch_size: int,
+              scaling: str = "linear") -> float:
+  """The peak learning rate for a global batch.
+
+  Args:
+    base_lr: base learning rate.
+    batch_size: global batch size.
+    scaling: 'linear' (base_lr * batch / 256, BYOL and SimSiam) or 'sqrt'
+      (base_lr * sqrt(batch), SimCLR's 0.075 * sqrt(batch)).
+
+  Returns:
+    The peak learning rate.
+
+  Raises:
+    ValueError: for an unknown scaling.
+  """
+  if scaling == "linear":
+    return base_lr * batch_size / 256
+  if scaling == "sqrt":
+    return base_lr * math.sqrt(batch_size)
+  raise ValueError(
+      f"Unknown lr_scaling {scaling!r}; allowed: {list(_LR_SCALINGS)}.")
+
+
+def lr_schedule(peak_lr: float, total_steps: int,
+                warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to `peak_lr`, then cosine decay to 0.
+
+  lr(0) = 0, lr(warmup_steps) = peak_lr, lr(total_steps) = 0, constant 0
+  after that. With no warm-up the schedule starts at the peak.
+
+  Args:
+    peak_lr: learning rate at the end of the warm-up.
+    total_steps: steps of the whole run, warm-up included.
+    warmup_steps: steps of the linear warm-up.
+
+  Returns:
+    A function of the (possibly traced) step count returning float32.
+  """
+  total_steps = max(int(total_steps), 1)
+  warmup_steps = min(max(int(warmup_steps), 0), total_steps)
+  decay_steps = max(total_steps - warmup_steps, 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak_lr * step / max(warmup_steps, 1)
+    progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+    cosine = 0.5 * peak_lr * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup_steps, warm, cosine)
+
+  return schedule
+
+
+def tau_schedule(tau_base: float,
+                 total_steps: int) -> Callable[[jax.Array], jax.Array]:
+  """BYOL's target decay: tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2.
+
+  Args:
+    tau_base: decay at step 0.
+    total_steps: K; tau reaches 1 there.
+
+  Returns:
+    A function of the (possibly traced) step k returning float32 tau.
+  """
+  total_steps = max(int(total_steps), 1)
+
+  def schedule(step):
+    progress = jnp.asarray(step, jnp.float32) / total_steps
+    return 1.0 - (1.0 - tau_base) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
+
+  return schedule
+
+
+def _top_level_labels(params: Any,
+                      fixed_lr_predictor: bool) -> Any:
+  """Labels each leaf 'main', 'predictor' or 'classifier' by its top key."""
+
+  def label(path, _):
+    key = getattr(path[0], "key", None) if path else None
+    if key == _CLASSIFIER:
+      return "classifier"
+    if key == _PREDICTOR and fixed_lr_predictor:
+      return "predictor"
+    return "main"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def build_optimizer(
+    config: ml_collections.ConfigDict, total_steps: int,
+    steps_per_epoch: int) -> tuple[optax.GradientTransformation,
+                                   optax.Schedule]:
+  """The run's optimizer and the learning-rate schedule of its main params.
+
+  Reads config.optimizer (name, base_lr, lr_scaling, weight_decay, momentum,
+  eta, nesterov, fixed_lr_predictor, classifier_lr), config.batch_size and
+  config.warmup_epochs.
+
+  Parameters are split by their top-level key:
+    - 'classifier' (the online linear classifier): SGD momentum 0.9, no weight
+      decay, lr classifier_lr * batch / 256 with the same warm-up and cosine;
+    - 'predictor' when fixed_lr_predictor (SimSiam): the main optimizer at
+      the constant peak lr;
+    - everything else: the main optimizer ('lars' or 'sgd') on the schedule.
+
+  Args:
+    config: the run's config.
+    total_steps: optimizer steps of the whole run.
+    steps_per_epoch: optimizer steps per epoch (for the warm-up).
+
+  Returns:
+    (tx, schedule): the transformation and the main learning-rate schedule.
+
+  Raises:
+    errors.ConfigError: for an unknown optimizer name or lr scaling.
+  """
+  opt = config.optimizer
+  if opt.name not in _OPTIMIZERS:
+    raise errors.ConfigError(
+        f"Unknown optimizer.name {opt.name!r}; allowed: {list(_OPTIMIZERS)}.")
+  if opt.lr_scaling not in _LR_SCALINGS:
+    raise errors.ConfigError(
+        f"Unknown optimizer.lr_scaling {opt.lr_scaling!r}; allowed: "
+        f"{list(_LR_SCALINGS)}.")
+  warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+  peak_lr = scaled_lr(opt.base_lr, config.batch_size, opt.lr_scaling)
+  schedule = lr_schedule(peak_lr, total_steps, warmup_steps)
+
+  def main_tx(learning_rate):
+    if opt.name == "lars":
+      return lars(learning_rate, weight_decay=opt.weight_decay,
+                  momentum=opt.momentum, eta=opt.eta, nesterov=opt.nesterov)
+    return sgd(learning_rate, weight_decay=opt.weight_decay,
+               momentum=opt.momentum, nesterov=opt.nesterov)
+
+  classifier_schedule = lr_schedule(
+      scaled_lr(opt.classifier_lr, config.batch_size, "linear"), total_steps,
+      warmup_steps)
+  transforms = {
+      "main": main_tx(schedule),
+      "classifier": sgd(classifier_schedule, weight_decay=0.0, momentum=0.9),
+  }
+  if opt.fixed_lr_predictor:
+    transforms["predictor"] = main_tx(peak_lr)
+  tx = optax.multi_transform(
+      transforms,
+      lambda params: _top_level_labels(params, opt.fixed_lr_predictor))
+  return tx, schedule

@@ -1,0 +1,205 @@
+"""ResNet encoders and MLP heads: parameter counts, shapes, dtypes, init."""
+import importlib
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from byol_jax import models
+
+
+def _abstract_variables(model, size, dtype=jnp.float32):
+  """Shapes of model.init's variables without computing anything."""
+  x = jax.ShapeDtypeStruct((1, size, size, 3), dtype)
+  return jax.eval_shape(lambda k, x: model.init(k, x, train=False),
+                        jax.random.PRNGKey(0), x)
+
+
+def _num_params(tree) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("depth,stem,size,expected", [
+    # torchvision counts minus the 1000-way fc layer (2048*1000+1000 and
+    # 512*1000+1000); the CIFAR stem swaps 7x7x3x64 for 3x3x3x64.
+    (50, "imagenet", 224, 23_508_032),
+    (18, "imagenet", 224, 11_176_512),
+    (18, "cifar", 32, 11_168_832),
+])
+def test_encoder_param_count(depth, stem, size, expected):
+  variables = _abstract_variables(models.resnet(depth, stem=stem), size)
+  assert _num_params(variables["params"]) == expected
+
+
+@pytest.mark.parametrize("depth,width,expected", [
+    (18, 1, 512), (34, 2, 1024), (50, 1, 2048), (101, 2, 4096),
+    (152, 1, 2048), (200, 3, 6144)])
+def test_representation_dim_and_output_shape(depth, width, expected):
+  assert models.representation_dim(depth, width) == expected
+  model = models.resnet(depth, width=width, stem="cifar")
+  variables = _abstract_variables(model, 32)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
+                       jax.ShapeDtypeStruct((3, 32, 32, 3), jnp.float32))
+  assert out.shape == (3, expected)
+  assert out.dtype == jnp.float32
+
+
+def test_width_scales_stem_and_blocks():
+  params = _abstract_variables(models.resnet(50, width=2), 64)["params"]
+  assert params["stem_conv"]["kernel"].shape == (7, 7, 3, 128)
+  assert params["stage1_block1"]["conv3"]["kernel"].shape == (1, 1, 128, 512)
+  assert params["stage4_block3"]["bn3"]["scale"].shape == (4096,)
+
+
+def test_cifar_stem_has_no_pooling():
+  params = _abstract_variables(models.ResNet18(stem="cifar"), 32)["params"]
+  assert params["stem_conv"]["kernel"].shape == (3, 3, 3, 64)
+
+
+def test_partials_match_resnet():
+  a = _abstract_variables(models.ResNet34(), 64)
+  b = _abstract_variables(models.resnet(34), 64)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  assert _num_params(a) == _num_params(b)
+
+
+def test_resnet18_forward_train_and_eval():
+  model = models.ResNet18(stem="cifar")
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  variables = jax.jit(lambda k, x: model.init(k, x, train=True))(
+      jax.random.PRNGKey(0), x)
+
+  @jax.jit
+  def run(variables, x):
+    y, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    y_eval = model.apply(variables, x, train=False)
+    return y, y_eval, updates
+
+  y, y_eval, updates = run(variables, x)
+  for out in (y, y_eval):
+    assert out.shape == (2, 512)
+    assert out.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(out)))
+  # Training moves the moving averages away from their init (mean 0, var 1).
+  old = variables["batch_stats"]["stem_bn"]
+  new = updates["batch_stats"]["stem_bn"]
+  assert not np.allclose(old["mean"], new["mean"])
+  assert not np.allclose(old["var"], new["var"])
+  assert (jax.tree.structure(updates["batch_stats"])
+          == jax.tree.structure(variables["batch_stats"]))
+
+
+def test_bfloat16_computation_float32_params_and_output():
+  model = models.ResNet18(stem="cifar", dtype=jnp.bfloat16)
+  variables = _abstract_variables(model, 32)
+  for leaf in jax.tree.leaves(variables):
+    assert leaf.dtype == jnp.float32
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
+                       jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float16))
+  assert out.shape == (2, 512)
+  assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("bottleneck,last_bn", [(False, "bn2"),
+                                                (True, "bn3")])
+def test_zero_init_residual(bottleneck, last_bn):
+  # A small two-stage network keeps this fast; the block code is the same.
+  kwargs = dict(stage_sizes=(2, 1), bottleneck=bottleneck, num_filters=4,
+                stem="cifar")
+  x = jnp.zeros((1, 8, 8, 3))
+
+  @jax.jit
+  def init_both(key, x):
+    zero = models.ResNet(zero_init_residual=True, **kwargs).init(
+        key, x, train=False)
+    plain = models.ResNet(**kwargs).init(key, x, train=False)
+    return zero["params"], plain["params"]
+
+  zero, plain = init_both(jax.random.PRNGKey(0), x)
+  blocks = [k for k in zero if k.startswith("stage")]
+  assert len(blocks) == 3
+  for name in blocks:
+    np.testing.assert_array_equal(zero[name][last_bn]["scale"], 0.0)
+    np.testing.assert_array_equal(plain[name][last_bn]["scale"], 1.0)
+    # Only the last BN of the residual branch is zeroed.
+    np.testing.assert_array_equal(zero[name]["bn1"]["scale"], 1.0)
+  np.testing.assert_array_equal(zero["stage2_block1"]["downsample_bn"]["scale"],
+                                1.0)
+
+
+def test_conv_init_is_he_fan_out():
+  params = _abstract_variables(models.resnet(18), 32)["params"]
+  assert "bias" not in params["stem_conv"]
+  # `models.resnet` is the factory function; the module lives in sys.modules.
+  resnet_lib = importlib.import_module("byol_jax.models.resnet")
+  kernel = resnet_lib.conv_kernel_init(
+      jax.random.PRNGKey(0), (3, 3, 256, 512))
+  # fan_out = 3 * 3 * 512; variance 2 / fan_out.
+  np.testing.assert_allclose(np.std(np.asarray(kernel)),
+                             np.sqrt(2.0 / (9 * 512)), rtol=0.02)
+
+
+def test_unknown_depth_raises():
+  with pytest.raises(ValueError, match="18, 34, 50, 101, 152, 200"):
+    models.resnet(42)
+  with pytest.raises(ValueError, match="allowed"):
+    models.representation_dim(26, 1)
+
+
+@pytest.mark.parametrize("kwargs,in_dim,out_dim,dense_shapes,bn_params", [
+    # BYOL projector: Linear -> BN -> ReLU -> Linear.
+    (dict(hidden_dim=64, output_dim=16), 32, 16,
+     {"dense1": ((32, 64), True), "dense2": ((64, 16), True)},
+     {"bn1": {"scale", "bias"}}),
+    # SimSiam projector: last BN without affine parameters.
+    (dict(hidden_dim=48, output_dim=24, num_layers=3, hidden_bias=False,
+          output_bias=False, output_bn=True, output_bn_scale=False,
+          output_bn_bias=False), 32, 24,
+     {"dense1": ((32, 48), False), "dense2": ((48, 48), False),
+      "dense3": ((48, 24), False)},
+     {"bn1": {"scale", "bias"}, "bn2": {"scale", "bias"}, "bn3": set()}),
+    # SimCLR v2 head: last BN scales but does not centre.
+    (dict(hidden_dim=48, output_dim=8, num_layers=3, hidden_bias=False,
+          output_bias=False, output_bn=True, output_bn_bias=False), 32, 8,
+     {"dense1": ((32, 48), False), "dense2": ((48, 48), False),
+      "dense3": ((48, 8), False)},
+     {"bn1": {"scale", "bias"}, "bn2": {"scale", "bias"}, "bn3": {"scale"}}),
+])
+def test_mlp_structure(kwargs, in_dim, out_dim, dense_shapes, bn_params):
+  mlp = models.MLP(**kwargs)
+  x = jax.ShapeDtypeStruct((4, in_dim), jnp.float32)
+  variables = jax.eval_shape(lambda k, x: mlp.init(k, x, train=True),
+                             jax.random.PRNGKey(0), x)
+  params = flax.core.unfreeze(variables["params"])
+  assert set(params) == set(dense_shapes) | {k for k, v in bn_params.items()
+                                             if v}
+  for name, (shape, has_bias) in dense_shapes.items():
+    assert params[name]["kernel"].shape == shape
+    assert ("bias" in params[name]) == has_bias
+  for name, expected in bn_params.items():
+    assert set(params.get(name, {})) == expected
+    # Moving averages exist even without affine parameters.
+    assert set(variables["batch_stats"][name]) == {"mean", "var"}
+  out = jax.eval_shape(lambda v, x: mlp.apply(v, x, train=False), variables, x)
+  assert out.shape == (4, out_dim)
+  assert out.dtype == jnp.float32
+
+
+def test_mlp_forward_bfloat16_and_normalised_output():
+  mlp = models.MLP(16, 8, num_layers=3, hidden_bias=False, output_bias=False,
+                   output_bn=True, output_bn_scale=False, output_bn_bias=False,
+                   dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.PRNGKey(0), (32, 12))
+  variables = jax.jit(lambda k, x: mlp.init(k, x, train=True))(
+      jax.random.PRNGKey(1), x)
+  for leaf in jax.tree.leaves(variables["params"]):
+    assert leaf.dtype == jnp.float32
+  y, _ = jax.jit(lambda v, x: mlp.apply(v, x, train=True,
+                                        mutable=["batch_stats"]))(variables, x)
+  assert y.shape == (32, 8)
+  assert y.dtype == jnp.float32
+  # Affine-free output BN in training mode: zero mean, unit variance columns.
+  np.testing.assert_allclose(np.mean(np.asarray(y), axis=0), 0.0, atol=0.05)
+  np.testing.assert_allclose(np.std(np.asarray(y), axis=0), 1.0, atol=0.05)
