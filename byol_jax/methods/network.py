@@ -56,7 +56,8 @@ def make_encoder(config: ml_collections.ConfigDict) -> nn.Module:
   """The ResNet encoder described by `config.model`."""
   m = config.model
   return models.resnet(
-      m.depth, width=m.width, stem=m.stem, dtype=jnp.dtype(m.dtype),
+      m.depth, width=m.width, stem=m.stem, num_filters=m.num_filters,
+      dtype=jnp.dtype(m.dtype),
       zero_init_residual=m.zero_init_residual, bn_momentum=m.bn_momentum,
       bn_epsilon=m.bn_epsilon)
 
