@@ -1,0 +1,310 @@
+"""Device-side image augmentations in JAX: per image, under vmap, inside jit.
+
+Every op here takes one image `f32[H, W, 3]` in [0, 1] (batch them with
+`jax.vmap`); `augment_view` and `augment_views` do the batching and draw the
+random decisions. Random choices never reach Python control flow: an op that
+may or may not apply is computed and selected with `jnp.where`, so a whole
+view is one traced, branch-free function. Only the configured probabilities
+(static Python floats) decide whether an op is traced at all (p = 0 drops it,
+p = 1 drops the select).
+
+The order follows BYOL (DESIGN section 3): flip -> colour jitter (brightness,
+contrast, saturation, hue in a random order) -> grayscale -> Gaussian blur ->
+solarize -> ImageNet normalisation. The colour ops match `tf.image`'s
+`adjust_brightness`, `adjust_contrast`, `adjust_saturation` and `adjust_hue`.
+"""
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)  # As tf.image.rgb_to_grayscale.
+BLUR_SIGMA = (0.1, 2.0)
+
+# Indices of the colour ops in a jitter permutation.
+_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
+_NUM_KEYS = 12  # Per-image keys; fixed so that each op keeps its own stream.
+
+
+# ---------------------------------------------------------------------------
+# Single ops on one image f32[H, W, 3] in [0, 1].
+# ---------------------------------------------------------------------------
+
+
+def to_float(images: jax.Array) -> jax.Array:
+  """uint8 [0, 255] -> float32 [0, 1]; floating inputs pass as float32."""
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    return images.astype(jnp.float32) * (1.0 / 255.0)
+  return images.astype(jnp.float32)
+
+
+def adjust_brightness(image: jax.Array, delta: jax.Array | float) -> jax.Array:
+  """Adds `delta` to every pixel (tf.image.adjust_brightness; no clipping)."""
+  return image + delta
+
+
+def adjust_contrast(image: jax.Array, factor: jax.Array | float) -> jax.Array:
+  """(x - mean) * factor + mean, mean per channel (tf.image.adjust_contrast).
+
+  Args:
+    image: [H, W, C] float (or a batch [..., H, W, C]).
+    factor: contrast multiplier.
+  """
+  mean = jnp.mean(image, axis=(-3, -2), keepdims=True)  # [..., 1, 1, C]
+  return (image - mean) * factor + mean
+
+
+def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
+  """[..., 3] RGB in [0, 1] -> HSV with hue in [0, 1) (as tf.image)."""
+  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+  value = jnp.maximum(jnp.maximum(r, g), b)
+  chroma = value - jnp.minimum(jnp.minimum(r, g), b)
+  safe_v = jnp.where(value > 0, value, 1.0)
+  safe_c = jnp.where(chroma > 0, chroma, 1.0)
+  sat = jnp.where(value > 0, chroma / safe_v, 0.0)
+  hue = jnp.where(
+      value == r, (g - b) / safe_c,
+      jnp.where(value == g, (b - r) / safe_c + 2.0, (r - g) / safe_c + 4.0))
+  hue = jnp.where(chroma > 0, jnp.mod(hue / 6.0, 1.0), 0.0)
+  return jnp.stack([hue, sat, value], axis=-1)
+
+
+def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
+  """[..., 3] HSV (hue in [0, 1)) -> RGB."""
+  hue, sat, value = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+  n = jnp.asarray([5.0, 3.0, 1.0])                           # R, G, B
+  k = jnp.mod(n + hue[..., None] * 6.0, 6.0)                 # [..., 3]
+  ramp = jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+  return value[..., None] * (1.0 - sat[..., None] * ramp)
+
+
+def adjust_hsv(image: jax.Array, saturation: jax.Array | float = 1.0,
+               hue: jax.Array | float = 0.0) -> jax.Array:
+  """Scales saturation (clipped to [0, 1]) and shifts hue in one HSV trip."""
+  hsv = rgb_to_hsv(image)
+  h = jnp.mod(hsv[..., 0] + hue, 1.0)
+  s = jnp.clip(hsv[..., 1] * saturation, 0.0, 1.0)
+  return hsv_to_rgb(jnp.stack([h, s, hsv[..., 2]], axis=-1))
+
+
+def adjust_saturation(image: jax.Array, factor: jax.Array | float) -> jax.Array:
+  """HSV saturation times `factor`, clipped (tf.image.adjust_saturation)."""
+  return adjust_hsv(image, saturation=factor)
+
+
+def adjust_hue(image: jax.Array, delta: jax.Array | float) -> jax.Array:
+  """Rotates the HSV hue by `delta` turns, in [-0.5, 0.5] (tf.image.adjust_hue)."""
+  return adjust_hsv(image, hue=delta)
+
+
+def rgb_to_grayscale(image: jax.Array) -> jax.Array:
+  """Luma (0.2989 R + 0.5870 G + 0.1140 B) repeated over the 3 channels."""
+  luma = image @ jnp.asarray(LUMA_WEIGHTS, image.dtype)      # [..., H, W]
+  return jnp.repeat(luma[..., None], 3, axis=-1)
+
+
+def solarize(image: jax.Array, threshold: float = 0.5) -> jax.Array:
+  """x if x < threshold else 1 - x."""
+  return jnp.where(image < threshold, image, 1.0 - image)
+
+
+def flip_left_right(image: jax.Array) -> jax.Array:
+  """Mirrors one image [H, W, C] horizontally."""
+  return image[:, ::-1, :]
+
+
+def random_flip(rng: jax.Array, image: jax.Array, prob: float = 0.5
+                ) -> jax.Array:
+  """Mirrors one image [H, W, C] with probability `prob`."""
+  return jnp.where(jax.random.bernoulli(rng, prob), flip_left_right(image),
+                   image)
+
+
+def blur_kernel_size(height: int) -> int:
+  """Odd kernel of about a tenth of the side: 23 for 224 px, 3 for 32 px."""
+  return 2 * (height // 20) + 1
+
+
+def gaussian_blur(image: jax.Array, sigma: jax.Array | float,
+                  kernel_size: int | None = None) -> jax.Array:
+  """Separable Gaussian blur of one image [H, W, C], reflect padding.
+
+  Written as a weighted sum of shifted slices, so that a per-image `sigma`
+  under vmap stays elementwise (no batched convolution kernels).
+
+  Args:
+    image: [H, W, C] float.
+    sigma: standard deviation in pixels (traced is fine).
+    kernel_size: odd tap count; default `blur_kernel_size(H)`.
+  """
+  h, w, _ = image.shape
+  size = kernel_size or blur_kernel_size(h)
+  radius = size // 2
+  if radius == 0:
+    return image
+  # Reflect padding needs radius < side.
+  radius = min(radius, h - 1, w - 1)
+  offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)       # [K]
+  sigma = jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-3)
+  weights = jnp.exp(-0.5 * jnp.square(offsets / sigma))
+  weights = weights / jnp.sum(weights)                               # [K]
+  taps = 2 * radius + 1
+
+  def blur_axis(x, axis):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (radius, radius)
+    xp = jnp.pad(x, pad, mode="reflect")       # [H + 2r, W, C] along `axis`
+    n = x.shape[axis]
+    out = weights[0] * jax.lax.slice_in_dim(xp, 0, n, axis=axis)
+    for t in range(1, taps):
+      out = out + weights[t] * jax.lax.slice_in_dim(xp, t, t + n, axis=axis)
+    return out
+
+  return blur_axis(blur_axis(image, 0), 1)
+
+
+def normalize(images: jax.Array) -> jax.Array:
+  """(x - ImageNet mean) / ImageNet std over the last (channel) axis."""
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  return (to_float(images) - mean) / std
+
+
+_normalize_images = normalize  # `augment_view` has an argument named normalize.
+
+
+def color_jitter(image: jax.Array, order: jax.Array, brightness: jax.Array,
+                 contrast: jax.Array, saturation: jax.Array,
+                 hue: jax.Array) -> jax.Array:
+  """Brightness, contrast, saturation and hue in the order `order`, clipped.
+
+  Each of the 4 slots runs a fused "generic" colour op whose parameters are
+  the identity except for the op that `order` puts in that slot: one
+  brightness add, one contrast affine and one HSV round trip per slot,
+  branch-free and cheaper than selecting among 4 separately computed ops.
+
+  Args:
+    image: [H, W, 3] in [0, 1].
+    order: int32 [4], a permutation of (0 brightness, 1 contrast,
+      2 saturation, 3 hue).
+    brightness: additive delta. contrast: factor. saturation: factor.
+    hue: delta in turns.
+  """
+  x = image
+  for slot in range(4):
+    op = order[slot]
+    x = jnp.clip(x + jnp.where(op == _BRIGHTNESS, brightness, 0.0), 0.0, 1.0)
+    x = jnp.clip(adjust_contrast(x, jnp.where(op == _CONTRAST, contrast, 1.0)),
+                 0.0, 1.0)
+    x = adjust_hsv(x, saturation=jnp.where(op == _SATURATION, saturation, 1.0),
+                   hue=jnp.where(op == _HUE, hue, 0.0))
+    x = jnp.clip(x, 0.0, 1.0)
+  return x
+
+
+# ---------------------------------------------------------------------------
+# Random decisions and the per-view pipeline.
+# ---------------------------------------------------------------------------
+
+
+def _cfg(view_cfg: Mapping[str, Any], key: str) -> float:
+  return float(view_cfg[key])
+
+
+def sample_params(rng: jax.Array, view_cfg: Mapping[str, Any]
+                  ) -> dict[str, jax.Array]:
+  """Draws the random decisions of one image for one view.
+
+  Args:
+    rng: a PRNG key for this image.
+    view_cfg: probabilities and strengths, as `config_lib.view_augment()`.
+
+  Returns:
+    {'flip', 'jitter', 'grayscale', 'blur', 'solarize': bool scalars,
+    'order': int32 [4], 'brightness', 'contrast', 'saturation', 'hue',
+    'sigma': float32 scalars}.
+  """
+  k = jax.random.split(rng, _NUM_KEYS)
+  uniform = lambda key, lo, hi: jax.random.uniform(key, (), jnp.float32, lo, hi)
+  b, c = _cfg(view_cfg, "brightness"), _cfg(view_cfg, "contrast")
+  s, h = _cfg(view_cfg, "saturation"), _cfg(view_cfg, "hue")
+  return dict(
+      flip=jax.random.bernoulli(k[0], _cfg(view_cfg, "flip")),
+      jitter=jax.random.bernoulli(k[1], _cfg(view_cfg, "color_jitter")),
+      order=jax.random.permutation(k[2], 4).astype(jnp.int32),
+      brightness=uniform(k[3], -b, b),
+      contrast=uniform(k[4], 1.0 - c, 1.0 + c),
+      saturation=uniform(k[5], 1.0 - s, 1.0 + s),
+      hue=uniform(k[6], -h, h),
+      grayscale=jax.random.bernoulli(k[7], _cfg(view_cfg, "grayscale")),
+      blur=jax.random.bernoulli(k[8], _cfg(view_cfg, "blur")),
+      sigma=uniform(k[9], *BLUR_SIGMA),
+      solarize=jax.random.bernoulli(k[10], _cfg(view_cfg, "solarize")),
+  )
+
+
+def _maybe(prob: float, flag: jax.Array, fn, x: jax.Array) -> jax.Array:
+  """fn(x) where `flag`; static shortcuts for probabilities 0 and 1."""
+  if prob <= 0.0:
+    return x
+  if prob >= 1.0:
+    return fn(x)
+  return jnp.where(flag, fn(x), x)
+
+
+def apply_params(params: Mapping[str, jax.Array], image: jax.Array,
+                 view_cfg: Mapping[str, Any]) -> jax.Array:
+  """Applies the decisions of `sample_params` to one image [H, W, 3] in [0, 1]."""
+  x = image
+  x = _maybe(_cfg(view_cfg, "flip"), params["flip"], flip_left_right, x)
+  x = _maybe(_cfg(view_cfg, "color_jitter"), params["jitter"],
+             lambda y: color_jitter(y, params["order"], params["brightness"],
+                                    params["contrast"], params["saturation"],
+                                    params["hue"]), x)
+  x = _maybe(_cfg(view_cfg, "grayscale"), params["grayscale"], rgb_to_grayscale,
+             x)
+  x = _maybe(_cfg(view_cfg, "blur"), params["blur"],
+             lambda y: gaussian_blur(y, params["sigma"]), x)
+  x = _maybe(_cfg(view_cfg, "solarize"), params["solarize"], solarize, x)
+  return jnp.clip(x, 0.0, 1.0)  # Blur and luma weights may round past 1.
+
+
+def augment_view(rng: jax.Array, images: jax.Array,
+                 view_cfg: Mapping[str, Any], normalize: bool = True
+                 ) -> jax.Array:
+  """Augments a batch with one view's distribution (T or T').
+
+  Args:
+    rng: PRNG key for the whole batch (split per image).
+    images: [B, H, W, 3], uint8 in [0, 255] or float in [0, 1].
+    view_cfg: dict or ConfigDict like `config_lib.view_augment()`.
+    normalize: subtract the ImageNet mean and divide by its std.
+
+  Returns:
+    float32 [B, H, W, 3]: in [0, 1], or normalised.
+  """
+  x = to_float(images)                                   # [B, H, W, 3]
+  keys = jax.random.split(rng, x.shape[0])               # [B] keys
+  params = jax.vmap(lambda k: sample_params(k, view_cfg))(keys)
+  x = jax.vmap(lambda p, im: apply_params(p, im, view_cfg))(params, x)
+  return _normalize_images(x) if normalize else x
+
+
+def augment_views(rng: jax.Array, batch: Mapping[str, jax.Array],
+                  augment_cfg: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+  """Both views of a pretraining batch, with independent keys.
+
+  Args:
+    rng: PRNG key (e.g. fold_in(seed_key, step)).
+    batch: {'view1', 'view2': [B, S, S, 3] crops (uint8 or float in [0, 1])}.
+    augment_cfg: `config.augment` (view1, view2, normalize).
+
+  Returns:
+    (view1, view2), float32 [B, S, S, 3].
+  """
+  k1, k2 = jax.random.split(rng)
+  norm = bool(augment_cfg.get("normalize", True))
+  return (augment_view(k1, batch["view1"], augment_cfg["view1"], norm),
+          augment_view(k2, batch["view2"], augment_cfg["view2"], norm))

@@ -1,0 +1,219 @@
+"""Device-side augmentations: agreement with tf.image, probabilities, ranges."""
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from byol_jax import config_lib
+from byol_jax.data import augment
+
+
+def _decode(npz, split, indices):
+  off = npz[f"{split}_offsets"]
+  data = npz[f"{split}_jpeg"]
+  return [np.asarray(Image.open(io.BytesIO(
+      data[off[i]:off[i + 1]].tobytes())).convert("RGB")) for i in indices]
+
+
+@pytest.fixture(scope="module")
+def nette(imagenette_npz):
+  """8 real 224 px Imagenette images, float32 [8, 224, 224, 3] in [0, 1]."""
+  with np.load(imagenette_npz) as d:
+    images = _decode(d, "train", range(0, 300, 38))
+  return np.stack(images).astype(np.float32) / 255.0
+
+
+@pytest.fixture(scope="module")
+def small(imagenette_npz):
+  """64 real images at 48 px, uint8 [64, 48, 48, 3]."""
+  with np.load(imagenette_npz) as d:
+    images = _decode(d, "train", range(0, 300, 300 // 64)[:64])
+  return np.stack([np.asarray(Image.fromarray(im).resize((48, 48),
+                                                         Image.BICUBIC))
+                   for im in images])
+
+
+@pytest.fixture(scope="module")
+def tf():
+  tf = pytest.importorskip("tensorflow")
+  tf.config.set_visible_devices([], "GPU")
+  return tf
+
+
+@pytest.mark.parametrize("op,tf_name,values", [
+    ("adjust_brightness", "adjust_brightness", [-0.4, -0.1, 0.25, 0.4]),
+    ("adjust_contrast", "adjust_contrast", [0.6, 0.9, 1.2, 1.4]),
+    ("adjust_saturation", "adjust_saturation", [0.2, 0.8, 1.2, 1.8]),
+    ("adjust_hue", "adjust_hue", [-0.1, -0.03, 0.07, 0.1, 0.5]),
+])
+def test_colour_op_matches_tf(nette, tf, op, tf_name, values):
+  fn = jax.jit(jax.vmap(getattr(augment, op), in_axes=(0, None)))
+  for v in values:
+    want = np.clip(getattr(tf.image, tf_name)(nette, v).numpy(), 0.0, 1.0)
+    got = np.clip(np.asarray(fn(nette, v)), 0.0, 1.0)
+    np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"{op}({v})")
+
+
+def test_grayscale_matches_tf(nette, tf):
+  want = tf.image.rgb_to_grayscale(nette).numpy()             # [B, H, W, 1]
+  got = np.asarray(augment.rgb_to_grayscale(nette))          # [B, H, W, 3]
+  np.testing.assert_allclose(got, np.repeat(want, 3, -1), atol=1e-6)
+
+
+def test_hsv_round_trip(nette):
+  back = augment.hsv_to_rgb(augment.rgb_to_hsv(nette))
+  np.testing.assert_allclose(np.asarray(back), nette, atol=2e-6)
+
+
+def test_blur_kernel_and_reference(nette):
+  assert augment.blur_kernel_size(224) == 23
+  assert augment.blur_kernel_size(128) == 13
+  assert augment.blur_kernel_size(32) == 3
+  image = nette[0]
+  sigma = 1.5
+  got = np.asarray(augment.gaussian_blur(image, sigma))
+  # NumPy reference: separable 23-tap kernel, reflect padding.
+  r = 11
+  t = np.arange(-r, r + 1)
+  k = np.exp(-0.5 * (t / sigma) ** 2)
+  k /= k.sum()
+  ref = np.pad(image, ((r, r), (0, 0), (0, 0)), mode="reflect")
+  ref = sum(k[i] * ref[i:i + 224] for i in range(2 * r + 1))
+  ref = np.pad(ref, ((0, 0), (r, r), (0, 0)), mode="reflect")
+  ref = sum(k[i] * ref[:, i:i + 224] for i in range(2 * r + 1))
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+  # Tiny sigma is the identity; a constant image stays constant.
+  np.testing.assert_allclose(np.asarray(augment.gaussian_blur(image, 0.1)),
+                             image, atol=1e-5)
+  const = np.full((32, 32, 3), 0.3, np.float32)
+  np.testing.assert_allclose(np.asarray(augment.gaussian_blur(const, 2.0)),
+                             const, atol=1e-6)
+  # Blurring lowers the high-frequency energy.
+  assert np.abs(np.diff(got, axis=1)).mean() < np.abs(
+      np.diff(image, axis=1)).mean()
+
+
+def test_solarize_flip_normalize():
+  x = jnp.asarray([[[[0.1, 0.5, 0.9]]]])
+  np.testing.assert_allclose(augment.solarize(x), [[[[0.1, 0.5, 0.1]]]],
+                             atol=1e-7)
+  img = jnp.arange(12.0).reshape(2, 2, 3)
+  np.testing.assert_array_equal(augment.flip_left_right(img), img[:, ::-1])
+  flips = jax.vmap(lambda k: augment.random_flip(k, img))(
+      jax.random.split(jax.random.PRNGKey(0), 400))
+  frac = np.mean(np.all(np.asarray(flips) == np.asarray(img[:, ::-1]),
+                        axis=(1, 2, 3)))
+  assert 0.4 < frac < 0.6
+  ones = jnp.ones((1, 2, 2, 3))
+  np.testing.assert_allclose(
+      augment.normalize(ones)[0, 0, 0],
+      (1 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD),
+      rtol=1e-6)
+  u8 = jnp.full((1, 2, 2, 3), 255, jnp.uint8)
+  np.testing.assert_allclose(augment.normalize(u8), augment.normalize(ones))
+
+
+def test_color_jitter_order_and_clipping(nette, tf):
+  image = nette[1]
+  params = dict(brightness=0.3, contrast=1.3, saturation=0.7, hue=0.08)
+  tf_ops = [lambda x: tf.image.adjust_brightness(x, params["brightness"]),
+            lambda x: tf.image.adjust_contrast(x, params["contrast"]),
+            lambda x: tf.image.adjust_saturation(x, params["saturation"]),
+            lambda x: tf.image.adjust_hue(x, params["hue"])]
+  jitter = jax.jit(augment.color_jitter)
+  results = []
+  for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]):
+    want = image
+    for i in order:
+      want = np.clip(tf_ops[i](want).numpy(), 0.0, 1.0)
+    got = np.asarray(jitter(image, jnp.asarray(order, jnp.int32), **params))
+    np.testing.assert_allclose(got, want, atol=5e-5)
+    assert got.min() >= 0.0 and got.max() <= 1.0
+    results.append(got)
+  # The order matters.
+  assert np.abs(results[0] - results[1]).max() > 0.01
+
+
+def test_sampled_orders_are_uniform_permutations():
+  cfg = config_lib.view_augment()
+  keys = jax.random.split(jax.random.PRNGKey(1), 4800)
+  orders = np.asarray(jax.vmap(lambda k: augment.sample_params(k, cfg))(
+      keys)["order"])
+  assert np.all(np.sort(orders, axis=1) == np.arange(4))
+  _, counts = np.unique(orders, axis=0, return_counts=True)
+  assert len(counts) == 24
+  assert counts.min() > 120 and counts.max() < 280        # 200 expected.
+
+
+@pytest.mark.parametrize("view,expect", [
+    ("view1", dict(flip=0.5, jitter=0.8, grayscale=0.2, blur=1.0,
+                   solarize=0.0)),
+    ("view2", dict(flip=0.5, jitter=0.8, grayscale=0.2, blur=0.1,
+                   solarize=0.2)),
+])
+def test_empirical_probabilities_per_view(view, expect):
+  cfg = config_lib.base_config().augment[view]
+  n = 8000
+  keys = jax.random.split(jax.random.PRNGKey(7), n)
+  params = jax.jit(jax.vmap(lambda k: augment.sample_params(k, cfg)))(keys)
+  for name, p in expect.items():
+    freq = float(np.mean(np.asarray(params[name])))
+    tol = 4 * np.sqrt(max(p * (1 - p), 1e-4) / n) + 1e-3
+    assert abs(freq - p) < tol, (view, name, freq, p)
+  b = np.asarray(params["brightness"])
+  c = np.asarray(params["contrast"])
+  s = np.asarray(params["saturation"])
+  h = np.asarray(params["hue"])
+  sig = np.asarray(params["sigma"])
+  for x, lo, hi in ((b, -0.4, 0.4), (c, 0.6, 1.4), (s, 0.8, 1.2),
+                    (h, -0.1, 0.1), (sig, 0.1, 2.0)):
+    assert x.min() >= lo and x.max() <= hi
+    assert x.min() < lo + 0.05 * (hi - lo) and x.max() > hi - 0.05 * (hi - lo)
+
+
+def test_view_outputs_follow_the_decisions(small):
+  """Grayscale measured on the outputs matches its probability; outputs are
+  exactly `apply_params` of the sampled decisions."""
+  cfg1 = config_lib.base_config().augment.view1
+  cfg2 = config_lib.base_config().augment.view2
+  images = np.concatenate([small] * 8)                   # [512, 48, 48, 3]
+  fn = jax.jit(lambda k, x: augment.augment_view(k, x, cfg2, normalize=False))
+  out = np.asarray(fn(jax.random.PRNGKey(3), images))
+  assert out.shape == images.shape and out.dtype == np.float32
+  assert out.min() >= 0.0 and out.max() <= 1.0
+  gray = np.all(out[..., :1] == out, axis=(1, 2, 3))
+  assert abs(gray.mean() - 0.2) < 0.07, gray.mean()
+  # Recompute four images from their sampled decisions.
+  keys = jax.random.split(jax.random.PRNGKey(3), images.shape[0])[:4]
+  for i in range(4):
+    p = augment.sample_params(keys[i], cfg2)
+    want = augment.apply_params(p, images[i].astype(np.float32) / 255, cfg2)
+    np.testing.assert_allclose(out[i], np.asarray(want), atol=1e-5)
+  # Solarized images of T' have their bright pixels flipped: none in T.
+  out1 = np.asarray(jax.jit(lambda k, x: augment.augment_view(
+      k, x, cfg1, normalize=False))(jax.random.PRNGKey(3), images))
+  assert out1.shape == out.shape
+
+
+def test_augment_views_shapes_dtypes_and_normalisation(small):
+  cfg = config_lib.base_config().augment
+  batch = dict(view1=jnp.asarray(small[:16]),
+               view2=jnp.asarray(small[:16]).astype(jnp.float32) / 255)
+  fn = jax.jit(lambda r, b: augment.augment_views(r, b, cfg))
+  v1, v2 = fn(jax.random.PRNGKey(0), batch)
+  for v in (v1, v2):
+    assert v.shape == (16, 48, 48, 3) and v.dtype == jnp.float32
+    lo = (0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
+    hi = (1 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
+    v = np.asarray(v)
+    assert np.all(v >= lo - 1e-5) and np.all(v <= hi + 1e-5)
+  # Independent keys per view: the same crops give different views.
+  assert np.abs(np.asarray(v1) - np.asarray(v2)).mean() > 0.05
+  cfg.normalize = False
+  u1, _ = jax.jit(lambda r, b: augment.augment_views(r, b, cfg))(
+      jax.random.PRNGKey(0), batch)
+  np.testing.assert_allclose(np.asarray(augment.normalize(u1)), np.asarray(v1),
+                             atol=1e-5)
