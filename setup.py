@@ -20,7 +20,7 @@ setuptools.setup(
     ],
     extras_require={
         # tf.data host pipeline, TFDS sources and TensorBoard event files.
-        "tf": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9"],
+        "tf": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "tensorboard"],
         "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
     },
 )

@@ -23,11 +23,12 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     try:
+      import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tf = tf
       self._tb = tf.summary.create_file_writer(workdir)
     except ImportError:
-      logging.warning("TensorFlow is not installed: no TensorBoard event "
+      logging.warning("TensorFlow or TensorBoard is not installed: no event "
                       "files, metrics go to metrics.jsonl only.")
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
