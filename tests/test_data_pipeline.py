@@ -1,0 +1,510 @@
+"""Input pipelines: sources, host (tf.data) and on-device paths, sharding.
+
+Real images from ../shared/datasets; the image-folder tests expand the
+Imagenette subset (300 train + 100 val JPEGs) into a temporary folder.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from byol_jax import config_lib
+from byol_jax import data
+from byol_jax import sharding
+from byol_jax.data import crops
+from byol_jax.data import device
+from byol_jax.data import sources
+from byol_jax.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return sharding.make_mesh()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, imagenette_npz):
+  """ROOT/{train,val}/<synset>/*.JPEG from the Imagenette subset."""
+  root = tmp_path_factory.mktemp("nette")
+  with np.load(imagenette_npz) as d:
+    for split in ("train", "val"):
+      off, jpeg = d[f"{split}_offsets"], d[f"{split}_jpeg"]
+      for i, name in enumerate(d[f"{split}_names"]):
+        path = root / split / str(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg[off[i]:off[i + 1]].tobytes())
+  return str(root)
+
+
+def make_config(source="folder", path="", size=64, batch=16, on_device=False,
+                eval_split="val", fraction=0.875):
+  c = config_lib.base_config()
+  c.seed = 3
+  c.batch_size = batch
+  c.data.source = source
+  c.data.path = str(path)
+  c.data.train_split = "train"
+  c.data.eval_split = eval_split
+  c.data.image_size = size
+  c.data.eval_crop_fraction = fraction
+  c.data.on_device = on_device
+  c.data.num_parallel_calls = 2
+  return c
+
+
+def _np(batch):
+  return {k: np.asarray(v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------
+# Sources and errors.
+# ---------------------------------------------------------------------------
+
+
+def test_folder_listing_labels_and_unlabelled(folder, tmp_path, mesh):
+  paths, labels, classes = sources.list_folder(folder, "train")
+  assert len(paths) == 300 and len(classes) == 10
+  np.testing.assert_array_equal(np.bincount(labels), np.full(10, 30))
+  assert classes[0] == "n01440764"
+  # Images directly under ROOT/<split>/ are unlabelled (-1).
+  (tmp_path / "train").mkdir()
+  for p in paths[:16]:
+    os.link(p, tmp_path / "train" / os.path.basename(p))
+  _, labels, classes = sources.list_folder(str(tmp_path), "train")
+  assert classes == () and np.all(labels == -1)
+  batch = data.build_pretrain(make_config(path=tmp_path, size=32), mesh).batch(0)
+  assert np.all(np.asarray(batch["label"]) == -1)
+
+
+def _one_line(excinfo):
+  return "\n" not in str(excinfo.value) and str(excinfo.value)
+
+
+def test_config_errors(folder, tmp_path, cifar_npz, mesh):
+  pytest.importorskip("tensorflow_datasets")
+  c = make_config(source="tfds")
+  c.data.name = "no_such_dataset_xyz"
+  with pytest.raises(ConfigError, match="Unknown TFDS dataset") as e:
+    data.build_pretrain(c, mesh)
+  assert _one_line(e)
+  c.data.name, c.data.data_dir = "cifar10", str(tmp_path / "empty_tfds")
+  with pytest.raises(ConfigError, match="not prepared") as e:
+    data.build_eval(c, mesh, "test", 16)
+  assert _one_line(e)
+
+  with pytest.raises(ConfigError, match="does not exist") as e:
+    data.build_pretrain(make_config(path=tmp_path / "missing"), mesh)
+  assert _one_line(e)
+  (tmp_path / "empty" / "train" / "cls").mkdir(parents=True)
+  with pytest.raises(ConfigError, match="No .* images") as e:
+    data.build_pretrain(make_config(path=tmp_path / "empty"), mesh)
+  assert _one_line(e)
+  with pytest.raises(ConfigError, match="Split 'validation' not found") as e:
+    data.build_eval(make_config(path=folder), mesh, "validation", 16)
+  assert _one_line(e) and "train, val" in str(e.value)
+  with pytest.raises(ConfigError, match="Split 'val' not found") as e:
+    data.build_eval(make_config("npz", cifar_npz, on_device=True), mesh,
+                    "val", 16)
+  assert _one_line(e) and "test, train" in str(e.value)
+  with pytest.raises(ConfigError, match="not divisible by the 8 devices") as e:
+    data.build_pretrain(make_config("npz", cifar_npz, batch=12), mesh)
+  assert _one_line(e)
+  with pytest.raises(ConfigError, match="not divisible"):
+    data.build_eval(make_config("npz", cifar_npz), mesh, "test", 20)
+  with pytest.raises(ConfigError, match="source"):
+    data.build_pretrain(make_config("webdataset"), mesh)
+
+
+def _truncate(path, out):
+  b = open(path, "rb").read()
+  out.write_bytes(b[:len(b) // 2])
+
+
+def test_corrupt_files_are_skipped_and_counted(folder, tmp_path, mesh, caplog):
+  paths, _, _ = sources.list_folder(folder, "val")
+  cls = tmp_path / "val" / "a"
+  cls.mkdir(parents=True)
+  for p in paths[:20]:
+    os.link(p, cls / os.path.basename(p))
+  _truncate(paths[0], cls / "truncated.jpg")
+  (cls / "garbage.jpg").write_bytes(b"this is not an image" * 40)
+  (cls / "empty.png").write_bytes(b"")
+  os.makedirs(tmp_path / "train")
+  os.link(paths[1], tmp_path / "train" / "x.jpg")
+  # Passes the cheap header check, fails in the decoder: dropped by tf.data.
+  (cls / "sneaky.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(600) +
+                                   b"\xff\xd9")
+  split = sources.folder_split(str(tmp_path), "val", True)
+  assert split.num_skipped == 3 and split.num_examples == 21
+  assert "Skipping 3 corrupt" in caplog.text
+  c = make_config(path=tmp_path, size=32, batch=8)
+  c.data.train_split = "val"
+  batch = data.build_pretrain(c, mesh).batch(0)
+  assert batch["view1"].shape == (8, 32, 32, 3)
+  evals = list(data.build_eval(c, mesh, "val", 8))
+  assert sum(int(np.sum(b["mask"])) for b in evals) == 20
+  c.data.on_device = True      # The PIL path skips the undecodable one too.
+  images, labels = data.load_arrays(c.data, "val")
+  assert images.shape[0] == 20 and labels.shape == (20,)
+  c.data.skip_corrupt = False
+  with pytest.raises(ConfigError, match="corrupt image file") as e:
+    data.build_eval(c, mesh, "val", 8)
+  assert _one_line(e)
+
+
+def test_load_arrays(cifar_npz, folder, tmp_path):
+  c = make_config("npz", cifar_npz, size=32)
+  images, labels = data.load_arrays(c.data, "train")
+  assert images.shape == (5000, 32, 32, 3) and images.dtype == np.uint8
+  assert labels.dtype == np.int32
+  with np.load(cifar_npz) as d:
+    np.testing.assert_array_equal(labels, d["train_labels"])
+  # Same-sized images keep their size; `size` forces one.
+  c = make_config("folder", folder, size=64)
+  images, labels = data.load_arrays(c.data, "val")
+  assert images.shape == (100, 224, 224, 3)
+  np.testing.assert_array_equal(np.bincount(labels), np.full(10, 10))
+  images64, _ = data.load_arrays(c.data, "val", size=64)
+  assert images64.shape == (100, 64, 64, 3)
+  # 'arrays' .npz: plain images/labels are the train split.
+  path = tmp_path / "arrays.npz"
+  np.savez(path, images=images64[:40], labels=labels[:40])
+  got, got_labels = data.load_arrays(make_config("arrays", path).data, "train")
+  np.testing.assert_array_equal(got, images64[:40])
+  with pytest.raises(ConfigError, match="Split 'val' not found"):
+    data.load_arrays(make_config("arrays", path).data, "val")
+
+
+# ---------------------------------------------------------------------------
+# Pretraining batches.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_pretrain_batches_shapes_sharding_and_resume(folder, cifar_npz, mesh,
+                                                     on_device):
+  if on_device:
+    c, n = make_config("npz", cifar_npz, size=24, on_device=True), 5000
+  else:
+    c, n = make_config(path=folder, size=32), 300
+  pre = data.build_pretrain(c, mesh)
+  assert pre.num_examples == n and pre.steps_per_epoch == n // 16
+  batches = [pre.batch(s) for s in range(3)]
+  b = batches[0]
+  dtype = np.float32 if on_device else np.uint8
+  for k in ("view1", "view2"):
+    assert b[k].shape == (16, c.data.image_size, c.data.image_size, 3)
+    assert b[k].dtype == dtype
+    assert b[k].sharding == sharding.batch_sharding(mesh)
+    x = np.asarray(b[k]).astype(np.float32) / (1 if on_device else 255)
+    assert x.min() >= 0 and x.max() <= 1 and 0.2 < x.mean() < 0.7
+  assert b["label"].dtype == np.int32 and b["label"].shape == (16,)
+  assert b["label"].sharding == sharding.batch_sharding(mesh)
+  assert set(np.asarray(b["label"])) <= set(range(10))
+  # Two independent crops of each image.
+  assert not np.array_equal(np.asarray(b["view1"]), np.asarray(b["view2"]))
+  # Resuming reproduces the uninterrupted batches exactly.
+  resumed = data.build_pretrain(c, mesh, start_step=2).batch(2)
+  for k in ("view1", "view2", "label"):
+    np.testing.assert_array_equal(np.asarray(resumed[k]),
+                                  np.asarray(batches[2][k]))
+  # A jump (not the next step) is served too.
+  np.testing.assert_array_equal(np.asarray(pre.batch(1)["label"]),
+                                np.asarray(batches[1]["label"]))
+  if not on_device:   # Device-side augmentation finishes the uint8 batches.
+    v1, v2 = jax.jit(lambda r, x: data.augment_views(r, x, c.augment))(
+        jax.random.PRNGKey(0), b)
+    assert v1.shape == (16, 32, 32, 3) and v1.dtype == np.float32
+    assert np.isfinite(np.asarray(v2)).all()
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_epochs_are_permutations(cifar_npz, mesh, on_device):
+  """Each epoch sees every example once; epochs are reshuffled."""
+  images, _ = data.load_arrays(make_config("npz", cifar_npz, 32).data, "train")
+  n = 64
+  arrays = (images[:n], np.arange(n, dtype=np.int32))
+  c = make_config("arrays", size=16, on_device=on_device)
+  pre = data.build_pretrain(c, mesh, arrays=arrays)
+  labels = np.concatenate([np.asarray(pre.batch(s)["label"])
+                           for s in range(8)])
+  e0, e1 = labels[:n], labels[n:]
+  np.testing.assert_array_equal(np.sort(e0), np.arange(n))
+  np.testing.assert_array_equal(np.sort(e1), np.arange(n))
+  assert not np.array_equal(e0, e1) and not np.array_equal(e0, np.arange(n))
+
+
+def test_host_batches_do_not_depend_on_process_count(cifar_npz):
+  """Two simulated processes read disjoint halves of each global batch."""
+  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+  c = make_config("npz", cifar_npz, size=32, batch=16)
+  single, _ = host.pretrain_dataset(c, start_step=5, process_index=0,
+                                    process_count=1)
+  halves = [host.pretrain_dataset(c, start_step=5, process_index=p,
+                                  process_count=2)[0] for p in (0, 1)]
+  whole = next(single.as_numpy_iterator())
+  parts = [next(h.as_numpy_iterator()) for h in halves]
+  for k in ("view1", "view2", "label"):
+    np.testing.assert_array_equal(
+        whole[k], np.concatenate([parts[0][k], parts[1][k]]))
+
+
+def test_linear_train_batches(cifar_npz, mesh):
+  for on_device in (False, True):
+    c = make_config("npz", cifar_npz, size=32, on_device=on_device)
+    lin = data.build_linear_train(c, mesh, batch_size=16, seed=1)
+    b = lin.batch(0)
+    assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.float32
+    assert b["image"].sharding == sharding.batch_sharding(mesh)
+    x = np.asarray(b["image"])
+    assert x.min() >= 0 and x.max() <= 1
+    assert b["label"].dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(lin.batch(1)["label"]),
+                                  np.asarray(data.build_linear_train(
+                                      c, mesh, 16, 1).batch(1)["label"]))
+
+
+# ---------------------------------------------------------------------------
+# Evaluation batches and sharding over processes.
+# ---------------------------------------------------------------------------
+
+
+def _coverage(local_batches_per_process, n):
+  counts = [len(b) for b in local_batches_per_process]
+  assert len(set(counts)) == 1, counts          # Same batch count everywhere.
+  seen = np.concatenate([b["index"][b["mask"]]
+                         for bs in local_batches_per_process for b in bs])
+  np.testing.assert_array_equal(np.sort(seen), np.arange(n))  # Exactly once.
+  for bs in local_batches_per_process:
+    for b in bs:
+      assert np.all(b["label"][~b["mask"]] == -1)
+
+
+def test_host_eval_two_processes_cover_split_once(folder, mesh):
+  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+  c = make_config(path=folder, size=56)
+  per_process = []
+  for p in (0, 1):
+    ds, total, num_batches = host.eval_dataset(c, "val", 24, process_index=p,
+                                               process_count=2)
+    per_process.append(list(ds.as_numpy_iterator()))
+    assert total == 100 and num_batches == 5 == len(per_process[-1])
+  _coverage(per_process, 100)
+  b = per_process[0][0]
+  assert b["image"].shape == (12, 56, 56, 3)
+  # Labels agree with the folder.
+  _, labels, _ = sources.list_folder(folder, "val")
+  for bs in per_process:
+    for b in bs:
+      np.testing.assert_array_equal(b["label"][b["mask"]],
+                                    labels[b["index"][b["mask"]]])
+  # The global batches: float32 [0, 1], mesh sharding, every example once.
+  ev = data.build_eval(c, mesh, "val", 24)
+  assert ev.num_examples == 100 and len(ev) == 5
+  total = 0
+  for b in ev:
+    assert b["image"].shape == (24, 56, 56, 3)
+    assert b["image"].dtype == np.float32 and b["mask"].dtype == bool
+    assert b["image"].sharding == sharding.batch_sharding(mesh)
+    assert b["mask"].sharding == sharding.batch_sharding(mesh)
+    x = np.asarray(b["image"])
+    assert x.min() >= 0 and x.max() <= 1
+    total += int(np.sum(b["mask"]))
+  assert total == 100
+
+
+def test_array_eval_two_processes_cover_split_once(cifar_npz, mesh):
+  c = make_config("npz", cifar_npz, size=32, on_device=True, fraction=1.0)
+  images, labels = data.load_eval_arrays(c.data, "test")
+  raw, _ = data.load_arrays(c.data, "test")
+  np.testing.assert_array_equal(images, raw)     # Fraction 1.0 at 32 px.
+  per_process = [list(device.ArrayEvalData(
+      mesh, images, labels, 48, process_index=p, process_count=2
+  ).local_batches()) for p in (0, 1)]
+  _coverage(per_process, 1000)
+  ev = data.build_eval(c, mesh, "test", 48)
+  got = [_np(b) for b in ev]
+  assert len(got) == 21 and sum(b["mask"].sum() for b in got) == 1000
+  np.testing.assert_allclose(got[0]["image"], images[:48] / 255.0, atol=1e-6)
+
+
+def test_eval_centre_crop(folder):
+  """The host centre crop matches PIL's on the same images."""
+  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+  c = make_config(path=folder, size=64)
+  ds, _, _ = host.eval_dataset(c, "val", 16, process_index=0, process_count=1)
+  b = next(ds.as_numpy_iterator())
+  split = sources.folder_split(folder, "val")
+  for j in range(4):
+    want = crops.center_crop_resize(split.read(int(b["index"][j])), 64, 0.875)
+    assert np.abs(b["image"][j].astype(float) - want).mean() < 3.0
+
+
+# ---------------------------------------------------------------------------
+# Crop statistics, and the two paths against each other.
+# ---------------------------------------------------------------------------
+
+
+def _crop_stats(boxes, hw):
+  """Area fractions and aspect ratios (w / h) of (y, x, h, w) boxes in pixels."""
+  h, w = boxes[:, 2], boxes[:, 3]
+  return h * w / (hw[0] * hw[1]), w / h
+
+
+def _reference_crops(hw, n=200_000, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """NumPy model of the specified sampler: first of 10 candidates that fits."""
+  rng = np.random.default_rng(0)
+  area = rng.uniform(*scale, (n, 10)) * hw[0] * hw[1]
+  r = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, 10)))
+  w, h = np.sqrt(area * r), np.sqrt(area / r)
+  fits = (w <= hw[1]) & (h <= hw[0])
+  first = np.argmax(fits, axis=1)
+  ok = fits.any(axis=1)
+  pick = lambda x: x[np.arange(n), first][ok]
+  return pick(h * w) / (hw[0] * hw[1]), pick(w / h)
+
+
+@pytest.mark.parametrize("hw", [(224, 224), (375, 500)])
+def test_crop_area_and_aspect_distribution(hw):
+  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  n = 3000
+  keys = jax.random.split(jax.random.PRNGKey(0), n)
+  jboxes = np.stack(jax.jit(jax.vmap(
+      lambda k: crops.sample_crop_box(k, hw[0], hw[1])))(keys), -1)
+  seeds = tf.data.Dataset.range(n).map(lambda i: tf.stack([i, 7 * i]))
+  tboxes = next(seeds.map(lambda s: host.sample_crop_window(s, hw[0], hw[1]))
+                .batch(n).as_numpy_iterator()).astype(float)
+  ref_area, ref_aspect = _reference_crops(hw)
+  for boxes, tol in ((jboxes, 1e-4), (tboxes, 0.02)):
+    area, aspect = _crop_stats(boxes, hw)
+    assert np.all(boxes[:, :2] >= 0)
+    assert np.all(boxes[:, 0] + boxes[:, 2] <= hw[0] + 1e-3)
+    assert np.all(boxes[:, 1] + boxes[:, 3] <= hw[1] + 1e-3)
+    # Within the configured ranges (integer windows round a little) ...
+    assert area.min() >= 0.08 - tol and area.max() <= 1.0 + 1e-6
+    assert aspect.min() >= 0.75 - tol and aspect.max() <= 4 / 3 + tol
+    # ... and spread over them as the specified sampler is.
+    assert area.min() < 0.1 and area.max() > 0.9
+    assert aspect.min() < 0.77 and aspect.max() > 1.3
+    for q in (0.05, 0.25, 0.5, 0.75, 0.95):
+      assert abs(np.quantile(area, q) - np.quantile(ref_area, q)) < 0.04, q
+      assert abs(np.quantile(np.log(aspect), q) -
+                 np.quantile(np.log(ref_aspect), q)) < 0.03, q
+    assert abs(area.std() - ref_area.std()) < 0.015
+
+
+def test_device_and_host_paths_match(imagenette_npz, mesh):
+  """Same data, same crop distribution and pixel statistics on both paths."""
+  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+  c = make_config("arrays", size=32, batch=64)
+  arrays = data.load_arrays(make_config("npz", imagenette_npz).data, "train",
+                            size=96)                  # [300, 96, 96, 3]
+  ds, _ = host.pretrain_dataset(c, arrays=arrays, return_boxes=True)
+  it = ds.as_numpy_iterator()
+  host_batches = [next(it) for _ in range(5)]
+  dev = device.DevicePretrainData(c, mesh, *arrays, return_boxes=True)
+  dev_batches = [_np(dev.batch(s)) for s in range(5)]
+
+  def stats(batches, scale):
+    boxes = np.concatenate([b[k] for b in batches for k in ("box1", "box2")])
+    pixels = np.concatenate([b[k] for b in batches
+                             for k in ("view1", "view2")]) / scale
+    return boxes[:, 2] * boxes[:, 3], pixels.mean(axis=(1, 2))  # [640], [640, 3]
+
+  h_area, h_mean = stats(host_batches, 255.0)
+  d_area, d_mean = stats(dev_batches, 1.0)
+  assert abs(h_area.mean() - d_area.mean()) < 0.05, (h_area.mean(),
+                                                     d_area.mean())
+  assert abs(h_area.std() - d_area.std()) < 0.04
+  np.testing.assert_allclose(h_mean.mean(0), d_mean.mean(0), atol=0.03)
+  assert abs(h_mean.std() - d_mean.std()) < 0.03
+
+
+# ---------------------------------------------------------------------------
+# TFDS (a small dataset written locally) and the TF-free path.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory, folder):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import importlib.resources  # pylint: disable=g-import-not-at-top
+  import importlib.resources.abc  # pylint: disable=g-import-not-at-top,unused-import
+  # tfds' writer imports `importlib_resources`; the stdlib module serves.
+  sys.modules.setdefault("importlib_resources", importlib.resources)
+  path = tmp_path_factory.mktemp("tfds")
+  features = tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(None, None, 3)),
+      "label": tfds.features.ClassLabel(num_classes=10)})
+
+  def examples(split, n):
+    s = sources.folder_split(folder, split)
+    return [(str(i), dict(image=s.read(i), label=int(s.labels[i])))
+            for i in range(0, s.num_examples, s.num_examples // n)][:n]
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name="tiny_nette", version="1.0.0", features=features,
+      split_datasets=dict(train=examples("train", 40),
+                          validation=examples("val", 30)),
+      data_dir=str(path))
+  return str(path)
+
+
+def test_tfds_source(tfds_dir, mesh):
+  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+  c = make_config("tfds", size=32, batch=8, eval_split="validation")
+  c.data.name, c.data.data_dir = "tiny_nette", tfds_dir
+  c.data.shuffle_buffer = 16
+  pre = data.build_pretrain(c, mesh)
+  assert pre.num_examples == 40
+  batches = [_np(pre.batch(s)) for s in range(7)]   # Crosses an epoch.
+  assert batches[0]["view1"].shape == (8, 32, 32, 3)
+  assert batches[0]["view1"].dtype == np.uint8
+  resumed = _np(data.build_pretrain(c, mesh, start_step=6).batch(6))
+  np.testing.assert_array_equal(resumed["view2"], batches[6]["view2"])
+  per_process = [list(host.eval_dataset(c, "validation", 8, process_index=p,
+                                        process_count=2)[0].as_numpy_iterator())
+                 for p in (0, 1)]
+  _coverage(per_process, 30)
+  assert sum(int(np.sum(b["mask"])) for b in data.build_eval(
+      c, mesh, "validation", 8)) == 30
+  with pytest.raises(ConfigError, match="Split 'test' not in TFDS"):
+    data.build_eval(c, mesh, "test", 8)
+  c.data.on_device = True      # Small TFDS sets can live on the devices.
+  assert data.build_pretrain(c, mesh).batch(0)["view1"].dtype == np.float32
+
+
+def test_on_device_path_runs_without_tensorflow(cifar_npz):
+  script = textwrap.dedent(f"""
+      import os, sys
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      os.environ["JAX_PLATFORMS"] = "cpu"
+      sys.modules["tensorflow"] = None           # Any import of it fails.
+      sys.modules["tensorflow_datasets"] = None
+      import jax
+      from byol_jax import config_lib, data, sharding
+      c = config_lib.base_config()
+      c.batch_size, c.data.source, c.data.path = 16, "npz", {str(cifar_npz)!r}
+      c.data.image_size, c.data.eval_crop_fraction = 32, 1.0
+      c.data.on_device = True
+      mesh = sharding.make_mesh()
+      b = data.build_pretrain(c, mesh).batch(0)
+      v1, v2 = jax.jit(lambda r, b: data.augment_views(r, b, c.augment))(
+          jax.random.PRNGKey(0), b)
+      n = sum(int(e["mask"].sum()) for e in data.build_eval(c, mesh, "test", 64))
+      assert n == 1000 and v1.shape == (16, 32, 32, 3), (n, v1.shape)
+      assert "tensorflow" not in [m.split(".")[0] for m in sys.modules
+                                  if sys.modules[m] is not None]
+      print("OK")
+  """)
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                       text=True, env=env, timeout=120, check=False)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
