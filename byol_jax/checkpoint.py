@@ -10,7 +10,6 @@ WORKDIR/checkpoints_damaged/ (never deleted) and the previous one restored.
 """
 import json
 import os
-import shutil
 import time
 from typing import Any
 
@@ -20,11 +19,18 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from byol_jax.errors import ConfigError
 
 _ITEMS = ("state", "config")
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """A local path made absolute, or a bucket path (gs://...) as it is."""
+  path = os.fspath(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict:
@@ -56,7 +62,7 @@ class Checkpointer:
       config: reads keep_checkpoints, checkpoint_every_steps,
         checkpoint_every_minutes; saved beside every state.
     """
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = as_path(workdir) / "checkpoints"
     self._config_json = config_to_json(config)
     self._every_steps = config.checkpoint_every_steps
     self._every_seconds = 60.0 * config.checkpoint_every_minutes
@@ -124,12 +130,12 @@ class Checkpointer:
     return None
 
   def _quarantine(self, step: int) -> None:
-    src = os.path.join(self.directory, str(step))
-    dst_dir = self.directory + "_damaged"
-    if jax.process_index() == 0 and os.path.exists(src):
-      os.makedirs(dst_dir, exist_ok=True)
-      dst = os.path.join(dst_dir, f"{step}-{int(time.time())}")
-      shutil.move(src, dst)
+    src = self.directory / str(step)
+    dst_dir = self.directory.parent / "checkpoints_damaged"
+    if jax.process_index() == 0 and src.exists():
+      dst_dir.mkdir(parents=True, exist_ok=True)
+      dst = dst_dir / f"{step}-{int(time.time())}"
+      src.rename(dst)
       logging.warning("Moved the damaged checkpoint to %s.", dst)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"quarantine_{step}")
@@ -137,18 +143,17 @@ class Checkpointer:
 
 
 # ----------------------------------------------------------- loading ------
-def _find_checkpoint_dir(path: str) -> tuple[str, int | None]:
+def _find_checkpoint_dir(path: str) -> tuple[epath.Path, int | None]:
   """Resolves a workdir, its checkpoints/ dir or a step dir to (dir, step)."""
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.exists(path):
+  path = as_path(path)
+  if not path.exists():
     raise ConfigError(f"No checkpoint at {path}: the path does not exist; "
                       "pass a workdir of byol_jax.train or its checkpoints/ "
                       "directory.")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), None
-  base = os.path.basename(path.rstrip("/"))
-  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-    return os.path.dirname(path), int(base)
+  if (path / "checkpoints").is_dir():
+    return path / "checkpoints", None
+  if path.name.isdigit() and (path / "state").is_dir():
+    return path.parent, int(path.name)
   return path, None
 
 

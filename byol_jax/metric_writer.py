@@ -9,6 +9,7 @@ from typing import Mapping
 
 import jax
 from absl import logging
+from etils import epath
 
 
 class MetricWriter:
@@ -20,8 +21,10 @@ class MetricWriter:
     self._tb = None
     if not self._enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    workdir = os.fspath(workdir)
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    self._jsonl = (path / "metrics.jsonl").open("a")
     try:
       import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
       import tensorflow as tf  # pylint: disable=g-import-not-at-top

@@ -116,17 +116,16 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes WORKDIR/config.json; a different older one is kept, renamed."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
+  workdir = checkpoint.as_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / "config.json"
   text = json.dumps(checkpoint.config_to_json(config), indent=2,
                     sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        return
-    os.replace(path, os.path.join(workdir, f"config.{int(time.time())}.json"))
-  with open(path, "w") as f:
-    f.write(text)
+  if path.exists():
+    if path.read_text() == text:
+      return
+    path.rename(workdir / f"config.{int(time.time())}.json")
+  path.write_text(text)
 
 
 # ---------------------------------------------------------------------------
