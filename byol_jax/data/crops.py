@@ -50,14 +50,13 @@ def sample_crop_box(rng: jax.Array, height, width,
   Returns:
     (y0, x0, h, w): float32 scalars.
   """
-  k_area, k_ratio, k_pos = jax.random.split(rng, 3)
+  # One PRNG call for everything (cheaper to compile than one per draw).
+  u = jax.random.uniform(rng, (2 * attempts + 2,))               # [2A + 2]
   height = jnp.asarray(height, jnp.float32)
   width = jnp.asarray(width, jnp.float32)
-  area = height * width * jax.random.uniform(
-      k_area, (attempts,), minval=scale[0], maxval=scale[1])       # [A]
-  log_r = jax.random.uniform(k_ratio, (attempts,), minval=math.log(ratio[0]),
-                             maxval=math.log(ratio[1]))            # [A]
-  aspect = jnp.exp(log_r)
+  area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:attempts])
+  lo, hi = math.log(ratio[0]), math.log(ratio[1])
+  aspect = jnp.exp(lo + (hi - lo) * u[attempts:2 * attempts])     # [A]
   w = jnp.sqrt(area * aspect)                                      # [A]
   h = jnp.sqrt(area / aspect)
   fits = (w <= width) & (h <= height)
@@ -66,9 +65,8 @@ def sample_crop_box(rng: jax.Array, height, width,
   fy, fx, fh, fw = fallback_box(height, width, ratio)
   h = jnp.where(found, h[first], fh)
   w = jnp.where(found, w[first], fw)
-  u = jax.random.uniform(k_pos, (2,))
-  y0 = jnp.where(found, u[0] * (height - h), fy)
-  x0 = jnp.where(found, u[1] * (width - w), fx)
+  y0 = jnp.where(found, u[-2] * (height - h), fy)
+  x0 = jnp.where(found, u[-1] * (width - w), fx)
   return y0, x0, h, w
 
 

@@ -156,17 +156,19 @@ class DeviceLinearTrainData:
     batch_sharding = sharding.batch_sharding(mesh)
     b, n = self.batch_size, self.num_examples
 
-    def one(key, image):
-      k_crop, k_flip = jax.random.split(key)
-      crop, _ = crops.random_resized_crop(k_crop, image, size, scale, ratio)
-      flip = jax.random.bernoulli(k_flip, 0.5)
+    def one(key, flip, image):
+      crop, _ = crops.random_resized_crop(key, image, size, scale, ratio)
       return jnp.where(flip, crop[:, ::-1], crop)
 
     def make_batch(images, labels, epoch0, offset, step, spans):
       idx = stream_indices(perm_key, epoch0, offset, b, n, spans)
       idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
-      keys = jax.random.split(jax.random.fold_in(crop_key, step), b)
-      return dict(image=jax.vmap(one)(keys, images[idx]), label=labels[idx])
+      key = jax.random.fold_in(crop_key, step)
+      k_crop, k_flip = jax.random.split(key)
+      flips = jax.random.bernoulli(k_flip, 0.5, (b,))
+      keys = jax.random.split(k_crop, b)
+      return dict(image=jax.vmap(one)(keys, flips, images[idx]),
+                  label=labels[idx])
 
     self._fn = jax.jit(make_batch, static_argnums=(5,),
                        out_shardings=batch_sharding)
