@@ -74,14 +74,18 @@ def evaluate(eval_step, variables: Any, eval_data: Iterable[dict],
     {'top1', 'top5': fractions in [0, 1], 'num_examples': int}.
   """
   variables = jax.device_put(variables, sharding.replicated(mesh))
-  totals = None
+  totals = dict(correct1=0, correct5=0, count=0)
+  pending = None  # Fetch batch i's counts while batch i + 1 runs.
   for batch in eval_data:
     counts = eval_step(variables, knn.as_global(batch, mesh))
-    totals = counts if totals is None else jax.tree.map(jnp.add, totals,
-                                                        counts)
-  if totals is None:
+    if pending is not None:
+      for k, v in pending.items():
+        totals[k] += int(knn.to_host(v))
+    pending = counts
+  if pending is None:
     raise ValueError("evaluate: the evaluation data is empty.")
-  totals = {k: int(knn.to_host(v)) for k, v in totals.items()}
+  for k, v in pending.items():
+    totals[k] += int(knn.to_host(v))
   n = max(totals["count"], 1)
   return dict(top1=totals["correct1"] / n, top5=totals["correct5"] / n,
               num_examples=totals["count"])
