@@ -107,6 +107,15 @@ def run(workdir: str, checkpoint_path: str | None = None,
   start = time.time()
   if not workdir:
     raise ConfigError("Give --workdir=DIR (the pretraining run's workdir).")
+  n = jax.device_count()
+  for name, value in (("batch_size", batch_size),
+                      ("eval_batch_size", eval_batch_size)):
+    if value is not None and (value <= 0 or value % n):
+      raise ConfigError(f"--{name}={value} must be a positive multiple of "
+                        f"the {n} devices.")
+  if steps <= 0 and not epochs > 0:
+    raise ConfigError(f"--epochs={epochs}: give a positive number of epochs "
+                      "(or --steps).")
   path = checkpoint_path or workdir
   if not _is_remote(path) and not epath.Path(path).exists():
     raise ConfigError(f"No checkpoint at {path}: the directory does not "

@@ -281,6 +281,8 @@ def test_cli_linear_eval_of_a_random_checkpoint(tiny_encoder, tmp_path):
   ckpt.close()
   with pytest.raises(cli.ConfigError, match="does not exist"):
     cli.run(str(tmp_path), steps=2, batch_size=64)
+  with pytest.raises(cli.ConfigError, match="multiple of the 8 devices"):
+    cli.run(str(tmp_path), steps=2, batch_size=12)
   summary = cli.run(str(tmp_path), epochs=8, batch_size=64, base_lr=0.5,
                     eval_batch_size=128, data_path=data_path)
   written = json.loads((tmp_path / "linear_eval.json").read_text())
