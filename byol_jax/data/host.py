@@ -21,6 +21,10 @@ U[crop_scale], log-uniform aspect in crop_ratio, first fitting candidate of
 10, else a centred crop), decoded with the fused `decode_and_crop_jpeg` for
 JPEGs, resized bicubically to image_size and kept uint8 (flip, colour and
 the rest run on the accelerator, `augment.py`).
+
+Threads: config.data.num_parallel_calls <= 0 lets tf.data autotune; a
+positive N sets the parallelism of the maps and caps the pipeline's private
+thread pool at N threads.
 """
 import functools
 import math
