@@ -90,6 +90,12 @@ class Checkpointer:
     """Starts an asynchronous save of `state` at `step` (no-op if it exists)."""
     if step in self._manager.all_steps():
       return
+    if jax.process_count() == 1:
+      # One blocking copy to host, then Orbax writes NumPy in the background.
+      # Device arrays cost far more on their first save (13 s vs 0.5 s for
+      # the tiny model on 8 CPU devices); a multi-host state is not fully
+      # addressable from one process and is saved as it is.
+      state = jax.device_get(state)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(self._config_json)), force=True)

@@ -72,7 +72,8 @@ def _several_hosts_from_env() -> bool:
 
 
 def initialize_distributed(mode: str = "auto", coordinator_address=None,
-                           num_processes=None, process_id=None) -> None:
+                           num_processes=None, process_id=None,
+                           **options) -> None:
   """Joins JAX's multi-controller runtime when running on several hosts.
 
   Args:
@@ -80,6 +81,9 @@ def initialize_distributed(mode: str = "auto", coordinator_address=None,
       hosts or any explicit argument is given).
     coordinator_address, num_processes, process_id: passed through; None
       lets JAX detect them (Cloud TPU, SLURM, Open MPI, Kubernetes).
+    **options: more arguments of `jax.distributed.initialize`, e.g.
+      initialization_timeout, heartbeat_timeout_seconds (how soon the others
+      stop when a process dies), shutdown_timeout_seconds.
   """
   explicit = coordinator_address is not None or num_processes is not None
   if mode == "no" or (mode == "auto" and not explicit and
@@ -89,10 +93,30 @@ def initialize_distributed(mode: str = "auto", coordinator_address=None,
                                   num_processes=num_processes,
                                   process_id=process_id).items()
             if v is not None}
-  jax.distributed.initialize(**kwargs)
+  jax.distributed.initialize(**kwargs, **options)
   logging.info("Process %d of %d; %d local and %d global devices.",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+  if jax.process_count() > 1 and jax.default_backend() == "cpu":
+    _connect_cpu_collectives()
+
+
+def _connect_cpu_collectives() -> None:
+  """Connects the processes' CPU collectives (gloo) now, while in step.
+
+  Gloo connects the processes at their first collective over all devices
+  and gives up if one arrives more than 30 s after another: on a loaded
+  machine one process can finish compiling the train step that much later.
+  Once connected, collectives wait for the slowest process.
+  """
+  mesh = sharding.make_mesh()
+  ones = jax.make_array_from_process_local_data(
+      sharding.batch_sharding(mesh),
+      np.ones((jax.local_device_count(),), np.int32))
+  total = jax.jit(jnp.sum, out_shardings=sharding.replicated(mesh))(ones)
+  if int(total) != jax.device_count():
+    raise RuntimeError(f"CPU collectives: {int(total)} devices answered, not "
+                       f"{jax.device_count()}.")
 
 
 # ---------------------------------------------------------------------------
@@ -141,10 +165,11 @@ def evaluate(config, model, state, mesh) -> dict[str, float]:
     acc = online.classifier_accuracy(config, model, variables, mesh)
     results.update({f"eval/online_{k}": v for k, v in acc.items()})
   if config.knn.enabled:
-    def encoder_apply(images):
-      return model.apply(variables, images, train=False,
-                         method=model.represent)
-    acc = knn.knn_accuracy(config, encoder_apply, mesh)
+    # Variables go in as an argument, not a closure: no recompilation per
+    # evaluation and no weights baked into the program as constants.
+    def encoder_apply(v, images):
+      return model.apply(v, images, train=False, method=model.represent)
+    acc = knn.knn_accuracy(config, encoder_apply, mesh, variables)
     results.update({f"eval/knn_{k}": v for k, v in acc.items()})
   return results
 
@@ -238,11 +263,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   writer = metric_writer.MetricWriter(workdir)
   final: dict[str, Any] = {}
   last_log_time, last_log_step = time.monotonic(), step
-  metrics = None
+  metrics = previous = None
   with _Preemption() as preemption:
     while step < total_steps:
       state, metrics = train_step(state, pretrain.batch(step))
       step += 1
+      # Run at most one step ahead of the devices: enough to keep them busy,
+      # and XLA:CPU's simulated devices can deadlock with deep queues.
+      if previous is not None:
+        jax.block_until_ready(previous)
+      previous = metrics
       logged = step % config.log_every_steps == 0 or step == total_steps
       if logged:
         host = _checked(jax.device_get(metrics), step)

@@ -65,7 +65,9 @@ def create(config: ml_collections.ConfigDict, model: network.Network,
                       batch_stats=variables["batch_stats"], target=target,
                       opt_state=tx.init(variables["params"]))
 
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), -1 % 2**31)
+  # The 'rbg' generator compiles a ResNet's init far faster than threefry
+  # (seconds instead of tens of seconds on CPU); init needs no more.
+  key = jax.random.key(config.seed, impl="rbg")
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(key)
 
 
