@@ -44,9 +44,7 @@ def embedding_std(z: jax.Array) -> jax.Array:
 
   About 1/sqrt(P) for projections spread over the sphere, 0 when collapsed.
   """
-  z = z.astype(jnp.float32)
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-  return jnp.mean(jnp.std(z, axis=0))
+  return jnp.mean(jnp.std(network.l2_normalize(z), axis=0))
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: network.Network,

@@ -36,8 +36,8 @@ def get_config(arg=None):
     c.predictor.hidden_dim = 16
     c.predictor.output_dim = 64
     c.optimizer.name = "sgd"
-    c.optimizer.base_lr = 0.05
-    c.optimizer.weight_decay = 1e-4
+    c.optimizer.base_lr = 0.5   # solo-learn's CIFAR value
+    c.optimizer.weight_decay = 1e-5
     c.optimizer.fixed_lr_predictor = True
   elif arg.method == "simclr":
     c.projector.num_layers = 3

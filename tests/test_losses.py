@@ -114,3 +114,14 @@ def test_nt_xent_same_on_8_devices_and_1():
   assert abs(float(values[1]) - shard_mean) > 1e-3
   np.testing.assert_allclose(values[1], _nt_xent_numpy(
       np.asarray(z1), np.asarray(z2), 0.2), rtol=1e-5)
+
+
+def test_losses_have_finite_gradients_at_a_zero_row():
+  """A ReLU layer can output an all-zero row; its gradient must stay finite."""
+  p = _rand(0, (4, 8)).at[1].set(0.0)
+  z = _rand(1, (4, 8))
+  for loss in (lambda p: byol.symmetric_loss(p, p, z, z),
+               lambda p: simsiam.symmetric_loss(p, p, z, z),
+               lambda p: simclr.nt_xent(p, z, 0.5)):
+    g = jax.grad(loss)(p)
+    assert np.isfinite(np.asarray(g)).all()

@@ -38,10 +38,7 @@ def regression_loss(p: jax.Array, z: jax.Array) -> jax.Array:
   Returns:
     The loss of each example [B], in [0, 4].
   """
-  p = p.astype(jnp.float32)
-  z = z.astype(jnp.float32)
-  p = p / jnp.maximum(jnp.linalg.norm(p, axis=-1, keepdims=True), 1e-12)
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  p, z = network.l2_normalize(p), network.l2_normalize(z)
   return 2.0 - 2.0 * jnp.sum(p * z, axis=-1)
 
 

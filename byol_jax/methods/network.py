@@ -69,6 +69,18 @@ def head_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
               bn_epsilon=config.model.bn_epsilon)
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / |x| along the last axis, in float32, with a finite gradient at 0.
+
+  rsqrt(max(|x|^2, eps^2)) instead of x / max(|x|, eps): the gradient of the
+  norm is 0/0 for an all-zero row (a ReLU layer can output one), and a single
+  NaN gradient poisons the whole network.
+  """
+  x = x.astype(jnp.float32)
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
 def split_target(variables: dict) -> dict:
   """The encoder and projector subtrees of `variables`: a target network."""
   return {col: {k: v for k, v in tree.items() if k in ("encoder", "projector")}

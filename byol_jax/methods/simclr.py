@@ -38,8 +38,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
   Returns:
     mean over the 2N views of -log(exp(s_ij/tau) / sum_{k != i} exp(s_ik/tau)).
   """
-  z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)   # [2N, P]
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  z = network.l2_normalize(jnp.concatenate([z1, z2], axis=0))  # [2N, P]
   n = z1.shape[0]
   logits = z @ z.T / temperature                                 # [2N, 2N]
   # Mask self-similarity out of the softmax with a large negative number.

@@ -30,10 +30,8 @@ def make_network(config: ml_collections.ConfigDict) -> network.Network:
 
 def negative_cosine(p: jax.Array, z: jax.Array) -> jax.Array:
   """-cos(p, sg(z)) per row [B]; the gradient never reaches z."""
-  z = jax.lax.stop_gradient(z).astype(jnp.float32)
-  p = p.astype(jnp.float32)
-  p = p / jnp.maximum(jnp.linalg.norm(p, axis=-1, keepdims=True), 1e-12)
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  p = network.l2_normalize(p)
+  z = network.l2_normalize(jax.lax.stop_gradient(z))
   return -jnp.sum(p * z, axis=-1)
 
 
