@@ -1,0 +1,209 @@
+r"""One process of the multi-host test (tests/test_multihost.py launches it).
+
+  python tests/multihost_worker.py --workdir=DIR --npz=cifar10_small.npz \
+      --out=DIR/p0.npz [--num_processes=2 --process_id=0 \
+      --coordinator_address=localhost:PORT]
+
+With --num_processes > 1 it joins the job through
+`train.initialize_distributed` (CPU collectives: gloo), with short
+initialization and heartbeat timeouts so that it exits by itself when
+another process dies. It then runs `train.train_and_evaluate` on the tiny
+config with the host (tf.data) pipeline, where every process reads only its
+share of each global batch, while recording a host copy of each state it
+saves. After training, still inside the job, it restores every checkpoint
+(the newest through `checkpoint.Checkpointer.restore`) and asserts that it
+equals the state that was saved. It writes the saved states to --out
+({'<step>/<leaf path>': array}) for the test to compare across processes
+and with a one-process run.
+
+Any error ends the process at once (os._exit), non-zero, so that it never
+waits on a job that cannot finish. --exit_after=init|step makes the process
+die on purpose (the test that the others then stop by themselves).
+"""
+import argparse
+import importlib.util
+import os
+import pathlib
+import sys
+import time
+import traceback
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Exit codes the test tells apart.
+EXIT_ON_PURPOSE = 17
+EXIT_ERROR = 1
+_START = time.monotonic()
+
+
+def _log(msg: str) -> None:
+  print(f"[{time.monotonic() - _START:6.1f}s] {msg}", flush=True)
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser()
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--npz", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--steps", type=int, default=2)
+  p.add_argument("--checkpoint_every", type=int, default=1)
+  p.add_argument("--coordinator_address", default=None)
+  p.add_argument("--num_processes", type=int, default=1)
+  p.add_argument("--process_id", type=int, default=0)
+  p.add_argument("--heartbeat_timeout", type=int, default=10)
+  p.add_argument("--init_timeout", type=int, default=60)
+  p.add_argument("--shutdown_timeout", type=int, default=30)
+  p.add_argument("--exit_after", choices=["init", "step"], default=None)
+  return p.parse_args(argv)
+
+
+def tiny_config(npz: str, steps: int, checkpoint_every: int):
+  """configs/tiny.py, narrowed as in tests/test_train.py, host pipeline."""
+  spec = importlib.util.spec_from_file_location("tiny_config",
+                                                REPO / "configs" / "tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(f"path={npz},batch=16,steps={steps}")
+  c.model.num_filters = 4
+  c.projector.hidden_dim = 32
+  c.predictor.hidden_dim = 32
+  c.knn.enabled = False
+  c.data.on_device = False  # tf.data: each process reads its own share.
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = checkpoint_every
+  c.checkpoint_every_minutes = 0
+  return c
+
+
+def _host_copy(tree):
+  """Numpy copies of a replicated state (every process holds all of it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda x: np.array(x.addressable_data(0))
+                      if isinstance(x, jax.Array) else np.array(x), tree)
+
+
+def _flat(tree) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
+
+
+def _assert_equal(saved: dict, restored: dict, what: str) -> None:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  assert saved.keys() == restored.keys(), (
+      f"{what}: leaves differ: {sorted(saved.keys() ^ restored.keys())}")
+  for k in saved:
+    a, b = saved[k], restored[k]
+    assert a.shape == b.shape and a.dtype == b.dtype, (
+        f"{what} {k}: {a.shape} {a.dtype} vs {b.shape} {b.dtype}")
+    assert np.array_equal(a, b), (
+        f"{what} {k}: max |diff| {np.max(np.abs(a - b))}")
+
+
+def run(args) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from byol_jax import train  # pylint: disable=g-import-not-at-top
+
+  _log("imported")
+  if args.num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    train.initialize_distributed(
+        "yes", args.coordinator_address, args.num_processes, args.process_id,
+        initialization_timeout=args.init_timeout,
+        heartbeat_timeout_seconds=args.heartbeat_timeout,
+        shutdown_timeout_seconds=args.shutdown_timeout)
+    assert jax.process_count() == args.num_processes
+    assert jax.process_index() == args.process_id
+  _log(f"worker {jax.process_index()}/{jax.process_count()}: "
+       f"{jax.local_device_count()} local, {jax.device_count()} devices")
+  if args.exit_after == "init":
+    _log("exiting on purpose after init")
+    os._exit(EXIT_ON_PURPOSE)
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from byol_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from byol_jax import methods  # pylint: disable=g-import-not-at-top
+  from byol_jax import optim  # pylint: disable=g-import-not-at-top
+  from byol_jax import sharding  # pylint: disable=g-import-not-at-top
+  from byol_jax import train_state  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config(args.npz, args.steps, args.checkpoint_every)
+  saved = {}
+
+  class RecordingCheckpointer(checkpoint.Checkpointer):
+    """Keeps a host copy of each state it saves (the trainer's own saves)."""
+
+    def save(self, step, state):
+      if args.exit_after == "step":
+        _log(f"exiting on purpose at the save of step {step}")
+        os._exit(EXIT_ON_PURPOSE)
+      saved[step] = _flat(_host_copy(state))
+      super().save(step, state)
+      _log(f"checkpoint of step {step} started")
+
+  checkpoint.Checkpointer = RecordingCheckpointer  # train.py looks it up here.
+  _log("training")
+  try:
+    final = train.train_and_evaluate(config, args.workdir)
+  finally:
+    checkpoint.Checkpointer = RecordingCheckpointer.__mro__[1]
+  assert final["step"] == args.steps, final
+  assert sorted(saved) == list(range(args.checkpoint_every, args.steps + 1,
+                                     args.checkpoint_every)), sorted(saved)
+
+  _log("trained; restoring")
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  np.savez(args.out, **{f"{step}/{k}": v for step, leaves in saved.items()
+                        for k, v in leaves.items()})
+  # Restore, still inside the job: every process reads its part.
+  mesh = sharding.make_mesh()
+  method = methods.get(config.method)
+  model = method.make_network(config)
+  tx, _ = optim.build_optimizer(config, args.steps, args.steps)
+  abstract = train_state.abstract(config, model, tx, mesh, method.HAS_TARGET)
+  ckpt = checkpoint.Checkpointer(args.workdir, config)
+  assert ckpt.latest_step() == args.steps, ckpt.latest_step()
+  restored = ckpt.restore(abstract)
+  assert restored is not None, "no checkpoint restored"
+  if jax.process_count() > 1:  # Global arrays, replicated like the saved.
+    for leaf in jax.tree.leaves(restored):
+      assert isinstance(leaf, jax.Array), type(leaf)
+      assert leaf.sharding.is_equivalent_to(sharding.replicated(mesh),
+                                            leaf.ndim), leaf.sharding
+  _assert_equal(saved[args.steps], _flat(_host_copy(restored)),
+                f"restored step {args.steps}")
+  ckpt.close()
+  # The earlier (mid-run) checkpoints, through Orbax directly.
+  manager = ocp.CheckpointManager(checkpoint.as_path(args.workdir) /
+                                  "checkpoints", item_names=("state", "config"))
+  kept = sorted(manager.all_steps())
+  assert kept == sorted(saved)[-config.keep_checkpoints:], (kept, sorted(saved))
+  for step in kept[:-1]:
+    got = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    _assert_equal(saved[step], _flat(_host_copy(got.state)),
+                  f"restored step {step}")
+  manager.close()
+  _log(f"worker {jax.process_index()}: restored steps {kept} equal the saved "
+       "states")
+
+  _log(f"worker {jax.process_index()}: done")
+
+
+def main(argv=None) -> None:
+  args = _parse(sys.argv[1:] if argv is None else argv)
+  try:
+    run(args)
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # No atexit (jax.distributed.shutdown would wait for the others).
+    os._exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+  main()
