@@ -127,7 +127,9 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
-        return restored.state
+        # States saved from host copies come back as NumPy: place them.
+        return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding),
+                            restored.state, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Checkpoint at step %d is damaged (%s: %s); falling "
                         "back to an older one.", step, type(e).__name__,

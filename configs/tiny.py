@@ -33,7 +33,7 @@ def get_config(arg=None):
   if arg.method == "simsiam":
     c.projector.num_layers = 3
     c.projector.output_dim = 64
-    c.predictor.hidden_dim = 16
+    c.predictor.hidden_dim = 32
     c.predictor.output_dim = 64
     c.optimizer.name = "sgd"
     c.optimizer.base_lr = 0.5   # solo-learn's CIFAR value

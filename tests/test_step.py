@@ -127,7 +127,7 @@ def test_step_traced_once_and_state_donated(cifar_npz):
 # Loss at the start vs the end: BYOL's 2-2cos sum falls by a factor, SimSiam's
 # -cos and SimCLR's NT-Xent (log(2N - 1) at chance) fall by a margin.
 LEARNS = {
-    "byol": lambda first, last: last < 0.6 * first,
+    "byol": lambda first, last: last < 0.7 * first,
     "simsiam": lambda first, last: last < first - 0.2,
     "simclr": lambda first, last: last < first - 0.5,
 }
@@ -139,8 +139,8 @@ def test_learns_on_real_cifar_without_collapse(cifar_npz, method):
   config = tiny_config(cifar_npz, method, batch=64)
   config.model.num_filters = 8
   config.projector.hidden_dim = 128
-  if method != "simsiam":
-    config.predictor.hidden_dim = 128
+  # SimSiam's bottleneck predictor (a quarter of its 64-d output here).
+  config.predictor.hidden_dim = 128 if method != "simsiam" else 32
   config.total_steps = 300 if method == "byol" else 200
   mesh = sharding.make_mesh(jax.devices()[:1])
   pretrain = data.build_pretrain(config, mesh)

@@ -178,6 +178,9 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, cifar_npz):
       f.write_bytes(b"garbage")
   restored = ckpt.restore(train_state.abstract(config, model, tx, mesh, True))
   assert int(restored.step) == 0  # step 1 held the initial state
+  leaf = jax.tree.leaves(restored.params)[0]
+  assert isinstance(leaf, jax.Array) and leaf.sharding.is_fully_replicated
+  assert len(leaf.sharding.device_set) == len(jax.devices())
   assert steps_on_disk(tmp_path) == [1]
   assert list((tmp_path / "checkpoints_damaged").iterdir())
   chex.assert_trees_all_close(jax.device_get(restored.params),
