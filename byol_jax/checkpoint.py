@@ -126,15 +126,16 @@ class Checkpointer:
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-        # States saved from host copies come back as NumPy: place them.
-        return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding),
-                            restored.state, abstract_state)
+            state=ocp.args.StandardRestore(abstract_state))).state
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Checkpoint at step %d is damaged (%s: %s); falling "
                         "back to an older one.", step, type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "")
         self._quarantine(step)
+        continue
+      # States saved from host copies come back on one device: place them
+      # as the abstract state says (replicated over the mesh).
+      return jax.tree.map(_place, restored, abstract_state)
     return None
 
   def _quarantine(self, step: int) -> None:
@@ -148,6 +149,18 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"quarantine_{step}")
     self._manager.reload()
+
+
+def _place(x, abstract):
+  """`x` with the sharding of `abstract`, moving it only where needed."""
+  sharding = getattr(abstract, "sharding", None)
+  if sharding is None:
+    return x
+  if isinstance(x, jax.Array):
+    if (not x.is_fully_addressable or
+        x.sharding.is_equivalent_to(sharding, x.ndim)):
+      return x
+  return jax.device_put(x, sharding)
 
 
 # ----------------------------------------------------------- loading ------

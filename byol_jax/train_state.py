@@ -73,4 +73,7 @@ def create(config: ml_collections.ConfigDict, model: network.Network,
 
 def abstract(config, model, tx, mesh, has_target) -> TrainState:
   """Shapes, dtypes and shardings of the state, without allocating it."""
-  return jax.eval_shape(lambda: create(config, model, tx, mesh, has_target))
+  shapes = jax.eval_shape(lambda: create(config, model, tx, mesh, has_target))
+  rep = sharding.replicated(mesh)
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
