@@ -104,15 +104,17 @@ def check_load_encoder(workdir, method):
   np.testing.assert_array_equal(np.asarray(features), np.asarray(expected))
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path, cifar_npz):
+@pytest.mark.parametrize("method", ["byol", "simsiam", "simclr"])
+def test_kill_and_resume_matches_uninterrupted(tmp_path, cifar_npz, method):
   n2 = 40
+  arg = f"steps={n2},method={method}"
   ref = tmp_path / "ref"
-  run_train(ref, cifar_npz, f"steps={n2}", "--config.checkpoint_every_steps=10",
+  run_train(ref, cifar_npz, arg, "--config.checkpoint_every_steps=10",
             devices=2)
   # Same run, killed with SIGKILL once a checkpoint is on disk, then resumed.
   killed = tmp_path / "killed"
   proc = subprocess.Popen(
-      _train_cmd(killed, cifar_npz, f"steps={n2}",
+      _train_cmd(killed, cifar_npz, arg,
                  "--config.checkpoint_every_steps=10"),
       cwd=REPO, env=_env(2), stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL)
@@ -125,7 +127,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, cifar_npz):
   proc.wait()
   saved = steps_on_disk(killed)
   assert saved and saved[-1] < n2, f"kill came too late: {saved}"
-  run_train(killed, cifar_npz, f"steps={n2}",
+  run_train(killed, cifar_npz, arg,
             "--config.checkpoint_every_steps=10", devices=2)
   (a, sa), (b, sb) = final_params(ref), final_params(killed)
   assert sa == sb == n2
