@@ -58,6 +58,21 @@ def view_augment(*, flip=0.5, color_jitter=0.8, brightness=0.4, contrast=0.4,
               grayscale=grayscale, blur=blur, solarize=solarize)
 
 
+def set_cifar10_data(c: ml_collections.ConfigDict, source: str,
+                     path: str) -> None:
+  """CIFAR-10 at 32 px, kept on the accelerators, with the kNN monitor on.
+
+  Args:
+    c: the config to update in place.
+    source: 'tfds', 'folder', 'npz' or 'arrays'.
+    path: the folder or file for the non-TFDS sources.
+  """
+  c.data.update(dict(source=source, name="cifar10", path=path,
+                     train_split="train", eval_split="test", num_classes=10,
+                     image_size=32, eval_crop_fraction=1.0, on_device=True))
+  c.knn.enabled = True
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field the trainer reads, with BYOL's defaults."""
   c = ml_collections.ConfigDict()

@@ -26,19 +26,10 @@ def get_config(arg=None):
   c.optimizer.base_lr = 1.0
   c.optimizer.weight_decay = 1e-5
   c.tau_base = 0.99
-  c.data.source = arg.source
-  c.data.name = "cifar10"
-  c.data.path = arg.path
-  c.data.train_split = "train"
-  c.data.eval_split = "test"
-  c.data.num_classes = 10
-  c.data.image_size = 32
-  c.data.eval_crop_fraction = 1.0
-  c.data.on_device = True
+  config_lib.set_cifar10_data(c, arg.source, arg.path)
   # Blur off for 32 px images; solarize only in T'.
   c.augment.view1 = config_lib.view_augment(blur=0.0, solarize=0.0)
   c.augment.view2 = config_lib.view_augment(blur=0.0, solarize=0.2)
-  c.knn.enabled = True
   c.eval_every_steps = 5000
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000

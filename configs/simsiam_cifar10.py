@@ -27,19 +27,11 @@ def get_config(arg=None):
   c.optimizer.base_lr = 0.5
   c.optimizer.weight_decay = 1e-5
   c.optimizer.fixed_lr_predictor = True
-  c.data.source = arg.source
-  c.data.name = "cifar10"
-  c.data.path = arg.path
-  c.data.eval_split = "test"
-  c.data.num_classes = 10
-  c.data.image_size = 32
-  c.data.eval_crop_fraction = 1.0
-  c.data.on_device = True
+  config_lib.set_cifar10_data(c, arg.source, arg.path)
   view = config_lib.view_augment(brightness=0.4, contrast=0.4, saturation=0.2,
                                  hue=0.1, blur=0.0, solarize=0.0)
   c.augment.view1 = view
   c.augment.view2 = dict(view)
-  c.knn.enabled = True
   c.eval_every_steps = 5000
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
