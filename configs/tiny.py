@@ -1,7 +1,8 @@
 r"""A tiny run for CPUs, tests and the README smoke run (about a minute).
 
 Narrow ResNet-18 (8 base filters), small heads, 32 px CIFAR-10 images from
-the packed subset in ../shared/datasets, on-device data path.
+the packed subset in ../shared/datasets, on-device data path, and milder
+augmentations than the paper's (they suit runs of a few hundred steps).
 
   python -m byol_jax.train --config=configs/tiny.py --workdir=/tmp/tiny
   python -m byol_jax.train --config=configs/tiny.py:method=simclr ...
@@ -48,8 +49,15 @@ def get_config(arg=None):
     c.optimizer.weight_decay = 1e-5
   c.tau_base = 0.99
   config_lib.set_cifar10_data(c, arg.source, arg.path)
-  c.augment.view1 = config_lib.view_augment(blur=0.0, solarize=0.0)
-  c.augment.view2 = config_lib.view_augment(blur=0.0, solarize=0.2)
+  # Half-strength colour jitter and crops of at least 20% of the image: in a
+  # few hundred CPU steps the full recipe (crops from 8%, jitter 0.4/0.4/0.2/
+  # 0.1) leaves BYOL's features below a random encoder's in a 10-epoch linear
+  # probe (measured: 23.3% vs 25.3% after 300 steps of batch 64); with these,
+  # 29.4% vs 26.4% (tests/test_train.py).
+  c.data.crop_scale = (0.2, 1.0)
+  jitter = dict(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.05)
+  c.augment.view1 = config_lib.view_augment(blur=0.0, solarize=0.0, **jitter)
+  c.augment.view2 = config_lib.view_augment(blur=0.0, solarize=0.2, **jitter)
   c.knn.k = 20
   c.eval_every_steps = 0
   c.log_every_steps = 10

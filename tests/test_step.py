@@ -125,16 +125,15 @@ def test_step_traced_once_and_state_donated(cifar_npz):
   assert state.target is not None
 
 
-# Loss at the start vs the end: BYOL's 2-2cos sum falls by a factor, SimSiam's
-# -cos and SimCLR's NT-Xent (log(2N - 1) at chance) fall by a margin.
+# Loss at the start vs the end: SimSiam's -cos falls by a margin.
 LEARNS = {
-    "byol": lambda first, last: last < 0.7 * first,
     "simsiam": lambda first, last: last < first - 0.2,
-    "simclr": lambda first, last: last < first - 0.5,
 }
 
 
-@pytest.mark.parametrize("method", ["byol", "simsiam", "simclr"])
+# BYOL and SimCLR: tests/test_train.py trains them with the CLI and checks the
+# same (loss down, no collapse) before their linear evaluation.
+@pytest.mark.parametrize("method", ["simsiam"])
 def test_learns_on_real_cifar_without_collapse(cifar_npz, method):
   """A narrow ResNet-18 on 5,000 real CIFAR-10 images, a few hundred steps."""
   config = tiny_config(cifar_npz, method, batch=64)
@@ -142,7 +141,7 @@ def test_learns_on_real_cifar_without_collapse(cifar_npz, method):
   config.projector.hidden_dim = 128
   # SimSiam's bottleneck predictor (a quarter of its 64-d output here).
   config.predictor.hidden_dim = 128 if method != "simsiam" else 32
-  config.total_steps = 300 if method == "byol" else 200
+  config.total_steps = 200
   mesh = sharding.make_mesh(jax.devices()[:1])
   pretrain = data.build_pretrain(config, mesh)
   state, fn = build(config, mesh, total_steps=config.total_steps)
