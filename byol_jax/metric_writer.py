@@ -1,10 +1,14 @@
 """Scalars to stdout, WORKDIR/metrics.jsonl and TensorBoard event files.
 
-Only process 0 writes. TensorBoard needs TensorFlow (`pip install
-byol_jax[tf]`); without it the JSON-lines file is still written.
+Only process 0 writes. Event files are written with the `tensorboard`
+package's protos and record framing, without TensorFlow (importing it costs
+seconds at every start, and GPU images often lack it); without `tensorboard`
+(`pip install byol_jax[tf]`) the JSON-lines file is still written.
 """
 import json
 import os
+import socket
+import time
 from typing import Mapping
 
 import jax
@@ -26,13 +30,10 @@ class MetricWriter:
     path.mkdir(parents=True, exist_ok=True)
     self._jsonl = (path / "metrics.jsonl").open("a")
     try:
-      import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tf = tf
-      self._tb = tf.summary.create_file_writer(workdir)
+      self._tb = _EventFile(path)
     except ImportError:
-      logging.warning("TensorFlow or TensorBoard is not installed: no event "
-                      "files, metrics go to metrics.jsonl only.")
+      logging.warning("TensorBoard is not installed: no event files, metrics "
+                      "go to metrics.jsonl only.")
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     """Records `metrics` at `step` (floats)."""
@@ -43,13 +44,42 @@ class MetricWriter:
                       + "\n")
     self._jsonl.flush()
     if self._tb is not None:
-      with self._tb.as_default():
-        for k, v in metrics.items():
-          self._tf.summary.scalar(k, float(v), step=int(step))
-      self._tb.flush()
+      self._tb.write_scalars(step, metrics)
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+class _EventFile:
+  """One TensorBoard event file of scalar summaries (simple_value)."""
+
+  def __init__(self, path: epath.Path):
+    # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.summary.writer import record_writer
+    # pylint: enable=g-import-not-at-top
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    # TensorBoard's own naming; the pid keeps restarts in separate files.
+    name = (f"events.out.tfevents.{int(time.time()):010d}."
+            f"{socket.gethostname()}.{os.getpid()}.0")
+    self._writer = record_writer.RecordWriter((path / name).open("wb"))
+    self._write(self._event_pb2.Event(wall_time=time.time(),
+                                      file_version="brain.Event:2"))
+
+  def _write(self, event) -> None:
+    self._writer.write(event.SerializeToString())
+    self._writer.flush()
+
+  def write_scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+    values = [self._summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+              for k, v in metrics.items()]
+    self._write(self._event_pb2.Event(
+        wall_time=time.time(), step=int(step),
+        summary=self._summary_pb2.Summary(value=values)))
+
+  def close(self) -> None:
+    self._writer.close()
