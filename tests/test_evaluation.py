@@ -7,7 +7,6 @@ import pathlib
 import subprocess
 import sys
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
