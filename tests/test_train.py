@@ -277,8 +277,7 @@ def test_pretraining_beats_a_random_encoder_in_linear_eval(tmp_path, cifar_npz,
 
   learned, baseline = top1(trained), top1(random)
   print(f"{method}: linear top-1 {learned:.3f} after {LEARN_STEPS[method]} "
-        f"steps vs "
-        f"{baseline:.3f} at initialisation")
+        f"steps vs {baseline:.3f} at initialisation")
   assert 0.15 < baseline
   assert learned > baseline + 0.015, (learned, baseline)
   assert json.loads((trained / "linear_eval.json").read_text())["top1"] == (
