@@ -1,30 +1,61 @@
-"""Orbax checkpoints of the train state, and loading the pretrained encoder.
+"""Orbax checkpoints of the train state: when to save, saving, restoring.
 
-Layout: WORKDIR/checkpoints/<step>/{state, config}. `state` is the whole
-`TrainState` pytree; `config` is the run's resolved config as JSON, so a
-checkpoint is self-contained: `load_encoder(path)` needs nothing else.
+Layout: WORKDIR/checkpoints/<step>/{state, config, checksums}. `state` is the
+whole `TrainState` pytree; `config` is the run's resolved config as JSON (a
+checkpoint is self-contained: `load_encoder` needs nothing else); `checksums`
+holds one 32-bit sum per leaf, computed on the devices at save time and
+verified after every restore, so that flipped bytes that still decode are
+caught.
 
-Saves are asynchronous (training goes on while the files are written), keep
-the last K, and a damaged newest checkpoint is moved aside to
-WORKDIR/checkpoints_damaged/ (never deleted) and the previous one restored.
+- When: Orbax's save-decision policies, which touch no device: a fixed step
+  interval, a minimum time interval (decided by process 0 at log steps and
+  shared through the coordination service) and preemption (SIGTERM, or
+  JAX's preemption sync point on several processes).
+- Saving is asynchronous and atomic (a step appears only when complete). A
+  save that failed in the background is reported at the next log step or
+  save (`check_for_errors`), as `StorageError`.
+- Restoring places every array as the restoring run needs (any number of
+  processes and devices). Only real damage (unreadable, truncated or missing
+  files, or a checksum that does not match) moves a checkpoint to
+  WORKDIR/checkpoints_damaged/; other errors are retried and then stop the
+  run, moving nothing.
 """
+import dataclasses
+import datetime
 import json
 import os
+import signal
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as policies
 
 from byol_jax.errors import ConfigError
 
-_ITEMS = ("state", "config")
+ITEMS = ("state", "config", "checksums")
+_RESTORE_ATTEMPTS = 3
+_RETRY_SECONDS = 2.0
+# Words of errors that mean the bytes on disk are bad, not the storage.
+_DAMAGE_WORDS = ("DATA_LOSS", "NOT_FOUND", "No such file", "not found",
+                 "corrupt", "truncat", "decod", "Unexpected end",
+                 "unexpected end", "checksum", "Invalid", "invalid",
+                 "Error reading", "Error opening", "parse", "Expecting value")
+
+
+class StorageError(RuntimeError):
+  """Checkpoints cannot be written or read; the run stops (one line)."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint's files or contents are bad (it is quarantined)."""
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
@@ -47,108 +78,306 @@ def config_from_json(d: dict) -> ml_collections.ConfigDict:
   return config
 
 
-class Checkpointer:
-  """Periodic asynchronous saves, keep-last-K, resume with fallback.
+# ------------------------------------------------------------ checksums ----
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of an array as uint32 words [n] (any dtype of 8 to 64 bits)."""
+  if x.dtype == jnp.bool_:
+    return x.reshape(-1).astype(jnp.uint32)
+  bits = jnp.dtype(x.dtype).itemsize * 8
+  if bits == 64:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  as_uint = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits]
+  return jax.lax.bitcast_convert_type(x, as_uint).reshape(-1).astype(
+      jnp.uint32)
 
-  Every process must create it and call `save`/`restore` (Orbax coordinates
-  the writes of a multi-host run).
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """A position-weighted sum of the words, modulo 2^32.
+
+  Integer sums modulo 2^32 do not depend on the order of the reduction, so
+  the value is the same on any device layout; a flipped bit changes it, and
+  the position weights catch swapped words.
+  """
+  w = _words(x)
+  pos = jnp.arange(w.shape[0], dtype=jnp.uint32)
+  return jnp.sum(w * (pos * jnp.uint32(2654435761) + jnp.uint32(1)),
+                 dtype=jnp.uint32)
+
+
+_checksums_fn = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def checksums(state: Any) -> dict[str, int]:
+  """{leaf path: uint32 checksum} of a pytree of arrays (computed on device)."""
+  sums = jax.device_get(_checksums_fn(state))
+  leaves, _ = jax.tree_util.tree_flatten_with_path(sums)
+  return {jax.tree_util.keystr(p): int(np.asarray(v)) for p, v in leaves}
+
+
+# ------------------------------------------------------- save decisions ----
+@dataclasses.dataclass
+class _AtSteps(policies.SaveDecisionPolicy):
+  """Asks `inner` only at multiples of `every` (where the loop syncs anyway).
+
+  The minimum-time policy decides on process 0 and shares the answer through
+  the coordination service, a host round trip: at log steps it costs nothing
+  extra. Before the first checkpoint, time counts from `start`.
+  """
+  inner: policies.SaveDecisionPolicy
+  every: int
+  start: policies.PolicyCheckpointInfo
+
+  def should_save(self, step, previous_steps, *, context) -> bool:
+    if step.step % self.every:
+      return False
+    return self.inner.should_save(step, list(previous_steps) or [self.start],
+                                  context=context)
+
+
+@dataclasses.dataclass
+class _Preemption(policies.SaveDecisionPolicy):
+  """Saves at preemption and remembers it: SIGTERM (one process) or JAX's
+  preemption sync point (several processes; Orbax passes it in `context`)."""
+  requested: bool = False   # Set by the SIGTERM handler.
+  reached: bool = False
+
+  def should_save(self, step, previous_steps, *, context) -> bool:
+    del step, previous_steps
+    self.reached = self.reached or context.reached_preemption or (
+        self.requested and jax.process_count() == 1)
+    return self.reached
+
+
+# ----------------------------------------------------------- the manager ----
+class Checkpointer:
+  """Decides, saves and restores the train state of one run.
+
+  Every process creates it and calls the same methods in the same order
+  (Orbax coordinates the writes of a multi-host run).
   """
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
+               start_step: int = 0, read_only: bool = False):
     """Opens (or creates) WORKDIR/checkpoints.
 
     Args:
       workdir: the run's directory (local path or a bucket).
       config: reads keep_checkpoints, checkpoint_every_steps,
-        checkpoint_every_minutes; saved beside every state.
+        checkpoint_every_minutes and log_every_steps; saved beside every
+        state.
+      start_step: the step the run starts from (time-based saves count from
+        now and this step until the first checkpoint).
+      read_only: open existing checkpoints for reading only.
     """
     self.directory = as_path(workdir) / "checkpoints"
     self._config_json = config_to_json(config)
-    self._every_steps = config.checkpoint_every_steps
-    self._every_seconds = 60.0 * config.checkpoint_every_minutes
-    self._last_save_time = time.monotonic()
+    self._preemption = _Preemption()
+    rules: list[policies.SaveDecisionPolicy] = [self._preemption]
+    if config.checkpoint_every_steps > 0:
+      rules.append(policies.FixedIntervalPolicy(
+          int(config.checkpoint_every_steps)))
+    if config.checkpoint_every_minutes > 0:
+      start = policies.PolicyCheckpointInfo(
+          step=start_step, time=datetime.datetime.now(datetime.timezone.utc),
+          metrics=None)
+      rules.append(_AtSteps(
+          policies.ContinuousCheckpointingPolicy(
+              minimum_interval_secs=int(60 * config.checkpoint_every_minutes)),
+          every=max(int(config.log_every_steps), 1), start=start))
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_checkpoints, create=True,
-            enable_async_checkpointing=True),
-        item_names=_ITEMS)
+            max_to_keep=config.keep_checkpoints, create=not read_only,
+            read_only=read_only, enable_async_checkpointing=True,
+            save_decision_policy=policies.AnySavePolicy(rules)),
+        item_names=ITEMS)
+    self._previous_sigterm = None
 
-  # ------------------------------------------------------------ saving ----
-  def due(self, step: int) -> bool:
-    """Whether a periodic save is due after `step` (same on every process)."""
-    if self._every_steps and step % self._every_steps == 0:
-      return True
-    if self._every_seconds:
-      late = time.monotonic() - self._last_save_time >= self._every_seconds
-      if jax.process_count() > 1:  # Clocks differ: process 0 decides.
-        late = bool(multihost_utils.broadcast_one_to_all(np.asarray(late)))
-      return late
-    return False
+  # ---------------------------------------------------------- preemption ----
+  def __enter__(self):
+    """Turns SIGTERM into a save at the next step (one process)."""
+    if jax.process_count() == 1:  # jax.distributed handles it on several.
+      self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._preemption.requested = True
+
+  def __exit__(self, exc_type, exc, tb):
+    if self._previous_sigterm is not None:
+      signal.signal(signal.SIGTERM, self._previous_sigterm)
+      self._previous_sigterm = None
+    try:
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if exc_type is None:
+        raise StorageError(f"Finishing the last checkpoint in "
+                           f"{self.directory} failed ({first_line(e)}).") from e
+      logging.warning("Finishing the last checkpoint failed too: %s", e)
+
+  @property
+  def preempted(self) -> bool:
+    """Whether the last `should_save` decided to save because of preemption."""
+    return self._preemption.reached
+
+  # -------------------------------------------------------------- saving ----
+  def should_save(self, step: int) -> bool:
+    """Whether to save after `step`: host-only, the same on every process."""
+    return self._manager.should_save(step)
+
+  def check_for_errors(self) -> None:
+    """Raises StorageError if a background save failed (never blocks)."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise StorageError(
+          f"Saving a checkpoint to {self.directory} failed ({first_line(e)});"
+          " check that the workdir is writable and has space, then run the "
+          "same command again to resume from the last checkpoint.") from e
 
   def save(self, step: int, state: Any) -> None:
-    """Starts an asynchronous save of `state` at `step` (no-op if it exists)."""
+    """Starts an asynchronous save of `state` at `step` (no-op if it exists).
+
+    Raises:
+      StorageError: if the previous save failed or this one cannot start.
+    """
+    self.check_for_errors()
     if step in self._manager.all_steps():
       return
+    sums = checksums(state)
     if jax.process_count() == 1:
       # One blocking copy to host, then Orbax writes NumPy in the background.
-      # Device arrays cost far more on their first save (13 s vs 0.5 s for
-      # the tiny model on 8 CPU devices); a multi-host state is not fully
-      # addressable from one process and is saved as it is.
+      # On one process device arrays cost far more on their first save; a
+      # multi-host state is not fully addressable and is saved as it is.
       state = jax.device_get(state)
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(self._config_json)), force=True)
-    self._last_save_time = time.monotonic()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          config=ocp.args.JsonSave(self._config_json),
+          checksums=ocp.args.JsonSave(sums)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise StorageError(
+          f"Cannot save checkpoint {step} to {self.directory} "
+          f"({first_line(e)}); check that the workdir is writable and has "
+          "space, then run the same command again to resume.") from e
 
   def wait(self) -> None:
-    """Blocks until every started save is on disk."""
+    """Blocks until every started save is on disk (raises StorageError)."""
     self._manager.wait_until_finished()
+    self.check_for_errors()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Finishes the save in flight (so no partial step is left) and closes."""
+    try:
+      self._manager.wait_until_finished()
+    finally:
+      self._manager.close()
 
-  # --------------------------------------------------------- restoring ----
+  # ----------------------------------------------------------- restoring ----
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def restore(self, abstract_state: Any) -> Any | None:
-    """The newest readable state, or None when there is no checkpoint.
+  def saved_config(self, step: int) -> ml_collections.ConfigDict:
+    """The config saved with checkpoint `step` (raises DamagedCheckpointError)."""
+    restored = self._with_retries(lambda: self._manager.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore())))
+    return config_from_json(restored.config)
 
-    A checkpoint that fails to restore is moved to checkpoints_damaged/ with
-    a warning and the next older one is tried, so no good checkpoint is
-    lost and the next save of that step does not collide with it.
+  def restore(self, abstract_state: Any, step: int) -> Any:
+    """Restores checkpoint `step` into the layout of `abstract_state`.
 
     Args:
       abstract_state: ShapeDtypeStructs (with shardings) of the state.
-    """
-    for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state))).state
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Checkpoint at step %d is damaged (%s: %s); falling "
-                        "back to an older one.", step, type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "")
-        self._quarantine(step)
-        continue
-      # States saved from host copies come back on one device: place them
-      # as the abstract state says (replicated over the mesh).
-      return jax.tree.map(_place, restored, abstract_state)
-    return None
+      step: the checkpoint to read.
 
-  def _quarantine(self, step: int) -> None:
+    Returns:
+      The state, each leaf placed with the sharding of `abstract_state`.
+
+    Raises:
+      DamagedCheckpointError: unreadable or inconsistent files, or contents
+        whose checksum does not match the one written at save time.
+      StorageError: the storage kept failing (nothing was moved).
+    """
+    def read():
+      return self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          checksums=ocp.args.JsonRestore()))
+    restored = self._with_retries(read)
+    # States saved from host copies come back on one device: place them as
+    # the abstract state says (replicated over the mesh).
+    state = jax.tree.map(_place, restored.state, abstract_state)
+    expected = restored.checksums
+    if expected is not None:
+      got = checksums(state)
+      bad = sorted(k for k in expected if got.get(k) != expected[k])
+      if bad or got.keys() != expected.keys():
+        raise DamagedCheckpointError(
+            f"checkpoint {step}: contents do not match the checksums written "
+            f"at save time ({len(bad)} leaves differ, e.g. {bad[:2]})")
+    return state
+
+  def _with_retries(self, fn):
+    """fn() with retries: damage raises at once, other errors stop the run."""
+    for attempt in range(_RESTORE_ATTEMPTS):
+      try:
+        return fn()
+      except Exception as e:  # pylint: disable=broad-except
+        if is_damage(e):
+          raise DamagedCheckpointError(first_line(e)) from e
+        if attempt + 1 == _RESTORE_ATTEMPTS:
+          raise StorageError(
+              f"Cannot read checkpoints in {self.directory} after "
+              f"{_RESTORE_ATTEMPTS} attempts ({type(e).__name__}: "
+              f"{first_line(e)}); nothing was moved. Check the storage and "
+              "run the same command again.") from e
+        logging.warning("Reading a checkpoint failed (%s); retrying.",
+                        first_line(e))
+        time.sleep(_RETRY_SECONDS * (attempt + 1))
+    raise AssertionError("unreachable")
+
+  def quarantine(self, step: int, why: str) -> str:
+    """Moves checkpoint `step` to WORKDIR/checkpoints_damaged/ (process 0).
+
+    Returns:
+      Where it went.
+    """
     src = self.directory / str(step)
-    dst_dir = self.directory.parent / "checkpoints_damaged"
+    dst = self.directory.parent / "checkpoints_damaged" / (
+        f"{step}-{int(time.time())}")
     if jax.process_index() == 0 and src.exists():
-      dst_dir.mkdir(parents=True, exist_ok=True)
-      dst = dst_dir / f"{step}-{int(time.time())}"
+      dst.parent.mkdir(parents=True, exist_ok=True)
       src.rename(dst)
-      logging.warning("Moved the damaged checkpoint to %s.", dst)
+      logging.warning("Checkpoint %d is damaged (%s); moved it to %s.", step,
+                      why, dst)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"quarantine_{step}")
     self._manager.reload()
+    return str(dst)
+
+
+def is_damage(e: BaseException) -> bool:
+  """Whether a restore error means bad files rather than failing storage."""
+  if isinstance(e, (DamagedCheckpointError, FileNotFoundError, EOFError,
+                    json.JSONDecodeError, KeyError)):
+    return True
+  if isinstance(e, (PermissionError, TimeoutError, ConnectionError,
+                    InterruptedError)):
+    return False
+  text = f"{type(e).__name__}: {e}"
+  if any(w in text for w in ("UNAVAILABLE", "DEADLINE_EXCEEDED",
+                             "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
+                             "Permission denied")):
+    return False
+  return any(w in text for w in _DAMAGE_WORDS)
+
+
+def first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _place(x, abstract):
@@ -163,71 +392,15 @@ def _place(x, abstract):
   return jax.device_put(x, sharding)
 
 
-# ----------------------------------------------------------- loading ------
-def _find_checkpoint_dir(path: str) -> tuple[epath.Path, int | None]:
-  """Resolves a workdir, its checkpoints/ dir or a step dir to (dir, step)."""
-  path = as_path(path)
-  if not path.exists():
-    raise ConfigError(f"No checkpoint at {path}: the path does not exist; "
-                      "pass a workdir of byol_jax.train or its checkpoints/ "
-                      "directory.")
-  if (path / "checkpoints").is_dir():
-    return path / "checkpoints", None
-  if path.name.isdigit() and (path / "state").is_dir():
-    return path.parent, int(path.name)
-  return path, None
+def shared_decision(value: int) -> int:
+  """Process 0's `value` on every process (once per run, at start-up)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
-def load_run(path: str, step: int | None = None
-             ) -> tuple[ml_collections.ConfigDict, dict, int]:
-  """Restores a run's config and raw state (nested dicts of numpy arrays).
-
-  Args:
-    path: a workdir, its checkpoints/ directory or one step's directory.
-    step: which step (default: the newest, or the one `path` names).
-
-  Returns:
-    (config, state as nested dicts, step).
-  """
-  directory, named_step = _find_checkpoint_dir(path)
-  step = step if step is not None else named_step
-  manager = ocp.CheckpointManager(directory, item_names=_ITEMS)
-  steps = manager.all_steps()
-  if not steps:
-    raise ConfigError(f"No checkpoint in {directory}; train first with "
-                      "`python -m byol_jax.train --workdir=...`.")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise ConfigError(f"No checkpoint of step {step} in {directory}; "
-                      f"available steps: {sorted(steps)}.")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
-  manager.close()
-  # Host numpy arrays: the caller places them where it needs them.
-  state = jax.tree.map(np.asarray, restored.state)
-  return config_from_json(restored.config), state, step
-
-
-def load_encoder(path: str, step: int | None = None
-                 ) -> tuple[nn.Module, dict[str, Any]]:
-  """The pretrained online encoder of a checkpoint, for downstream code.
-
-      encoder, variables = byol_jax.load_encoder("/tmp/run")
-      features = encoder.apply(variables, images, train=False)  # [B, D]
-
-  `images` are float [B, H, W, 3], normalised with the ImageNet mean and std
-  (`byol_jax.data.augment.normalize` of values in [0, 1]).
-
-  Args:
-    path: a workdir, its checkpoints/ directory or one step's directory.
-    step: which step (default: the newest).
-
-  Returns:
-    (the ResNet module, {'params': ..., 'batch_stats': ...} of the encoder).
-  """
-  from byol_jax.methods import network  # pylint: disable=g-import-not-at-top
-  config, state, _ = load_run(path, step)
-  encoder = network.make_encoder(config)
-  variables = {"params": state["params"]["encoder"],
-               "batch_stats": state["batch_stats"]["encoder"]}
-  return encoder, jax.tree.map(jax.numpy.asarray, variables)
+def all_processes_ok(ok: bool) -> bool:
+  """True when `ok` holds on every process (same answer everywhere)."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))

@@ -145,9 +145,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.normalize = True     # ImageNet mean/std
 
   # --- Evaluation during training.
-  c.eval_every_steps = 0         # 0: only at the end
+  c.eval_every_steps = 0         # 0: only at the end (if the data has labels)
+  # kNN monitor at every evaluation; `target`: also on BYOL's EMA encoder.
   c.knn = ml_collections.ConfigDict(
-      dict(enabled=False, k=200, temperature=0.1, every_steps=0))
+      dict(enabled=False, k=200, temperature=0.1, target=False))
 
   # --- Logging and checkpoints.
   c.log_every_steps = 50

@@ -13,7 +13,7 @@ changes the effective step whenever the learning rate moves (warm-up, cosine),
 so it is not used here.
 """
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -129,25 +129,20 @@ def lr_schedule(peak_lr: float, total_steps: int,
     warmup_steps: steps of the linear warm-up.
 
   Returns:
-    A function of the (possibly traced) step count returning float32.
+    An optax schedule of the (possibly traced) step count.
   """
   total_steps = max(int(total_steps), 1)
   warmup_steps = min(max(int(warmup_steps), 0), total_steps)
-  decay_steps = max(total_steps - warmup_steps, 1)
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = peak_lr * step / max(warmup_steps, 1)
-    progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
-    cosine = 0.5 * peak_lr * (1.0 + jnp.cos(jnp.pi * progress))
-    return jnp.where(step < warmup_steps, warm, cosine)
-
-  return schedule
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
 
 
-def tau_schedule(tau_base: float,
-                 total_steps: int) -> Callable[[jax.Array], jax.Array]:
+def tau_schedule(tau_base: float, total_steps: int) -> optax.Schedule:
   """BYOL's target decay: tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2.
+
+  That is 1 minus a cosine decay of (1 - tau_base) to 0 over K steps; tau
+  stays 1 after step K.
 
   Args:
     tau_base: decay at step 0.
@@ -156,13 +151,8 @@ def tau_schedule(tau_base: float,
   Returns:
     A function of the (possibly traced) step k returning float32 tau.
   """
-  total_steps = max(int(total_steps), 1)
-
-  def schedule(step):
-    progress = jnp.asarray(step, jnp.float32) / total_steps
-    return 1.0 - (1.0 - tau_base) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
-
-  return schedule
+  decay = optax.cosine_decay_schedule(1.0 - tau_base, max(int(total_steps), 1))
+  return lambda step: 1.0 - decay(step)
 
 
 def _top_level_labels(params: Any,
@@ -178,6 +168,22 @@ def _top_level_labels(params: Any,
     return "main"
 
   return jax.tree_util.tree_map_with_path(label, params)
+
+
+def check(opt: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for an optimizer config that cannot work."""
+  if opt.name not in _OPTIMIZERS:
+    raise errors.ConfigError(
+        f"Unknown optimizer.name {opt.name!r}; allowed: {list(_OPTIMIZERS)}.")
+  if opt.lr_scaling not in _LR_SCALINGS:
+    raise errors.ConfigError(
+        f"Unknown optimizer.lr_scaling {opt.lr_scaling!r}; allowed: "
+        f"{list(_LR_SCALINGS)}.")
+  if not 0.0 <= opt.momentum < 1.0:
+    raise errors.ConfigError(
+        f"optimizer.momentum={opt.momentum} must be in [0, 1).")
+  if opt.name == "lars" and not opt.eta > 0:
+    raise errors.ConfigError(f"optimizer.eta={opt.eta} must be > 0 for LARS.")
 
 
 def build_optimizer(
@@ -209,13 +215,7 @@ def build_optimizer(
     errors.ConfigError: for an unknown optimizer name or lr scaling.
   """
   opt = config.optimizer
-  if opt.name not in _OPTIMIZERS:
-    raise errors.ConfigError(
-        f"Unknown optimizer.name {opt.name!r}; allowed: {list(_OPTIMIZERS)}.")
-  if opt.lr_scaling not in _LR_SCALINGS:
-    raise errors.ConfigError(
-        f"Unknown optimizer.lr_scaling {opt.lr_scaling!r}; allowed: "
-        f"{list(_LR_SCALINGS)}.")
+  check(opt)
   warmup_steps = round(config.warmup_epochs * steps_per_epoch)
   peak_lr = scaled_lr(opt.base_lr, config.batch_size, opt.lr_scaling)
   schedule = lr_schedule(peak_lr, total_steps, warmup_steps)

@@ -6,7 +6,8 @@ batch norm then reduces over the global batch (cross-replica BN for free).
 """
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from byol_jax.errors import ConfigError
 
@@ -14,9 +15,15 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh named `data` over `devices` (default: all global devices)."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  """A 1-D mesh named `data` over `devices` (default: all global devices).
+
+  `jax.make_mesh` orders the devices for fast all-reduces on the physical
+  topology (a ring on TPU). The axis is `Auto`: shardings are given to
+  `jax.jit` and XLA propagates them.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                       axis_types=(AxisType.Auto,), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -44,6 +51,16 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   return global_batch_size // jax.process_count()
 
 
+def fit_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """`batch_size` rounded up to a multiple of the mesh's device count.
+
+  For evaluations, whose batch size only changes speed (and, for linear
+  evaluation, the learning rate, which scales with it).
+  """
+  n = mesh.devices.size
+  return max(n, -(-int(batch_size) // n) * n)
+
+
 def global_batch(local: dict, mesh: Mesh) -> dict:
   """Forms global arrays from this process's slice of the batch.
 
@@ -55,3 +72,10 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       local)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-process) global array, as NumPy."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

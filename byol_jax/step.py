@@ -2,6 +2,8 @@
 
     train_step(state, batch) -> (state, metrics)
 
+`metrics` holds the scalars to log and `finite` (1.0 when every parameter,
+batch statistic, target and optimizer leaf of the new state is finite).
 `batch` is the global batch {'view1', 'view2': [B, S, S, 3] crops (uint8, or
 float in [0, 1]), 'label': int32 [B] (-1 where unknown)}, sharded over the
 `data` axis; the state is replicated and donated. Randomness is
@@ -45,6 +47,13 @@ def embedding_std(z: jax.Array) -> jax.Array:
   About 1/sqrt(P) for projections spread over the sphere, 0 when collapsed.
   """
   return jnp.mean(jnp.std(network.l2_normalize(z), axis=0))
+
+
+def all_finite(tree) -> jax.Array:
+  """One bool: every floating-point leaf of `tree` is finite."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: network.Network,
@@ -96,6 +105,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: network.Network,
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=bs, target=target,
                               opt_state=opt_state)
+    # Read only where the loop syncs anyway (log and save steps): a state
+    # with a NaN or Inf anywhere is never saved.
+    metrics["finite"] = all_finite(new_state)
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
                                    metrics)
 

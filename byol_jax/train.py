@@ -5,47 +5,57 @@ r"""Self-supervised pretraining: BYOL, SimSiam or SimCLR.
       --config.batch_size=4096 --workdir=gs://BUCKET/run
 
 The same command runs on one CPU, a GPU box, a multi-node GPU cluster and a
-Cloud TPU pod slice: on several hosts it joins JAX's multi-controller runtime
-(`jax.distributed.initialize`), every host reads its own shard of the data and
-all of them run this file. A run resumes from the newest checkpoint in
---workdir; SIGTERM (preemption) saves a checkpoint before exiting.
+Cloud TPU pod slice: on several hosts it joins JAX's multi-controller runtime,
+every host reads its own shard of the data and all of them run this file.
+Running it again resumes from the newest checkpoint (`--restore_step=N`: from
+an older one). Exit codes: 0 done, 1 an error (one `error:` line), 2 a bad
+command line, 143 (128 + SIGTERM) preempted after saving a checkpoint: run
+the same command again to resume.
 """
-import json
+import contextlib
 import os
-import signal
 import sys
-import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-from absl import app
-from absl import flags
-from absl import logging
-from jax.experimental import multihost_utils
-from ml_collections import config_flags
+# Before TensorFlow can be imported: no C++ start-up notices on the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from byol_jax import checkpoint
-from byol_jax import data
-from byol_jax import methods
-from byol_jax import metric_writer
-from byol_jax import optim
-from byol_jax import sharding
-from byol_jax import step as step_lib
-from byol_jax import train_state
-from byol_jax.errors import ConfigError
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from byol_jax import checkpoint  # noqa: E402
+from byol_jax import data  # noqa: E402
+from byol_jax import methods  # noqa: E402
+from byol_jax import metric_writer  # noqa: E402
+from byol_jax import multihost  # noqa: E402
+from byol_jax import optim  # noqa: E402
+from byol_jax import progress  # noqa: E402
+from byol_jax import resume  # noqa: E402
+from byol_jax import sharding  # noqa: E402
+from byol_jax import step as step_lib  # noqa: E402
+from byol_jax import train_state  # noqa: E402
+from byol_jax import validate  # noqa: E402
+from byol_jax import workdir as workdir_lib  # noqa: E402
+from byol_jax.errors import ConfigError  # noqa: E402
+from byol_jax.evaluation import monitor as monitor_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/tiny.py[:ARG].",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and "
                                "the resolved config go.")
+_RESTORE_STEP = flags.DEFINE_integer(
+    "restore_step", None, "Resume from this checkpoint instead of the newest "
+    "(the newer ones stay where they are).")
 _MULTIHOST = flags.DEFINE_enum(
     "multihost", "auto", ["auto", "yes", "no"],
-    "Join jax.distributed: auto = when the environment says several hosts "
-    "(Cloud TPU pod, SLURM with several tasks, JAX_COORDINATOR_ADDRESS).")
+    "Join jax.distributed: auto = when the environment is a multi-host "
+    "cluster (Cloud TPU pod, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (else auto-detect).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
@@ -53,308 +63,235 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index (else detected).")
 
-
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or infinite; nothing after it was saved."""
+EXIT_PREEMPTED = 143
 
 
-# ---------------------------------------------------------------------------
-# Multi-host start-up.
-# ---------------------------------------------------------------------------
-def _several_hosts_from_env() -> bool:
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env:
-    return True
-  hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h]) > 1
+class NonFiniteError(RuntimeError):
+  """The loss or the state became NaN or infinite; nothing after is saved."""
 
 
-def initialize_distributed(mode: str = "auto", coordinator_address=None,
-                           num_processes=None, process_id=None,
-                           **options) -> None:
-  """Joins JAX's multi-controller runtime when running on several hosts.
-
-  Args:
-    mode: 'yes', 'no', or 'auto' (join when the environment names several
-      hosts or any explicit argument is given).
-    coordinator_address, num_processes, process_id: passed through; None
-      lets JAX detect them (Cloud TPU, SLURM, Open MPI, Kubernetes).
-    **options: more arguments of `jax.distributed.initialize`, e.g.
-      initialization_timeout, heartbeat_timeout_seconds (how soon the others
-      stop when a process dies), shutdown_timeout_seconds.
-  """
-  explicit = coordinator_address is not None or num_processes is not None
-  if mode == "no" or (mode == "auto" and not explicit and
-                      not _several_hosts_from_env()):
-    return
-  kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
-                                  num_processes=num_processes,
-                                  process_id=process_id).items()
-            if v is not None}
-  jax.distributed.initialize(**kwargs, **options)
-  logging.info("Process %d of %d; %d local and %d global devices.",
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
-  if jax.process_count() > 1 and jax.default_backend() == "cpu":
-    _connect_cpu_collectives()
+def _fetch(tree):
+  """The loop's only device-to-host read (at log and save steps)."""
+  return jax.device_get(tree)
 
 
-def _connect_cpu_collectives() -> None:
-  """Connects the processes' CPU collectives (gloo) now, while in step.
-
-  Gloo connects the processes at their first collective over all devices
-  and gives up if one arrives more than 30 s after another: on a loaded
-  machine one process can finish compiling the train step that much later.
-  Once connected, collectives wait for the slowest process.
-  """
-  mesh = sharding.make_mesh()
-  ones = jax.make_array_from_process_local_data(
-      sharding.batch_sharding(mesh),
-      np.ones((jax.local_device_count(),), np.int32))
-  total = jax.jit(jnp.sum, out_shardings=sharding.replicated(mesh))(ones)
-  if int(total) != jax.device_count():
-    raise RuntimeError(f"CPU collectives: {int(total)} devices answered, not "
-                       f"{jax.device_count()}.")
+def resolve(config: ml_collections.ConfigDict,
+            info: data.DataInfo) -> ml_collections.ConfigDict:
+  """The config with what the data says: its classes and eval split."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.num_classes = int(info.num_classes)
+    config.data.eval_split = info.eval_split or ""
+  return config
 
 
-# ---------------------------------------------------------------------------
-# Config checks: one clear line per problem, before anything heavy runs.
-# ---------------------------------------------------------------------------
-def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-  """Raises ConfigError for settings that cannot work."""
-  methods.get(config.method)
-  sharding.check_batch_size(config.batch_size, mesh)
-  if config.model.depth not in (18, 34, 50, 101, 152, 200):
-    raise ConfigError(f"model.depth={config.model.depth} is not a ResNet "
-                      "depth; use 18, 34, 50, 101, 152 or 200.")
-  if config.model.stem not in ("imagenet", "cifar"):
-    raise ConfigError(f"model.stem={config.model.stem!r}; use 'imagenet' or "
-                      "'cifar'.")
-  if config.total_steps <= 0 and config.num_epochs <= 0:
-    raise ConfigError("Set config.num_epochs or config.total_steps > 0.")
-
-
-def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes WORKDIR/config.json; a different older one is kept, renamed."""
-  if jax.process_index() != 0:
-    return
-  workdir = checkpoint.as_path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / "config.json"
-  text = json.dumps(checkpoint.config_to_json(config), indent=2,
-                    sort_keys=True)
-  if path.exists():
-    if path.read_text() == text:
-      return
-    path.rename(workdir / f"config.{int(time.time())}.json")
-  path.write_text(text)
-
-
-# ---------------------------------------------------------------------------
-# Evaluation during and after training.
-# ---------------------------------------------------------------------------
-def evaluate(config, model, state, mesh) -> dict[str, float]:
-  """Online classifier top-1 on the eval split, and the kNN monitor."""
-  from byol_jax.evaluation import knn  # pylint: disable=g-import-not-at-top
-  from byol_jax.evaluation import online  # pylint: disable=g-import-not-at-top
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  results = {}
-  if config.data.num_classes:
-    acc = online.classifier_accuracy(config, model, variables, mesh)
-    results.update({f"eval/online_{k}": v for k, v in acc.items()})
-  if config.knn.enabled:
-    # Variables go in as an argument, not a closure: no recompilation per
-    # evaluation and no weights baked into the program as constants.
-    def encoder_apply(v, images):
-      return model.apply(v, images, train=False, method=model.represent)
-    acc = knn.knn_accuracy(config, encoder_apply, mesh, variables)
-    results.update({f"eval/knn_{k}": v for k, v in acc.items()})
-  return results
-
-
-# ---------------------------------------------------------------------------
-# The training run.
-# ---------------------------------------------------------------------------
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    if jax.process_count() == 1:  # jax.distributed handles it on pods.
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint before exiting.")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def check(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
-
-
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       restore_step: int | None = None) -> dict[str, Any]:
   """Trains (resuming from WORKDIR's newest checkpoint) and evaluates.
 
   Args:
-    config: a resolved config (see byol_jax.config_lib).
+    config: the run's config (see byol_jax.config_lib).
     workdir: the run's directory.
+    restore_step: resume from this checkpoint instead of the newest.
 
   Returns:
-    The final metrics (train metrics of the last step and eval results).
+    The final metrics (train metrics of the last logged step, eval results,
+    'step', and 'preempted' when SIGTERM stopped the run after saving).
+
+  Raises:
+    ConfigError: a bad config, data, workdir or checkpoint (one line).
+    NonFiniteError: the state became NaN/Inf (names the checkpoint to use).
+    checkpoint.StorageError: checkpoints cannot be written or read.
   """
-  # --- Mesh and config checks.
+  say = progress.say
+  # --- Config and data: checked before anything is compiled.
   mesh = sharding.make_mesh()
-  validate_config(config, mesh)
-  _write_config(workdir, config)
+  info = data.describe(config)
+  config = resolve(config, info)
+  validate.check(config, mesh)
   method = methods.get(config.method)
   model = method.make_network(config)
+  steps_per_epoch = max((config.num_train_examples or info.num_train)
+                        // config.batch_size, 1)
+  total_steps = int(config.total_steps or
+                    round(config.num_epochs * steps_per_epoch))
+  workdir = checkpoint.as_path(workdir)
+  say(progress.describe_run(config, info.name, total_steps, steps_per_epoch,
+                            workdir))
+  if not config.data.num_classes:
+    say(f"{info.name} has no labels: the online classifier and the kNN "
+        "monitor are off.")
+  elif not config.data.eval_split:
+    say(f"{info.name} has no eval split: evaluations are off.")
 
-  # --- Checkpoints and data. The data pipeline starts at the step of the
-  # newest checkpoint; if that one is damaged it is rebuilt below.
-  ckpt = checkpoint.Checkpointer(workdir, config)
-  start_step = ckpt.latest_step() or 0
-  pretrain = data.build_pretrain(config, mesh, start_step=start_step)
-  steps_per_epoch = max(
-      (config.num_train_examples or pretrain.num_examples)
-      // config.batch_size, 1)
-  total_steps = config.total_steps or config.num_epochs * steps_per_epoch
+  with contextlib.ExitStack() as stack:
+    lock = workdir_lib.WorkdirLock(workdir)
+    lock.acquire()
+    stack.callback(lock.release)  # Released last, after the saves finish.
 
-  # --- Optimizer, schedules, state.
-  tx, lr_fn = optim.build_optimizer(config, total_steps, steps_per_epoch)
-  tau_fn = (optim.tau_schedule(config.tau_base, total_steps)
-            if method.HAS_TARGET else None)
-  abstract = train_state.abstract(config, model, tx, mesh, method.HAS_TARGET)
-  state = ckpt.restore(abstract)
-  if state is None:
-    state = train_state.create(config, model, tx, mesh, method.HAS_TARGET)
-  step = int(jax.device_get(state.step))
-  if step != start_step:
-    logging.warning("Resuming from step %d, not %d: rebuilding the input "
-                    "pipeline there.", step, start_step)
-    pretrain = data.build_pretrain(config, mesh, start_step=step)
-  logging.info("%s from step %d of %d (%d steps per epoch, global batch %d, "
-               "%d devices).", "Resuming" if step else "Starting", step,
-               total_steps, steps_per_epoch, config.batch_size,
-               jax.device_count())
+    # --- Optimizer and schedules.
+    tx, lr_fn = optim.build_optimizer(config, total_steps, steps_per_epoch)
+    tau_fn = (optim.tau_schedule(config.tau_base, total_steps)
+              if method.HAS_TARGET else None)
 
-  # --- The compiled step.
-  train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(config, model, tx, lr_fn, tau_fn), mesh)
+    # --- Restore or initialise: decided once, before the data is built.
+    ckpt = stack.enter_context(checkpoint.Checkpointer(workdir, config))
+    abstract = train_state.abstract(config, model, tx, mesh, method.HAS_TARGET)
+    state, step = resume.restore_or_init(
+        ckpt, config, abstract,
+        lambda: train_state.create(config, model, tx, mesh, method.HAS_TARGET),
+        restore_step, say=say)
+    workdir_lib.write_config(workdir, config)
+    say(f"Resuming from step {step}." if step else "Starting from step 0.")
 
-  # --- The loop.
-  writer = metric_writer.MetricWriter(workdir)
-  final: dict[str, Any] = {}
-  last_log_time, last_log_step = time.monotonic(), step
-  metrics = previous = None
-  with _Preemption() as preemption:
+    # --- Data, built once at the start step; evaluators, built once.
+    pipeline = data.build_pretrain(config, mesh, start_step=step)
+    monitor = monitor_lib.Monitor(config, mesh)
+    evaluate = monitor.enabled and bool(config.data.eval_split)
+
+    # --- The compiled step.
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(config, model, tx, lr_fn, tau_fn), mesh)
+
+    # --- The loop: it steps, logs, saves and evaluates; it reads from the
+    # devices only on steps that log, save or evaluate.
+    writer = stack.enter_context(metric_writer.MetricWriter(workdir))
+    meter = progress.Progress(step, total_steps, config.batch_size,
+                              steps_per_epoch)
+    # XLA:CPU's simulated devices can deadlock with a deep queue of
+    # collectives: there, run at most one step ahead.
+    throttle = jax.default_backend() == "cpu"
+    final: dict[str, Any] = {}
+    metrics = previous = None
     while step < total_steps:
-      state, metrics = train_step(state, pretrain.batch(step))
+      with jax.transfer_guard("disallow"):
+        state, metrics = train_step(state, pipeline.batch(step))
       step += 1
-      # Run at most one step ahead of the devices: enough to keep them busy,
-      # and XLA:CPU's simulated devices can deadlock with deep queues.
-      if previous is not None:
+      if not meter.measuring:
+        jax.block_until_ready(metrics)  # Once: compilation ends here.
+        meter.first_step_done(step)
+      elif throttle:
         jax.block_until_ready(previous)
       previous = metrics
-      logged = step % config.log_every_steps == 0 or step == total_steps
-      if logged:
-        host = _checked(jax.device_get(metrics), step)
-        now = time.monotonic()
-        rate = (step - last_log_step) * config.batch_size / (now - last_log_time)
-        host["images_per_sec"] = rate
-        host["epoch"] = step / steps_per_epoch
-        eta = (total_steps - step) * config.batch_size / max(rate, 1e-9)
-        last_log_time, last_log_step = now, step
+      host = None
+      if step % config.log_every_steps == 0 or step == total_steps:
+        host = _checked(_fetch(metrics), step, ckpt)
+        ckpt.check_for_errors()
+        host.update(epoch=step / steps_per_epoch,
+                    images_per_sec=meter.rate(step) or 0.0)
         writer.write(step, host)
         final.update(host)
-        if jax.process_index() == 0:
-          print(f"step {step}/{total_steps} ep {host['epoch']:.2f} "
-                f"loss {host['loss']:.4f} lr {host['lr']:.4g} "
-                f"tau {host.get('tau', float('nan')):.5f} "
-                f"cls_acc {host['classifier_accuracy']:.3f} "
-                f"emb_std {host['embedding_std']:.4f} "
-                f"img/s {rate:.1f} eta {_format_eta(eta)}", flush=True)
-      if preemption.check(step):
-        _checked(jax.device_get(metrics), step)
+        say(meter.line(step, host))
+      if step < total_steps and ckpt.should_save(step):
+        if host is None:
+          _checked(_fetch(metrics), step, ckpt)
         ckpt.save(step, state)
-        ckpt.close()
-        writer.close()
-        logging.warning("Saved step %d after SIGTERM; exiting.", step)
-        final["preempted_at"] = step
-        return final
-      if ckpt.due(step) and step < total_steps:
-        if not logged:  # Never save a state whose loss is not finite.
-          _checked(jax.device_get(metrics), step)
-        ckpt.save(step, state)
-      if (config.eval_every_steps and step % config.eval_every_steps == 0
-          and step < total_steps):
-        results = evaluate(config, model, state, mesh)
+        say(f"step {step}: checkpoint -> {ckpt.directory}/{step}")
+        if ckpt.preempted:
+          ckpt.wait()
+          say(f"Preempted: saved step {step}; run the same command to "
+              "resume.")
+          return dict(final, step=step, preempted=True)
+      if (evaluate and config.eval_every_steps and step < total_steps and
+          step % config.eval_every_steps == 0):
+        results = _evaluate(monitor, state)
         writer.write(step, results)
-        _print_eval(step, results)
+        say(progress.eval_line(step, results))
 
-  # --- The end: a final checkpoint and evaluation.
-  if metrics is not None:
-    _checked(jax.device_get(metrics), step)
-  ckpt.save(step, state)
-  results = evaluate(config, model, state, mesh)
-  writer.write(step, results)
-  _print_eval(step, results)
-  final.update(results)
-  final["step"] = step
-  ckpt.close()
-  writer.close()
-  return final
-
-
-def _checked(host_metrics: dict, step: int) -> dict:
-  """Raises NonFiniteLossError if the loss is NaN or infinite."""
-  host_metrics = {k: float(v) for k, v in host_metrics.items()}
-  if not np.isfinite(host_metrics["loss"]):
-    raise NonFiniteLossError(
-        f"The loss is {host_metrics['loss']} at step {step}; stopping. The "
-        "last checkpoint before it is kept as it was. Lower "
-        "config.optimizer.base_lr or check the data.")
-  return host_metrics
+    # --- The end: a final checkpoint and evaluation.
+    if metrics is not None:
+      _checked(_fetch(metrics), step, ckpt)
+    ckpt.save(step, state)
+    ckpt.wait()
+    say(f"step {step}: checkpoint -> {ckpt.directory}/{step}")
+    if evaluate:
+      results = _evaluate(monitor, state)
+      writer.write(step, results)
+      say(progress.eval_line(step, results))
+      final.update(results)
+    final["step"] = step
+    say(meter.summary(step, final))
+    return final
 
 
-def _print_eval(step: int, results: dict) -> None:
-  if results and jax.process_index() == 0:
-    text = " ".join(f"{k} {v:.4f}" for k, v in sorted(results.items()))
-    print(f"step {step} {text}", flush=True)
+def _evaluate(monitor: monitor_lib.Monitor, state) -> dict[str, float]:
+  """The monitor on the online network (and BYOL's target, for kNN)."""
+  variables = {"params": state.params["encoder"],
+               "batch_stats": state.batch_stats["encoder"]}
+  results = monitor(variables, state.params.get("classifier"))
+  if state.target is not None and monitor.knn_on_target:
+    target = {"params": state.target["params"]["encoder"],
+              "batch_stats": state.target["batch_stats"]["encoder"]}
+    results.update(monitor(target, None, prefix="eval/target_"))
+  return results
+
+
+def _checked(host_metrics: dict, step: int,
+             ckpt: checkpoint.Checkpointer) -> dict:
+  """Floats of the fetched metrics; raises NonFiniteError on NaN/Inf."""
+  host = {k: float(np.asarray(v)) for k, v in host_metrics.items()}
+  finite = host.pop("finite", 1.0) > 0 and np.isfinite(host["loss"])
+  if not finite:
+    ckpt.wait()
+    saved = [s for s in ckpt.all_steps() if s < step]
+    resume_from = (f"the last finite checkpoint is step {saved[-1]}: resume "
+                   f"from it with --restore_step={saved[-1]} and a lower "
+                   "--config.optimizer.base_lr"
+                   if saved else "no checkpoint was saved before it: lower "
+                   "--config.optimizer.base_lr and start again")
+    raise NonFiniteError(
+        f"The state became NaN or infinite by step {step} (loss "
+        f"{host['loss']}); stopping without saving it; {resume_from}.")
+  return host
+
+
+# ------------------------------------------------------------------ CLI ----
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config and flag errors as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+    if "Error whilst parsing config file" in message:
+      # The config file raised: its own last line says what is wrong.
+      last = [l for l in message.splitlines() if l.strip()][-1].strip()
+      message = f"{message.splitlines()[0].split(':')[0]}: {last}"
+    _exit_error(message, 2)
+  except (AttributeError, KeyError) as e:  # --config.<unknown field>=...
+    field = str(e).strip("'\"")
+    _exit_error(f"unknown config field {field!r} in an override "
+                "--config.FIELD=VALUE; check its spelling against the config "
+                "file (python -m byol_jax.train --config=FILE prints "
+                "nothing else: see configs/ and byol_jax/config_lib.py).", 2)
+  except (OSError, ValueError, TypeError) as e:
+    _exit_error(f"{type(e).__name__}: {checkpoint.first_line(e)}", 2)
+  return []
+
+
+def _exit_error(message: str, code: int = 1) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _exit_error(f"unexpected arguments {argv[1:]}; give flags only.", 2)
   if _CONFIG.value is None or not _WORKDIR.value:
-    print("error: give --config=configs/NAME.py[:ARG] and --workdir=DIR.",
-          file=sys.stderr)
-    sys.exit(2)
-  initialize_distributed(_MULTIHOST.value, _COORDINATOR.value,
-                         _NUM_PROCESSES.value, _PROCESS_ID.value)
+    _exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.", 2)
+  if not flags.FLAGS["verbosity"].present:
+    # The trainer's own lines only; --verbosity=0 shows the libraries' INFO.
+    logging.set_verbosity(logging.WARNING)
+  multihost.initialize(_MULTIHOST.value, _COORDINATOR.value,
+                       _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, NonFiniteLossError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    final = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                               _RESTORE_STEP.value)
+  except (ConfigError, NonFiniteError, checkpoint.StorageError) as e:
+    _exit_error(checkpoint.first_line(e) if isinstance(
+        e, checkpoint.StorageError) else str(e))
+  if final.get("preempted"):
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -165,3 +165,40 @@ def build_linear_train(config: ml_collections.ConfigDict, mesh: Mesh,
                                         batch_size, seed)
   from byol_jax.data import host  # pylint: disable=g-import-not-at-top
   return host.HostLinearTrainData(config, mesh, batch_size, seed)
+
+
+# TEMPORARY (lead's stand-in until the data redesign lands): the resolved
+# description of a config's data.
+import dataclasses  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  name: str
+  source: str
+  train_split: str
+  eval_split: str | None
+  num_train: int
+  num_eval: int
+  num_classes: int
+  class_names: tuple = ()
+
+
+def describe(config: ml_collections.ConfigDict) -> DataInfo:
+  _check_source(config)
+  d = config.data
+  if d.source == "tfds":
+    from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+    b = host.tfds_builder(d)
+    n_train = host.tfds_split_size(b, d.train_split)
+    n_eval = host.tfds_split_size(b, d.eval_split) if d.eval_split else 0
+    return DataInfo(d.name, d.source, d.train_split, d.eval_split or None,
+                    n_train, n_eval, int(d.num_classes))
+  train = sources.get_split(d, d.train_split)
+  ev = sources.get_split(d, d.eval_split) if d.eval_split else None
+  num_classes = int(d.num_classes)
+  if num_classes < 0:
+    num_classes = len(train.class_names) or int(train.labels.max()) + 1
+  return DataInfo(d.path, d.source, d.train_split, d.eval_split or None,
+                  train.num_examples, ev.num_examples if ev else 0,
+                  num_classes)

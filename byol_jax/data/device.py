@@ -133,8 +133,9 @@ class DevicePretrainData:
     [0, 1], 'label': int32 [B]}, sharded over the mesh's data axis."""
     epoch0, offset, spans = _span(step, self.batch_size, self.num_examples)
     self._next_step = step + 1
-    return self._fn(self._images, self._labels, np.int32(epoch0),
-                    np.int32(offset), np.uint32(step), spans)
+    scalars = jax.device_put((np.int32(epoch0), np.int32(offset),
+                              np.uint32(step)), self._images.sharding)
+    return self._fn(self._images, self._labels, *scalars, spans)
 
 
 class DeviceLinearTrainData:
@@ -176,8 +177,9 @@ class DeviceLinearTrainData:
   def batch(self, step: int) -> dict[str, jax.Array]:
     """{'image': f32 [B, S, S, 3] in [0, 1], 'label': int32 [B]}."""
     epoch0, offset, spans = _span(step, self.batch_size, self.num_examples)
-    return self._fn(self._images, self._labels, np.int32(epoch0),
-                    np.int32(offset), np.uint32(step), spans)
+    scalars = jax.device_put((np.int32(epoch0), np.int32(offset),
+                              np.uint32(step)), self._images.sharding)
+    return self._fn(self._images, self._labels, *scalars, spans)
 
 
 # ---------------------------------------------------------------------------

@@ -24,9 +24,11 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
+from byol_jax import data
+from byol_jax import models
 from byol_jax import sharding
+from byol_jax.data import augment
 from byol_jax.errors import ConfigError
-from byol_jax.evaluation import knn
 from byol_jax.evaluation import online
 
 
@@ -98,9 +100,9 @@ def make_train_step(encoder: nn.Module, head: nn.Module,
     normalize: apply the ImageNet mean/std to the [0, 1] images.
   """
   def train_step(state: LinearState, frozen: Any, batch: dict):
-    x = knn.to_float_images(batch["image"])  # [B, S, S, 3] in [0, 1]
+    x = augment.to_float(batch["image"])  # [B, S, S, 3] in [0, 1]
     if normalize:
-      x = knn.normalize_images(x)
+      x = augment.normalize(x)
     labels = batch["label"].astype(jnp.int32)  # [B]
     weights = (labels >= 0).astype(jnp.float32)
     if "mask" in batch:
@@ -144,141 +146,169 @@ def jit_train_step(train_step, mesh: Mesh):
                  out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def _feature_dim(encoder: nn.Module, variables: Any, image_size: int) -> int:
-  dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  out = jax.eval_shape(lambda v, x: encoder.apply(v, x, train=False),
-                       variables, dummy)
-  return int(out.shape[-1])
+class LinearEvaluator:
+  """Trains a linear classifier (or fine-tunes) on an encoder and scores it.
+
+  Built once: the input pipelines, the optimizer and the compiled train and
+  eval steps; each call trains a fresh head on the given encoder variables
+  (same shapes) and compiles nothing new.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, encoder: nn.Module,
+               mesh: Mesh, *, epochs: float = 80, steps: int = 0,
+               batch_size: int = 256, eval_batch_size: int | None = None,
+               base_lr: float = 0.2, finetune: bool = False,
+               weight_decay: float = 0.0, seed: int = 0,
+               train_split: str | None = None, fraction: float = 1.0,
+               log_every: int = 0):
+    """Builds the evaluation.
+
+    Args:
+      config: the pretraining run's config (data.*, augment.normalize).
+      encoder: the encoder module (e.g. from `byol_jax.load_encoder`).
+      mesh: the device mesh.
+      epochs: passes over the labelled train set (the protocol: 80).
+      steps: when > 0, the number of steps, overriding `epochs`.
+      batch_size: global batch, rounded up to a multiple of the device
+        count; lr = base_lr * batch_size / 256 follows it.
+      eval_batch_size: global eval batch (default: `batch_size`), rounded
+        up likewise.
+      base_lr: the learning rate at batch 256 (0.2 for the linear protocol;
+        smaller, e.g. 0.01, to fine-tune).
+      finetune: also train the encoder (BN in train mode).
+      weight_decay: on kernels; 0 in the protocol.
+      seed: head initialisation, data order and the labelled subset.
+      train_split: the labelled split (default config.data.train_split).
+      fraction: train on this fraction of it (deterministic per seed), as
+        the paper's 1% and 10% semi-supervised fine-tuning.
+      log_every: log train loss/accuracy every this many steps (0: each
+        epoch).
+    """
+    num_classes = int(config.data.num_classes)
+    if num_classes <= 0:
+      raise ConfigError("Linear evaluation needs labels: the data has none "
+                        f"(config.data.num_classes={num_classes}).")
+    asked = batch_size
+    batch_size = sharding.fit_batch_size(batch_size, mesh)
+    eval_batch_size = sharding.fit_batch_size(eval_batch_size or batch_size,
+                                              mesh)
+    if batch_size != asked:
+      logging.warning("Linear evaluation: batch %d instead of %d (a multiple "
+                      "of the %d devices); the learning rate follows it.",
+                      batch_size, asked, mesh.devices.size)
+    self.train_data = data.build_linear_train(
+        config, mesh, batch_size, seed, split=train_split, fraction=fraction)
+    self.eval_data = data.build_eval(config, mesh, config.data.eval_split,
+                                     eval_batch_size)
+    self.steps_per_epoch = max(1, int(self.train_data.num_examples)
+                               // batch_size)
+    self.total_steps = int(steps) if steps > 0 else max(
+        1, int(round(epochs * self.steps_per_epoch)))
+    self.log_every = int(log_every) or self.steps_per_epoch
+    self.settings = dict(
+        batch_size=batch_size, eval_batch_size=eval_batch_size,
+        base_lr=base_lr, lr=base_lr * batch_size / 256.0, finetune=finetune,
+        weight_decay=weight_decay, steps=self.total_steps,
+        steps_per_epoch=self.steps_per_epoch,
+        epochs=self.total_steps / self.steps_per_epoch, seed=seed,
+        fraction=fraction,
+        train_split=train_split or config.data.train_split,
+        num_train_examples=int(self.train_data.num_examples))
+    self._mesh, self._finetune, self._seed = mesh, finetune, seed
+    normalize = bool(config.augment.get("normalize", True))
+    dim = models.representation_dim(config.model.depth, config.model.width,
+                                    config.model.num_filters)
+    head = make_head(num_classes)
+    tx, schedule = make_optimizer(base_lr, batch_size, self.total_steps,
+                                  weight_decay=weight_decay)
+    rep = sharding.replicated(mesh)
+
+    def init(key, variables):
+      params = {"head": head.init(key, jnp.zeros((1, dim)))["params"]}
+      batch_stats = {}
+      if finetune:  # Copies: the donated state must not alias the caller's.
+        params["encoder"] = jax.tree.map(jnp.copy, variables["params"])
+        batch_stats = jax.tree.map(jnp.copy, variables["batch_stats"])
+      return LinearState(step=jnp.zeros((), jnp.int32), params=params,
+                         batch_stats=batch_stats, opt_state=tx.init(params))
+
+    def logits_fn(v, batch):
+      x = augment.to_float(batch["image"])
+      x = augment.normalize(x) if normalize else x
+      y = encoder.apply(v["encoder"], x, train=False)  # [B, D]
+      logits = head.apply({"params": v["head"]}, y.astype(jnp.float32))
+      return online.correct_counts(logits, batch["label"], batch["mask"])
+
+    self._init = jax.jit(init, out_shardings=rep)
+    self._step = jit_train_step(
+        make_train_step(encoder, head, tx, schedule, finetune=finetune,
+                        normalize=normalize), mesh)
+    self._count = jax.jit(logits_fn, in_shardings=(
+        rep, sharding.batch_sharding(mesh)), out_shardings=rep)
+
+  def __call__(self, variables: Any) -> dict[str, Any]:
+    """Trains a fresh head on `variables` ({'params', 'batch_stats'}).
+
+    Returns:
+      {'top1', 'top5' (fractions), 'num_eval_examples', 'train_loss',
+      'train_accuracy' (the last logging window), 'train_seconds', 'head':
+      the trained Dense params, and the settings (batch_size, lr, steps,
+      ...)}; when fine-tuning also 'variables', the encoder's fine-tuned
+      {'params', 'batch_stats'}.
+    """
+    mesh = self._mesh
+    variables = jax.device_put(
+        {"params": variables["params"],
+         "batch_stats": variables.get("batch_stats", {})},
+        sharding.replicated(mesh))
+    key = jax.random.fold_in(jax.random.PRNGKey(self._seed), 1)
+    state = self._init(key, variables)
+    frozen = None if self._finetune else variables
+    logging.info("Linear %s: %d steps (%d per epoch) of batch %d, peak lr "
+                 "%.4g.", "fine-tuning" if self._finetune else "evaluation",
+                 self.total_steps, self.steps_per_epoch,
+                 self.settings["batch_size"], self.settings["lr"])
+    start = time.time()
+    window = []  # Metrics of the steps since the last log, on device.
+    last = dict(loss=float("nan"), accuracy=float("nan"))
+    throttle = jax.default_backend() == "cpu"
+    for step in range(self.total_steps):
+      state, metrics = self._step(state, frozen, self.train_data.batch(step))
+      if throttle and window:
+        # XLA:CPU's simulated devices can deadlock with deep queues.
+        jax.block_until_ready(window[-1])
+      window.append(metrics)
+      if (step + 1) % self.log_every == 0 or step + 1 == self.total_steps:
+        host = {k: float(np.mean([sharding.to_host(m[k]) for m in window]))
+                for k in window[0]}
+        last, window = host, []
+        logging.info("linear step %d/%d: loss %.4f acc %.4f lr %.4g",
+                     step + 1, self.total_steps, host["loss"],
+                     host["accuracy"], host["lr"])
+        if not np.isfinite(host["loss"]):
+          raise FloatingPointError(
+              f"Linear evaluation diverged at step {step + 1} (loss "
+              f"{host['loss']}); lower --base_lr.")
+    train_seconds = time.time() - start
+    enc_vars = ({"params": state.params["encoder"],
+                 "batch_stats": state.batch_stats}
+                if self._finetune else variables)
+    acc = online.evaluate(self._count, {"encoder": enc_vars,
+                                        "head": state.params["head"]},
+                          self.eval_data, mesh)
+    result = dict(self.settings, top1=acc["top1"], top5=acc["top5"],
+                  num_eval_examples=acc["num_examples"],
+                  train_loss=last["loss"], train_accuracy=last["accuracy"],
+                  train_seconds=train_seconds, head=state.params["head"])
+    if self._finetune:
+      result["variables"] = enc_vars
+    return result
 
 
 def linear_eval(config: ml_collections.ConfigDict, encoder: nn.Module,
-                variables: Any, mesh: Mesh, *, epochs: float = 80,
-                batch_size: int = 256, base_lr: float = 0.2,
-                finetune: bool = False, weight_decay: float = 0.0,
-                log_every: int = 0, seed: int = 0, steps: int = 0,
-                eval_batch_size: int | None = None) -> dict[str, Any]:
-  """Trains a linear classifier on the encoder and scores it on the eval split.
+                variables: Any, mesh: Mesh, **kwargs) -> dict[str, Any]:
+  """One linear evaluation (or fine-tuning): `LinearEvaluator(...)(variables)`.
 
-  Args:
-    config: the pretraining run's config (data.*, augment.normalize).
-    encoder: the encoder module (e.g. from `checkpoint.load_encoder`).
-    variables: its {'params', 'batch_stats'}.
-    mesh: the device mesh.
-    epochs: passes over config.data.train_split (the protocol: 80).
-    batch_size: global batch; lr = base_lr * batch_size / 256.
-    base_lr: the learning rate at batch 256 (0.2 for the linear protocol; use
-      a smaller one, e.g. 0.01, to fine-tune).
-    finetune: also train the encoder (BN in train mode).
-    weight_decay: on kernels; 0 in the protocol.
-    log_every: log train loss/accuracy every this many steps (0: each epoch).
-    seed: head initialisation and data order.
-    steps: when > 0, the number of steps, overriding `epochs`.
-    eval_batch_size: global eval batch (default: `batch_size`).
-
-  Returns:
-    {'top1', 'top5' (fractions), 'epochs', 'steps', 'steps_per_epoch',
-    'batch_size', 'base_lr', 'lr', 'finetune', 'num_train_examples',
-    'num_eval_examples', 'train_loss', 'train_accuracy' (the last logging
-    window), 'train_seconds', 'head': the trained Dense params} and, when
-    fine-tuning, 'variables': the encoder's fine-tuned
-    {'params', 'batch_stats'}.
+  Keyword arguments are those of `LinearEvaluator`.
   """
-  from byol_jax import data  # pylint: disable=g-import-not-at-top
-  sharding.check_batch_size(batch_size, mesh)
-  eval_batch_size = int(eval_batch_size or batch_size)
-  sharding.check_batch_size(eval_batch_size, mesh)
-  num_classes = int(config.data.num_classes)
-  if num_classes <= 0:
-    raise ConfigError("Linear evaluation needs labels: config.data.num_classes "
-                      f"is {num_classes}.")
-  normalize = bool(config.augment.get("normalize", True))
-
-  train_data = data.build_linear_train(config, mesh, batch_size, seed)
-  steps_per_epoch = max(1, int(train_data.num_examples) // batch_size)
-  total_steps = int(steps) if steps > 0 else max(
-      1, int(round(epochs * steps_per_epoch)))
-  log_every = int(log_every) or steps_per_epoch
-
-  head = make_head(num_classes)
-  tx, schedule = make_optimizer(base_lr, batch_size, total_steps,
-                                weight_decay=weight_decay)
-  rep = sharding.replicated(mesh)
-  variables = jax.device_put(
-      {"params": variables["params"],
-       "batch_stats": variables.get("batch_stats", {})}, rep)
-  dim = _feature_dim(encoder, variables, int(config.data.image_size))
-
-  def init(key, variables):
-    params = {"head": head.init(key, jnp.zeros((1, dim)))["params"]}
-    batch_stats = {}
-    if finetune:  # Copies: the donated state must not alias the caller's.
-      params["encoder"] = jax.tree.map(jnp.copy, variables["params"])
-      batch_stats = jax.tree.map(jnp.copy, variables["batch_stats"])
-    return LinearState(step=jnp.zeros((), jnp.int32), params=params,
-                       batch_stats=batch_stats, opt_state=tx.init(params))
-
-  key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-  state = jax.jit(init, out_shardings=rep)(key, variables)
-  frozen = None if finetune else variables
-  step_fn = jit_train_step(
-      make_train_step(encoder, head, tx, schedule, finetune=finetune,
-                      normalize=normalize), mesh)
-
-  logging.info("Linear %s: %d steps (%d per epoch) of batch %d, peak lr %.4g.",
-               "fine-tuning" if finetune else "evaluation", total_steps,
-               steps_per_epoch, batch_size, base_lr * batch_size / 256)
-  start = time.time()
-  window = []  # Metrics of the steps since the last log, on device.
-  last = dict(loss=float("nan"), accuracy=float("nan"))
-  for step in range(total_steps):
-    batch = knn.as_global(train_data.batch(step), mesh)
-    state, metrics = step_fn(state, frozen, batch)
-    if window:
-      # At most two steps in flight: deep run-ahead gains nothing here and
-      # can deadlock the collectives of multi-device CPU runs.
-      jax.block_until_ready(window[-1])
-    window.append(metrics)
-    if (step + 1) % log_every == 0 or step + 1 == total_steps:
-      host = {k: float(np.mean([knn.to_host(m[k]) for m in window]))
-              for k in window[0]}
-      last = host
-      logging.info("linear step %d/%d (epoch %.2f): loss %.4f acc %.4f "
-                   "lr %.4g", step + 1, total_steps,
-                   (step + 1) / steps_per_epoch, host["loss"],
-                   host["accuracy"], host["lr"])
-      if not np.isfinite(host["loss"]):
-        raise FloatingPointError(
-            f"Linear evaluation diverged at step {step + 1} (loss "
-            f"{host['loss']}); lower --base_lr.")
-      window = []
-  train_seconds = time.time() - start
-
-  if finetune:
-    enc_vars = {"params": state.params["encoder"],
-                "batch_stats": state.batch_stats}
-  else:
-    enc_vars = variables
-
-  def logits_fn(v, x):
-    y = encoder.apply(v["encoder"], x, train=False)  # [B, D]
-    return head.apply({"params": v["head"]}, y.astype(jnp.float32))
-
-  eval_step = online.make_eval_step(logits_fn, mesh, normalize=normalize)
-  eval_data = data.build_eval(config, mesh, config.data.eval_split,
-                              eval_batch_size)
-  acc = online.evaluate(eval_step, {"encoder": enc_vars,
-                                    "head": state.params["head"]},
-                        eval_data, mesh)
-  result = dict(
-      top1=acc["top1"], top5=acc["top5"],
-      epochs=total_steps / steps_per_epoch, steps=total_steps,
-      steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-      base_lr=base_lr, lr=base_lr * batch_size / 256.0, finetune=finetune,
-      weight_decay=weight_decay,
-      num_train_examples=int(train_data.num_examples),
-      num_eval_examples=acc["num_examples"], train_loss=last["loss"],
-      train_accuracy=last["accuracy"], train_seconds=train_seconds,
-      head=state.params["head"])
-  if finetune:
-    result["variables"] = enc_vars
-  return result
+  return LinearEvaluator(config, encoder, mesh, **kwargs)(variables)

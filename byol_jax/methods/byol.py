@@ -7,6 +7,7 @@ normalises with batch statistics and keeps its own moving averages.
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from byol_jax import models
 from byol_jax.methods import network
@@ -63,8 +64,7 @@ def update_target(target_params, online_params, tau):
     tau: the decay of this step.
   """
   online = {k: online_params[k] for k in target_params}
-  return jax.tree.map(lambda t, o: t + (1.0 - tau) * (o - t), target_params,
-                      online)
+  return optax.incremental_update(online, target_params, step_size=1.0 - tau)
 
 
 def make_loss_fn(config: ml_collections.ConfigDict):

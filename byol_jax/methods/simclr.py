@@ -38,12 +38,15 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
   Returns:
     mean over the 2N views of -log(exp(s_ij/tau) / sum_{k != i} exp(s_ik/tau)).
   """
-  z = network.l2_normalize(jnp.concatenate([z1, z2], axis=0))  # [2N, P]
   n = z1.shape[0]
+  # Interleaved [2N, P]: row 2i is view 1 of example i, row 2i + 1 its view 2.
+  # Stacking keeps a batch-sharded example's two views on its device (a
+  # concatenation would move half the rows across devices).
+  z = network.l2_normalize(jnp.stack([z1, z2], axis=1).reshape(2 * n, -1))
   logits = z @ z.T / temperature                                 # [2N, 2N]
   # Mask self-similarity out of the softmax with a large negative number.
   logits = jnp.where(jnp.eye(2 * n, dtype=bool), -1e9, logits)
-  positives = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
+  positives = jnp.arange(2 * n) ^ 1                              # 2i <-> 2i+1
   log_prob = jax.nn.log_softmax(logits, axis=-1)
   return -jnp.mean(jnp.take_along_axis(log_prob, positives[:, None], axis=-1))
 
@@ -55,12 +58,15 @@ def make_loss_fn(config: ml_collections.ConfigDict):
   def loss_fn(model, params, batch_stats, target, view1, view2):
     del target
     n = view1.shape[0]
-    # Both views in ONE batch-norm batch, as in SimCLR.
+    # Both views in ONE batch-norm batch, as in SimCLR, interleaved per
+    # example ([2N, H, W, 3], row 2i + v = view v + 1 of example i) so that
+    # the images never leave the device that holds their example.
+    both = jnp.stack([view1, view2], axis=1).reshape(2 * n, *view1.shape[1:])
     out, bs = model.apply({"params": params, "batch_stats": batch_stats},
-                          jnp.concatenate([view1, view2], axis=0), train=True,
-                          mutable=["batch_stats"])
-    loss = nt_xent(out["proj"][:n], out["proj"][n:], temperature)
-    out1 = jax.tree.map(lambda x: x[:n], out)
+                          both, train=True, mutable=["batch_stats"])
+    pairs = jax.tree.map(lambda x: x.reshape(n, 2, *x.shape[1:]), out)
+    loss = nt_xent(pairs["proj"][:, 0], pairs["proj"][:, 1], temperature)
+    out1 = jax.tree.map(lambda x: x[:, 0], pairs)
     return loss, (out1, bs["batch_stats"], None, {})
 
   return loss_fn

@@ -1,0 +1,138 @@
+"""The evaluations run during pretraining, built and compiled once per run.
+
+- The online classifier (trained jointly on the stop-gradient of the
+  representation): top-1 and top-5 on the eval split, network in inference
+  mode.
+- The kNN monitor: the train split's features are the bank, the eval split's
+  the queries (k and T from `config.knn`).
+
+One compiled forward pass serves both: the encoder in inference mode gives
+the L2-normalised features and the classifier's hit counts of a batch. The
+input pipelines and jitted functions are built in `__init__`; each call
+only runs them, so periodic evaluations compile nothing new.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from byol_jax import data
+from byol_jax import models
+from byol_jax import sharding
+from byol_jax.data import augment
+from byol_jax.evaluation import knn
+from byol_jax.evaluation import online
+from byol_jax.methods import network
+
+
+class Monitor:
+  """Online-classifier accuracy and kNN accuracy of an encoder."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *,
+               batch_size: int | None = None):
+    """Builds the eval pipelines and the compiled forward pass.
+
+    Args:
+      config: the run's resolved config (model, data.*, knn.*,
+        augment.normalize); `data.num_classes` 0 turns both evaluations off.
+      mesh: the device mesh.
+      batch_size: global eval batch (default: config.batch_size), rounded up
+        to a multiple of the device count.
+    """
+    self._mesh = mesh
+    self._num_classes = int(config.data.num_classes)
+    self._knn = dict(config.knn) if self._num_classes > 0 else {}
+    self.enabled = self._num_classes > 0 and bool(config.data.eval_split)
+    self.knn_on_target = bool(self._knn.get("target", False))
+    if not self.enabled:
+      return
+    batch_size = sharding.fit_batch_size(batch_size or config.batch_size,
+                                         mesh)
+    self._queries = data.build_eval(config, mesh, config.data.eval_split,
+                                    batch_size)
+    self._bank = (data.build_eval(config, mesh, config.data.train_split,
+                                  batch_size)
+                  if self._knn.get("enabled") else None)
+    encoder = network.make_encoder(config)
+    classifier = nn.Dense(self._num_classes, name="classifier")
+    normalize = bool(config.augment.get("normalize", True))
+
+    def forward(encoder_vars, classifier_params, batch):
+      x = augment.to_float(batch["image"])             # [B, S, S, 3] in [0, 1]
+      x = augment.normalize(x) if normalize else x
+      y = encoder.apply(encoder_vars, x, train=False)  # [B, D]
+      logits = classifier.apply({"params": classifier_params}, y)  # [B, C]
+      return network.l2_normalize(y), online.correct_counts(
+          logits, batch["label"], batch["mask"])
+
+    # A stand-in classifier where there is none (a target encoder): one
+    # signature, one compilation; its counts are not reported.
+    dim = models.representation_dim(config.model.depth, config.model.width,
+                                    config.model.num_filters)
+    self._no_classifier = {
+        "kernel": jnp.zeros((dim, self._num_classes), jnp.float32),
+        "bias": jnp.zeros((self._num_classes,), jnp.float32)}
+
+    rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    self._forward = jax.jit(forward, in_shardings=(rep, rep, rows),
+                            out_shardings=(rows, rep))
+
+  def __call__(self, encoder_vars: Any, classifier_params: Any = None,
+               prefix: str = "eval/") -> dict[str, float]:
+    """Runs the evaluations.
+
+    Args:
+      encoder_vars: {'params', 'batch_stats'} of the encoder (replicated).
+      classifier_params: the online classifier's Dense params, or None.
+      prefix: prepended to the result names.
+
+    Returns:
+      {prefix + 'online_top1', 'online_top5' (with a classifier),
+      'knn_top1', 'knn_top5' (kNN enabled)}: fractions in [0, 1].
+    """
+    if not self.enabled:
+      return {}
+    results = {}
+    want_features = self._bank is not None
+    scored = classifier_params is not None
+    if not scored:
+      classifier_params = self._no_classifier
+    totals, query_f, query_y = None, [], []
+    for batch in self._queries:
+      feats, counts = self._forward(encoder_vars, classifier_params, batch)
+      if scored:
+        totals = counts if totals is None else jax.tree.map(jnp.add, totals,
+                                                            counts)
+      if want_features:
+        query_f.append(feats)
+        query_y.append(batch)
+    if totals is not None:
+      t = {k: int(sharding.to_host(v)) for k, v in totals.items()}
+      n = max(t["count"], 1)
+      results[prefix + "online_top1"] = t["correct1"] / n
+      if self._num_classes >= 5:
+        results[prefix + "online_top5"] = t["correct5"] / n
+    if want_features:
+      bank_f, bank_y = self._features(
+          (self._forward(encoder_vars, classifier_params, b)[0], b) for b in self._bank)
+      test_f, test_y = self._features(zip(query_f, query_y))
+      scores = knn.knn_scores(
+          bank_f, bank_y, test_f, self._num_classes, k=int(self._knn["k"]),
+          temperature=float(self._knn["temperature"]), mesh=self._mesh)
+      acc = knn.topk_accuracy(sharding.to_host(scores), test_y)
+      results.update({f"{prefix}knn_{k}": v for k, v in acc.items()})
+    return results
+
+  @staticmethod
+  def _features(pairs) -> tuple[np.ndarray, np.ndarray]:
+    """Host features and labels of the real rows of (features, batch) pairs."""
+    feats, labels = [], []
+    for f, batch in pairs:
+      keep = sharding.to_host(batch["mask"]).astype(bool)
+      feats.append(sharding.to_host(f)[keep])
+      labels.append(sharding.to_host(batch["label"]).astype(np.int32)[keep])
+    return np.concatenate(feats), np.concatenate(labels)

@@ -1,0 +1,98 @@
+"""The trainer's console: one line per event, rates measured after compiling.
+
+Only process 0 prints. The first step of a run includes compiling the train
+step, so images/s and the ETA count from the end of the first step.
+"""
+import time
+
+import jax
+import ml_collections
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, m, s = seconds // 3600, seconds % 3600 // 60, seconds % 60
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def say(text: str) -> None:
+  """Prints one line on process 0."""
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
+def describe_run(config: ml_collections.ConfigDict, dataset: str,
+                 total_steps: int, steps_per_epoch: int, workdir) -> str:
+  """The start-up summary line."""
+  m = config.model
+  net = f"ResNet-{m.depth}" + (f" x{m.width}" if m.width != 1 else "")
+  if m.num_filters != 64:
+    net += f" ({m.num_filters} filters)"
+  devices = jax.devices()
+  return (f"{config.method} on {dataset}: {net}, {m.stem} stem, "
+          f"{config.data.image_size} px, batch {config.batch_size} on "
+          f"{len(devices)} {devices[0].platform} device(s) in "
+          f"{jax.process_count()} process(es); {total_steps} steps "
+          f"({steps_per_epoch} per epoch) -> {workdir}")
+
+
+class Progress:
+  """Images per second and ETA of the steps after the first one."""
+
+  def __init__(self, start_step: int, total_steps: int, batch_size: int,
+               steps_per_epoch: int):
+    self._total, self._batch = total_steps, batch_size
+    self._per_epoch = max(steps_per_epoch, 1)
+    self._start = time.monotonic()
+    self._t0 = self._s0 = None
+    self._start_step = start_step
+    self.compile_seconds = 0.0
+
+  @property
+  def measuring(self) -> bool:
+    return self._t0 is not None
+
+  def first_step_done(self, step: int) -> None:
+    """Call once, after the first step's outputs are ready."""
+    self._t0, self._s0 = time.monotonic(), step
+    self.compile_seconds = self._t0 - self._start
+
+  def rate(self, step: int) -> float | None:
+    """Images per second since the first step (None: nothing measured yet)."""
+    if self._t0 is None or step <= self._s0:
+      return None
+    return (step - self._s0) * self._batch / (time.monotonic() - self._t0)
+
+  def line(self, step: int, m: dict) -> str:
+    """'step 10/60 ep 0.83 loss ... img/s ... eta ...'."""
+    rate = self.rate(step)
+    speed = (f"img/s {rate:.1f} eta "
+             f"{format_duration((self._total - step) * self._batch / rate)}"
+             if rate else "img/s - eta -")
+    parts = [f"step {step}/{self._total}", f"ep {step / self._per_epoch:.2f}",
+             f"loss {m['loss']:.4f}", f"lr {m['lr']:.4g}"]
+    if "tau" in m:
+      parts.append(f"tau {m['tau']:.5f}")
+    if "classifier_accuracy" in m:
+      parts.append(f"cls_acc {m['classifier_accuracy']:.3f}")
+    parts += [f"emb_std {m['embedding_std']:.4f}", speed]
+    return " ".join(parts)
+
+  def summary(self, step: int, final: dict) -> str:
+    """The last line of a run."""
+    elapsed = time.monotonic() - self._start
+    text = (f"done: steps {self._start_step}-{step} in "
+            f"{format_duration(elapsed)} (compiling "
+            f"{format_duration(self.compile_seconds)})")
+    if "loss" in final:
+      text += f", final loss {final['loss']:.4f}"
+    evals = " ".join(f"{k.split('/')[-1]} {100 * v:.2f}%"
+                     for k, v in sorted(final.items())
+                     if k.startswith("eval/"))
+    return text + (f", {evals}" if evals else "")
+
+
+def eval_line(step: int, results: dict) -> str:
+  text = " ".join(f"{k.split('/')[-1]} {100 * v:.2f}%"
+                  for k, v in sorted(results.items()))
+  return f"step {step} eval: {text}"

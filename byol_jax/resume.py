@@ -1,0 +1,153 @@
+"""Where a run starts: which checkpoint, checked against the config first.
+
+Decided once, before any state is built: the stored config of the
+checkpoint is compared with the current one (a change that alters the state
+or what the run computes is refused, nothing moved), then the checkpoint is
+restored; only real damage moves it aside, and the next older one is tried.
+A workdir that has checkpoints never silently starts again from step 0.
+"""
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from absl import logging
+
+from byol_jax import checkpoint
+from byol_jax import config_lib
+from byol_jax.errors import ConfigError
+
+# Fields a resumed run may change: cadences, evaluation settings, the length
+# of the run and where the same data lives. Everything else (method, model,
+# heads, classes, optimizer, batch size, seed, data and augmentations)
+# changes the state or what the run computes.
+RESUMABLE = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+             "checkpoint_every_minutes", "keep_checkpoints", "total_steps",
+             "num_epochs", "knn.", "data.path", "data.data_dir",
+             "data.num_parallel_calls", "data.cache", "data.skip_corrupt")
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  out = {}
+
+  def walk(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, (dict, ml_collections.ConfigDict)):
+        walk(v, f"{prefix}{k}.")
+      else:
+        out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  walk(checkpoint.config_to_json(config), "")
+  return out
+
+
+def config_changes(saved: ml_collections.ConfigDict,
+                   current: ml_collections.ConfigDict
+                   ) -> tuple[dict, dict]:
+  """(refused, allowed) differences {field: (saved, current)}.
+
+  Fields the saved config lacks (written before they existed) count as
+  their current default.
+  """
+  defaults = _flat(config_lib.base_config())
+  old, new = _flat(saved), _flat(current)
+  refused, allowed = {}, {}
+  for key in sorted(old.keys() | new.keys()):
+    a, b = old.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+    if a == b:
+      continue
+    resumable = any(key == r or (r.endswith(".") and key.startswith(r))
+                    for r in RESUMABLE)
+    (allowed if resumable else refused)[key] = (a, b)
+  return refused, allowed
+
+
+def check_config(saved: ml_collections.ConfigDict,
+                 current: ml_collections.ConfigDict, where: str) -> dict:
+  """Raises ConfigError for refused changes; returns the allowed ones."""
+  refused, allowed = config_changes(saved, current)
+  if refused:
+    shown = list(refused.items())[:6]
+    what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in shown)
+    fix = " ".join(f"--config.{k}={_flag_value(a)}" for k, (a, _) in shown)
+    more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
+    raise ConfigError(
+        f"{where} was trained with another config: {what}{more}. Start a new "
+        f"run with another --workdir, or resume this one with {fix}.")
+  return allowed
+
+
+def _flag_value(v) -> str:
+  if isinstance(v, (list, tuple)):
+    return "'(" + ",".join(str(x) for x in v) + ")'"
+  return str(v)
+
+
+def restore_or_init(ckpt: checkpoint.Checkpointer,
+                    config: ml_collections.ConfigDict, abstract_state: Any,
+                    init: Callable[[], Any], restore_step: int | None = None,
+                    say: Callable[[str], None] = print
+                    ) -> tuple[Any, int]:
+  """The state to start from and its step.
+
+  Args:
+    ckpt: the run's checkpointer.
+    config: the current (resolved) config.
+    abstract_state: shapes, dtypes and shardings of the state.
+    init: builds a fresh state (used only when the workdir has none).
+    restore_step: resume from this checkpoint instead of the newest; newer
+      ones stay in place.
+    say: where the one-line notices go.
+
+  Returns:
+    (state, step).
+
+  Raises:
+    ConfigError: the config differs in a way that changes the run, the
+      asked-for step does not exist or is damaged, or no checkpoint of the
+      workdir can be read.
+    checkpoint.StorageError: the storage keeps failing.
+  """
+  # Process 0's listing decides; every process then walks the same steps.
+  steps = ckpt.all_steps()
+  newest = checkpoint.shared_decision(steps[-1] if steps else -1)
+  if newest < 0:
+    if restore_step is not None:
+      raise ConfigError(f"--restore_step={restore_step}: {ckpt.directory} "
+                        "holds no checkpoint.")
+    return init(), 0
+  steps = [s for s in steps if s <= newest]
+  if restore_step is not None:
+    if restore_step not in steps:
+      raise ConfigError(f"--restore_step={restore_step}: no such checkpoint "
+                        f"in {ckpt.directory}; available steps: {steps}.")
+    candidates = [restore_step]
+  else:
+    candidates = steps[::-1]
+  damaged = []
+  for step in candidates:
+    where = f"{ckpt.directory}/{step}"
+    why = ""
+    state = None
+    try:
+      allowed = check_config(ckpt.saved_config(step), config, where)
+      state = ckpt.restore(abstract_state, step)
+    except checkpoint.DamagedCheckpointError as e:
+      why = str(e)
+    if checkpoint.all_processes_ok(not why):
+      if allowed and jax.process_index() == 0:
+        say("Resuming with changed settings: " + ", ".join(
+            f"{k} {a!r} -> {b!r}" for k, (a, b) in allowed.items()) + ".")
+      if damaged:
+        logging.warning("Resumed from step %d after moving damaged "
+                        "checkpoints %s aside.", step, damaged)
+      return state, step
+    damaged.append(step)
+    ckpt.quarantine(step, why or "unreadable on another process")
+    if restore_step is not None:
+      raise ConfigError(
+          f"--restore_step={restore_step}: the checkpoint is damaged ({why});"
+          " it was moved to checkpoints_damaged/. Pick another step.")
+  raise ConfigError(
+      f"None of the checkpoints in {ckpt.directory} can be read (steps "
+      f"{damaged} were damaged and moved to checkpoints_damaged/); the run "
+      "does not start again from step 0 by itself: use a new --workdir, or "
+      "move the old checkpoints out of this one.")
