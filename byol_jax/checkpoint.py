@@ -115,6 +115,14 @@ def checksums(state: Any) -> dict[str, int]:
 
 
 # ------------------------------------------------------- save decisions ----
+@dataclasses.dataclass(frozen=True)
+class _Start:
+  """The start of the run, as a `PolicyCheckpointInfo` (time counts from it)."""
+  step: int
+  time: datetime.datetime
+  metrics: Any = None
+
+
 @dataclasses.dataclass
 class _AtSteps(policies.SaveDecisionPolicy):
   """Asks `inner` only at multiples of `every` (where the loop syncs anyway).
@@ -125,7 +133,7 @@ class _AtSteps(policies.SaveDecisionPolicy):
   """
   inner: policies.SaveDecisionPolicy
   every: int
-  start: policies.PolicyCheckpointInfo
+  start: _Start
 
   def should_save(self, step, previous_steps, *, context) -> bool:
     if step.step % self.every:
@@ -177,9 +185,8 @@ class Checkpointer:
       rules.append(policies.FixedIntervalPolicy(
           int(config.checkpoint_every_steps)))
     if config.checkpoint_every_minutes > 0:
-      start = policies.PolicyCheckpointInfo(
-          step=start_step, time=datetime.datetime.now(datetime.timezone.utc),
-          metrics=None)
+      start = _Start(step=start_step,
+                     time=datetime.datetime.now(datetime.timezone.utc))
       rules.append(_AtSteps(
           policies.ContinuousCheckpointingPolicy(
               minimum_interval_secs=int(60 * config.checkpoint_every_minutes)),

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from byol_jax.checkpoint import ITEMS, as_path, config_from_json
+from byol_jax.checkpoint import as_path, config_from_json
 from byol_jax.errors import ConfigError
 from byol_jax.methods import network
 
@@ -50,8 +50,11 @@ def load_run(path: str, step: int | None = None
   directory, named_step = _find_checkpoint_dir(path)
   step = step if step is not None else named_step
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_names=ITEMS)
+      directory, options=ocp.CheckpointManagerOptions(
+          create=False, save_root_metadata=False),
+      item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+                         config=ocp.JsonCheckpointHandler(),
+                         checksums=ocp.JsonCheckpointHandler()))
   try:
     steps = manager.all_steps()
     if not steps:
@@ -61,10 +64,13 @@ def load_run(path: str, step: int | None = None
     if step not in steps:
       raise ConfigError(f"No checkpoint of step {step} in {directory}; "
                         f"available steps: {sorted(steps)}.")
-    # A target of host arrays: Orbax ignores the saving run's sharding.
+    # A target on this process's first device: Orbax then ignores the
+    # sharding of the run that saved it (any number of processes/devices).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = manager.item_metadata(step).state
-    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata,
-                          is_leaf=lambda m: hasattr(m, "shape"))
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        metadata, is_leaf=lambda m: hasattr(m, "shape"))
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target),
         config=ocp.args.JsonRestore()))

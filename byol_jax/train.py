@@ -17,8 +17,11 @@ import os
 import sys
 from typing import Any
 
-# Before TensorFlow can be imported: no C++ start-up notices on the console.
+# Before TensorFlow can be imported: no C++ start-up notices on the console
+# (TensorFlow only decodes and crops images here, so its oneDNN kernels for
+# matrix products are not needed).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402

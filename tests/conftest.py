@@ -1,6 +1,16 @@
-"""Test set-up: 8 fake CPU devices, set before JAX is imported anywhere."""
+"""Test set-up: 8 fake CPU devices (set before JAX is imported), real data,
+one tiny config and one tiny trained workdir per pytest run.
+
+Real images come from $BYOL_JAX_TEST_DATA or ../shared/datasets (the packs
+described in ../shared/datasets/README.md). Without them, `testdata.py`
+prepares a small real subset through TFDS once into a cache; without data
+and without network, data-dependent tests are skipped with one line.
+"""
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -16,22 +26,97 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("BYOL_SHARED", REPO.parent / "shared"))
-DATASETS = SHARED / "datasets"
+import testdata  # noqa: E402  (tests/testdata.py)
+from testlib import CONFIGS, NARROW, REPO, TRAINED_STEPS  # noqa: E402
+from testlib import load_config, train_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def cifar_npz() -> pathlib.Path:
-  path = DATASETS / "cifar10_small.npz"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} is missing: tests need ../shared/datasets")
-  return path
+def datasets_dir() -> pathlib.Path:
+  return testdata.datasets_dir()
 
 
 @pytest.fixture(scope="session")
-def imagenette_npz() -> pathlib.Path:
-  path = DATASETS / "imagenette_small.npz"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} is missing: tests need ../shared/datasets")
-  return path
+def cifar_npz(datasets_dir) -> pathlib.Path:
+  return datasets_dir / "cifar10_small.npz"
+
+
+@pytest.fixture(scope="session")
+def imagenette_npz(datasets_dir) -> pathlib.Path:
+  return datasets_dir / "imagenette_small.npz"
+
+
+@pytest.fixture(scope="session")
+def tiny_config(cifar_npz):
+  """tiny_config(method='byol', **overrides): configs/tiny.py, narrowed.
+
+  Overrides use dotted names with '__' (model__num_filters=8).
+  """
+  def make(method="byol", batch=NARROW["batch"], **overrides):
+    c = load_config("tiny", f"method={method},batch={batch}")
+    c.data.path = str(cifar_npz)
+    c.model.num_filters = NARROW["filters"]
+    c.projector.hidden_dim = NARROW["hidden"]
+    c.predictor.hidden_dim = NARROW["hidden"] if method != "simsiam" else 8
+    c.knn.k = 10
+    for key, value in overrides.items():
+      *parents, leaf = key.split("__")
+      node = c
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    return c
+  return make
+
+
+@pytest.fixture(scope="session")
+def train_cmd(cifar_npz):
+  """train_cmd(workdir, arg='', *flags, narrow=True): the trainer's argv."""
+  def make(workdir, arg="", *extra, narrow=True):
+    base = (f"batch={NARROW['batch']}" if narrow else "")
+    arg = ",".join(a for a in (f"path={cifar_npz}", base, arg) if a)
+    narrowing = ([f"--config.model.num_filters={NARROW['filters']}",
+                  f"--config.projector.hidden_dim={NARROW['hidden']}",
+                  f"--config.predictor.hidden_dim={NARROW['hidden']}",
+                  "--config.knn.k=10"] if narrow else [])
+    return [sys.executable, "-m", "byol_jax.train",
+            f"--config={CONFIGS / 'tiny.py'}:{arg}", f"--workdir={workdir}",
+            *narrowing, *extra]
+  return make
+
+
+@pytest.fixture(scope="session")
+def run_train(train_cmd):
+  """run_train(workdir, arg='', *flags, check=True, devices=8, timeout=600)."""
+  def run(workdir, arg="", *extra, check=True, devices=8, timeout=600,
+          narrow=True):
+    proc = subprocess.run(train_cmd(workdir, arg, *extra, narrow=narrow),
+                          cwd=REPO, env=train_env(devices),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+      raise AssertionError(f"train failed ({proc.returncode}):\n"
+                           f"{proc.stdout}\n{proc.stderr[-5000:]}")
+    return proc
+  return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, run_train):
+  """One tiny BYOL run of TRAINED_STEPS steps through the CLI, per session.
+
+  Returns (workdir, completed process). Tests that change it work on a copy
+  (`trained_copy`).
+  """
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  proc = run_train(workdir, f"steps={TRAINED_STEPS}",
+                   "--config.checkpoint_every_steps=4",
+                   "--config.log_every_steps=2")
+  return workdir, proc
+
+
+@pytest.fixture
+def trained_copy(trained_run, tmp_path):
+  """A private copy of the session's trained workdir."""
+  dst = tmp_path / "run"
+  shutil.copytree(trained_run[0], dst)
+  return dst

@@ -55,6 +55,9 @@ def _parse(argv):
   p.add_argument("--init_timeout", type=int, default=60)
   p.add_argument("--shutdown_timeout", type=int, default=30)
   p.add_argument("--exit_after", choices=["init", "step"], default=None)
+  p.add_argument("--load_from", default=None,
+                 help="Instead of training: load this job's checkpoints on "
+                 "this process's devices and compare with --out's states.")
   return p.parse_args(argv)
 
 
@@ -104,12 +107,13 @@ def _assert_equal(saved: dict, restored: dict, what: str) -> None:
 
 def run(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+  from byol_jax import multihost  # pylint: disable=g-import-not-at-top
   from byol_jax import train  # pylint: disable=g-import-not-at-top
 
   _log("imported")
   if args.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    train.initialize_distributed(
+    multihost.initialize(
         "yes", args.coordinator_address, args.num_processes, args.process_id,
         initialization_timeout=args.init_timeout,
         heartbeat_timeout_seconds=args.heartbeat_timeout,
@@ -136,7 +140,7 @@ def run(args) -> None:
   class RecordingCheckpointer(checkpoint.Checkpointer):
     """Keeps a host copy of each state it saves (the trainer's own saves)."""
 
-    def save(self, step, state):
+    def save(self, step, state):  # pylint: disable=arguments-differ
       if args.exit_after == "step":
         _log(f"exiting on purpose at the save of step {step}")
         os._exit(EXIT_ON_PURPOSE)
@@ -166,8 +170,7 @@ def run(args) -> None:
   abstract = train_state.abstract(config, model, tx, mesh, method.HAS_TARGET)
   ckpt = checkpoint.Checkpointer(args.workdir, config)
   assert ckpt.latest_step() == args.steps, ckpt.latest_step()
-  restored = ckpt.restore(abstract)
-  assert restored is not None, "no checkpoint restored"
+  restored = ckpt.restore(abstract, args.steps)
   if jax.process_count() > 1:  # Global arrays, replicated like the saved.
     for leaf in jax.tree.leaves(restored):
       assert isinstance(leaf, jax.Array), type(leaf)
@@ -178,7 +181,7 @@ def run(args) -> None:
   ckpt.close()
   # The earlier (mid-run) checkpoints, through Orbax directly.
   manager = ocp.CheckpointManager(checkpoint.as_path(args.workdir) /
-                                  "checkpoints", item_names=("state", "config"))
+                                  "checkpoints", item_names=checkpoint.ITEMS)
   kept = sorted(manager.all_steps())
   assert kept == sorted(saved)[-config.keep_checkpoints:], (kept, sorted(saved))
   for step in kept[:-1]:
@@ -189,14 +192,92 @@ def run(args) -> None:
   manager.close()
   _log(f"worker {jax.process_index()}: restored steps {kept} equal the saved "
        "states")
+  _check_save_decisions(config, args.workdir)
 
   _log(f"worker {jax.process_index()}: done")
+
+
+def _check_save_decisions(config, workdir) -> None:
+  """Orbax's save decisions (steps, minutes, preemption) touch no device.
+
+  Every decision runs under a transfer guard that refuses even explicit
+  transfers: a decision that needed a device value would have to fetch it.
+  Process 0 decides the time-based ones; every process must agree.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from byol_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.checkpoint_every_steps = 5
+  config.checkpoint_every_minutes = 0.005  # 0.3 s, asked at log steps
+  config.log_every_steps = 2
+  ckpt = checkpoint.Checkpointer(workdir + "_decisions", config)
+  decisions = []
+  for step in range(101, 121):
+    with jax.transfer_guard("disallow_explicit"):
+      decisions.append(int(ckpt.should_save(step)))
+    time.sleep(0.1)
+  ckpt.close()
+  _log(f"decisions {''.join(map(str, decisions))}")
+  steps = range(101, 121)
+  by_step = dict(zip(steps, decisions))
+  assert all(by_step[s] for s in (105, 110, 115, 120))  # Every 5 steps.
+  # Minutes are asked only at log steps (even), and they did pass.
+  assert not any(by_step[s] for s in steps if s % 2 and s % 5)
+  assert any(by_step[s] for s in steps if s % 2 == 0 and s % 5)
+
+
+def load(args) -> None:
+  """Loads a (multi-process) job's checkpoint on this layout and compares."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import byol_jax  # pylint: disable=g-import-not-at-top
+  from byol_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from byol_jax import methods  # pylint: disable=g-import-not-at-top
+  from byol_jax import optim  # pylint: disable=g-import-not-at-top
+  from byol_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from byol_jax import resume  # pylint: disable=g-import-not-at-top
+  from byol_jax import sharding  # pylint: disable=g-import-not-at-top
+  from byol_jax import train_state  # pylint: disable=g-import-not-at-top
+
+  with np.load(args.load_from) as f:
+    saved = {k.split("/", 1)[1]: f[k] for k in f.files
+             if k.startswith(f"{args.steps}/")}
+  _log(f"{jax.device_count()} devices: loading step {args.steps}")
+  # 1. load_encoder (what downstream code uses).
+  encoder, variables = byol_jax.load_encoder(args.workdir)
+  want = {"params": {}, "batch_stats": {}}
+  got = _flat(variables)
+  for col in want:
+    prefix = f".{col}['encoder']"
+    want[col] = {k[len(prefix):]: v for k, v in saved.items()
+                 if k.startswith(prefix)}
+  _assert_equal({f"['{c}']{k}": v for c, d in want.items()
+                 for k, v in d.items()}, {k: np.asarray(v)
+                                          for k, v in got.items()},
+                "load_encoder")
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
+  features = encoder.apply(variables, x, train=False)
+  assert features.shape[0] == 4 and np.isfinite(np.asarray(features)).all()
+  # 2. The trainer's restore, on this process's mesh.
+  config, _, step = pretrained.load_run(args.workdir)
+  mesh = sharding.make_mesh()
+  method = methods.get(config.method)
+  model = method.make_network(config)
+  tx, _ = optim.build_optimizer(config, args.steps, args.steps)
+  abstract = train_state.abstract(config, model, tx, mesh, method.HAS_TARGET)
+  with checkpoint.Checkpointer(args.workdir, config, read_only=True) as ckpt:
+    state, step = resume.restore_or_init(ckpt, config, abstract, None)
+  assert step == args.steps, step
+  for leaf in jax.tree.leaves(state):
+    assert len(leaf.sharding.device_set) == jax.device_count()
+  _assert_equal(saved, _flat(_host_copy(state)), "trainer restore")
+  _log(f"loaded on {jax.device_count()} devices: equal to the saved state")
 
 
 def main(argv=None) -> None:
   args = _parse(sys.argv[1:] if argv is None else argv)
   try:
-    run(args)
+    load(args) if args.load_from else run(args)
   except BaseException:  # pylint: disable=broad-except
     traceback.print_exc()
     sys.stdout.flush()

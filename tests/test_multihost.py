@@ -68,10 +68,10 @@ class Job:
   """Worker processes started together; output goes to files (no pipe fills)."""
 
   def __init__(self, tmp: pathlib.Path, name: str, npz, num_processes: int,
-               devices: int, extra=None, nice: int = 0):
+               devices: int, extra=None, nice: int = 0, workdir=None):
     self.procs, self.logs, self.outs = [], [], []
     _JOBS.append(self)
-    self.workdir = tmp / name / "run"
+    self.workdir = workdir or tmp / name / "run"
     port = _free_port() if num_processes > 1 else None
     for p in range(num_processes):
       log = tmp / name / f"log{p}.txt"
@@ -208,6 +208,19 @@ def test_two_processes_match_one_and_restore(tmp_path, cifar_npz):
     # ... which is the one-process, 8-device state (same global batches).
     _assert_close(ref[step], p0[step], f"step {step}, 1x8 vs 2x4")
   assert int(p0[STEPS][".step"]) == STEPS
+  # Orbax's save decisions needed no device, and both processes agreed.
+  decisions = [[l.split("decisions ")[1] for l in log.read_text().splitlines()
+                if "decisions " in l] for log in multi.logs]
+  assert decisions[0] and decisions[0] == decisions[1], decisions
+  # The 2-process checkpoint loads on other layouts: 1 process with 1 and
+  # with 8 devices (load_encoder and the trainer's restore).
+  for devices in (1, 8):
+    job = Job(tmp_path, f"load{devices}", cifar_npz, num_processes=1,
+              devices=devices, workdir=multi.workdir,
+              extra={0: [f"--load_from={multi.outs[0]}"]})
+    codes = job.wait(time.monotonic() + 180)
+    assert codes == [0], job.output()
+    assert f"loaded on {devices} devices" in job.logs[0].read_text()
   # The run moved: the comparison is not between two initial states.
   moved = [k for k in ref[STEPS] if k.startswith(".params")
            and not np.array_equal(ref[STEPS][k], ref[CHECKPOINT_EVERY][k])]

@@ -1,0 +1,58 @@
+"""Helpers shared by the tests (not tests themselves)."""
+import contextlib
+import importlib.util
+import os
+import pathlib
+
+import jax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+# Small enough for a 2-core CI machine: 4 base filters, 32 px, batch 16.
+NARROW = dict(batch=16, filters=4, hidden=32)
+TRAINED_STEPS = 8
+
+
+def load_config(name: str, arg: str | None = None):
+  """configs/NAME.py's get_config(arg)."""
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def train_env(devices: int = 8) -> dict:
+  """Environment of a trainer subprocess on `devices` CPU devices."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  d = pathlib.Path(workdir) / "checkpoints"
+  if not d.exists():
+    return []
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
+
+
+def error_lines(stderr: str) -> list[str]:
+  return [l for l in stderr.splitlines() if l.startswith("error:")]
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Counts XLA compilations inside the block: `with count_compiles() as n:`."""
+  counter = [0]
+
+  def listener(event, duration_secs, **kwargs):
+    del duration_secs, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      counter[0] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield counter
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
