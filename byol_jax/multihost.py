@@ -34,7 +34,8 @@ def _cluster_env():
   registered environment that is not opt-in only (mpi4py) and is present.
   Returns the ClusterEnv subclass, or None.
   """
-  for env in jax_clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  for env in jax_clusters.ClusterEnv._cluster_types:
     if not env.opt_in_only_method and env.is_env_present():
       return env
   return None
