@@ -406,3 +406,23 @@ def test_guide_commands_name_existing_launch_files():
     for rel in set(re.findall(r"launch/[A-Za-z0-9_./-]+\.(?:sh|sbatch|ipynb|md)",
                               guide.read_text())):
       assert (REPO / rel).is_file(), f"{guide.name} names {rel}: missing"
+
+
+def test_guide_zone_and_runtime_table_matches_the_script():
+  text = (LAUNCH / "README.md").read_text()
+  for accelerator, zone, runtime, _, _ in _SLICES:
+    gen = accelerator.split("-")[0]
+    rows = [line for line in text.splitlines()
+            if line.startswith(f"| `{gen}-N`") or f"`{gen}-N` |" in line
+            or f", `{gen}-N`" in line]
+    assert rows, f"launch/README.md: no zone row for {gen}"
+    assert f"| {zone} | {runtime} |" in rows[0], (gen, rows[0])
+
+
+def test_guides_prepare_data_without_tfds_build():
+  for guide in GUIDES:
+    text = guide.read_text()
+    assert "python -m byol_jax.prepare --dataset=imagenet2012" in text, guide
+    commands = [line.strip() for line in text.splitlines()
+                if line.strip().startswith("tfds build")]
+    assert not commands, f"{guide.name} still runs {commands}"
