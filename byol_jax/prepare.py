@@ -91,6 +91,7 @@ def _unreachable_url(builder) -> Optional[str]:
   machine is offline. A dataset that registers none is not probed.
   """
   proxies = urllib.request.getproxies()
+  answered = set()
   for url in sorted(builder.url_infos or {}):
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -99,12 +100,15 @@ def _unreachable_url(builder) -> Optional[str]:
     if parts.scheme in proxies and not urllib.request.proxy_bypass(
         parts.hostname):
       target = urllib.parse.urlsplit(proxies[parts.scheme])
-    port = target.port or (443 if target.scheme == "https" else 80)
+    address = (target.hostname,
+               target.port or (443 if target.scheme == "https" else 80))
+    if address in answered:
+      continue
     try:
-      socket.create_connection((target.hostname, port),
-                               timeout=_PROBE_TIMEOUT_S).close()
+      socket.create_connection(address, timeout=_PROBE_TIMEOUT_S).close()
     except OSError:
       return url
+    answered.add(address)
   return None
 
 

@@ -143,6 +143,23 @@ def test_ensure_prepared_offline_is_one_line(tmp_path):
   assert not list(tmp_path.iterdir())  # found out before writing anything
 
 
+def test_download_failure_through_a_proxy_is_one_line(tmp_path, monkeypatch):
+  """The probe asks the proxy; the proxy answers 404: TFDS's error, one line."""
+  (tmp_path / "empty").mkdir()
+  for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
+    monkeypatch.delenv(name, raising=False)
+  with tfds_builders.serve(tmp_path / "empty") as proxy:
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    monkeypatch.setenv("http_proxy", proxy)
+    with pytest.raises(ConfigError) as e:
+      prepare.ensure_prepared(_data_cfg("byol_test_offline", tmp_path / "d"))
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith("Downloading TFDS dataset 'byol_test_offline' "
+                            "failed (DownloadError: ")
+  assert "404" in message and "--config.data.source=folder" in message
+
+
 def test_ensure_prepared_manual_dataset_names_the_command(tmp_path):
   with pytest.raises(ConfigError) as e:
     prepare.ensure_prepared(_data_cfg("byol_test_manual", tmp_path))
