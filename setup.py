@@ -6,7 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description="BYOL, SimSiam and SimCLR self-supervised learning in JAX/Flax",
     packages=setuptools.find_packages(include=["byol_jax", "byol_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax >= 0.7 needs 3.11
     install_requires=[
         "jax>=0.7",
         "flax>=0.10",
@@ -20,7 +20,10 @@ setuptools.setup(
     ],
     extras_require={
         # tf.data host pipeline, TFDS sources and TensorBoard event files.
-        "tf": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "tensorboard"],
+        # TFDS 4.9.10 imports importlib_resources when it prepares a dataset
+        # but declares it for Python < 3.9 only (tensorflow/datasets#11212).
+        "tf": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "tensorboard",
+               "importlib_resources"],
         "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
     },
 )

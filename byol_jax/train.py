@@ -37,6 +37,7 @@ from byol_jax import methods  # noqa: E402
 from byol_jax import metric_writer  # noqa: E402
 from byol_jax import multihost  # noqa: E402
 from byol_jax import optim  # noqa: E402
+from byol_jax import prepare  # noqa: E402
 from byol_jax import progress  # noqa: E402
 from byol_jax import resume  # noqa: E402
 from byol_jax import sharding  # noqa: E402
@@ -107,8 +108,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpoint.StorageError: checkpoints cannot be written or read.
   """
   say = progress.say
-  # --- Config and data: checked before anything is compiled.
+  # --- Config and data: checked before anything is compiled; a TFDS
+  # dataset that TFDS can download is downloaded and prepared first.
   mesh = sharding.make_mesh()
+  prepare.ensure_prepared(config.data)
   info = data.describe(config)
   config = resolve(config, info)
   validate.check(config, mesh)
@@ -284,9 +287,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # The trainer's own lines only; --verbosity=0 shows the libraries' INFO.
     logging.set_verbosity(logging.WARNING)
-  multihost.initialize(_MULTIHOST.value, _COORDINATOR.value,
-                       _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
+    multihost.initialize(_MULTIHOST.value, _COORDINATOR.value,
+                         _NUM_PROCESSES.value, _PROCESS_ID.value)
     final = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                _RESTORE_STEP.value)
   except (ConfigError, NonFiniteError, checkpoint.StorageError) as e:

@@ -21,7 +21,8 @@ SCRIPT_IDS = [p.name for p in SCRIPTS]
 
 def _run(args, env=None, **kwargs):
   full_env = {k: v for k, v in os.environ.items()
-              if not k.startswith(("SLURM_", "CUDA_VISIBLE", "JAX_LOCAL"))}
+              if not k.startswith(("SLURM_", "CUDA_VISIBLE", "JAX_LOCAL"))
+              and k not in ("QUEUED_RESOURCE", "WORKDIR", "DATA_DIR")}
   full_env.update(env or {})
   return subprocess.run(args, capture_output=True, text=True, env=full_env,
                         timeout=60, check=False, **kwargs)
@@ -70,19 +71,148 @@ def test_usage(script):
 
 # ---------------------------------------------------------------- TPU VM ----
 def _tpu(*args, **env):
-  return _run([str(LAUNCH / "tpu_vm.sh"), *args],
-              env={"DRY_RUN": "1", "PROJECT": "", "BUCKET": "", **env})
+  defaults = {"DRY_RUN": "1", "PROJECT": "", "BUCKET": "", "ZONE": "",
+              "RUNTIME_VERSION": "", "ACCELERATOR_TYPE": "v3-8",
+              "TPU_NAME": "byol-jax", "SPOT": "0", "QUEUED": "0",
+              "AUTOCHECKPOINT": "0", "SERVICE_ACCOUNT": "", "SOURCE": "git",
+              "QUEUED_RESOURCE": "", "WORKDIR": "", "DATA_DIR": ""}
+  # Empty means "the script's default" for the names it derives.
+  env = {**defaults, **env}
+  for name in ("QUEUED_RESOURCE", "WORKDIR", "DATA_DIR"):
+    if not env[name]:
+      del env[name]
+  return _run([str(LAUNCH / "tpu_vm.sh"), *args], env=env)
 
 
-def test_tpu_create_and_delete_commands():
-  out = _tpu("create", PROJECT="p", ZONE="us-central2-b",
-             ACCELERATOR_TYPE="v4-64", TPU_NAME="t", SPOT="1")
+# Per generation: (accelerator type, zone, runtime, JAX devices, hosts), as
+# Google's TPU docs list them (regions-zones, runtimes, v2 ... v6e pages).
+_SLICES = [
+    ("v2-8", "europe-west4-a", "tpu-ubuntu2204-base", 8, 1),
+    ("v3-512", "europe-west4-a", "tpu-ubuntu2204-base", 512, 64),
+    ("v4-64", "us-central2-b", "tpu-ubuntu2204-base", 32, 8),
+    ("v5litepod-8", "us-central1-a", "v2-alpha-tpuv5-lite", 8, 1),
+    ("v5litepod-16", "us-central1-a", "v2-alpha-tpuv5-lite", 16, 4),
+    ("v5p-32", "us-east5-a", "v2-alpha-tpuv5", 16, 4),
+    ("v6e-8", "us-east5-b", "v2-alpha-tpuv6e", 8, 1),
+    ("v6e-64", "us-east5-b", "v2-alpha-tpuv6e", 64, 16),
+]
+
+
+@pytest.mark.parametrize("accelerator,zone,runtime,devices,hosts", _SLICES,
+                         ids=[s[0] for s in _SLICES])
+def test_tpu_create_derives_zone_and_runtime(accelerator, zone, runtime,
+                                             devices, hosts):
+  out = _tpu("create", PROJECT="p", ACCELERATOR_TYPE=accelerator,
+             TPU_NAME="t", ZONE="", RUNTIME_VERSION="")
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == (
-      "+ gcloud compute tpus tpu-vm create t --accelerator-type=v4-64 "
-      "--version=tpu-ubuntu2204-base --spot --zone=us-central2-b --project=p")
+      f"+ gcloud compute tpus tpu-vm create t --version={runtime} "
+      f"--accelerator-type={accelerator} --zone={zone} --project=p")
+  assert (f"{accelerator}: {devices} JAX devices on {hosts} host(s); zone "
+          f"{zone}, runtime {runtime}") in out.stderr
+
+
+def test_tpu_zone_and_runtime_can_be_overridden():
+  out = _tpu("create", ACCELERATOR_TYPE="v5p-8", ZONE="europe-west4-b",
+             RUNTIME_VERSION="v2-alpha-tpuv5-custom", TPU_NAME="t")
+  assert out.returncode == 0, out.stderr
+  assert "--version=v2-alpha-tpuv5-custom" in out.stdout
+  assert "--zone=europe-west4-b" in out.stdout
+  out = _tpu("create", ACCELERATOR_TYPE="v5e-8")  # not a TPU API name
+  assert out.returncode == 1 and "v5litepod-8" in out.stderr
+  out = _tpu("create", ACCELERATOR_TYPE="v9x-8")
+  assert out.returncode == 1 and "ZONE and RUNTIME_VERSION" in out.stderr
+  out = _tpu("create", ACCELERATOR_TYPE="v9x-8", ZONE="z", RUNTIME_VERSION="r")
+  assert out.returncode == 0 and "--zone=z" in out.stdout
+
+
+def test_tpu_queued_spot_autocheckpoint_and_delete():
+  out = _tpu("create", ACCELERATOR_TYPE="v5litepod-16", TPU_NAME="t",
+             QUEUED="1", SPOT="1", AUTOCHECKPOINT="1",
+             SERVICE_ACCOUNT="sa@p.iam.gserviceaccount.com")
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.splitlines() == [
+      "+ gcloud alpha compute tpus queued-resources create t-qr --node-id=t "
+      "--runtime-version=v2-alpha-tpuv5-lite --accelerator-type=v5litepod-16 "
+      "--spot --service-account=sa@p.iam.gserviceaccount.com "
+      "--autocheckpoint-enabled --zone=us-central1-a",
+      "+ gcloud compute tpus queued-resources describe t-qr "
+      "'--format=value(state.state)' --zone=us-central1-a"]
+  out = _tpu("create", ACCELERATOR_TYPE="v4-8", TPU_NAME="t", SPOT="1",
+             AUTOCHECKPOINT="1")
+  assert out.stdout.strip() == (
+      "+ gcloud alpha compute tpus tpu-vm create t "
+      "--version=tpu-ubuntu2204-base --accelerator-type=v4-8 --spot "
+      "--autocheckpoint-enabled --zone=us-central2-b")
+  out = _tpu("delete", TPU_NAME="t", QUEUED="1", ACCELERATOR_TYPE="v6e-8")
+  assert out.stdout.strip() == (
+      "+ gcloud compute tpus queued-resources delete t-qr --force --quiet "
+      "--zone=us-east5-b")
   out = _tpu("delete", TPU_NAME="t")
   assert "tpu-vm delete t --quiet" in out.stdout
+
+
+def test_tpu_recover_deletes_creates_sets_up_and_resumes():
+  out = _tpu("recover", "--config.seed=4", ACCELERATOR_TYPE="v6e-16",
+             TPU_NAME="t", QUEUED="1", SPOT="1", BUCKET="b",
+             REPO_URL="https://example.invalid/byol_jax.git")
+  assert out.returncode == 0, out.stderr
+  verbs = [" ".join(line.split()[:7]) for line in out.stdout.splitlines()]
+  assert verbs == [
+      "+ gcloud compute tpus queued-resources delete t-qr",
+      "+ gcloud compute tpus queued-resources create t-qr",
+      "+ gcloud compute tpus queued-resources describe t-qr",
+      "+ gcloud compute tpus tpu-vm ssh t",   # setup on every worker
+      "+ gcloud compute tpus tpu-vm ssh t"]   # train: resumes from WORKDIR
+  setup, train = out.stdout.splitlines()[3:]
+  assert "remote_setup git" in setup and "--worker=all" in setup
+  assert "byol_jax.train" in train and "--config.seed=4" in train
+  assert "--workdir=gs://b/byol_jax/byol_r50_300ep" in train
+
+
+def test_tpu_linear_eval_forces_no_batch_size():
+  """v3-512: 512 devices; linear_eval picks a batch that divides them."""
+  out = _tpu("linear-eval", ACCELERATOR_TYPE="v3-512", BUCKET="b")
+  assert out.returncode == 0, out.stderr
+  assert "byol_jax.linear_eval --workdir=gs://b/byol_jax/" in out.stdout
+  assert "--multihost" in out.stdout
+  assert "--batch_size" not in out.stdout
+
+
+def _git(repo, *args):
+  subprocess.run(["git", "-C", str(repo), "-c", "user.name=t",
+                  "-c", "user.email=t@t", *args], check=True,
+                 capture_output=True)
+
+
+def test_tpu_setup_copy_packs_the_checkout_as_it_is(tmp_path):
+  """SOURCE=copy: uncommitted changes and untracked files, not ignored ones."""
+  import tarfile  # pylint: disable=g-import-not-at-top
+  repo = tmp_path / "repo"
+  (repo / "launch").mkdir(parents=True)
+  shutil.copy(LAUNCH / "tpu_vm.sh", repo / "launch" / "tpu_vm.sh")
+  (repo / ".gitignore").write_text("ignored.txt\n")
+  for name in ["changed.txt", "deleted.txt"]:
+    (repo / name).write_text("committed\n")
+  _git(repo, "init", "-q")
+  _git(repo, "add", "-A")
+  _git(repo, "commit", "-q", "-m", "init")
+  (repo / "changed.txt").write_text("uncommitted\n")
+  (repo / "deleted.txt").unlink()
+  (repo / "new file.txt").write_text("untracked\n")
+  (repo / "ignored.txt").write_text("ignored\n")
+  out = _run([str(repo / "launch" / "tpu_vm.sh"), "setup"],
+             env={"DRY_RUN": "1", "SOURCE": "copy", "PROJECT": ""})
+  assert out.returncode == 0, out.stderr
+  scp = [l for l in out.stdout.splitlines() if " tpu-vm scp " in l]
+  assert len(scp) == 1 and "--worker=all" in scp[0]
+  tarball = shlex.split(scp[0][2:])[5]
+  with tarfile.open(tarball) as tar:
+    names = sorted(tar.getnames())
+    assert names == [".gitignore", "changed.txt", "launch/tpu_vm.sh",
+                     "new file.txt"]
+    assert tar.extractfile("changed.txt").read() == b"uncommitted\n"
+  assert "remote_setup copy" in out.stdout
 
 
 def test_tpu_train_runs_the_trainer_on_every_worker():
@@ -107,10 +237,6 @@ def test_tpu_train_needs_a_bucket():
 def test_tpu_setup_needs_a_repository_url():
   out = _tpu("setup", SOURCE="git")
   assert out.returncode == 1 and "REPO_URL" in out.stderr
-  out = _tpu("setup", SOURCE="copy")
-  assert out.returncode == 0, out.stderr
-  assert "git -C" in out.stdout and "tpu-vm scp" in out.stdout
-  assert "remote_setup copy" in out.stdout
 
 
 def _remote_command(stdout: str) -> str:
@@ -197,11 +323,25 @@ def test_slurm_submit(tasks, per_node, cpus):
     assert part in out.stdout, (part, out.stdout)
 
 
-def test_sbatch_runs_the_task_wrapper_under_srun():
+def test_sbatch_runs_the_task_wrapper_under_srun(tmp_path):
+  """srun gets --cpus-per-task explicitly (SLURM 22.05-23.02 drop it)."""
   text = (LAUNCH / "slurm_gpu.sbatch").read_text()
   assert re.search(r"^#SBATCH --ntasks-per-node=\d+$", text, re.M)
   assert re.search(r"^#SBATCH --gpus-per-node=\d+$", text, re.M)
-  assert re.search(r"^srun .*launch/slurm_gpu\.sh\" task", text, re.M)
+  assert re.search(r"^#SBATCH --cpus-per-task=\d+$", text, re.M)
+  srun = tmp_path / "srun"
+  srun.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+  srun.chmod(0o755)
+  env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+         "SLURM_CPUS_PER_TASK": "12", "SLURM_JOB_ID": "7",
+         "REPO_DIR": str(REPO)}
+  out = _run(["bash", str(LAUNCH / "slurm_gpu.sbatch"), "--config.seed=5"],
+             env=env)
+  assert out.returncode == 0, out.stderr
+  args = out.stdout.splitlines()[1:]  # after the job's summary line
+  assert args == ["--kill-on-bad-exit=1", "--label", "--cpus-per-task=12",
+                  "bash", str(LAUNCH / "slurm_gpu.sh"), "task",
+                  "--config.seed=5"]
 
 
 # ------------------------------------------------------ guide vs. configs ----
@@ -266,3 +406,23 @@ def test_guide_commands_name_existing_launch_files():
     for rel in set(re.findall(r"launch/[A-Za-z0-9_./-]+\.(?:sh|sbatch|ipynb|md)",
                               guide.read_text())):
       assert (REPO / rel).is_file(), f"{guide.name} names {rel}: missing"
+
+
+def test_guide_zone_and_runtime_table_matches_the_script():
+  text = (LAUNCH / "README.md").read_text()
+  for accelerator, zone, runtime, _, _ in _SLICES:
+    gen = accelerator.split("-")[0]
+    rows = [line for line in text.splitlines()
+            if line.startswith(f"| `{gen}-N`") or f"`{gen}-N` |" in line
+            or f", `{gen}-N`" in line]
+    assert rows, f"launch/README.md: no zone row for {gen}"
+    assert f"| {zone} | {runtime} |" in rows[0], (gen, rows[0])
+
+
+def test_guides_prepare_data_without_tfds_build():
+  for guide in GUIDES:
+    text = guide.read_text()
+    assert "python -m byol_jax.prepare --dataset=imagenet2012" in text, guide
+    commands = [line.strip() for line in text.splitlines()
+                if line.strip().startswith("tfds build")]
+    assert not commands, f"{guide.name} still runs {commands}"

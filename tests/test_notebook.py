@@ -40,6 +40,9 @@ def test_install_is_skipped_when_importable():
   text = "\n".join(c.source for c in _read().cells if c.cell_type == "code")
   assert 'find_spec("byol_jax") is None' in text
   assert "byol_jax[tf] @ git+" in text
+  # If installing byol_jax changes jax, the accelerator runtime of that same
+  # version follows (libtpu must match jax).
+  assert 'pip_install(f"jax[{extra}]=={jax_after}")' in text
 
 
 def test_notebook_runs_headless_on_cpu(tmp_path, cifar_npz, monkeypatch):
@@ -70,9 +73,14 @@ def test_notebook_runs_headless_on_cpu(tmp_path, cifar_npz, monkeypatch):
       resources={"metadata": {"path": str(REPO)}})
   client.execute()  # Raises CellExecutionError with the failing cell.
 
-  outputs = "\n".join(
+  # The cells' stdout in order. The kernel may split one print into several
+  # stream outputs anywhere: joined without separators they are exactly the
+  # printed text, however they were chunked.
+  outputs = "".join(
       o.get("text", "") for c in nb.cells if c.cell_type == "code"
-      for o in c.outputs if o.get("output_type") == "stream")
+      for o in c.outputs
+      if o.get("output_type") == "stream" and o.get("name") == "stdout")
+  assert "8 CPU device(s)" in outputs, outputs  # What the notebook found.
   assert "finished at step 4" in outputs, outputs
   assert "loss: 2: " in outputs and "kNN top-1 %: 4: " in outputs, outputs
   assert "linear evaluation after 2 steps" in outputs, outputs
