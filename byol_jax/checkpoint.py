@@ -8,6 +8,7 @@ Saves are asynchronous (training goes on while the files are written), keep
 the last K, and a damaged newest checkpoint is moved aside to
 WORKDIR/checkpoints_damaged/ (never deleted) and the previous one restored.
 """
+import copy
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from byol_jax import config_lib
 from byol_jax.errors import ConfigError
 
 _ITEMS = ("state", "config")
@@ -38,8 +40,22 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
+def _fill_missing(d: dict, defaults: dict) -> None:
+  for key, value in defaults.items():
+    if key not in d:
+      d[key] = value
+    elif isinstance(value, dict) and isinstance(d[key], dict):
+      _fill_missing(d[key], value)
+
+
 def config_from_json(d: dict) -> ml_collections.ConfigDict:
-  """Inverse of `config_to_json`, with crop ranges as tuples again."""
+  """Inverse of `config_to_json`, with crop ranges as tuples again.
+
+  Fields the config lacks (a checkpoint written before they existed, e.g.
+  `model.padding`) take their `config_lib.base_config()` defaults.
+  """
+  d = copy.deepcopy(dict(d))
+  _fill_missing(d, config_to_json(config_lib.base_config()))
   config = ml_collections.ConfigDict(d)
   for key in ("crop_scale", "crop_ratio"):
     if key in config.data:
