@@ -21,6 +21,11 @@ setuptools.setup(
     extras_require={
         # tf.data host pipeline, TFDS sources and TensorBoard event files.
         "tf": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "tensorboard"],
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        # dm-haiku: the official-checkpoint tests build BYOL's Haiku network.
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "dm-haiku"],
+        # `python -m byol_jax.convert to-torch`: .pt needs torch, .safetensors
+        # only safetensors; torchvision for loading the export (large: CI
+        # does not install this extra, and the torch tests skip without it).
+        "torch": ["torch", "torchvision", "safetensors"],
     },
 )

@@ -1,8 +1,9 @@
 """Padding modes, official BYOL checkpoints in, torchvision state_dicts out."""
 import collections
 import io
-import os
 import pickle
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +11,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import byol_jax
 from byol_jax import checkpoint
 from byol_jax import config_lib
+from byol_jax import convert_official
 from byol_jax import models
-from byol_jax import safe_pickle
+from byol_jax import optim
+from byol_jax import sharding
+from byol_jax import train_state
 from byol_jax.data import augment
+from byol_jax.errors import ConfigError
+from byol_jax.methods import byol
 
 import official_pickle
+from conftest import REPO
+from test_safe_pickle import _RunsCode
 
 
 def _rel_err(a, b) -> float:
@@ -110,8 +119,7 @@ def test_same_padding_is_lax_same(images, size):
 
 
 def test_unknown_padding_is_one_config_error():
-  from byol_jax.errors import ConfigError
-  from byol_jax.methods import network
+  from byol_jax.methods import network  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
   config.model.padding = "reflect"
   with pytest.raises(ConfigError, match="model.padding='reflect'"):
@@ -128,101 +136,204 @@ def test_config_without_padding_loads_as_symmetric():
   assert config.model.depth == 18
 
 
-# ------------------------------------------------------ safe unpickling ----
-class _RunsCode:
-  """Unpickling it runs a shell command (the classic pickle exploit)."""
+# ------------------------------------------- official checkpoints (Haiku) ---
+def _haiku_byol(width: int):
+  """BYOL's network in Haiku, as the official code builds it.
 
-  def __init__(self, command):
-    self.command = command
+  hk.nets.ResNet is the official encoder's module tree (res_net50/~/...) and
+  SAME padding; its logits layer, which the official encoder never calls, is
+  set to the identity so that it returns the pooled representation. The
+  heads are the official MLP (Linear, BatchNorm, ReLU, Linear without bias).
+  """
+  hk = pytest.importorskip("haiku")
 
-  def __reduce__(self):
-    return os.system, (self.command,)
+  class MLP(hk.Module):
 
+    def __init__(self, hidden, out, name):
+      super().__init__(name=name)
+      self.hidden, self.out = hidden, out
 
-def _evil_pickles(marker):
-  command = f"touch {marker}"
-  dill_style = official_pickle._Call(  # pylint: disable=protected-access
-      official_pickle._Call(  # pylint: disable=protected-access
-          official_pickle._Global("dill._dill", "_get_attr"),
-          (official_pickle._Call(
-              official_pickle._Global("dill._dill", "_import_module"),
-              ("os",)), "system")), (command,))
-  return {
-      "os.system": lambda path: path.write_bytes(
-          pickle.dumps(_RunsCode(command), protocol=2)),
-      "builtins.eval": lambda path: path.write_bytes(pickle.dumps(
-          _Eval(f"__import__('os').system({command!r})"), protocol=2)),
-      "dill _get_attr(os)": lambda path: official_pickle.dump(
-          {"x": dill_style}, path),
-  }
+    def __call__(self, x, is_training):
+      x = hk.Linear(self.hidden)(x)
+      x = hk.BatchNorm(True, True, decay_rate=0.9, eps=1e-5)(x, is_training)
+      return hk.Linear(self.out, with_bias=False)(jax.nn.relu(x))
 
+  def forward(x, is_training):
+    dim = 2048 * width
+    y = hk.nets.ResNet(
+        blocks_per_group=(3, 4, 6, 3), num_classes=dim, bottleneck=True,
+        channels_per_group=tuple(c * width for c in (256, 512, 1024, 2048)),
+        initial_conv_config=dict(output_channels=64 * width),
+        name="res_net50")(x, is_training)
+    z = MLP(64, 16, "projector")(y, is_training)
+    return dict(repr=y, proj=z, pred=MLP(32, 16, "predictor")(z, is_training),
+                logits=hk.Linear(10, name="classifier")(y))
 
-class _Eval:
-
-  def __init__(self, source):
-    self.source = source
-
-  def __reduce__(self):
-    return eval, (self.source,)
+  return hk.transform_with_state(forward)
 
 
-@pytest.mark.parametrize("kind", ["os.system", "builtins.eval",
-                                  "dill _get_attr(os)"])
-def test_restricted_unpickler_refuses_code(tmp_path, kind):
-  """A pickle that would run a command is refused before anything runs."""
-  marker = tmp_path / "ran"
-  path = tmp_path / "evil.pkl"
-  _evil_pickles(marker)[kind](path)
-  with pytest.raises(safe_pickle.PickleRefusedError) as e:
-    safe_pickle.load(path)
-  message = str(e.value)
-  assert "\n" not in message and "refused" in message, message
-  assert "could run code" in message, message
-  assert not marker.exists()
-  if kind == "os.system":  # The payload is live: plain pickle runs it.
-    pickle.loads(path.read_bytes())
-    assert marker.exists()
+def _random_haiku_variables(net, x, seed):
+  """Random weights, BN affines and moving averages in Haiku's trees.
+
+  `hidden` differs from `average` (the official files have them equal) so
+  that reading the wrong one shows.
+  """
+  rng = np.random.default_rng(seed)
+  shapes, state_shapes = jax.eval_shape(
+      lambda: net.init(jax.random.key(0), x, True))
+  params = {}
+  for module, leaves in shapes.items():
+    params[module] = {}
+    for name, s in leaves.items():
+      if name == "w":
+        value = rng.normal(0, (np.prod(s.shape[:-1])) ** -0.5, s.shape)
+      elif name == "scale":
+        value = rng.uniform(0.5, 1.5, s.shape)
+      else:
+        value = rng.normal(0, 0.1, s.shape)
+      params[module][name] = value.astype(np.float32)
+  state = {}
+  for module, leaves in state_shapes.items():
+    shape = leaves["average"].shape
+    average = (rng.uniform(0.5, 2.0, shape) if module.endswith("var_ema")
+               else rng.normal(0, 0.2, shape))
+    state[module] = dict(average=average.astype(np.float32),
+                         hidden=rng.normal(0, 1, shape).astype(np.float32),
+                         counter=np.asarray(1000, np.int32))
+  return params, state
 
 
-def test_restricted_unpickler_refuses_object_arrays(tmp_path):
-  path = tmp_path / "objects.pkl"
-  path.write_bytes(pickle.dumps(np.array([1, "a"], dtype=object), protocol=2))
-  with pytest.raises(safe_pickle.PickleRefusedError, match="dtype object"):
-    safe_pickle.load(path)
+def _official_checkpoint(path, width, x):
+  """Writes an official-layout pickle; returns Haiku's online outputs on x.
 
-
-def test_restricted_unpickler_names_bad_files(tmp_path):
-  from byol_jax.errors import ConfigError
-  with pytest.raises(ConfigError, match="does not exist"):
-    safe_pickle.load(tmp_path / "missing.pkl")
-  path = tmp_path / "truncated.pkl"
-  official_pickle.dump({"w": np.ones((4, 4), np.float32)}, path)
-  path.write_bytes(path.read_bytes()[:-20])
-  with pytest.raises(ConfigError, match="is not a readable pickle"):
-    safe_pickle.load(path)
-
-
-@pytest.mark.parametrize("wrap_arrays", [False, True])
-def test_restricted_unpickler_reads_dill_checkpoint_layout(tmp_path,
-                                                          wrap_arrays):
-  """Arrays, scalars, Haiku mappings and NamedTuples written as dill does."""
-  state_cls = collections.namedtuple("ScaleByLarsState", ("mu",),
+  Returns:
+    (online outputs, online params, target params, LARS mu), Haiku trees.
+  """
+  net = _haiku_byol(width)
+  online, online_state = _random_haiku_variables(net, x, seed=1)
+  target, target_state = _random_haiku_variables(net, x, seed=2)
+  mu, _ = _random_haiku_variables(net, x, seed=3)
+  dim = 2048 * width
+  logits = {"w": np.eye(dim, dtype=np.float32),
+            "b": np.zeros(dim, np.float32)}
+  outputs, _ = net.apply({**online, "res_net50/~/logits": logits},
+                         online_state, None, x, False)
+  for tree in (online, target, mu):  # The official encoder has no logits.
+    del tree["res_net50/~/logits"]
+  fields = ("online_params", "target_params", "online_state", "target_state",
+            "opt_state")
+  state_cls = collections.namedtuple("_ByolExperimentState", fields,
+                                     module="byol.byol_experiment")
+  lars_cls = collections.namedtuple("ScaleByLarsState", ("mu",),
+                                    module="byol.utils.optimizers")
+  decay_cls = collections.namedtuple("AddWeightDecayState", (),
                                      module="byol.utils.optimizers")
-  rng = np.random.default_rng(0)
-  params = {"res_net50/~/initial_conv": {"w": rng.normal(
-      size=(7, 7, 3, 8)).astype(np.float32)}}
-  obj = dict(experiment_state=(state_cls(
-      mu=official_pickle.haiku_tree(params)),), step=np.int64(1234),
-             rng=np.array([7, 9], np.uint32), counter=np.array(5, np.int32))
-  path = tmp_path / "ckpt.pkl"
-  official_pickle.dump(obj, path, wrap_arrays=wrap_arrays)
-  got = safe_pickle.load(path)
-  (lars,) = got["experiment_state"]
-  assert type(lars).__name__ == "ScaleByLarsState" and lars._fields == ("mu",)
-  assert type(lars.mu) is dict
-  assert type(lars.mu["res_net50/~/initial_conv"]) is dict
-  np.testing.assert_array_equal(lars.mu["res_net50/~/initial_conv"]["w"],
-                                params["res_net50/~/initial_conv"]["w"])
-  assert got["step"] == 1234 and got["step"].dtype == np.int64
-  np.testing.assert_array_equal(got["rng"], [7, 9])
-  assert got["counter"].shape == () and got["counter"] == 5
+  scale_cls = collections.namedtuple("ScaleState", (),
+                                     module="optax._src.transform")
+  tree = official_pickle.haiku_tree
+  official_pickle.dump(dict(
+      experiment_state=state_cls(
+          tree(online), tree(target), tree(online_state), tree(target_state),
+          (decay_cls(), lars_cls(mu=tree(mu)), scale_cls())),
+      step=12345, rng=np.array([0, 42], np.uint32)), path)
+  return jax.tree.map(np.asarray, outputs), online, target, mu
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "byol_jax.convert", *args],
+                        capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def test_from_official_matches_haiku(tmp_path, images):
+  """An official-layout ResNet-50 converts; byol_jax computes what Haiku does.
+
+  Representations (via load_encoder), projections, predictions and logits
+  agree with Haiku's inference mode on real images; the target network and
+  the LARS momentum land where the trainer restores them.
+  """
+  x = images[:4]
+  pkl = tmp_path / "pretrain_res50x1.pkl"
+  expected, online, target, mu = _official_checkpoint(pkl, 1, x)
+  workdir = tmp_path / "workdir"
+  r = _run_cli("from-official", f"--checkpoint={pkl}", f"--workdir={workdir}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "ResNet-50 x1, step 12345, LARS momentum kept" in r.stdout
+
+  encoder, variables = byol_jax.load_encoder(str(workdir))
+  assert encoder.padding == "same"
+  with jax.default_matmul_precision("highest"):
+    features = encoder.apply(variables, x, train=False)
+  assert _rel_err(features, expected["repr"]) < 1e-4
+
+  config, state, step = checkpoint.load_run(str(workdir))
+  assert step == 12345 and config.model.padding == "same"
+  model = byol.make_network(config)
+  with jax.default_matmul_precision("highest"):
+    out = model.apply({"params": state["params"],
+                       "batch_stats": state["batch_stats"]}, x, train=False)
+  for key in ("repr", "proj", "pred", "logits"):
+    assert _rel_err(out[key], expected[key]) < 1e-4, key
+
+  # The trainer's own restore: same structure, step, counts and momentum.
+  tx, _ = optim.build_optimizer(config, 20000, 100)
+  mesh = sharding.make_mesh()
+  abstract = train_state.abstract(config, model, tx, mesh, True)
+  ckpt = checkpoint.Checkpointer(str(workdir), config)
+  restored = jax.device_get(ckpt.restore(abstract))
+  ckpt.close()
+  assert int(restored.step) == 12345
+  main = restored.opt_state.inner_states["main"].inner_state
+  np.testing.assert_array_equal(
+      main[2].trace["encoder"]["stage2_block1"]["conv2"]["kernel"],
+      mu["res_net50/~/block_group_1/~/block_0/~/conv_1"]["w"])
+  np.testing.assert_array_equal(
+      main[2].trace["projector"]["bn1"]["scale"],
+      mu["projector/batch_norm"]["scale"].reshape(-1))
+  assert int(main[3].count) == 12345
+  np.testing.assert_array_equal(
+      restored.target["params"]["encoder"]["stage4_block3"]["conv3"]["kernel"],
+      target["res_net50/~/block_group_3/~/block_2/~/conv_2"]["w"])
+  np.testing.assert_array_equal(
+      restored.params["projector"]["dense2"]["bias"], 0)
+
+
+def test_from_official_width2_mapping(tmp_path):
+  """A ResNet-50 x2 tree maps onto byol_jax's width-2 network, leaf by leaf."""
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  net = _haiku_byol(2)
+  params, state = _random_haiku_variables(net, x, seed=0)
+  del params["res_net50/~/logits"]
+  prefix = convert_official.encoder_prefix(params)
+  arch = convert_official.architecture(params, prefix)
+  assert arch == dict(depth=50, width=2, num_filters=64)
+  converted, stats = convert_official.convert_tree(params, state, prefix)
+  config = convert_official.make_config(arch, converted)
+  want = jax.eval_shape(lambda: byol.make_network(config).init(
+      jax.random.key(0), x, train=True))
+  for got, ref in ((converted, want["params"]), (stats, want["batch_stats"])):
+    assert (jax.tree.structure(got) == jax.tree.structure(ref))
+    assert jax.tree.map(np.shape, got) == jax.tree.map(lambda s: s.shape, ref)
+  stem = converted["encoder"]["stem_conv"]["kernel"]
+  assert stem.shape == (7, 7, 3, 128)
+  np.testing.assert_array_equal(stem, params["res_net50/~/initial_conv"]["w"])
+  np.testing.assert_array_equal(
+      stats["encoder"]["stage3_block1"]["downsample_bn"]["var"],
+      state["res_net50/~/block_group_2/~/block_0/~/shortcut_batchnorm/~/"
+            "var_ema"]["average"].reshape(-1))
+
+
+def test_from_official_refuses_other_pickles(tmp_path):
+  """Foreign or malicious files get one error line and no workdir."""
+  not_byol = tmp_path / "weights.pkl"
+  official_pickle.dump({"params": {"w": np.ones(3, np.float32)}}, not_byol)
+  with pytest.raises(ConfigError, match="not an official BYOL checkpoint"):
+    convert_official.from_official(str(not_byol), str(tmp_path / "a"))
+  evil = tmp_path / "evil.pkl"
+  evil.write_bytes(pickle.dumps(_RunsCode(f"touch {tmp_path / 'ran'}"),
+                                protocol=2))
+  r = _run_cli("from-official", f"--checkpoint={evil}",
+               f"--workdir={tmp_path / 'b'}")
+  assert r.returncode == 1
+  assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+  assert "refused" in r.stderr and "posix.system" in r.stderr
+  assert not (tmp_path / "ran").exists() and not (tmp_path / "b").exists()

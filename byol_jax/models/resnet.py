@@ -206,6 +206,14 @@ def _check_depth(depth: int) -> tuple[tuple[int, ...], bool]:
   return _DEPTHS[depth]
 
 
+def depth_of(stage_sizes: Sequence[int], bottleneck: bool) -> int | None:
+  """The depth whose blocks per stage are `stage_sizes`, or None."""
+  for depth, layout in _DEPTHS.items():
+    if layout == (tuple(stage_sizes), bool(bottleneck)):
+      return depth
+  return None
+
+
 def resnet(depth: int, **kwargs: Any) -> ResNet:
   """The ResNet of the given depth (18, 34, 50, 101, 152 or 200).
 
