@@ -207,7 +207,8 @@ def _official_checkpoint(path, width, x):
   """Writes an official-layout pickle; returns Haiku's online outputs on x.
 
   Returns:
-    (online outputs, online params, target params, LARS mu), Haiku trees.
+    {'outputs': Haiku's online outputs on x, 'online', 'target',
+    'target_state', 'mu'}: the Haiku trees written.
   """
   net = _haiku_byol(width)
   online, online_state = _random_haiku_variables(net, x, seed=1)
@@ -236,7 +237,8 @@ def _official_checkpoint(path, width, x):
           tree(online), tree(target), tree(online_state), tree(target_state),
           (decay_cls(), lars_cls(mu=tree(mu)), scale_cls())),
       step=12345, rng=np.array([0, 42], np.uint32)), path)
-  return jax.tree.map(np.asarray, outputs), online, target, mu
+  return dict(outputs=jax.tree.map(np.asarray, outputs), online=online,
+              target=target, target_state=target_state, mu=mu)
 
 
 def _run_cli(*args):
@@ -244,16 +246,23 @@ def _run_cli(*args):
                         capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
-def test_from_official_matches_haiku(tmp_path, images):
+@pytest.fixture(scope="module")
+def official_r50(tmp_path_factory, images):
+  """An official-layout ResNet-50 x1 checkpoint and Haiku's outputs on x."""
+  pkl = tmp_path_factory.mktemp("official") / "pretrain_res50x1.pkl"
+  x = images[:4]
+  return dict(pkl=pkl, x=x, **_official_checkpoint(pkl, 1, x))
+
+
+def test_from_official_matches_haiku(tmp_path, official_r50):
   """An official-layout ResNet-50 converts; byol_jax computes what Haiku does.
 
   Representations (via load_encoder), projections, predictions and logits
   agree with Haiku's inference mode on real images; the target network and
   the LARS momentum land where the trainer restores them.
   """
-  x = images[:4]
-  pkl = tmp_path / "pretrain_res50x1.pkl"
-  expected, online, target, mu = _official_checkpoint(pkl, 1, x)
+  pkl, x, expected = (official_r50[k] for k in ("pkl", "x", "outputs"))
+  target, mu = official_r50["target"], official_r50["mu"]
   workdir = tmp_path / "workdir"
   r = _run_cli("from-official", f"--checkpoint={pkl}", f"--workdir={workdir}")
   assert r.returncode == 0, r.stderr[-3000:]
@@ -295,6 +304,32 @@ def test_from_official_matches_haiku(tmp_path, images):
       target["res_net50/~/block_group_3/~/block_2/~/conv_2"]["w"])
   np.testing.assert_array_equal(
       restored.params["projector"]["dense2"]["bias"], 0)
+
+
+def test_from_official_target_network(tmp_path, official_r50):
+  """--which=target: the EMA network in the online slot, fresh momentum."""
+  workdir = tmp_path / "target"
+  summary = convert_official.from_official(str(official_r50["pkl"]),
+                                           str(workdir), which="target")
+  assert summary["which"] == "target" and not summary["momentum"]
+  _, state, _ = checkpoint.load_run(str(workdir))
+  target, target_state = official_r50["target"], official_r50["target_state"]
+  for slot in (state["params"], state["target"]["params"]):
+    np.testing.assert_array_equal(
+        slot["encoder"]["stage3_block6"]["bn2"]["scale"],
+        target["res_net50/~/block_group_2/~/block_5/~/batchnorm_1"]["scale"]
+        .reshape(-1))
+  np.testing.assert_array_equal(
+      state["params"]["predictor"]["dense1"]["kernel"],
+      target["predictor/linear"]["w"])
+  np.testing.assert_array_equal(
+      state["batch_stats"]["encoder"]["stem_bn"]["mean"],
+      target_state["res_net50/~/initial_batchnorm/~/mean_ema"]["average"]
+      .reshape(-1))
+  traces = [leaf for path, leaf in
+            jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+            if "trace" in jax.tree_util.keystr(path)]
+  assert traces and all(not np.any(t) for t in traces)
 
 
 def test_from_official_width2_mapping(tmp_path):
