@@ -137,7 +137,7 @@ def test_config_without_padding_loads_as_symmetric():
 
 
 # ------------------------------------------- official checkpoints (Haiku) ---
-def _haiku_byol(width: int):
+def _haiku_byol(width: int, blocks=(3, 4, 6, 3), name="res_net50"):
   """BYOL's network in Haiku, as the official code builds it.
 
   hk.nets.ResNet is the official encoder's module tree (res_net50/~/...) and
@@ -161,10 +161,10 @@ def _haiku_byol(width: int):
   def forward(x, is_training):
     dim = 2048 * width
     y = hk.nets.ResNet(
-        blocks_per_group=(3, 4, 6, 3), num_classes=dim, bottleneck=True,
+        blocks_per_group=blocks, num_classes=dim, bottleneck=True,
         channels_per_group=tuple(c * width for c in (256, 512, 1024, 2048)),
         initial_conv_config=dict(output_channels=64 * width),
-        name="res_net50")(x, is_training)
+        name=name)(x, is_training)
     z = MLP(64, 16, "projector")(y, is_training)
     return dict(repr=y, proj=z, pred=MLP(32, 16, "predictor")(z, is_training),
                 logits=hk.Linear(10, name="classifier")(y))
@@ -332,29 +332,53 @@ def test_from_official_target_network(tmp_path, official_r50):
   assert traces and all(not np.any(t) for t in traces)
 
 
-def test_from_official_width2_mapping(tmp_path):
-  """A ResNet-50 x2 tree maps onto byol_jax's width-2 network, leaf by leaf."""
+@pytest.mark.parametrize("depth,width", [(50, 2), (200, 1)])
+def test_from_official_mapping_other_sizes(depth, width):
+  """ResNet-50 x2 and ResNet-200 trees map leaf by leaf onto byol_jax's."""
   x = np.zeros((1, 32, 32, 3), np.float32)
-  net = _haiku_byol(2)
+  blocks = {50: (3, 4, 6, 3), 200: (3, 24, 36, 3)}[depth]
+  net = _haiku_byol(width, blocks, name=f"res_net{depth}")
   params, state = _random_haiku_variables(net, x, seed=0)
-  del params["res_net50/~/logits"]
-  prefix = convert_official.encoder_prefix(params)
+  prefix = f"res_net{depth}"
+  del params[prefix + "/~/logits"]
+  assert convert_official.encoder_prefix(params) == prefix
   arch = convert_official.architecture(params, prefix)
-  assert arch == dict(depth=50, width=2, num_filters=64)
+  assert arch == dict(depth=depth, width=width, num_filters=64)
   converted, stats = convert_official.convert_tree(params, state, prefix)
   config = convert_official.make_config(arch, converted)
   want = jax.eval_shape(lambda: byol.make_network(config).init(
       jax.random.key(0), x, train=True))
   for got, ref in ((converted, want["params"]), (stats, want["batch_stats"])):
-    assert (jax.tree.structure(got) == jax.tree.structure(ref))
+    assert jax.tree.structure(got) == jax.tree.structure(ref)
     assert jax.tree.map(np.shape, got) == jax.tree.map(lambda s: s.shape, ref)
   stem = converted["encoder"]["stem_conv"]["kernel"]
-  assert stem.shape == (7, 7, 3, 128)
-  np.testing.assert_array_equal(stem, params["res_net50/~/initial_conv"]["w"])
+  assert stem.shape == (7, 7, 3, 64 * width)
+  np.testing.assert_array_equal(stem, params[prefix + "/~/initial_conv"]["w"])
+  np.testing.assert_array_equal(
+      converted["encoder"]["stage2_block1"]["conv2"]["kernel"],  # stride 2
+      params[prefix + "/~/block_group_1/~/block_0/~/conv_1"]["w"])
   np.testing.assert_array_equal(
       stats["encoder"]["stage3_block1"]["downsample_bn"]["var"],
-      state["res_net50/~/block_group_2/~/block_0/~/shortcut_batchnorm/~/"
+      state[prefix + "/~/block_group_2/~/block_0/~/shortcut_batchnorm/~/"
             "var_ema"]["average"].reshape(-1))
+
+
+def test_from_official_refuses_basic_block_resnets():
+  """BYOL's Haiku ResNet-18 has a projection shortcut byol_jax lacks.
+
+  (The official ResNetTorso sets use_projection on every group, unlike
+  hk.nets.ResNet18.)
+  """
+  hk = pytest.importorskip("haiku")
+  net = hk.transform_with_state(lambda x: hk.nets.ResNet(
+      (2, 2, 2, 2), 10, bottleneck=False,
+      channels_per_group=(64, 128, 256, 512), use_projection=(True,) * 4,
+      name="res_net18")(x, True))
+  params, _ = jax.eval_shape(lambda: net.init(
+      jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+  assert "res_net18/~/block_group_0/~/block_0/~/shortcut_conv" in params
+  with pytest.raises(ConfigError, match="res_net18 has basic blocks"):
+    convert_official.architecture(params, "res_net18")
 
 
 def test_from_official_refuses_other_pickles(tmp_path):
