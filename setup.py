@@ -17,6 +17,7 @@ setuptools.setup(
         "absl-py",
         "numpy",
         "pillow",
+        "tensorboardX",  # TensorBoard event files, without TensorFlow
     ],
     extras_require={
         # tf.data host pipeline, TFDS sources and TensorBoard event files.
@@ -24,6 +25,13 @@ setuptools.setup(
         # but declares it for Python < 3.9 only (tensorflow/datasets#11212).
         "tf": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "tensorboard",
                "importlib_resources"],
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        # dm-haiku: the official-checkpoint tests build BYOL's Haiku network.
+        # tensorboard: the tests read event files back with its own reader.
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "dm-haiku",
+                 "tensorboard"],
+        # `python -m byol_jax.convert to-torch`: .pt needs torch, .safetensors
+        # only safetensors; torchvision for loading the export (large: CI
+        # does not install this extra, and the torch tests skip without it).
+        "torch": ["torch", "torchvision", "safetensors"],
     },
 )

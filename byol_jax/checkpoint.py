@@ -20,6 +20,7 @@ caught.
   WORKDIR/checkpoints_damaged/; other errors are retried and then stop the
   run, moving nothing.
 """
+import copy
 import dataclasses
 import datetime
 import json
@@ -38,6 +39,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from byol_jax import config_lib
 from byol_jax.errors import ConfigError
 
 ITEMS = ("state", "config", "checksums")
@@ -69,8 +71,22 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
+def _fill_missing(d: dict, defaults: dict) -> None:
+  for key, value in defaults.items():
+    if key not in d:
+      d[key] = value
+    elif isinstance(value, dict) and isinstance(d[key], dict):
+      _fill_missing(d[key], value)
+
+
 def config_from_json(d: dict) -> ml_collections.ConfigDict:
-  """Inverse of `config_to_json`, with crop ranges as tuples again."""
+  """Inverse of `config_to_json`, with crop ranges as tuples again.
+
+  Fields the config lacks (a checkpoint written before they existed, e.g.
+  `model.padding`) take their `config_lib.base_config()` defaults.
+  """
+  d = copy.deepcopy(dict(d))
+  _fill_missing(d, config_to_json(config_lib.base_config()))
   config = ml_collections.ConfigDict(d)
   for key in ("crop_scale", "crop_ratio"):
     if key in config.data:

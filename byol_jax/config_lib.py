@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 1                 # width multiplier 1..4
   c.model.num_filters = 64          # stem channels at width 1 (tests: 8)
   c.model.stem = "imagenet"         # 'imagenet' | 'cifar'
+  c.model.padding = "symmetric"     # 'symmetric' (PyTorch) | 'same' (TF/Haiku)
   c.model.dtype = "float32"         # computation dtype; params stay float32
   c.model.zero_init_residual = False
   c.model.bn_momentum = 0.9

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from byol_jax import models
+from byol_jax.errors import ConfigError
 
 
 class Network(nn.Module):
@@ -55,9 +56,12 @@ class Network(nn.Module):
 def make_encoder(config: ml_collections.ConfigDict) -> nn.Module:
   """The ResNet encoder described by `config.model`."""
   m = config.model
+  if m.padding not in models.PADDINGS:
+    raise ConfigError(f"model.padding={m.padding!r}; use one of "
+                      f"{list(models.PADDINGS)}.")
   return models.resnet(
       m.depth, width=m.width, stem=m.stem, num_filters=m.num_filters,
-      dtype=jnp.dtype(m.dtype),
+      padding=m.padding, dtype=jnp.dtype(m.dtype),
       zero_init_residual=m.zero_init_residual, bn_momentum=m.bn_momentum,
       bn_epsilon=m.bn_epsilon)
 

@@ -2,9 +2,16 @@
 
 The layout follows torchvision so that converted PyTorch weights behave the
 same: the bottleneck's stride sits on its 3x3 convolution, shortcuts become a
-1x1 convolution plus batch norm when the shape changes, convolutions carry no
-bias, and every padding is explicit and symmetric (Flax's 'SAME' would pad
-asymmetrically for stride 2 and shift the sampling grid by one pixel).
+1x1 convolution plus batch norm when the shape changes, and convolutions carry
+no bias. Haiku's `hk.nets.ResNet` (the official BYOL checkpoints) has the same
+layout; only the padding differs, so it is a choice:
+
+  'symmetric' (default, PyTorch): k // 2 zeros on every side.
+  'same' (TF/Haiku): the total padding of lax's 'SAME', with the odd pixel at
+      the bottom/right; for a stride-2 layer on an even input that is one pixel
+      less at the top/left than 'symmetric', which shifts the sampling grid.
+
+1x1 convolutions need no padding in either case.
 
 The encoder returns the global-average-pooled representation; there is no
 classification layer (the online classifier lives in `methods.network`).
@@ -32,10 +39,21 @@ _DEPTHS: dict[int, tuple[tuple[int, ...], bool]] = {
 
 _BOTTLENECK_EXPANSION = 4
 _STEMS = ("imagenet", "cifar")
+PADDINGS = ("symmetric", "same")
+
+Padding = str | tuple[tuple[int, int], tuple[int, int]]
 
 
-def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  """PyTorch's symmetric padding k // 2 on both spatial axes."""
+def _pad(k: int, padding: str) -> Padding:
+  """The padding of a k x k window (convolution or pooling) in `padding` mode.
+
+  Args:
+    k: the window size.
+    padding: 'symmetric' (PyTorch: k // 2 on both sides of both spatial axes)
+      or 'same' (lax/TF 'SAME', which depends on the input size and stride).
+  """
+  if padding == "same":
+    return "SAME"
   return ((k // 2, k // 2), (k // 2, k // 2))
 
 
@@ -46,14 +64,16 @@ class BasicBlock(nn.Module):
   conv: Callable[..., nn.Module]
   norm: Callable[..., nn.Module]
   zero_init_residual: bool = False
+  padding: str = "symmetric"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     residual = x
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides),
-                  padding=_pad(3), name="conv1")(x)
+                  padding=_pad(3, self.padding), name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
-    y = self.conv(self.filters, (3, 3), padding=_pad(3), name="conv2")(y)
+    y = self.conv(self.filters, (3, 3), padding=_pad(3, self.padding),
+                  name="conv2")(y)
     # Zero-initialising the last scale makes each block start as the identity.
     y = self.norm(name="bn2", scale_init=(
         nn.initializers.zeros if self.zero_init_residual
@@ -72,6 +92,7 @@ class BottleneckBlock(nn.Module):
   conv: Callable[..., nn.Module]
   norm: Callable[..., nn.Module]
   zero_init_residual: bool = False
+  padding: str = "symmetric"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -81,7 +102,7 @@ class BottleneckBlock(nn.Module):
     y = nn.relu(self.norm(name="bn1")(y))
     # ResNet v1.5 / torchvision: the stride is on the 3x3 convolution.
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides),
-                  padding=_pad(3), name="conv2")(y)
+                  padding=_pad(3, self.padding), name="conv2")(y)
     y = nn.relu(self.norm(name="bn2")(y))
     y = self.conv(out_filters, (1, 1), padding="VALID", name="conv3")(y)
     y = self.norm(name="bn3", scale_init=(
@@ -107,6 +128,8 @@ class ResNet(nn.Module):
       smaller values give the narrow networks of CPU tests).
     dtype: computation dtype; parameters and the output stay float32.
     zero_init_residual: zero-initialise the last BN scale of every block.
+    padding: 'symmetric' (PyTorch, torchvision-exportable) or 'same'
+      (TF/Haiku, for the official BYOL checkpoints); see the module docstring.
     bn_momentum: batch-norm moving-average decay.
     bn_epsilon: batch-norm epsilon.
   """
@@ -117,6 +140,7 @@ class ResNet(nn.Module):
   num_filters: int = 64
   dtype: Any = jnp.float32
   zero_init_residual: bool = False
+  padding: str = "symmetric"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
 
@@ -135,6 +159,9 @@ class ResNet(nn.Module):
     """
     if self.stem not in _STEMS:
       raise ValueError(f"Unknown stem {self.stem!r}; allowed: {_STEMS}.")
+    if self.padding not in PADDINGS:
+      raise ValueError(
+          f"Unknown padding {self.padding!r}; allowed: {PADDINGS}.")
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32,
                              kernel_init=conv_kernel_init)
@@ -149,12 +176,14 @@ class ResNet(nn.Module):
     x = jnp.asarray(x).astype(self.dtype)
     stem_filters = self.num_filters * self.width
     if self.stem == "imagenet":
-      x = conv(stem_filters, (7, 7), (2, 2), padding=_pad(7),
+      x = conv(stem_filters, (7, 7), (2, 2), padding=_pad(7, self.padding),
                name="stem_conv")(x)                       # [B, H/2, W/2, F]
       x = nn.relu(norm(name="stem_bn")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))  # [B, H/4..]
+      x = nn.max_pool(x, (3, 3), strides=(2, 2),
+                      padding=_pad(3, self.padding))      # [B, H/4, W/4, F]
     else:
-      x = conv(stem_filters, (3, 3), padding=_pad(3), name="stem_conv")(x)
+      x = conv(stem_filters, (3, 3), padding=_pad(3, self.padding),
+               name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))                # [B, H, W, F]
 
     for i, num_blocks in enumerate(self.stage_sizes):
@@ -163,6 +192,7 @@ class ResNet(nn.Module):
         strides = 2 if i > 0 and j == 0 else 1
         x = block_cls(filters=stem_filters * 2**i, strides=strides, conv=conv,
                       norm=norm, zero_init_residual=self.zero_init_residual,
+                      padding=self.padding,
                       name=f"stage{i + 1}_block{j + 1}")(x)
 
     # Global average pool in float32: [B, h, w, D] -> [B, D].
@@ -174,6 +204,14 @@ def _check_depth(depth: int) -> tuple[tuple[int, ...], bool]:
     raise ValueError(
         f"Unsupported ResNet depth {depth}; allowed: {sorted(_DEPTHS)}.")
   return _DEPTHS[depth]
+
+
+def depth_of(stage_sizes: Sequence[int], bottleneck: bool) -> int | None:
+  """The depth whose blocks per stage are `stage_sizes`, or None."""
+  for depth, layout in _DEPTHS.items():
+    if layout == (tuple(stage_sizes), bool(bottleneck)):
+      return depth
+  return None
 
 
 def resnet(depth: int, **kwargs: Any) -> ResNet:

@@ -1,0 +1,81 @@
+r"""Checkpoint conversion: official BYOL weights in, torchvision weights out.
+
+  python -m byol_jax.convert from-official --checkpoint=pretrain_res50x1.pkl \
+      --workdir=/tmp/byol_official_r50 [--which=online|target] \
+      [--config=configs/byol_r50.py:epochs=1000]
+  python -m byol_jax.convert to-torch --workdir=/tmp/run --out=r50.pt
+  python -m byol_jax.convert to-torch --workdir=/tmp/run --out=r50.safetensors
+
+from-official reads DeepMind's pretraining pickle with a restricted
+unpickler (`safe_pickle`: it builds only arrays, scalars and containers) and
+writes a workdir that `byol_jax.load_encoder`, `byol_jax.linear_eval` and
+`byol_jax.train` (with the same BYOL config) read; the encoder keeps the
+official 'same' padding. to-torch writes the online encoder as a torchvision
+ResNet state_dict without `fc` (see README.md, "Pretrained weights").
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from byol_jax import convert_official
+from byol_jax import convert_torch
+from byol_jax.errors import ConfigError
+
+COMMANDS = ("from-official", "to-torch")
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "from-official: the official BYOL .pkl checkpoint.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "from-official: the workdir to write; to-torch: the "
+    "workdir (or checkpoints/ or step directory) to read.")
+_WHICH = flags.DEFINE_enum(
+    "which", "online", list(convert_official.WHICH),
+    "from-official: the network that becomes the workdir's online network.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "from-official: the BYOL config stored with the weights "
+    "(default: byol_jax.config_lib.base_config()); its network fields are "
+    "set from the checkpoint.", lock_config=False)
+_OUT = flags.DEFINE_string("out", None,
+                           "to-torch: the .pt, .pth or .safetensors file.")
+_STEP = flags.DEFINE_integer("step", None,
+                             "to-torch: checkpoint step (default: newest).")
+
+
+def run(command: str) -> str:
+  """Runs one subcommand; returns the line to print."""
+  if command == "from-official":
+    if not _CHECKPOINT.value or not _WORKDIR.value:
+      raise ConfigError("from-official needs --checkpoint=FILE.pkl and "
+                        "--workdir=DIR.")
+    s = convert_official.from_official(_CHECKPOINT.value, _WORKDIR.value,
+                                       _WHICH.value, _CONFIG.value)
+    return (f"Converted the {s['which']} network of {_CHECKPOINT.value} "
+            f"(ResNet-{s['depth']} x{s['width']}, step {s['step']}, LARS "
+            f"momentum {'kept' if s['momentum'] else 'fresh'}) -> "
+            f"{s['workdir']}")
+  if not _WORKDIR.value or not _OUT.value:
+    raise ConfigError("to-torch needs --workdir=DIR and --out=FILE.")
+  s = convert_torch.export(_WORKDIR.value, _OUT.value, _STEP.value)
+  return (f"Exported the encoder of step {s['step']} (ResNet-{s['depth']} "
+          f"x{s['width']}, {s['tensors']} tensors) -> {s['out']}")
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    print(f"error: give one command, {' or '.join(COMMANDS)}; got "
+          f"{argv[1:]}.", file=sys.stderr)
+    sys.exit(1)
+  try:
+    line = run(argv[1])
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  logging.info(line)
+  print(line, flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

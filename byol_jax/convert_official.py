@@ -1,0 +1,366 @@
+"""Official BYOL checkpoints (DeepMind's Haiku pickles) as byol_jax workdirs.
+
+An official pretraining checkpoint (`pretrain_res50x1.pkl`,
+`pretrain_res200x2.pkl`, the ablations) holds
+`dict(experiment_state=_ByolExperimentState(online_params, target_params,
+online_state, target_state, opt_state), step, rng)`: Haiku trees
+{module name: {leaf: array}} of the encoder (`res_net50/~/...`), the
+projector, the predictor and the online classifier; the batch-norm moving
+averages (`.../~/mean_ema` and `var_ema`, field `average`); and the LARS
+momentum (`opt_state[1].mu`, a tree like `online_params`).
+
+Haiku's ResNet v1 has byol_jax's layout (the bottleneck's stride on its 3x3
+convolution, a projection shortcut on the first block of each group) with
+TF 'SAME' padding, so it maps name by name onto `models.ResNet(padding=
+'same')`:
+
+  res_net50/~/initial_conv                       encoder/stem_conv
+  res_net50/~/initial_batchnorm                  encoder/stem_bn
+  .../block_group_G/~/block_B/~/conv_K           encoder/stage<G+1>_block<B+1>/
+                                                     conv<K+1>
+  .../block_group_G/~/block_B/~/batchnorm_K      .../bn<K+1>
+  .../shortcut_conv, .../shortcut_batchnorm      .../downsample_conv, _bn
+  projector/linear, batch_norm, linear_1         projector/dense1, bn1, dense2
+  classifier                                     classifier
+  leaves w, b, scale, offset                     kernel, bias, scale, bias
+  state .../~/mean_ema, var_ema (average)        batch_stats mean, var
+
+Kernels are HWIO / [in, out] in both; batch-norm vectors lose Haiku's leading
+1-axes. The heads' last linear layer has no bias in the official code; its
+byol_jax bias is zero, which computes the same.
+"""
+import json
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from byol_jax import checkpoint
+from byol_jax import config_lib
+from byol_jax import methods
+from byol_jax import models
+from byol_jax import optim
+from byol_jax import safe_pickle
+from byol_jax import sharding
+from byol_jax import train_state
+from byol_jax.errors import ConfigError
+
+_STATE_FIELDS = ("online_params", "target_params", "online_state",
+                 "target_state", "opt_state")
+_BLOCK = re.compile(r"block_group_(\d+)/~/block_(\d+)/~/(\w+)")
+_ENCODER_LAYERS = {
+    "conv_0": "conv1", "conv_1": "conv2", "conv_2": "conv3",
+    "batchnorm_0": "bn1", "batchnorm_1": "bn2", "batchnorm_2": "bn3",
+    "shortcut_conv": "downsample_conv", "shortcut_batchnorm": "downsample_bn",
+}
+_HEADS = ("projector", "predictor")
+_HEAD_LAYERS = {"linear": "dense1", "batch_norm": "bn1", "linear_1": "dense2"}
+_LEAVES = {"w": "kernel", "b": "bias", "scale": "scale", "offset": "bias"}
+_STATS = {"mean_ema": "mean", "var_ema": "var"}
+_PARTS = ("encoder", "projector", "predictor", "classifier")
+WHICH = ("online", "target")
+
+
+# ------------------------------------------------------------- reading ----
+def read_official(path: str) -> dict[str, Any]:
+  """Reads an official BYOL pretraining checkpoint with `safe_pickle`.
+
+  Returns:
+    {'online_params', 'target_params', 'online_state', 'target_state',
+    'opt_state', 'step'}: Haiku trees as dicts of NumPy arrays.
+
+  Raises:
+    ConfigError: the file is unreadable, refused, or not such a checkpoint.
+  """
+  obj = safe_pickle.load(path)
+  state = obj.get("experiment_state") if isinstance(obj, dict) else None
+  if state is None:
+    found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+    raise ConfigError(
+        f"{path} is not an official BYOL checkpoint: expected a dict with "
+        f"experiment_state, step and rng, found {found}.")
+  fields = getattr(state, "_fields", ())
+  if not all(f in fields for f in _STATE_FIELDS):
+    raise ConfigError(
+        f"{path} is not a BYOL pretraining checkpoint: its experiment_state "
+        f"is {type(state).__name__} with fields {list(fields)}, not "
+        f"{list(_STATE_FIELDS)}; convert the pretrain_*.pkl checkpoint.")
+  out = {f: getattr(state, f) for f in _STATE_FIELDS}
+  out["step"] = int(obj.get("step", 0))
+  return out
+
+
+def encoder_prefix(params: dict) -> str:
+  """The encoder's Haiku module name, e.g. 'res_net50' or 'res_net200'."""
+  prefixes = sorted(k[:-len("/~/initial_conv")] for k in params
+                    if k.endswith("/~/initial_conv"))
+  if len(prefixes) != 1:
+    raise ConfigError(
+        "The checkpoint has no single ResNet encoder (modules ending in "
+        f"/~/initial_conv: {prefixes}).")
+  return prefixes[0]
+
+
+def architecture(params: dict, prefix: str) -> dict[str, int]:
+  """Depth, width and stem channels of the Haiku ResNet in `params`.
+
+  Raises:
+    ConfigError: for basic-block ResNets (BYOL's Haiku ResNet-18/34 has a
+      projection shortcut where byol_jax has none) and unknown depths.
+  """
+  blocks: dict[int, int] = {}
+  bottleneck = False
+  for module in params:
+    m = _BLOCK.fullmatch(module[len(prefix) + 3:])
+    if module.startswith(prefix + "/~/") and m:
+      group, block = int(m[1]), int(m[2])
+      blocks[group] = max(blocks.get(group, 0), block + 1)
+      bottleneck |= m[3] == "conv_2"
+  stage_sizes = tuple(blocks.get(g, 0) for g in range(len(blocks)))
+  if not bottleneck:
+    raise ConfigError(
+        f"{prefix} has basic blocks; only bottleneck ResNets (50, 101, 152, "
+        "200) convert: the official code's basic-block ResNets have a "
+        "projection shortcut on the first block, which byol_jax does not.")
+  depth = models.depth_of(stage_sizes, bottleneck)
+  if depth is None:
+    raise ConfigError(f"{prefix} has {stage_sizes} blocks per group, which is "
+                      "no ResNet depth byol_jax builds (50, 101, 152, 200).")
+  stem = int(params[prefix + "/~/initial_conv"]["w"].shape[-1])
+  width, num_filters = (stem // 64, 64) if stem % 64 == 0 else (1, stem)
+  return dict(depth=depth, width=width, num_filters=num_filters)
+
+
+# ------------------------------------------------------------- mapping ----
+def _module_path(module: str, prefix: str) -> tuple[str, ...]:
+  """The byol_jax path of a Haiku module, e.g. ('encoder', 'stem_conv')."""
+  if module.startswith(prefix + "/~/"):
+    rest = module[len(prefix) + 3:]
+    if rest == "initial_conv":
+      return ("encoder", "stem_conv")
+    if rest == "initial_batchnorm":
+      return ("encoder", "stem_bn")
+    m = _BLOCK.fullmatch(rest)
+    if m and m[3] in _ENCODER_LAYERS:
+      return ("encoder", f"stage{int(m[1]) + 1}_block{int(m[2]) + 1}",
+              _ENCODER_LAYERS[m[3]])
+  # The official MLP creates its layers in __call__ (Haiku names them
+  # 'projector/linear'); '~/' would mark layers created in __init__.
+  head, _, layer = module.partition("/")
+  layer = layer.removeprefix("~/")
+  if head in _HEADS and layer in _HEAD_LAYERS:
+    return (head, _HEAD_LAYERS[layer])
+  if module == "classifier":
+    return ("classifier",)
+  raise ConfigError(f"The checkpoint has a module {module!r} that byol_jax's "
+                    "BYOL network has no place for.")
+
+
+def _put(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def convert_tree(params: dict, state: dict,
+                 prefix: str) -> tuple[dict, dict]:
+  """Haiku params and state -> byol_jax (params, batch_stats).
+
+  Args:
+    params: {module: {'w'|'b'|'scale'|'offset': array}} (also the LARS
+      momentum, which has the same tree).
+    state: {module/~/mean_ema|var_ema: {'average': ..., ...}}, or {}.
+    prefix: the encoder's module name (`encoder_prefix`).
+
+  Returns:
+    Nested dicts under 'encoder', 'projector', 'predictor', 'classifier'
+    (those present), float32 NumPy arrays.
+  """
+  out_params: dict = {}
+  out_stats: dict = {}
+  for module, leaves in params.items():
+    path = _module_path(module, prefix)
+    for leaf, value in leaves.items():
+      if leaf not in _LEAVES:
+        raise ConfigError(f"Unknown parameter {module}/{leaf} in the "
+                          "checkpoint.")
+      value = np.asarray(value, np.float32)
+      if leaf in ("scale", "offset"):  # [1, 1, 1, C] or [1, C] -> [C]
+        value = value.reshape(-1)
+      _put(out_params, path + (_LEAVES[leaf],), value)
+  for name, ema in state.items():
+    module, _, kind = name.rpartition("/~/")
+    if kind not in _STATS or "average" not in ema:
+      raise ConfigError(f"Unknown state {name} in the checkpoint.")
+    _put(out_stats, _module_path(module, prefix) + (_STATS[kind],),
+         np.asarray(ema["average"], np.float32).reshape(-1))
+  for head in _HEADS:  # The official heads' output layer has no bias.
+    dense = out_params.get(head, {}).get("dense2")
+    if dense is not None and "bias" not in dense:
+      dense["bias"] = np.zeros(dense["kernel"].shape[-1], np.float32)
+  return out_params, out_stats
+
+
+def lars_momentum(opt_state: Any) -> dict | None:
+  """The `mu` tree of the official LARS state (Haiku layout), or None."""
+  for s in opt_state if isinstance(opt_state, (tuple, list)) else ():
+    if "mu" in getattr(s, "_fields", ()) and isinstance(s.mu, dict):
+      return s.mu
+  return None
+
+
+def make_config(arch: dict[str, int], params: dict,
+                base: ml_collections.ConfigDict | None = None
+                ) -> ml_collections.ConfigDict:
+  """`base` (default: `config_lib.base_config()`) with the checkpoint's network.
+
+  Sets the encoder (depth, width, 'same' padding, Haiku's batch-norm
+  decay 0.9 and epsilon 1e-5), the heads' sizes and the classifier's classes.
+  """
+  config = (base or config_lib.base_config()).copy_and_resolve_references()
+  if config.method != "byol":
+    raise ConfigError(f"The official checkpoints are BYOL; the config's "
+                      f"method is {config.method!r}. Use a BYOL config.")
+  with config.unlocked():
+    config.model.update(dict(stem="imagenet", padding="same",
+                             bn_momentum=0.9, bn_epsilon=1e-5, **arch))
+    for head in _HEADS:
+      hidden = params[head]["dense1"]["kernel"].shape[1]
+      output = params[head]["dense2"]["kernel"].shape[1]
+      config[head].update(dict(num_layers=2, hidden_dim=int(hidden),
+                               output_dim=int(output)))
+    config.data.num_classes = int(params["classifier"]["kernel"].shape[1])
+  return config
+
+
+# ------------------------------------------------------------- writing ----
+def _check_like(abstract: Any, tree: Any, what: str) -> None:
+  """Raises ConfigError unless `tree` has the paths and shapes of `abstract`."""
+  want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+          jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
+  problems = ([f"missing {k}" for k in sorted(set(want) - set(have))] +
+              [f"unexpected {k}" for k in sorted(set(have) - set(want))] +
+              [f"{k} is {have[k]}, not {want[k]}" for k in sorted(want)
+               if k in have and have[k] != want[k]])
+  if problems:
+    raise ConfigError(f"The converted {what} do not fit byol_jax's network "
+                      f"({len(problems)} problems, e.g. {problems[0]}).")
+
+
+def _optimizer_state(tx, params: dict, momentum: dict | None, step: int):
+  """tx.init(params) with the LARS trace from `momentum` and counts at step.
+
+  The official LARS momentum is byol_jax's LARS trace (both accumulate the
+  trust-scaled update before the learning rate). The classifier's official
+  momentum is not carried over: byol_jax trains it with its own SGD.
+  """
+  flat = {} if momentum is None else {
+      tuple(k.key for k in path): v
+      for path, v in jax.tree_util.tree_flatten_with_path(momentum)[0]
+      if path[0].key != "classifier"}
+  placed = []
+
+  def fill(path, leaf):
+    names = [getattr(k, "name", None) for k in path]
+    if names[-1] == "count":  # Schedules resume where the run stopped.
+      return jnp.full_like(leaf, step)
+    if "trace" in names and all(getattr(k, "key", None) != "classifier"
+                                for k in path[:names.index("trace")]):
+      key = tuple(k.key for k in path[names.index("trace") + 1:])
+      if key in flat:
+        placed.append(key)
+        return jnp.asarray(flat[key], leaf.dtype)
+    return leaf
+
+  opt_state = jax.tree_util.tree_map_with_path(fill, tx.init(params))
+  if len(placed) != len(flat):
+    raise ConfigError(f"Only {len(placed)} of {len(flat)} LARS momentum "
+                      "tensors found a place in byol_jax's optimizer state.")
+  return opt_state
+
+
+def write_workdir(workdir: str, config: ml_collections.ConfigDict, step: int,
+                  params: dict, batch_stats: dict, target: dict,
+                  momentum: dict | None) -> None:
+  """Writes a byol_jax workdir (config.json, checkpoints/<step>) of the state.
+
+  The state has exactly the structure `train` restores for `config`; its
+  optimizer state is fresh apart from the LARS trace (`momentum`) and the
+  step counts.
+  """
+  method = methods.get(config.method)
+  model = method.make_network(config)
+  # The optimizer state's structure does not depend on the schedule length.
+  tx, _ = optim.build_optimizer(config, max(step, 1), 1)
+  mesh = sharding.make_mesh()
+  abstract = train_state.abstract(config, model, tx, mesh, method.HAS_TARGET)
+  _check_like(abstract.params, params, "parameters")
+  _check_like(abstract.batch_stats, batch_stats, "batch statistics")
+  _check_like(abstract.target, target, "target network")
+  state = train_state.TrainState(
+      step=np.asarray(step, np.int32), params=params, batch_stats=batch_stats,
+      target=target, opt_state=_optimizer_state(tx, params, momentum, step))
+  _check_like(abstract.opt_state, state.opt_state, "optimizer state")
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  ckpt.save(step, state)
+  ckpt.close()
+  path = checkpoint.as_path(workdir) / "config.json"
+  path.write_text(json.dumps(checkpoint.config_to_json(config), indent=2,
+                             sort_keys=True))
+
+
+def from_official(checkpoint_path: str, workdir: str, which: str = "online",
+                  config: ml_collections.ConfigDict | None = None
+                  ) -> dict[str, Any]:
+  """Converts an official BYOL pretraining checkpoint into a byol_jax workdir.
+
+  Args:
+    checkpoint_path: the official .pkl file.
+    workdir: an empty or new directory; `load_encoder`, `linear_eval` and
+      `train` (with a BYOL config) read it afterwards.
+    which: 'online' (the network the paper evaluates, with its LARS momentum
+      so that `train` continues the run) or 'target' (the EMA network in the
+      online slot, e.g. to evaluate it; fresh momentum). The target slot
+      always holds the official target network.
+    config: the BYOL config to store (default `config_lib.base_config()`);
+      its network fields are set from the checkpoint (`make_config`).
+
+  Returns:
+    A summary: step, depth, width, which, momentum (bool), workdir.
+  """
+  if which not in WHICH:
+    raise ConfigError(f"--which={which!r}; use one of {list(WHICH)}.")
+  if checkpoint.as_path(workdir).joinpath("checkpoints").exists():
+    raise ConfigError(f"{workdir} already has checkpoints; convert into a "
+                      "new --workdir.")
+  official = read_official(checkpoint_path)
+  prefix = encoder_prefix(official[f"{which}_params"])
+  arch = architecture(official[f"{which}_params"], prefix)
+  params, stats = convert_tree(official[f"{which}_params"],
+                               official[f"{which}_state"], prefix)
+  missing = [p for p in _PARTS if p not in params]
+  if missing:
+    raise ConfigError(f"{checkpoint_path} has no {', '.join(missing)} "
+                      "parameters; a BYOL pretraining checkpoint has all of "
+                      f"{list(_PARTS)}.")
+  tparams, tstats = convert_tree(official["target_params"],
+                                 official["target_state"], prefix)
+  target = {"params": {k: tparams[k] for k in ("encoder", "projector")},
+            "batch_stats": {k: tstats[k] for k in ("encoder", "projector")}}
+  momentum = None
+  mu = lars_momentum(official["opt_state"]) if which == "online" else None
+  if mu is not None:
+    momentum, _ = convert_tree(mu, {}, prefix)
+  config = make_config(arch, params, config)
+  step = official["step"]
+  write_workdir(workdir, config, step, params, stats, target, momentum)
+  logging.info("Converted %s (%s network, step %d) into %s.",
+               checkpoint_path, which, step, workdir)
+  return dict(step=step, which=which, momentum=momentum is not None,
+              workdir=str(workdir), **arch)

@@ -1,0 +1,400 @@
+"""Padding modes, official BYOL checkpoints in, torchvision state_dicts out."""
+import collections
+import io
+import pickle
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import byol_jax
+from byol_jax import checkpoint
+from byol_jax import pretrained
+from byol_jax import config_lib
+from byol_jax import convert_official
+from byol_jax import models
+from byol_jax import optim
+from byol_jax import sharding
+from byol_jax import train_state
+from byol_jax.data import augment
+from byol_jax.errors import ConfigError
+from byol_jax.methods import byol
+
+import official_pickle
+from conftest import REPO
+from test_safe_pickle import _RunsCode
+
+
+def _rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def images(imagenette_npz):
+  """8 real Imagenette val images at 64 x 64, normalised [8, 64, 64, 3]."""
+  with np.load(imagenette_npz) as d:
+    jpeg, off = d["val_jpeg"], d["val_offsets"]
+    out = []
+    for i in range(0, 80, 10):  # one image of each of 8 classes
+      img = Image.open(io.BytesIO(jpeg[off[i]:off[i + 1]].tobytes()))
+      out.append(np.asarray(img.convert("RGB").resize((64, 64),
+                                                       Image.BILINEAR)))
+  return np.asarray(augment.normalize(np.stack(out).astype(np.float32) / 255))
+
+
+def _randomize_batch_stats(variables, seed=0):
+  """Non-trivial moving averages so that inference-mode BN matters."""
+  rng = np.random.default_rng(seed)
+  stats = jax.tree_util.tree_map_with_path(
+      lambda p, x: (rng.uniform(0.5, 2.0, x.shape) if p[-1].key == "var"
+                    else rng.normal(0.0, 0.2, x.shape)).astype(np.float32),
+      variables["batch_stats"])
+  return {"params": variables["params"], "batch_stats": stats}
+
+
+# --------------------------------------------------------------- padding ----
+def _reference_forward(variables, x, padding):
+  """A 2-stage bottleneck ResNet written with lax ops directly.
+
+  `padding` is lax's 'SAME' or PyTorch's symmetric k // 2 ('symmetric').
+  """
+  p, s = variables["params"], variables["batch_stats"]
+
+  def pad(k):
+    return "SAME" if padding == "same" else [(k // 2, k // 2)] * 2
+
+  def conv(x, w, stride=1):
+    k = w.shape[0]
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), pad(k) if k > 1 else "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST)
+
+  def bn(x, p, s):
+    return (x - s["mean"]) / jnp.sqrt(s["var"] + 1e-5) * p["scale"] + p["bias"]
+
+  x = conv(x, p["stem_conv"]["kernel"], 2)
+  x = jax.nn.relu(bn(x, p["stem_bn"], s["stem_bn"]))
+  x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1),
+                            (1, 2, 2, 1),
+                            "SAME" if padding == "same"
+                            else [(0, 0), (1, 1), (1, 1), (0, 0)])
+  for name, stride in (("stage1_block1", 1), ("stage2_block1", 2)):
+    bp, bs = p[name], s[name]
+    y = jax.nn.relu(bn(conv(x, bp["conv1"]["kernel"]), bp["bn1"], bs["bn1"]))
+    y = jax.nn.relu(bn(conv(y, bp["conv2"]["kernel"], stride), bp["bn2"],
+                       bs["bn2"]))
+    y = bn(conv(y, bp["conv3"]["kernel"]), bp["bn3"], bs["bn3"])
+    r = bn(conv(x, bp["downsample_conv"]["kernel"], stride),
+           bp["downsample_bn"], bs["downsample_bn"])
+    x = jax.nn.relu(y + r)
+  return jnp.mean(x, axis=(1, 2))
+
+
+@pytest.mark.parametrize("size", [64, 63])
+def test_same_padding_is_lax_same(images, size):
+  """'same' is lax/TF/Haiku 'SAME' in every strided layer, even and odd sizes.
+
+  'symmetric' matches the symmetric reference, and the two modes differ on
+  real images (the stride-2 layers sample other pixels), so the comparison
+  can tell them apart.
+  """
+  x = images[:, :size, :size]
+  out = {}
+  for padding in ("same", "symmetric"):
+    net = models.ResNet(stage_sizes=(1, 1), bottleneck=True, num_filters=4,
+                        padding=padding)
+    variables = _randomize_batch_stats(
+        net.init(jax.random.key(0), x, train=False))
+    with jax.default_matmul_precision("highest"):
+      out[padding] = net.apply(variables, x, train=False)
+    ref = _reference_forward(variables, x, padding)
+    assert _rel_err(out[padding], ref) < 1e-5, padding
+  if size % 2 == 0:
+    assert _rel_err(out["same"], out["symmetric"]) > 1e-2
+
+
+def test_unknown_padding_is_one_config_error():
+  from byol_jax.methods import network  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  config.model.padding = "reflect"
+  with pytest.raises(ConfigError, match="model.padding='reflect'"):
+    network.make_encoder(config)
+
+
+def test_config_without_padding_loads_as_symmetric():
+  """A checkpoint config written before model.padding existed still loads."""
+  old = checkpoint.config_to_json(config_lib.base_config())
+  del old["model"]["padding"]
+  old["model"]["depth"] = 18
+  config = checkpoint.config_from_json(old)
+  assert config.model.padding == "symmetric"
+  assert config.model.depth == 18
+
+
+# ------------------------------------------- official checkpoints (Haiku) ---
+def _haiku_byol(width: int, blocks=(3, 4, 6, 3), name="res_net50"):
+  """BYOL's network in Haiku, as the official code builds it.
+
+  hk.nets.ResNet is the official encoder's module tree (res_net50/~/...) and
+  SAME padding; its logits layer, which the official encoder never calls, is
+  set to the identity so that it returns the pooled representation. The
+  heads are the official MLP (Linear, BatchNorm, ReLU, Linear without bias).
+  """
+  hk = pytest.importorskip("haiku")
+
+  class MLP(hk.Module):
+
+    def __init__(self, hidden, out, name):
+      super().__init__(name=name)
+      self.hidden, self.out = hidden, out
+
+    def __call__(self, x, is_training):
+      x = hk.Linear(self.hidden)(x)
+      x = hk.BatchNorm(True, True, decay_rate=0.9, eps=1e-5)(x, is_training)
+      return hk.Linear(self.out, with_bias=False)(jax.nn.relu(x))
+
+  def forward(x, is_training):
+    dim = 2048 * width
+    y = hk.nets.ResNet(
+        blocks_per_group=blocks, num_classes=dim, bottleneck=True,
+        channels_per_group=tuple(c * width for c in (256, 512, 1024, 2048)),
+        initial_conv_config=dict(output_channels=64 * width),
+        name=name)(x, is_training)
+    z = MLP(64, 16, "projector")(y, is_training)
+    return dict(repr=y, proj=z, pred=MLP(32, 16, "predictor")(z, is_training),
+                logits=hk.Linear(10, name="classifier")(y))
+
+  return hk.transform_with_state(forward)
+
+
+def _random_haiku_variables(net, x, seed):
+  """Random weights, BN affines and moving averages in Haiku's trees.
+
+  `hidden` differs from `average` (the official files have them equal) so
+  that reading the wrong one shows.
+  """
+  rng = np.random.default_rng(seed)
+  shapes, state_shapes = jax.eval_shape(
+      lambda: net.init(jax.random.key(0), x, True))
+  params = {}
+  for module, leaves in shapes.items():
+    params[module] = {}
+    for name, s in leaves.items():
+      if name == "w":
+        value = rng.normal(0, (np.prod(s.shape[:-1])) ** -0.5, s.shape)
+      elif name == "scale":
+        value = rng.uniform(0.5, 1.5, s.shape)
+      else:
+        value = rng.normal(0, 0.1, s.shape)
+      params[module][name] = value.astype(np.float32)
+  state = {}
+  for module, leaves in state_shapes.items():
+    shape = leaves["average"].shape
+    average = (rng.uniform(0.5, 2.0, shape) if module.endswith("var_ema")
+               else rng.normal(0, 0.2, shape))
+    state[module] = dict(average=average.astype(np.float32),
+                         hidden=rng.normal(0, 1, shape).astype(np.float32),
+                         counter=np.asarray(1000, np.int32))
+  return params, state
+
+
+def _official_checkpoint(path, width, x):
+  """Writes an official-layout pickle; returns Haiku's online outputs on x.
+
+  Returns:
+    {'outputs': Haiku's online outputs on x, 'online', 'target',
+    'target_state', 'mu'}: the Haiku trees written.
+  """
+  net = _haiku_byol(width)
+  online, online_state = _random_haiku_variables(net, x, seed=1)
+  target, target_state = _random_haiku_variables(net, x, seed=2)
+  mu, _ = _random_haiku_variables(net, x, seed=3)
+  dim = 2048 * width
+  logits = {"w": np.eye(dim, dtype=np.float32),
+            "b": np.zeros(dim, np.float32)}
+  outputs, _ = net.apply({**online, "res_net50/~/logits": logits},
+                         online_state, None, x, False)
+  for tree in (online, target, mu):  # The official encoder has no logits.
+    del tree["res_net50/~/logits"]
+  fields = ("online_params", "target_params", "online_state", "target_state",
+            "opt_state")
+  state_cls = collections.namedtuple("_ByolExperimentState", fields,
+                                     module="byol.byol_experiment")
+  lars_cls = collections.namedtuple("ScaleByLarsState", ("mu",),
+                                    module="byol.utils.optimizers")
+  decay_cls = collections.namedtuple("AddWeightDecayState", (),
+                                     module="byol.utils.optimizers")
+  scale_cls = collections.namedtuple("ScaleState", (),
+                                     module="optax._src.transform")
+  tree = official_pickle.haiku_tree
+  official_pickle.dump(dict(
+      experiment_state=state_cls(
+          tree(online), tree(target), tree(online_state), tree(target_state),
+          (decay_cls(), lars_cls(mu=tree(mu)), scale_cls())),
+      step=12345, rng=np.array([0, 42], np.uint32)), path)
+  return dict(outputs=jax.tree.map(np.asarray, outputs), online=online,
+              target=target, target_state=target_state, mu=mu)
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "byol_jax.convert", *args],
+                        capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def official_r50(tmp_path_factory, images):
+  """An official-layout ResNet-50 x1 checkpoint and Haiku's outputs on x."""
+  pkl = tmp_path_factory.mktemp("official") / "pretrain_res50x1.pkl"
+  x = images[:4]
+  return dict(pkl=pkl, x=x, **_official_checkpoint(pkl, 1, x))
+
+
+def test_from_official_matches_haiku(tmp_path, official_r50):
+  """An official-layout ResNet-50 converts; byol_jax computes what Haiku does.
+
+  Representations (via load_encoder), projections, predictions and logits
+  agree with Haiku's inference mode on real images; the target network and
+  the LARS momentum land where the trainer restores them.
+  """
+  pkl, x, expected = (official_r50[k] for k in ("pkl", "x", "outputs"))
+  target, mu = official_r50["target"], official_r50["mu"]
+  workdir = tmp_path / "workdir"
+  r = _run_cli("from-official", f"--checkpoint={pkl}", f"--workdir={workdir}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "ResNet-50 x1, step 12345, LARS momentum kept" in r.stdout
+
+  encoder, variables = byol_jax.load_encoder(str(workdir))
+  assert encoder.padding == "same"
+  with jax.default_matmul_precision("highest"):
+    features = encoder.apply(variables, x, train=False)
+  assert _rel_err(features, expected["repr"]) < 1e-4
+
+  config, state, step = pretrained.load_run(str(workdir))
+  assert step == 12345 and config.model.padding == "same"
+  model = byol.make_network(config)
+  with jax.default_matmul_precision("highest"):
+    out = model.apply({"params": state["params"],
+                       "batch_stats": state["batch_stats"]}, x, train=False)
+  for key in ("repr", "proj", "pred", "logits"):
+    assert _rel_err(out[key], expected[key]) < 1e-4, key
+
+  # The trainer's own restore: same structure, step, counts and momentum.
+  tx, _ = optim.build_optimizer(config, 20000, 100)
+  mesh = sharding.make_mesh()
+  abstract = train_state.abstract(config, model, tx, mesh, True)
+  ckpt = checkpoint.Checkpointer(str(workdir), config)
+  restored = jax.device_get(ckpt.restore(abstract, ckpt.latest_step()))
+  ckpt.close()
+  assert int(restored.step) == 12345
+  main = restored.opt_state.inner_states["main"].inner_state
+  np.testing.assert_array_equal(
+      main[2].trace["encoder"]["stage2_block1"]["conv2"]["kernel"],
+      mu["res_net50/~/block_group_1/~/block_0/~/conv_1"]["w"])
+  np.testing.assert_array_equal(
+      main[2].trace["projector"]["bn1"]["scale"],
+      mu["projector/batch_norm"]["scale"].reshape(-1))
+  assert int(main[3].count) == 12345
+  np.testing.assert_array_equal(
+      restored.target["params"]["encoder"]["stage4_block3"]["conv3"]["kernel"],
+      target["res_net50/~/block_group_3/~/block_2/~/conv_2"]["w"])
+  np.testing.assert_array_equal(
+      restored.params["projector"]["dense2"]["bias"], 0)
+
+
+def test_from_official_target_network(tmp_path, official_r50):
+  """--which=target: the EMA network in the online slot, fresh momentum."""
+  workdir = tmp_path / "target"
+  summary = convert_official.from_official(str(official_r50["pkl"]),
+                                           str(workdir), which="target")
+  assert summary["which"] == "target" and not summary["momentum"]
+  _, state, _ = pretrained.load_run(str(workdir))
+  target, target_state = official_r50["target"], official_r50["target_state"]
+  for slot in (state["params"], state["target"]["params"]):
+    np.testing.assert_array_equal(
+        slot["encoder"]["stage3_block6"]["bn2"]["scale"],
+        target["res_net50/~/block_group_2/~/block_5/~/batchnorm_1"]["scale"]
+        .reshape(-1))
+  np.testing.assert_array_equal(
+      state["params"]["predictor"]["dense1"]["kernel"],
+      target["predictor/linear"]["w"])
+  np.testing.assert_array_equal(
+      state["batch_stats"]["encoder"]["stem_bn"]["mean"],
+      target_state["res_net50/~/initial_batchnorm/~/mean_ema"]["average"]
+      .reshape(-1))
+  traces = [leaf for path, leaf in
+            jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+            if "trace" in jax.tree_util.keystr(path)]
+  assert traces and all(not np.any(t) for t in traces)
+
+
+@pytest.mark.parametrize("depth,width", [(50, 2), (200, 1)])
+def test_from_official_mapping_other_sizes(depth, width):
+  """ResNet-50 x2 and ResNet-200 trees map leaf by leaf onto byol_jax's."""
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  blocks = {50: (3, 4, 6, 3), 200: (3, 24, 36, 3)}[depth]
+  net = _haiku_byol(width, blocks, name=f"res_net{depth}")
+  params, state = _random_haiku_variables(net, x, seed=0)
+  prefix = f"res_net{depth}"
+  del params[prefix + "/~/logits"]
+  assert convert_official.encoder_prefix(params) == prefix
+  arch = convert_official.architecture(params, prefix)
+  assert arch == dict(depth=depth, width=width, num_filters=64)
+  converted, stats = convert_official.convert_tree(params, state, prefix)
+  config = convert_official.make_config(arch, converted)
+  want = jax.eval_shape(lambda: byol.make_network(config).init(
+      jax.random.key(0), x, train=True))
+  for got, ref in ((converted, want["params"]), (stats, want["batch_stats"])):
+    assert jax.tree.structure(got) == jax.tree.structure(ref)
+    assert jax.tree.map(np.shape, got) == jax.tree.map(lambda s: s.shape, ref)
+  stem = converted["encoder"]["stem_conv"]["kernel"]
+  assert stem.shape == (7, 7, 3, 64 * width)
+  np.testing.assert_array_equal(stem, params[prefix + "/~/initial_conv"]["w"])
+  np.testing.assert_array_equal(
+      converted["encoder"]["stage2_block1"]["conv2"]["kernel"],  # stride 2
+      params[prefix + "/~/block_group_1/~/block_0/~/conv_1"]["w"])
+  np.testing.assert_array_equal(
+      stats["encoder"]["stage3_block1"]["downsample_bn"]["var"],
+      state[prefix + "/~/block_group_2/~/block_0/~/shortcut_batchnorm/~/"
+            "var_ema"]["average"].reshape(-1))
+
+
+def test_from_official_refuses_basic_block_resnets():
+  """BYOL's Haiku ResNet-18 has a projection shortcut byol_jax lacks.
+
+  (The official ResNetTorso sets use_projection on every group, unlike
+  hk.nets.ResNet18.)
+  """
+  hk = pytest.importorskip("haiku")
+  net = hk.transform_with_state(lambda x: hk.nets.ResNet(
+      (2, 2, 2, 2), 10, bottleneck=False,
+      channels_per_group=(64, 128, 256, 512), use_projection=(True,) * 4,
+      name="res_net18")(x, True))
+  params, _ = jax.eval_shape(lambda: net.init(
+      jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+  assert "res_net18/~/block_group_0/~/block_0/~/shortcut_conv" in params
+  with pytest.raises(ConfigError, match="res_net18 has basic blocks"):
+    convert_official.architecture(params, "res_net18")
+
+
+def test_from_official_refuses_other_pickles(tmp_path):
+  """Foreign or malicious files get one error line and no workdir."""
+  not_byol = tmp_path / "weights.pkl"
+  official_pickle.dump({"params": {"w": np.ones(3, np.float32)}}, not_byol)
+  with pytest.raises(ConfigError, match="not an official BYOL checkpoint"):
+    convert_official.from_official(str(not_byol), str(tmp_path / "a"))
+  evil = tmp_path / "evil.pkl"
+  evil.write_bytes(pickle.dumps(_RunsCode(f"touch {tmp_path / 'ran'}"),
+                                protocol=2))
+  r = _run_cli("from-official", f"--checkpoint={evil}",
+               f"--workdir={tmp_path / 'b'}")
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, r.stderr
+  assert "refused" in errors[0] and "posix.system" in errors[0]
+  assert not (tmp_path / "ran").exists() and not (tmp_path / "b").exists()

@@ -1,0 +1,135 @@
+"""The training loop at scale: no implicit transfers, no per-step host reads,
+evaluators compiled once, only the collectives each method needs (issue 12)."""
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from byol_jax import data
+from byol_jax import methods
+from byol_jax import optim
+from byol_jax import sharding
+from byol_jax import step as step_lib
+from byol_jax import train
+from byol_jax import train_state
+from byol_jax.evaluation import linear
+from byol_jax.evaluation import monitor as monitor_lib
+from byol_jax.methods import network
+from testlib import count_compiles
+
+
+def _build(config, mesh):
+  method = methods.get(config.method)
+  model = method.make_network(config)
+  tx, lr_fn = optim.build_optimizer(config, 100, 10)
+  tau_fn = optim.tau_schedule(0.99, 100) if method.HAS_TARGET else None
+  state = train_state.create(config, model, tx, mesh, method.HAS_TARGET)
+  step = step_lib.jit_train_step(
+      step_lib.make_train_step(config, model, tx, lr_fn, tau_fn), mesh)
+  return state, step
+
+
+def test_device_data_path_makes_no_implicit_transfer(tiny_config):
+  config = tiny_config()
+  assert config.data.on_device
+  mesh = sharding.make_mesh()
+  state, step = _build(config, mesh)
+  pipeline = data.build_pretrain(config, mesh, start_step=0)
+  with jax.transfer_guard("disallow"):
+    for s in range(3):
+      state, metrics = step(state, pipeline.batch(s))
+  assert int(jax.device_get(state.step)) == 3
+  # The guard is real: an implicit transfer inside it fails.
+  with pytest.raises(Exception, match="Disallowed host-to-device"):
+    with jax.transfer_guard("disallow"):
+      step(state, {k: np.asarray(v) for k, v in
+                   jax.device_get(pipeline.batch(3)).items()})
+  del metrics
+
+
+def test_loop_reads_from_devices_only_when_it_logs_or_saves(
+    tmp_path, tiny_config, monkeypatch):
+  reads = []
+  fetch = train._fetch  # pylint: disable=protected-access
+
+  def counted(tree):
+    reads.append(1)
+    return fetch(tree)
+
+  monkeypatch.setattr(train, "_fetch", counted)
+  config = tiny_config(total_steps=12, log_every_steps=4,
+                       checkpoint_every_steps=6, knn__enabled=False)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  # Log steps 4, 8, 12; the save at 6; the final check: nothing else.
+  assert len(reads) == 5, reads
+
+
+def test_three_evaluations_compile_once(tiny_config):
+  config = train.resolve(tiny_config(knn__enabled=True), data.describe(
+      tiny_config()))
+  mesh = sharding.make_mesh()
+  state, _ = _build(config, mesh)
+  variables = {"params": state.params["encoder"],
+               "batch_stats": state.batch_stats["encoder"]}
+  monitor = monitor_lib.Monitor(config, mesh)
+  counts = []
+  for _ in range(3):
+    with count_compiles() as n:
+      results = monitor(variables, state.params["classifier"])
+    counts.append(n[0])
+  assert set(results) == {"eval/online_top1", "eval/online_top5",
+                          "eval/knn_top1", "eval/knn_top5"}
+  assert counts[1] == counts[2] == 0, counts
+  assert counts[0] >= 1
+
+
+def test_linear_evaluator_compiles_once(tiny_config):
+  config = train.resolve(tiny_config(), data.describe(tiny_config()))
+  mesh = sharding.make_mesh()
+  encoder = network.make_encoder(config)
+  state, _ = _build(config, mesh)
+  variables = {"params": state.params["encoder"],
+               "batch_stats": state.batch_stats["encoder"]}
+  evaluate = linear.LinearEvaluator(config, encoder, mesh, steps=3,
+                                    batch_size=64, eval_batch_size=200)
+  first = evaluate(variables)
+  with count_compiles() as n:
+    second = evaluate(variables)
+  assert n[0] == 0
+  assert first["top1"] == second["top1"]  # Same seed, same result.
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(\S+)\s+(all-to-all|all-gather|all-reduce|reduce-scatter|"
+    r"collective-permute)(?:-start)?\(")
+
+
+def _collectives(hlo: str) -> list[tuple[str, int]]:
+  """(kind, element count of the result) of every collective in the HLO."""
+  out = []
+  for m in _COLLECTIVE.finditer(hlo):
+    shape, kind = m.group(1), m.group(2)
+    dims = re.findall(r"\[([\d,]*)\]", shape)
+    size = max((int(np.prod([int(d) for d in ds.split(",") if d]))
+                for ds in dims), default=1)
+    out.append((kind, size))
+  return out
+
+
+@pytest.mark.parametrize("method", ["byol", "simsiam", "simclr"])
+def test_compiled_step_has_only_the_collectives_it_needs(tiny_config, method):
+  config = tiny_config(method)
+  mesh = sharding.make_mesh()
+  state, step = _build(config, mesh)
+  batch = data.build_pretrain(config, mesh).batch(0)
+  hlo = step.lower(state, batch).compile().as_text()
+  found = _collectives(hlo)
+  kinds = {k for k, _ in found}
+  assert "all-reduce" in kinds  # Gradients and batch-norm statistics.
+  assert "all-to-all" not in kinds, found
+  image = int(np.prod(batch["view1"].shape))  # Elements of one view.
+  gathers = [size for kind, size in found if kind == "all-gather"]
+  assert all(size < image // 4 for size in gathers), (gathers, image)
+  if method == "simclr":  # NT-Xent needs every projection.
+    assert gathers, found
