@@ -1,14 +1,29 @@
-r"""Linear evaluation (or fine-tuning) of a pretrained checkpoint.
+r"""Linear evaluation, fine-tuning and semi-supervised fine-tuning.
 
-  python -m byol_jax.linear_eval --workdir=/tmp/byol_cifar10 --epochs=80
-  python -m byol_jax.linear_eval --workdir=/tmp/byol_cifar10 --mode=finetune
+  python -m byol_jax.linear_eval --workdir=/tmp/byol_cifar10
+  python -m byol_jax.linear_eval --workdir=/tmp/run --which=target
+  python -m byol_jax.linear_eval --workdir=/tmp/run --preset=finetune_10pct
+  python -m byol_jax.linear_eval --workdir=/tmp/run --mode=finetune \
+      --train_split=train --fraction=0.1 --seed=1
   python -m byol_jax.linear_eval --workdir=/tmp/run --checkpoint=/ckpts/run \
       --step=20000 --data_source=npz --data_path=/data/cifar10.npz
 
+Presets (`PRESETS`; any flag given explicitly overrides them):
+- linear: the linear protocol (frozen encoder, 80 epochs, base LR 0.2,
+  Nesterov SGD, cosine, no weight decay, crop + flip).
+- finetune_1pct / finetune_10pct: semi-supervised fine-tuning of the whole
+  encoder on 1% / 10% of the labels, the SimCLR protocol that BYOL's paper
+  follows (Nesterov SGD, base LR 0.05 per 256 images, batch 4096, no warm-up
+  or weight decay, crop + flip; 60 / 30 epochs). On ImageNet from TFDS the
+  labelled subsets are TFDS's `imagenet2012_subset/1pct` and `/10pct` (the
+  SimCLR subsets); elsewhere a class-balanced fraction of the train split,
+  deterministic per --seed.
+
 The run's config (saved in every checkpoint) names the data and the encoder;
-`--data_source`/`--data_path` point the evaluation at another copy of the same
-data. Top-1/top-5 are printed and written as JSON to WORKDIR/linear_eval.json
-(WORKDIR/finetune.json for --mode=finetune) or --output.
+`--data_source`/`--data_path`/`--data_dir` point the evaluation at another
+copy of the same data. Batch sizes are rounded up to a multiple of the device
+count (the learning rate follows). Top-1/top-5 are printed and written as
+JSON to WORKDIR/linear_eval.json (finetune.json for fine-tuning) or --output.
 """
 import json
 import sys
@@ -21,11 +36,25 @@ from absl import flags
 from absl import logging
 from etils import epath
 
-from byol_jax import checkpoint
+from byol_jax import data
+from byol_jax import multihost
+from byol_jax import pretrained
 from byol_jax import sharding
 from byol_jax.errors import ConfigError
 from byol_jax.evaluation import linear
 from byol_jax.methods import network
+
+PRESETS = {
+    "linear": dict(mode="linear", epochs=80, batch_size=256, base_lr=0.2,
+                   fraction=1.0),
+    "finetune_1pct": dict(mode="finetune", epochs=60, batch_size=4096,
+                          base_lr=0.05, fraction=0.01,
+                          tfds_subset="imagenet2012_subset/1pct"),
+    "finetune_10pct": dict(mode="finetune", epochs=30, batch_size=4096,
+                           base_lr=0.05, fraction=0.1,
+                           tfds_subset="imagenet2012_subset/10pct"),
+}
+DEFAULT_BASE_LR = {"linear": 0.2, "finetune": 0.01}
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The pretraining run's workdir; the JSON result goes here.")
@@ -33,17 +62,27 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A workdir, its checkpoints/ directory or one step's "
     "directory (default: --workdir).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
-_MODE = flags.DEFINE_enum("mode", "linear", ["linear", "finetune"],
+_PRESET = flags.DEFINE_enum("preset", None, sorted(PRESETS),
+                            "A protocol; explicit flags override its values.")
+_MODE = flags.DEFINE_enum("mode", None, ["linear", "finetune"],
                           "linear: frozen encoder; finetune: train it too.")
-_EPOCHS = flags.DEFINE_float("epochs", 80, "Epochs over the train split.")
+_WHICH = flags.DEFINE_enum("which", "online", ["online", "target"],
+                           "Which encoder: online, or BYOL's EMA target.")
+_EPOCHS = flags.DEFINE_float("epochs", None, "Epochs over the labelled set.")
 _STEPS = flags.DEFINE_integer("steps", 0, "If > 0, steps instead of epochs.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size.")
 _EVAL_BATCH_SIZE = flags.DEFINE_integer(
     "eval_batch_size", None, "Global eval batch (default: --batch_size).")
 _BASE_LR = flags.DEFINE_float(
     "base_lr", None, "LR at batch 256 (default 0.2 linear, 0.01 finetune).")
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "On kernels only.")
-_SEED = flags.DEFINE_integer("seed", 0, "Head init and data order.")
+_TRAIN_SPLIT = flags.DEFINE_string(
+    "train_split", None, "The labelled split (default: the run's train "
+    "split); TFDS slicing such as train[:10%] works for TFDS sources.")
+_FRACTION = flags.DEFINE_float(
+    "fraction", None, "Use this fraction of the labelled split, class-"
+    "balanced and deterministic per --seed (1.0: all of it).")
+_SEED = flags.DEFINE_integer("seed", 0, "Head init, data order and subset.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON result.")
 _DATA_SOURCE = flags.DEFINE_string(
     "data_source", None, "Override config.data.source (tfds|folder|npz|...).")
@@ -51,27 +90,9 @@ _DATA_PATH = flags.DEFINE_string(
     "data_path", None, "Override config.data.path (image folder or .npz).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "Override config.data.data_dir (TFDS).")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() first (pods).")
-
-DEFAULT_BASE_LR = {"linear": 0.2, "finetune": 0.01}
-
-
-def _is_remote(path: str) -> bool:
-  return "://" in path
-
-
-def load(path: str, step: int | None):
-  """(config, encoder module, encoder variables, checkpoint step)."""
-  config, state, step = checkpoint.load_run(path, step)
-  encoder = network.make_encoder(config)
-  params = state.get("params", {})
-  if "encoder" not in params:
-    raise ConfigError(f"The checkpoint at {path} has no encoder parameters "
-                      f"(found {sorted(params)}).")
-  variables = {"params": params["encoder"],
-               "batch_stats": state.get("batch_stats", {}).get("encoder", {})}
-  return config, encoder, variables, step
+_MULTIHOST = flags.DEFINE_enum(
+    "multihost", "auto", ["auto", "yes", "no"],
+    "Join jax.distributed (auto: on a multi-host cluster).")
 
 
 def override_data(config, source: str | None, path: str | None,
@@ -86,20 +107,44 @@ def override_data(config, source: str | None, path: str | None,
       config.data.data_dir = data_dir
   if config.data.source in ("npz", "folder") and config.data.path:
     p = config.data.path
-    if not _is_remote(p) and not epath.Path(p).exists():
+    if "://" not in p and not epath.Path(p).exists():
       raise ConfigError(f"The evaluation data {p} does not exist; point "
                         "--data_path at a local copy.")
   return config
 
 
+def settings(preset: str | None = None, **given) -> dict[str, Any]:
+  """The evaluation's settings: the preset's values, then the given ones."""
+  out = dict(mode="linear", epochs=80.0, batch_size=256, base_lr=None,
+             fraction=1.0, tfds_subset=None)
+  out.update(PRESETS[preset] if preset else {})
+  out.update({k: v for k, v in given.items() if v is not None})
+  if out["base_lr"] is None:
+    out["base_lr"] = DEFAULT_BASE_LR[out["mode"]]
+  return out
+
+
 def run(workdir: str, checkpoint_path: str | None = None,
-        step: int | None = None, mode: str = "linear", epochs: float = 80,
-        steps: int = 0, batch_size: int = 256,
-        eval_batch_size: int | None = None, base_lr: float | None = None,
-        weight_decay: float = 0.0, seed: int = 0, output: str | None = None,
-        data_source: str | None = None, data_path: str | None = None,
-        data_dir: str | None = None) -> dict[str, Any]:
-  """Loads the checkpoint, runs `linear.linear_eval`, writes the JSON result.
+        step: int | None = None, preset: str | None = None,
+        which: str = "online", steps: int = 0,
+        eval_batch_size: int | None = None, weight_decay: float = 0.0,
+        train_split: str | None = None, seed: int = 0,
+        output: str | None = None, data_source: str | None = None,
+        data_path: str | None = None, data_dir: str | None = None,
+        **given) -> dict[str, Any]:
+  """Loads the checkpoint, trains and scores the head, writes the JSON.
+
+  Args:
+    workdir: where the JSON goes (and the checkpoint, by default).
+    checkpoint_path, step: which checkpoint (default: workdir's newest).
+    preset: a key of PRESETS.
+    which: 'online' or 'target'.
+    steps: when > 0, steps instead of epochs.
+    eval_batch_size, weight_decay, train_split, seed: see the flags.
+    output: the JSON path (default: WORKDIR/linear_eval.json or
+      finetune.json).
+    data_source, data_path, data_dir: another copy of the same data.
+    **given: mode, epochs, batch_size, base_lr, fraction (None: preset).
 
   Returns:
     The JSON-able result (also written to `output`).
@@ -107,40 +152,50 @@ def run(workdir: str, checkpoint_path: str | None = None,
   start = time.time()
   if not workdir:
     raise ConfigError("Give --workdir=DIR (the pretraining run's workdir).")
-  n = jax.device_count()
-  for name, value in (("batch_size", batch_size),
-                      ("eval_batch_size", eval_batch_size)):
-    if value is not None and (value <= 0 or value % n):
-      raise ConfigError(f"--{name}={value} must be a positive multiple of "
-                        f"the {n} devices.")
-  if steps <= 0 and not epochs > 0:
-    raise ConfigError(f"--epochs={epochs}: give a positive number of epochs "
-                      "(or --steps).")
-  path = checkpoint_path or workdir
-  if not _is_remote(path) and not epath.Path(path).exists():
-    raise ConfigError(f"No checkpoint at {path}: the directory does not "
-                      "exist; pass the workdir of a byol_jax.train run or "
-                      "--checkpoint=PATH.")
-  config, encoder, variables, ckpt_step = load(path, step)
+  s = settings(preset, **given)
+  if steps <= 0 and not s["epochs"] > 0:
+    raise ConfigError(f"--epochs={s['epochs']}: give a positive number of "
+                      "epochs (or --steps).")
+  for name in ("batch_size", "eval_batch_size"):
+    value = s["batch_size"] if name == "batch_size" else eval_batch_size
+    if value is not None and value <= 0:
+      raise ConfigError(f"--{name}={value} must be positive.")
+  if not 0.0 < s["fraction"] <= 1.0:
+    raise ConfigError(f"--fraction={s['fraction']} must be in (0, 1].")
+  config, state, ckpt_step = pretrained.load_run(checkpoint_path or workdir,
+                                                 step)
+  variables = pretrained.encoder_variables(state, which,
+                                           checkpoint_path or workdir)
   config = override_data(config, data_source, data_path, data_dir)
-  base_lr = DEFAULT_BASE_LR[mode] if base_lr is None else base_lr
+  fraction = s["fraction"]
+  if (s["tfds_subset"] and config.data.source == "tfds" and
+      config.data.name == "imagenet2012" and train_split is None):
+    # The published subsets, as a dataset of their own.
+    with config.unlocked():
+      config.data.name = s["tfds_subset"]
+    fraction = 1.0
+  info = data.describe(config)
   mesh = sharding.make_mesh()
-  result = linear.linear_eval(
-      config, encoder, variables, mesh, epochs=epochs, steps=steps,
-      batch_size=batch_size, eval_batch_size=eval_batch_size,
-      base_lr=base_lr, finetune=(mode == "finetune"),
-      weight_decay=weight_decay, seed=seed)
+  evaluate = linear.LinearEvaluator(
+      config, network.make_encoder(config), mesh, epochs=s["epochs"],
+      steps=steps, batch_size=s["batch_size"],
+      eval_batch_size=eval_batch_size, base_lr=s["base_lr"],
+      finetune=(s["mode"] == "finetune"), weight_decay=weight_decay,
+      seed=seed, train_split=train_split, fraction=fraction)
+  result = evaluate(variables)
   summary = {k: v for k, v in result.items()
              if isinstance(v, (int, float, bool, str))}
   summary.update(
-      mode=mode, checkpoint=str(path), checkpoint_step=int(ckpt_step),
-      method=config.method, depth=config.model.depth,
-      width=config.model.width, dataset=config.data.name,
-      eval_split=config.data.eval_split, device_kind=jax.devices()[0].device_kind,
+      mode=s["mode"], preset=preset or "", which=which,
+      checkpoint=str(checkpoint_path or workdir),
+      checkpoint_step=int(ckpt_step), method=config.method,
+      depth=config.model.depth, width=config.model.width,
+      dataset=info.name, eval_split=config.data.eval_split,
+      device_kind=jax.devices()[0].device_kind,
       device_count=jax.device_count(), process_count=jax.process_count(),
       wall_seconds=time.time() - start)
   output = output or str(epath.Path(workdir) / (
-      "finetune.json" if mode == "finetune" else "linear_eval.json"))
+      "finetune.json" if s["mode"] == "finetune" else "linear_eval.json"))
   if jax.process_index() == 0:
     out = epath.Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,22 +207,24 @@ def run(workdir: str, checkpoint_path: str | None = None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _MULTIHOST.value:
-    jax.distributed.initialize()
   try:
-    s = run(_WORKDIR.value, _CHECKPOINT.value, _STEP.value, _MODE.value,
-            _EPOCHS.value, _STEPS.value, _BATCH_SIZE.value,
-            _EVAL_BATCH_SIZE.value, _BASE_LR.value, _WEIGHT_DECAY.value,
-            _SEED.value, _OUTPUT.value, _DATA_SOURCE.value, _DATA_PATH.value,
-            _DATA_DIR.value)
+    multihost.initialize(_MULTIHOST.value)
+    s = run(_WORKDIR.value, _CHECKPOINT.value, _STEP.value, _PRESET.value,
+            _WHICH.value, _STEPS.value, _EVAL_BATCH_SIZE.value,
+            _WEIGHT_DECAY.value, _TRAIN_SPLIT.value, _SEED.value,
+            _OUTPUT.value, _DATA_SOURCE.value, _DATA_PATH.value,
+            _DATA_DIR.value, mode=_MODE.value, epochs=_EPOCHS.value,
+            batch_size=_BATCH_SIZE.value, base_lr=_BASE_LR.value,
+            fraction=_FRACTION.value)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   logging.info("Result: %s", s)
   if jax.process_index() == 0:
-    print(f"{s['mode']} eval of step {s['checkpoint_step']}: top-1 "
-          f"{100 * s['top1']:.2f}% top-5 {100 * s['top5']:.2f}% "
-          f"({s['epochs']:g} epochs, {s['steps']} steps, "
+    print(f"{s['mode']} eval of the {s['which']} encoder at step "
+          f"{s['checkpoint_step']}: top-1 {100 * s['top1']:.2f}% top-5 "
+          f"{100 * s['top5']:.2f}% ({s['epochs']:g} epochs of "
+          f"{s['num_train_examples']} images, batch {s['batch_size']}, "
           f"{s['wall_seconds']:.0f} s on {s['device_count']} x "
           f"{s['device_kind']}) -> {s['output']}", flush=True)
 

@@ -96,7 +96,9 @@ def _first_per_class(ds, per_class: int, num_classes: int, size=None):
 
 def prepare(target: pathlib.Path) -> None:
   """Downloads CIFAR-10 and Imagenette through TFDS and writes the packs."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from byol_jax import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
   target.mkdir(parents=True, exist_ok=True)
   data_dir = target / "tfds"
   for pack, name, splits, size in (
@@ -105,8 +107,10 @@ def prepare(target: pathlib.Path) -> None:
        (("train", 30), ("validation", 10)), 224)):
     if (target / pack).is_file():
       continue
+    # The trainer's own preparation: offline, it fails in seconds.
+    prepare_lib.ensure_prepared(ml_collections.ConfigDict(dict(
+        source="tfds", name=name, data_dir=str(data_dir))))
     builder = tfds.builder(name, data_dir=str(data_dir))
-    builder.download_and_prepare()
     parts = {}
     for split, n in splits:
       ds = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
