@@ -265,6 +265,15 @@ class Checkpointer:
     Raises:
       StorageError: if the previous save failed or this one cannot start.
     """
+    # The previous save had a whole interval to finish: waiting for it costs
+    # nothing, and a failure in the background surfaces here, at once.
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise StorageError(
+          f"Saving a checkpoint to {self.directory} failed ({first_line(e)});"
+          " check that the workdir is writable and has space, then run the "
+          "same command again to resume from the last checkpoint.") from e
     self.check_for_errors()
     if step in self._manager.all_steps():
       return

@@ -9,8 +9,8 @@ Cloud TPU pod slice: on several hosts it joins JAX's multi-controller runtime,
 every host reads its own shard of the data and all of them run this file.
 Running it again resumes from the newest checkpoint (`--restore_step=N`: from
 an older one). Exit codes: 0 done, 1 an error (one `error:` line), 2 a bad
-command line, 143 (128 + SIGTERM) preempted after saving a checkpoint: run
-the same command again to resume.
+command line, 130 interrupted (Ctrl-C), 143 (128 + SIGTERM) preempted after saving
+a checkpoint: run the same command again to resume.
 """
 import contextlib
 import os
@@ -68,6 +68,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index (else detected).")
 
 EXIT_PREEMPTED = 143
+EXIT_INTERRUPTED = 130
 
 
 class NonFiniteError(RuntimeError):
@@ -274,6 +275,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return []
 
 
+def _quiet_orbax(record) -> bool:
+  """Drops Orbax's log records below CRITICAL (a logging filter)."""
+  return "/orbax/" not in record.pathname or record.levelno >= 50
+
+
 def _exit_error(message: str, code: int = 1) -> None:
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)
@@ -287,14 +293,26 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # The trainer's own lines only; --verbosity=0 shows the libraries' INFO.
     logging.set_verbosity(logging.WARNING)
+    # Orbax logs the tracebacks of failed background saves; the trainer
+    # reports the same failure in one line (StorageError).
+    logging.get_absl_handler().addFilter(_quiet_orbax)
   try:
     multihost.initialize(_MULTIHOST.value, _COORDINATOR.value,
                          _NUM_PROCESSES.value, _PROCESS_ID.value)
     final = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                _RESTORE_STEP.value)
-  except (ConfigError, NonFiniteError, checkpoint.StorageError) as e:
-    _exit_error(checkpoint.first_line(e) if isinstance(
-        e, checkpoint.StorageError) else str(e))
+  except (ConfigError, NonFiniteError) as e:
+    _exit_error(str(e))
+  except checkpoint.StorageError as e:
+    # Orbax's threads of the failed save wait for signals that never come;
+    # the checkpoints, writers and lock are closed already: leave now.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
+  except KeyboardInterrupt:
+    # The saves in flight were finished on the way out.
+    _exit_error("interrupted; the checkpoints saved so far are complete: "
+                "run the same command to resume.", EXIT_INTERRUPTED)
   if final.get("preempted"):
     sys.exit(EXIT_PREEMPTED)
 
