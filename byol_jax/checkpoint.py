@@ -377,16 +377,24 @@ class Checkpointer:
     Returns:
       Where it went.
     """
+    dst = self.move_aside(step, "checkpoints_damaged")
+    logging.warning("Checkpoint %d is damaged (%s); moved it to %s.", step,
+                    why, dst)
+    return dst
+
+  def move_aside(self, step: int, folder: str) -> str:
+    """Moves checkpoint `step` to WORKDIR/<folder>/<step>-<time> (kept whole).
+
+    Returns:
+      Where it went.
+    """
     src = self.directory / str(step)
-    dst = self.directory.parent / "checkpoints_damaged" / (
-        f"{step}-{int(time.time())}")
+    dst = self.directory.parent / folder / f"{step}-{int(time.time())}"
     if jax.process_index() == 0 and src.exists():
       dst.parent.mkdir(parents=True, exist_ok=True)
       src.rename(dst)
-      logging.warning("Checkpoint %d is damaged (%s); moved it to %s.", step,
-                      why, dst)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"quarantine_{step}")
+      multihost_utils.sync_global_devices(f"move_{folder}_{step}")
     self._manager.reload()
     return str(dst)
 

@@ -39,13 +39,26 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
+# Fields that shape the state: no flag lets a resumed run change them.
+STRUCTURAL = ("method", "model.", "projector.", "predictor.",
+              "data.num_classes", "data.image_size", "optimizer.name",
+              "optimizer.fixed_lr_predictor")
+
+
+def _matches(key: str, prefixes) -> bool:
+  return any(key == p or (p.endswith(".") and key.startswith(p)) or
+             key.startswith(p + ".") for p in prefixes)
+
+
 def config_changes(saved: ml_collections.ConfigDict,
-                   current: ml_collections.ConfigDict
-                   ) -> tuple[dict, dict]:
+                   current: ml_collections.ConfigDict,
+                   allow: tuple[str, ...] = ()) -> tuple[dict, dict]:
   """(refused, allowed) differences {field: (saved, current)}.
 
   Fields the saved config lacks (written before they existed) count as
-  their current default.
+  their current default. `allow` names fields (or prefixes such as
+  'optimizer') the user changes on purpose, e.g. a lower learning rate
+  after a NaN; fields that shape the state stay refused.
   """
   defaults = _flat(config_lib.base_config())
   old, new = _flat(saved), _flat(current)
@@ -54,24 +67,29 @@ def config_changes(saved: ml_collections.ConfigDict,
     a, b = old.get(key, defaults.get(key)), new.get(key, defaults.get(key))
     if a == b:
       continue
-    resumable = any(key == r or (r.endswith(".") and key.startswith(r))
-                    for r in RESUMABLE)
+    resumable = _matches(key, RESUMABLE) or (
+        _matches(key, allow) and not _matches(key, STRUCTURAL))
     (allowed if resumable else refused)[key] = (a, b)
   return refused, allowed
 
 
 def check_config(saved: ml_collections.ConfigDict,
-                 current: ml_collections.ConfigDict, where: str) -> dict:
+                 current: ml_collections.ConfigDict, where: str,
+                 allow: tuple[str, ...] = ()) -> dict:
   """Raises ConfigError for refused changes; returns the allowed ones."""
-  refused, allowed = config_changes(saved, current)
+  refused, allowed = config_changes(saved, current, allow)
   if refused:
     shown = list(refused.items())[:6]
     what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in shown)
     fix = " ".join(f"--config.{k}={_flag_value(a)}" for k, (a, _) in shown)
     more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
+    deliberate = [k for k in refused if not _matches(k, STRUCTURAL)]
+    also = (f", or keep the new values on purpose with --allow_changes="
+            f"{','.join(deliberate)}" if len(deliberate) == len(refused)
+            else "")
     raise ConfigError(
         f"{where} was trained with another config: {what}{more}. Start a new "
-        f"run with another --workdir, or resume this one with {fix}.")
+        f"run with another --workdir, or resume this one with {fix}{also}.")
   return allowed
 
 
@@ -84,8 +102,8 @@ def _flag_value(v) -> str:
 def restore_or_init(ckpt: checkpoint.Checkpointer,
                     config: ml_collections.ConfigDict, abstract_state: Any,
                     init: Callable[[], Any], restore_step: int | None = None,
-                    say: Callable[[str], None] = print
-                    ) -> tuple[Any, int]:
+                    say: Callable[[str], None] = print,
+                    allow: tuple[str, ...] = ()) -> tuple[Any, int]:
   """The state to start from and its step.
 
   Args:
@@ -94,8 +112,10 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
     abstract_state: shapes, dtypes and shardings of the state.
     init: builds a fresh state (used only when the workdir has none).
     restore_step: resume from this checkpoint instead of the newest; newer
-      ones stay in place.
+      ones are moved, whole, to WORKDIR/checkpoints_superseded/ (they belong
+      to the abandoned trajectory and would collide with the new saves).
     say: where the one-line notices go.
+    allow: fields the user changes on purpose (see `config_changes`).
 
   Returns:
     (state, step).
@@ -128,11 +148,17 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
     why = ""
     state = None
     try:
-      allowed = check_config(ckpt.saved_config(step), config, where)
+      allowed = check_config(ckpt.saved_config(step), config, where, allow)
       state = ckpt.restore(abstract_state, step)
     except checkpoint.DamagedCheckpointError as e:
       why = str(e)
     if checkpoint.all_processes_ok(not why):
+      newer = [s for s in steps if s > step] if restore_step is not None else []
+      for s in newer:  # Another trajectory now: kept, out of the way.
+        ckpt.move_aside(s, "checkpoints_superseded")
+      if newer:
+        say(f"Resuming from step {step}: the newer checkpoints {newer} were "
+            f"moved to {ckpt.directory.parent}/checkpoints_superseded/.")
       if allowed and jax.process_index() == 0:
         say("Resuming with changed settings: " + ", ".join(
             f"{k} {a!r} -> {b!r}" for k, (a, b) in allowed.items()) + ".")

@@ -56,6 +56,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and "
 _RESTORE_STEP = flags.DEFINE_integer(
     "restore_step", None, "Resume from this checkpoint instead of the newest "
     "(the newer ones stay where they are).")
+_ALLOW_CHANGES = flags.DEFINE_list(
+    "allow_changes", [], "Config fields (or prefixes, e.g. optimizer) a "
+    "resumed run changes on purpose, e.g. a lower learning rate after a NaN "
+    "stop; fields that shape the state cannot be changed.")
 _MULTIHOST = flags.DEFINE_enum(
     "multihost", "auto", ["auto", "yes", "no"],
     "Join jax.distributed: auto = when the environment is a multi-host "
@@ -91,13 +95,15 @@ def resolve(config: ml_collections.ConfigDict,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       restore_step: int | None = None) -> dict[str, Any]:
+                       restore_step: int | None = None,
+                       allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
   """Trains (resuming from WORKDIR's newest checkpoint) and evaluates.
 
   Args:
     config: the run's config (see byol_jax.config_lib).
     workdir: the run's directory.
     restore_step: resume from this checkpoint instead of the newest.
+    allow_changes: config fields a resumed run changes on purpose.
 
   Returns:
     The final metrics (train metrics of the last logged step, eval results,
@@ -147,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, step = resume.restore_or_init(
         ckpt, config, abstract,
         lambda: train_state.create(config, model, tx, mesh, method.HAS_TARGET),
-        restore_step, say=say)
+        restore_step, say=say, allow=tuple(allow_changes))
     workdir_lib.write_config(workdir, config)
     say(f"Resuming from step {step}." if step else "Starting from step 0.")
 
@@ -241,9 +247,10 @@ def _checked(host_metrics: dict, step: int,
   if not finite:
     ckpt.wait()
     saved = [s for s in ckpt.all_steps() if s < step]
-    resume_from = (f"the last finite checkpoint is step {saved[-1]}: resume "
-                   f"from it with --restore_step={saved[-1]} and a lower "
-                   "--config.optimizer.base_lr"
+    resume_from = (f"every checkpoint kept (steps {saved}) is finite: resume "
+                   f"with --restore_step={saved[-1]} (or an earlier one if it "
+                   "stops again) --config.optimizer.base_lr=LOWER "
+                   "--allow_changes=optimizer.base_lr"
                    if saved else "no checkpoint was saved before it: lower "
                    "--config.optimizer.base_lr and start again")
     raise NonFiniteError(
@@ -300,7 +307,7 @@ def main(argv):
     multihost.initialize(_MULTIHOST.value, _COORDINATOR.value,
                          _NUM_PROCESSES.value, _PROCESS_ID.value)
     final = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                               _RESTORE_STEP.value)
+                               _RESTORE_STEP.value, _ALLOW_CHANGES.value)
   except (ConfigError, NonFiniteError) as e:
     _exit_error(str(e))
   except checkpoint.StorageError as e:

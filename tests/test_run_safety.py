@@ -6,6 +6,7 @@ where the exit code or the absence of a traceback is the point.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import time
@@ -65,7 +66,6 @@ def base_run(tmp_path_factory, tiny_config):
 
 @pytest.fixture
 def run_copy(base_run, tmp_path):
-  import shutil  # pylint: disable=g-import-not-at-top
   dst = tmp_path / "run"
   shutil.copytree(base_run, dst)
   (dst / workdir_lib.LOCK_NAME).unlink(missing_ok=True)
@@ -215,9 +215,12 @@ def test_restore_step_resumes_an_older_checkpoint(run_copy, tiny_config):
   config = _config(tiny_config, steps=5, checkpoint_every_steps=0)
   final = train.train_and_evaluate(config, str(run_copy), restore_step=2)
   assert final["step"] == 5
-  # The newer checkpoint is still there, untouched.
-  assert 6 in checkpoint_steps(run_copy)
-  kept, _ = _state_at(run_copy, 6)
+  # The newer checkpoints are kept whole, out of the new trajectory's way.
+  assert checkpoint_steps(run_copy) == [2, 5]
+  moved = sorted((run_copy / "checkpoints_superseded").iterdir())
+  assert [p.name.split("-")[0] for p in moved] == ["4", "6"]
+  shutil.copytree(moved[1], run_copy.parent / "old" / "checkpoints" / "6")
+  _, kept, _ = pretrained.load_run(str(run_copy.parent / "old"))
   chex.assert_trees_all_equal(kept, newer)
   with pytest.raises(ConfigError, match="available steps"):
     train.train_and_evaluate(config, str(run_copy), restore_step=3)
@@ -226,23 +229,28 @@ def test_restore_step_resumes_an_older_checkpoint(run_copy, tiny_config):
 # ---------------------------------------------------------- NaN / Inf -------
 def test_non_finite_state_is_never_saved(tmp_path, tiny_config):
   workdir = tmp_path / "nan"
-  config = _config(tiny_config, steps=40, optimizer__base_lr=1e5,
-                   log_every_steps=8, checkpoint_every_steps=1)
+  config = _config(tiny_config, steps=30, optimizer__base_lr=1e5,
+                   warmup_epochs=0.0, log_every_steps=5,
+                   checkpoint_every_steps=3, keep_checkpoints=30)
   with pytest.raises(train.NonFiniteError) as e:
     train.train_and_evaluate(config, str(workdir))
   saved = checkpoint_steps(workdir)
+  assert saved, "the state was finite for a few steps at least"
   _all_finite(workdir)
   _no_tmp(workdir)
   msg = str(e.value)
-  assert "\n" not in msg
-  if saved:
-    assert f"--restore_step={saved[-1]}" in msg
-  # The advice works: from the last finite checkpoint with a sane LR.
-  if saved:
-    sane = _config(tiny_config, steps=saved[-1] + 2, checkpoint_every_steps=1)
-    final = train.train_and_evaluate(sane, str(workdir),
-                                     restore_step=saved[-1])
-    assert final["step"] == saved[-1] + 2
+  assert "\n" not in msg and f"--restore_step={saved[-1]}" in msg
+  assert f"steps {saved}" in msg
+  # The advice works: a finite checkpoint with a sane learning rate, changed
+  # on purpose (without --allow_changes it is refused). Here the weights grew
+  # for every step of LR 1e5: the earliest checkpoint is the sound one.
+  sane = _config(tiny_config, steps=saved[0] + 2, checkpoint_every_steps=1,
+                 warmup_epochs=0.0, keep_checkpoints=30)
+  with pytest.raises(ConfigError, match="--allow_changes=optimizer.base_lr"):
+    train.train_and_evaluate(sane, str(workdir), restore_step=saved[0])
+  final = train.train_and_evaluate(sane, str(workdir), restore_step=saved[0],
+                                   allow_changes=("optimizer.base_lr",))
+  assert final["step"] == saved[0] + 2 and np.isfinite(final["loss"])
 
 
 # --------------------------------------------------------------- locks ------
