@@ -1,22 +1,26 @@
 r"""The driver of benchmarks/gpu_suite.sh: two stages inside one deadline.
 
-  python benchmarks/gpu_suite.py --budget_s=510 --data=.data/cifar10.npz
+  python benchmarks/gpu_suite.py --budget_s=530 --data=.data/cifar10.npz
 
-1. Step throughput (benchmarks/step_throughput.py): ResNet-18 CIFAR at the
-   CIFAR config's batch (timed: it sizes stage 2), then ResNet-50 224 px at
-   per-device batch 128 and 256 in bfloat16 (img/s, supervised baseline,
-   MFU, FLOPs, memory).
+1. Step throughput (benchmarks/step_throughput.py, bfloat16): ResNet-18
+   CIFAR at the CIFAR config's batch (timed: it sizes stage 2; at most
+   150 s), then ResNet-50 224 px at per-device batch 128 and 256 (img/s,
+   supervised baseline, MFU, FLOPs, memory). Stage 1 comes first: it may use
+   all the budget but `cifar_min_seconds`.
 2. CIFAR-10 BYOL ResNet-18 through `python -m byol_jax.train` with
-   `configs/byol_cifar10.py:source=npz`, as many steps as the measured step
-   time fits before the deadline (`plan`), with the kNN monitor every few
-   epochs. If it is still running at the deadline it gets SIGTERM, saves and
-   exits with 143: "stopped_on_time".
+   `configs/byol_cifar10.py:source=npz` in bfloat16 (the dtype stage 1
+   timed), for as many steps as the measured step time fits before the
+   deadline (`plan`: `--config.total_steps`, so the learning-rate and EMA
+   schedules end with the run), with the kNN monitor every few epochs
+   (`--config.eval_every_steps`). If it is still running at the deadline
+   less the final reserve, it gets SIGTERM, saves and exits with 143:
+   "stopped_on_time".
 
 Everything goes to RESULTS_ROOT/gpu_suite_<UTC date>_<device>/ (at most 8
-files: suite.json, the throughput JSON and log, the trainer's log, its
-metrics.jsonl and config.json). The trainer's checkpoints stay in
---workdir_root. `--tiny` is the CPU dry run of the same code: ResNet-18 CIFAR
-analyses at batch 8, the tiny config timed, and up to 20 steps of
+files: suite.json, throughput_<i>.json, throughput.log, cifar_train.log,
+cifar_metrics.jsonl, cifar_config.json); the trainer's checkpoints stay in
+--workdir_root. `--tiny` is the CPU dry run of the same code: the tiny config
+timed and ResNet-18 CIFAR analysed at batch 8, then up to 20 steps of
 configs/tiny.py.
 
 This process never initialises JAX's backend (it would take the GPU's memory
@@ -43,7 +47,9 @@ EXIT_PREEMPTED = 143  # byol_jax.train: saved after SIGTERM.
 @dataclasses.dataclass(frozen=True)
 class Mode:
   """What each stage runs, full (GPU) or tiny (CPU dry run)."""
-  throughput: tuple[tuple[str, ...], ...]  # step_throughput.py argv lists
+  # step_throughput.py argv lists, each with its own time limit (None: up
+  # to the deadline less `cifar_min_seconds`).
+  throughput: tuple[tuple[tuple[str, ...], float | None], ...]
   sizing_case: str              # the throughput row that times stage 2's step
   train_config: str             # --config=... of stage 2, {data} filled in
   train_flags: tuple[str, ...]
@@ -52,33 +58,36 @@ class Mode:
   eval_seconds: float           # reserve per evaluation
   startup_seconds: float        # data loading and the like, before compiling
   final_seconds: float          # the final save and evaluation (or SIGTERM)
+  cifar_min_seconds: float      # stage 1 leaves stage 2 at least this
 
 
 def full_mode(devices: int) -> Mode:
   per_device = max(256 // devices, 1)
   return Mode(
-      throughput=(("--cases=r18_cifar", f"--per_device_batch={per_device}",
-                   "--steps=20", "--warmup=3"),
-                  ("--cases=r50_224", "--per_device_batch=128,256",
-                   "--steps=20", "--warmup=3")),
+      throughput=((("--cases=r18_cifar", f"--per_device_batch={per_device}",
+                    "--steps=20", "--warmup=3"), 150.0),
+                  (("--cases=r50_224", "--per_device_batch=128,256",
+                    "--steps=20", "--warmup=3"), None)),
       sizing_case="r18_cifar",
       train_config="configs/byol_cifar10.py:source=npz,path={data}",
-      train_flags=("--config.log_every_steps=100",
+      train_flags=("--config.model.dtype=bfloat16",
+                   "--config.log_every_steps=100",
                    "--config.checkpoint_every_steps=100000"),
-      max_steps=1_000_000, evals=5, eval_seconds=15.0, startup_seconds=40.0,
-      final_seconds=45.0)
+      max_steps=1_000_000, evals=4, eval_seconds=20.0, startup_seconds=40.0,
+      final_seconds=45.0, cifar_min_seconds=120.0)
 
 
 def tiny_mode() -> Mode:
   return Mode(
-      throughput=(("--cases=tiny,r18_cifar", "--per_device_batch=8",
-                   "--timed=tiny@8", "--steps=3", "--warmup=1"),),
+      throughput=((("--cases=tiny,r18_cifar", "--per_device_batch=8",
+                    "--timed=tiny@8", "--steps=3", "--warmup=1"), None),),
       sizing_case="tiny",
       train_config="configs/tiny.py:batch=8,path={data}",
-      train_flags=("--config.log_every_steps=5",
+      train_flags=("--config.model.dtype=bfloat16",
+                   "--config.log_every_steps=5",
                    "--config.checkpoint_every_steps=100000"),
       max_steps=20, evals=2, eval_seconds=5.0, startup_seconds=10.0,
-      final_seconds=20.0)
+      final_seconds=20.0, cifar_min_seconds=60.0)
 
 
 def plan(remaining_s: float, step_seconds: float | None,
@@ -161,6 +170,9 @@ def run_stage(name: str, argv: list[str], log_path: str, stop_at: float,
 def _env() -> dict:
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # One JAX process at a time holds the GPU: let it take more than the
+  # default 75% (ResNet-50 at batch 256 on an 80 GB H100).
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
   return env
 
 
@@ -209,7 +221,7 @@ def main(argv=None) -> int:
                  "cifar10_small.npz)")
   p.add_argument("--budget_s", type=float, default=0,
                  help="seconds from --start_time to the deadline "
-                 "(default 510, --tiny 170)")
+                 "(default 530, --tiny 170)")
   p.add_argument("--start_time", type=float, default=0,
                  help="unix time the suite started (default: now)")
   p.add_argument("--results_root",
@@ -219,7 +231,7 @@ def main(argv=None) -> int:
   p.add_argument("--python", default=sys.executable)
   args = p.parse_args(argv)
   start = args.start_time or time.time()
-  deadline = start + (args.budget_s or (170 if args.tiny else 510))
+  deadline = start + (args.budget_s or (170 if args.tiny else 530))
   data = args.data or next(
       (d for d in (os.path.join(REPO, ".data", "cifar10.npz"),
                    os.path.join(REPO, "..", "shared", "datasets",
@@ -240,23 +252,25 @@ def main(argv=None) -> int:
   print(f"gpu_suite: {device['kind']} x{device['count']}, deadline in "
         f"{deadline - time.time():.0f} s -> {run_dir}", flush=True)
 
-  # --- Stage 1: step throughput. It may take at most what leaves stage 2
-  # its reserves plus a minute of training.
-  stage2_min = (mode.startup_seconds + mode.final_seconds +
-                mode.evals * mode.eval_seconds + 60)
+  # --- Stage 1: step throughput, first in priority: it may use all but
+  # `cifar_min_seconds` of the budget. A stage stopped at its limit keeps
+  # the cases it finished (step_throughput writes after each).
   stages, rows = [], []
   log = os.path.join(run_dir, "throughput.log")
-  for i, flags in enumerate(mode.throughput):
+  for i, (flags, limit) in enumerate(mode.throughput):
     out = os.path.join(run_dir, f"throughput_{i}.json")
+    stop_at = deadline - mode.cifar_min_seconds
+    if limit:
+      stop_at = min(stop_at, time.time() + limit)
     stages.append(run_stage(
         f"throughput {' '.join(flags)}",
         [args.python, "benchmarks/step_throughput.py", *flags,
-         f"--output={out}"], log, deadline - stage2_min, grace_s=10))
+         f"--output={out}"], log, stop_at, grace_s=10))
     rows += (_read_json(out) or {}).get("results", [])
 
   # --- Stage 2: CIFAR-10 BYOL, sized to the deadline.
   sizing_row = next((r for r in rows if r["case"] == mode.sizing_case
-                     and "step_seconds" in r), None)
+                     and r.get("step_seconds")), None)
   num_train = _num_train(data)
   global_batch = sizing_row["global_batch"] if sizing_row else 256
   steps_per_epoch = max(num_train // global_batch, 1)
@@ -310,6 +324,8 @@ def main(argv=None) -> int:
 
 
 def _summary(r: dict) -> dict:
+  if "error" in r:
+    return dict(r)
   keys = ("case", "image_size", "dtype", "per_device_batch", "global_batch",
           "images_per_sec", "images_per_sec_per_device",
           "supervised_images_per_sec", "ratio_to_supervised", "mfu",
@@ -327,6 +343,10 @@ def _print(report: dict) -> None:
   print(f"{'case':10} {'b/dev':>5} {'img/s':>9} {'sup img/s':>9} {'MFU %':>6} "
         f"{'fwds':>5} {'mem GiB':>7}")
   for r in report["throughput"]:
+    if "error" in r:
+      print(f"{r['case'][:10]:10} {r['per_device_batch']:>5} error: "
+            f"{r['error'][:80]}")
+      continue
     print(f"{r['case'][:10]:10} {r['per_device_batch']:>5} "
           f"{_f(r['images_per_sec']):>9} "
           f"{_f(r['supervised_images_per_sec']):>9} "

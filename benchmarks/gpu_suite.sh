@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command for one H100/H200 machine without network: the step throughput
 # table (ResNet-50 224 px bf16, per-device batch 128 and 256) and a CIFAR-10
-# BYOL ResNet-18 run sized to finish before the deadline (8.5 minutes by
-# default), results under benchmarks/results/gpu_suite_<date>_<device>/.
+# BYOL ResNet-18 run sized to finish before the deadline (530 s after the
+# start by default), results under benchmarks/results/gpu_suite_<date>_<device>/.
 #
 # On a machine with pip and the CIFAR-10 JPEG folders (train/<class>/*.jpg,
 # test/<class>/*.jpg), once:
@@ -12,7 +12,7 @@
 # both git-ignored, so carry them along). Without --cifar_folder the
 # 6,000-image ../shared/datasets/cifar10_small.npz is copied instead (smoke).
 # Then on the GPU machine:
-#   benchmarks/gpu_suite.sh [--results_root=DIR] [--budget_s=510]
+#   benchmarks/gpu_suite.sh [--results_root=DIR] [--budget_s=530]
 # CPU dry run (tests/test_benchmarks.py): benchmarks/gpu_suite.sh --tiny ...
 # Other flags go to benchmarks/gpu_suite.py. Exit 0: every stage ran (the
 # CIFAR run finished or was stopped on time by SIGTERM, saving first).

@@ -4,38 +4,28 @@ r"""Throughput, FLOPs and memory of the train step users run.
   python benchmarks/step_throughput.py --analyze_only       # no timing
   python benchmarks/step_throughput.py --timed=r18_cifar@64 --steps=3
 
-Each case is a real config file (`CASES`, or any `configs/NAME.py[:ARG]`) at
-a per-device batch, with the compute dtype of `--dtype` (default bfloat16;
-`config` keeps the file's). The step is the trainer's: the config's own
-device-side augmentations (blur wherever the config has it),
-`step.make_train_step` + `step.jit_train_step` on `sharding.make_mesh()`,
-state from `train_state.create`, optimizer from `optim.build_optimizer`, and a
-device-resident uint8 batch of the config's image size.
+A case is a real config file (`CASES`, or `configs/NAME.py[:ARG]`) at a
+per-device batch, in `--dtype` (default bfloat16; `config`: the file's). The
+step is the trainer's: the config's own device-side augmentations (blur
+wherever the config has it), `step.make_train_step` + `step.jit_train_step`
+on `sharding.make_mesh()`, state from `train_state.create`, optimizer from
+`optim.build_optimizer`, a device-resident uint8 batch of the image size.
 
-Per case it reports, from the compiled programs (no run needed, so also on
-CPU for every case):
-- `step_flops`: XLA's cost analysis ('flops') of the compiled BYOL step, per
-  device, against `8 * forward_flops_per_image * per_device_batch`, where the
-  forward FLOPs come from the cost analysis of a forward-only jit of the
-  encoder (batch-norm in inference mode) on the same per-device batch. A BYOL
-  step is about 8 encoder forwards per image: 2 views x (forward + backward
-  ~ 3 forwards) + 2 target forwards. `step_flops_over_8_forwards` is the
-  measured ratio to that estimate (heads, augmentations, optimizer included)
-  and `step_forwards` the step's FLOPs in encoder forwards per image.
-- the same for a supervised step of the encoder (one view, forward +
-  backward ~ 3 forwards): `supervised_forwards`,
-  `supervised_flops_over_3_forwards`;
-- `memory`: every field of `compiled.memory_analysis()` for the BYOL step,
-  and `peak_bytes_estimate = argument + output - alias + temp` (the state is
-  donated, so the aliased output occupies its argument's buffers);
-  XLA's own `peak_memory_in_bytes` where the backend fills it in.
-
-Timed cases (`--timed`, default all unless `--analyze_only`) add images/s of
-the BYOL step and, as the in-run baseline, of a supervised step of the same
-encoder (one view, linear classifier, SGD) on the same batch, their ratio,
-and MFU = achieved FLOP/s / peak dense bf16 FLOP/s of the device kind
-(`PEAK_FLOPS`): `mfu` counts 8 forwards per image (model FLOPs),
-`mfu_xla` counts the compiled step's FLOPs.
+From the compiled programs alone (so on CPU too), per device:
+- `step_flops`: XLA's cost analysis ('flops') of the BYOL step, against 8
+  encoder forwards per image (2 views x (forward + backward ~ 3 forwards) +
+  2 target forwards), the forward's FLOPs from a forward-only jit of the
+  encoder (inference batch-norm) on the same batch: `step_forwards` (the step
+  in forwards per image; heads, augmentations and optimizer included) and
+  `step_flops_over_8_forwards`. The same for the supervised baseline
+  (benchmarks/supervised.py, ~3 forwards): `supervised_forwards`.
+- `memory`: the fields of `compiled.memory_analysis()` and
+  `peak_bytes_estimate = argument + output - alias + temp` (the donated state
+  is aliased: outputs reuse its buffers).
+Timed cases (`--timed`, default all, none with `--analyze_only`) add img/s of
+the BYOL and supervised steps on the same batch, their ratio, and MFU =
+achieved FLOP/s / peak dense bf16 FLOP/s (`PEAK_FLOPS`): `mfu` with 8
+forwards per image, `mfu_xla` with the compiled step's FLOPs.
 """
 import argparse
 import datetime
@@ -51,7 +41,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -61,6 +50,7 @@ from byol_jax import sharding  # noqa: E402
 from byol_jax import step as step_lib  # noqa: E402
 from byol_jax import train_state  # noqa: E402
 from byol_jax.methods import network  # noqa: E402
+import supervised  # noqa: E402  (benchmarks/supervised.py, beside this file)
 
 # The cases by name: a config file and its ':ARG'.
 CASES = {
@@ -186,53 +176,6 @@ def time_step(fn, state, batch, steps: int, warmup: int) -> float:
   return (time.perf_counter() - start) / steps
 
 
-# --- The supervised baseline: the same encoder, one view, SGD. -------------
-def _supervised_init(config, tx):
-  s = config.data.image_size
-  encoder = network.make_encoder(config)
-  classifier = network.nn.Dense(config.data.num_classes)
-
-  def init():
-    key_e, key_c = jax.random.split(jax.random.key(0, impl="rbg"))
-    v = encoder.init(key_e, jnp.zeros((2, s, s, 3)), train=True)
-    y = jax.eval_shape(lambda: encoder.apply(v, jnp.zeros((2, s, s, 3)),
-                                             train=False))
-    c = classifier.init(key_c, jnp.zeros(y.shape, jnp.float32))
-    params = dict(encoder=v["params"], classifier=c["params"])
-    return dict(params=params, batch_stats=v["batch_stats"],
-                opt_state=tx.init(params))
-  return encoder, classifier, init
-
-
-def supervised_step(config, mesh):
-  """(jitted step, init) of a supervised step of the config's encoder."""
-  tx = optax.sgd(0.1, momentum=0.9)
-  encoder, classifier, init = _supervised_init(config, tx)
-
-  def loss_fn(params, batch_stats, x, y):
-    feats, new = encoder.apply({"params": params["encoder"],
-                                "batch_stats": batch_stats}, x, train=True,
-                               mutable=["batch_stats"])
-    logits = classifier.apply({"params": params["classifier"]},
-                              feats.astype(jnp.float32))
-    loss = optax.losses.softmax_cross_entropy_with_integer_labels(
-        logits, y).mean()
-    return loss, new["batch_stats"]
-
-  def step(state, batch):
-    x = batch["view1"].astype(jnp.float32) / 255.0  # [B, S, S, 3]
-    (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["batch_stats"], x, batch["label"])
-    updates, opt_state = tx.update(g, state["opt_state"], state["params"])
-    return dict(params=optax.apply_updates(state["params"], updates),
-                batch_stats=bs, opt_state=opt_state), loss
-
-  rep = sharding.replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(rep, sharding.batch_sharding(mesh)),
-                   out_shardings=(rep, rep), donate_argnums=(0,))
-  return jitted, jax.jit(init, out_shardings=rep)
-
-
 # --- One case. --------------------------------------------------------------
 def bench_case(spec: str, per_device_batch: int, dtype: str, timed: bool,
                steps: int, warmup: int) -> dict:
@@ -256,7 +199,7 @@ def bench_case(spec: str, per_device_batch: int, dtype: str, timed: bool,
   fwd = forward_flops_per_image(config, abstract, per_device_batch)
   step_flops = _flops(compiled)
 
-  sup_step, sup_init = supervised_step(config, mesh)
+  sup_step, sup_init = supervised.make_step(config, mesh)
   sup_compiled = sup_step.lower(jax.eval_shape(sup_init),
                                 batch_shapes).compile()
   sup_flops = _flops(sup_compiled)
@@ -356,6 +299,10 @@ def print_table(report: dict) -> None:
         f"{'step GF':>8} {'fwds':>6} {'sup fwds':>8} {'mem GiB':>8} "
         f"{'img/s':>9} {'sup img/s':>9} {'ratio':>6} {'MFU':>6}")
   for r in report["results"]:
+    if "error" in r:
+      print(f"{r['case'][:10]:10} {'':>4} {'':9} {r['per_device_batch']:>5} "
+            f"error: {r['error'][:80]}")
+      continue
     mfu = r.get("mfu")
     print(f"{r['case'][:10]:10} {r['image_size']:>4} {r['dtype']:9} "
           f"{r['per_device_batch']:>5} "
@@ -393,24 +340,17 @@ def main(argv=None) -> dict:
   batches = [int(b) for b in args.per_device_batch.split(",") if b]
   timed = parse_timed(args.timed, args.analyze_only)
 
-  load_start = os.getloadavg()
-  rows = []
-  for case in cases:
-    for b in batches:
-      is_timed = timed is None or (case, b) in timed
-      print(f"{case} batch {b}/device: compiling"
-            f"{' and timing' if is_timed else ''}...", flush=True)
-      rows.append(bench_case(case, b, args.dtype, is_timed, args.steps,
-                             args.warmup))
   dev = jax.devices()[0]
+  out = args.output or os.path.join(
+      REPO, "benchmarks", "results",
+      f"step_throughput_{dev.platform}_{'_'.join(map(_slug, cases))}.json")
   report = dict(
       benchmark="step_throughput",
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
       commit=_commit(), device_kind=dev.device_kind, platform=dev.platform,
       device_count=jax.device_count(), process_count=jax.process_count(),
       host=platform.node(), cpu_count=os.cpu_count(),
-      load_average=dict(start=[round(x, 2) for x in load_start],
-                        end=[round(x, 2) for x in os.getloadavg()]),
+      load_average=dict(start=[round(x, 2) for x in os.getloadavg()]),
       versions=_versions(), command=" ".join(sys.argv),
       conventions=dict(
           flops="XLA cost analysis 'flops' of the compiled program, per "
@@ -423,18 +363,36 @@ def main(argv=None) -> dict:
                  "peak_bytes_estimate = argument + output - alias + temp",
           mfu="images/s/device * 8 * forward_flops_per_image / peak; "
               "mfu_xla = step_flops / step_seconds / peak"),
-      results=rows)
+      results=[])
   if dev.platform == "cpu":
     report["note"] = CPU_NOTE
+  for case in cases:
+    for b in batches:
+      is_timed = timed is None or (case, b) in timed
+      print(f"{case} batch {b}/device: compiling"
+            f"{' and timing' if is_timed else ''}...", flush=True)
+      try:
+        row = bench_case(case, b, args.dtype, is_timed, args.steps,
+                         args.warmup)
+      except jax.errors.JaxRuntimeError as e:  # Out of memory, typically.
+        row = dict(case=case, per_device_batch=b,
+                   error=str(e).strip().splitlines()[0][:500])
+        print(f"  failed: {row['error']}", flush=True)
+      report["results"].append(row)
+      # Written after every case: a stage stopped at its deadline keeps
+      # the cases it finished.
+      report["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]
+      _write(report, out)
   print_table(report)
-  out = args.output or os.path.join(
-      REPO, "benchmarks", "results",
-      f"step_throughput_{dev.platform}_{'_'.join(map(_slug, cases))}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(report, f, indent=2)
   print(f"wrote {out}")
   return report
+
+
+def _write(report: dict, path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(report, f, indent=2)
+  os.replace(path + ".tmp", path)
 
 
 def _slug(case: str) -> str:

@@ -2,6 +2,7 @@
 step_throughput's FLOP accounting against the 8-forward estimate."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,22 @@ def tiny_suite(tmp_path_factory, no_tf_env, cifar_npz):
   return proc, runs[0]
 
 
+def test_suite_script_is_strict_and_shellchecked():
+  script = REPO / "benchmarks" / "gpu_suite.sh"
+  text = script.read_text()
+  assert text.startswith("#!/usr/bin/env bash\n")
+  assert "\nset -euo pipefail\n" in text
+  assert os.access(script, os.X_OK)
+  syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True,
+                          text=True, timeout=60)
+  assert syntax.returncode == 0, syntax.stderr
+  if shutil.which("shellcheck") is None:
+    pytest.skip("the shellcheck binary is not installed")
+  check = subprocess.run(["shellcheck", "--shell=bash", str(script)],
+                         capture_output=True, text=True, timeout=60)
+  assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_shim_makes_tensorflow_unimportable(no_tf_env):
   proc = subprocess.run([sys.executable, "-c", "import tensorflow"],
                         env=no_tf_env, capture_output=True, text=True,
@@ -99,6 +116,7 @@ def test_tiny_suite_writes_what_it_promises(tiny_suite):
   config = json.loads((run / "cifar_config.json").read_text())
   assert config["total_steps"] == cifar["total_steps"]
   assert config["eval_every_steps"] == cifar["eval_every_steps"]
+  assert config["model"]["dtype"] == "bfloat16"  # As stage 1 timed it.
   assert "done: steps 0-" in (run / "cifar_train.log").read_text()
   assert "$ " in (run / "throughput.log").read_text()
   throughput = json.loads((run / "throughput_0.json").read_text())
@@ -150,11 +168,14 @@ def test_benchmark_configs_are_the_config_files(case, name):
 
 def test_plan_fits_the_measured_step_into_the_time_left():
   mode = gpu_suite.full_mode(1)
-  # Reserve: start-up 40 + 2 x compile 10 + 5 evals x 15 + final 45 = 180 s;
-  # (1000 - 180) / (1.25 x 0.5 s) = 1312 steps; evaluations every 1312 // 5
-  # = 262 steps, rounded down to whole epochs of 195 steps.
+  # Reserve: start-up 40 + 2 x compile 10 + 4 evals x 20 + final 45 = 185 s;
+  # (1000 - 185) / (1.25 x 0.5 s) = 1304 steps; evaluations every 1304 // 4
+  # = 326 steps, rounded down to whole epochs of 195 steps.
   assert gpu_suite.plan(1000, 0.5, 10, 195, mode) == dict(
-      total_steps=1312, eval_every_steps=195, sizing="measured_step_time")
+      total_steps=1304, eval_every_steps=195, sizing="measured_step_time")
+  # (3000 - 185) / 0.625 = 4504 steps, 4504 // 4 = 1126 -> 5 epochs of 195.
+  assert gpu_suite.plan(3000, 0.5, 10, 195, mode) == dict(
+      total_steps=4504, eval_every_steps=975, sizing="measured_step_time")
   assert gpu_suite.plan(100, 0.5, 10, 195, mode)["total_steps"] == 0
   tiny = gpu_suite.tiny_mode()
   assert gpu_suite.plan(1000, 0.01, 1, 625, tiny) == dict(
