@@ -129,9 +129,11 @@ def run_stage(name: str, argv: list[str], log_path: str, stop_at: float,
   """Runs argv (output appended to log_path); SIGTERM at `stop_at`.
 
   Returns:
-    dict(name, command, seconds, returncode, status): status 'ok' (exit 0),
-    'stopped_on_time' (exit 143 after the SIGTERM), 'killed' (still running
-    `grace_s` after it), or 'failed'.
+    dict(name, command, seconds, returncode, status, sigterm_sent): status
+    'ok' (exit 0), 'stopped_on_time' (exit 143 after the SIGTERM: the
+    trainer saved), 'stopped_at_limit' (another exit after it: a throughput
+    stage keeps the cases it finished), 'killed' (still running `grace_s`
+    after it), or 'failed' (it ended on its own with an error).
   """
   start = time.time()
   with open(log_path, "a") as log:
@@ -158,6 +160,8 @@ def run_stage(name: str, argv: list[str], log_path: str, stop_at: float,
     status = "stopped_on_time"
   elif killed:
     status = "killed"
+  elif terminated:
+    status = "stopped_at_limit"  # Ended by the SIGTERM, without saving.
   else:
     status = "failed"
   print(f"[{name}] {status} (exit {code}) after {time.time() - start:.0f} s",
