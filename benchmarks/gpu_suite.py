@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import shutil
 import signal
@@ -39,6 +38,8 @@ import sys
 import time
 
 import numpy as np
+
+import run_info  # benchmarks/run_info.py, beside this file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_PREEMPTED = 143  # byol_jax.train: saved after SIGTERM.
@@ -318,6 +319,7 @@ def main(argv=None) -> int:
         cifar["status"] in ("ok", "stopped_on_time"))
   report = dict(
       suite="gpu_suite", tiny=args.tiny, date=date.isoformat(),
+      commit=run_info.commit(), versions=run_info.versions(),
       device=device, budget_s=deadline - start, elapsed_s=round(elapsed, 1),
       within_budget=elapsed <= deadline - start, ok=ok, stages=stages,
       throughput=[_summary(r) for r in rows], cifar=cifar)

@@ -2,7 +2,7 @@
 # One command for one H100/H200 machine without network: the step throughput
 # table (ResNet-50 224 px bf16, per-device batch 128 and 256) and a CIFAR-10
 # BYOL ResNet-18 run sized to finish before the deadline (530 s after the
-# start by default), results under benchmarks/results/gpu_suite_<date>_<device>/.
+# start by default); results in benchmarks/results/gpu_suite_<date>_<device>/.
 #
 # On a machine with pip and the CIFAR-10 JPEG folders (train/<class>/*.jpg,
 # test/<class>/*.jpg), once:
@@ -69,5 +69,5 @@ if ! "$PYTHON" -c "import $imports" 2>/dev/null; then
   done
 fi
 
-exec "$PYTHON" benchmarks/gpu_suite.py --start_time="$start" --python="$PYTHON" \
-  "${args[@]}"
+exec "$PYTHON" benchmarks/gpu_suite.py --start_time="$start" \
+  --python="$PYTHON" "${args[@]}"

@@ -1,4 +1,4 @@
-r"""Packs an image folder into one .npz of JPEG bytes (the trainer's npz source).
+r"""Packs an image folder into one .npz of JPEG bytes (the npz data source).
 
   python benchmarks/pack_images.py /data/cifar10 .data/cifar10.npz
 

@@ -1,6 +1,7 @@
 r"""Throughput, FLOPs and memory of the train step users run.
 
-  python benchmarks/step_throughput.py --cases=r50_224 --per_device_batch=128,256
+  python benchmarks/step_throughput.py --cases=r50_224 \
+      --per_device_batch=128,256
   python benchmarks/step_throughput.py --analyze_only       # no timing
   python benchmarks/step_throughput.py --timed=r18_cifar@64 --steps=3
 
@@ -29,12 +30,10 @@ forwards per image, `mfu_xla` with the compiled step's FLOPs.
 """
 import argparse
 import datetime
-import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -50,7 +49,8 @@ from byol_jax import sharding  # noqa: E402
 from byol_jax import step as step_lib  # noqa: E402
 from byol_jax import train_state  # noqa: E402
 from byol_jax.methods import network  # noqa: E402
-import supervised  # noqa: E402  (benchmarks/supervised.py, beside this file)
+import run_info  # noqa: E402  (benchmarks/run_info.py, beside this file)
+import supervised  # noqa: E402  (benchmarks/supervised.py)
 
 # The cases by name: a config file and its ':ARG'.
 CASES = {
@@ -219,7 +219,8 @@ def bench_case(spec: str, per_device_batch: int, dtype: str, timed: bool,
       compile_seconds=compile_seconds,
       forward_flops_per_image=fwd,
       step_flops=step_flops,
-      step_flops_per_image=step_flops / per_device_batch if step_flops else None,
+      step_flops_per_image=(step_flops / per_device_batch if step_flops
+                            else None),
       step_forwards=ratio(step_flops, 1),
       step_flops_over_8_forwards=ratio(step_flops, 8),
       supervised_step_flops=sup_flops,
@@ -251,27 +252,6 @@ def bench_case(spec: str, per_device_batch: int, dtype: str, timed: bool,
 
 
 # --- The report. ------------------------------------------------------------
-def _commit() -> str:
-  try:
-    out = subprocess.check_output(
-        ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO,
-        stderr=subprocess.DEVNULL)
-    return out.decode().strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
-def _versions() -> dict:
-  versions = {}
-  for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
-    try:
-      versions[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      versions[name] = None
-  versions["python"] = platform.python_version()
-  return versions
-
-
 def parse_timed(value: str, analyze_only: bool) -> set | None:
   """None: time every case; else the set of (case, batch) to time."""
   if analyze_only or value == "none":
@@ -347,11 +327,12 @@ def main(argv=None) -> dict:
   report = dict(
       benchmark="step_throughput",
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      commit=_commit(), device_kind=dev.device_kind, platform=dev.platform,
+      commit=run_info.commit(), device_kind=dev.device_kind,
+      platform=dev.platform,
       device_count=jax.device_count(), process_count=jax.process_count(),
       host=platform.node(), cpu_count=os.cpu_count(),
       load_average=dict(start=[round(x, 2) for x in os.getloadavg()]),
-      versions=_versions(), command=" ".join(sys.argv),
+      versions=run_info.versions(), command=" ".join(sys.argv),
       conventions=dict(
           flops="XLA cost analysis 'flops' of the compiled program, per "
                 "device; forward = encoder only, batch-norm in inference "
