@@ -150,12 +150,14 @@ def byol_step(tiny_config, cifar_npz):
   unlabelled = jax.device_get(step(copy(state0), sharding.global_batch(
       dict(batch, label=np.full_like(batch["label"], -1)), mesh)))
   return types.SimpleNamespace(
-      config=config, state0=jax.device_get(state0), batch=batch, fn=fn,
+      config=config, state0=jax.device_get(state0), batch=batch,
       labelled=labelled, unlabelled=unlabelled,
       model=methods.get("byol").make_network(config))
 
 
 def test_ema_uses_post_update_online_params(byol_step):
+  """target_1 = tau_0 target_0 + (1 - tau_0) online_1, online_1 being the
+  parameters after this step's optimizer update, not those before it."""
   s0 = byol_step.state0
   s1, metrics = byol_step.labelled
   tau = float(metrics["tau"])
@@ -218,7 +220,8 @@ def test_classifier_gives_the_rest_exactly_zero_gradient(byol_step):
   assert float(m1["loss"]) == float(m0["loss"])
   # Its own parameters got a non-zero gradient (SGD's first step is -lr g).
   s0 = byol_step.state0
-  moved = max_abs_diff(s0.params["classifier"], with_labels.params["classifier"])
+  moved = max_abs_diff(s0.params["classifier"],
+                       with_labels.params["classifier"])
   assert min(moved.values()) > 0, moved
   chex.assert_trees_all_equal(s0.params["classifier"],
                               without.params["classifier"])
