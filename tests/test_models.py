@@ -1,6 +1,4 @@
 """ResNet encoders and MLP heads: parameter counts, shapes, dtypes, init."""
-import importlib
-
 import flax
 import jax
 import jax.numpy as jnp
@@ -53,9 +51,28 @@ def test_width_scales_stem_and_blocks():
   assert params["stage4_block3"]["bn3"]["scale"].shape == (4096,)
 
 
-def test_cifar_stem_has_no_pooling():
-  params = _abstract_variables(models.ResNet18(stem="cifar"), 32)["params"]
-  assert params["stem_conv"]["kernel"].shape == (3, 3, 3, 64)
+@pytest.mark.parametrize("stem,stem_side,stage_sides", [
+    # CIFAR stem: 3x3/1 conv, no max-pool, so stage 1 runs at the full 32 px
+    # and the last stage at 32 / 8 = 4 px.
+    ("cifar", 32, (32, 16, 8, 4)),
+    # ImageNet stem: 7x7/2 conv, then a 3x3/2 max-pool: stage 1 at a quarter.
+    ("imagenet", 16, (8, 4, 2, 1)),
+])
+def test_stem_resolution_into_the_stages(stem, stem_side, stage_sides):
+  """Spatial sizes the network actually produces at 32 px, layer by layer."""
+  model = models.resnet(18, stem=stem, num_filters=4)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  variables = _abstract_variables(model, 32)
+  _, state = jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
+                               mutable=["intermediates"]), variables, x)
+  inter = state["intermediates"]
+  assert inter["stem_conv"]["__call__"][0].shape == (2, stem_side,
+                                                      stem_side, 4)
+  for i, side in enumerate(stage_sides):
+    for j in (1, 2):  # ResNet-18: two blocks per stage
+      out = inter[f"stage{i + 1}_block{j}"]["__call__"][0]
+      assert out.shape == (2, side, side, 4 * 2**i), (i, j, out.shape)
 
 
 def test_partials_match_resnet():
@@ -130,15 +147,40 @@ def test_zero_init_residual(bottleneck, last_bn):
 
 
 def test_conv_init_is_he_fan_out():
-  params = _abstract_variables(models.resnet(18), 32)["params"]
+  """The model's initialised kernels: untruncated normal, var 2 / fan_out.
+
+  Layers whose fan-in and fan-out differ tell fan-out from fan-in (the stem
+  by a factor sqrt(576 / 27)); the tolerance is 4 standard errors of a sample
+  std over the layer's n weights, 4 / sqrt(2 n) relative.
+  """
+  model = models.resnet(18, stem="cifar")
+  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)),
+                                        train=False))(
+                                            jax.random.key(0, impl="rbg"))[
+                                                "params"]
   assert "bias" not in params["stem_conv"]
-  # `models.resnet` is the factory function; the module lives in sys.modules.
-  resnet_lib = importlib.import_module("byol_jax.models.resnet")
-  kernel = resnet_lib.conv_kernel_init(
-      jax.random.PRNGKey(0), (3, 3, 256, 512))
-  # fan_out = 3 * 3 * 512; variance 2 / fan_out.
-  np.testing.assert_allclose(np.std(np.asarray(kernel)),
-                             np.sqrt(2.0 / (9 * 512)), rtol=0.02)
+  layers = {  # name -> (kh, kw, in, out)
+      ("stem_conv",): (3, 3, 3, 64),
+      ("stage2_block1", "conv1"): (3, 3, 64, 128),
+      ("stage2_block1", "downsample_conv"): (1, 1, 64, 128),
+      ("stage4_block1", "conv1"): (3, 3, 256, 512),
+      ("stage4_block2", "conv2"): (3, 3, 512, 512),
+  }
+  for path, shape in layers.items():
+    node = params
+    for key in path:
+      node = node[key]
+    kernel = np.asarray(node["kernel"], np.float64)
+    assert kernel.shape == shape
+    std = np.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
+    tol = 4.0 / np.sqrt(2.0 * kernel.size)
+    np.testing.assert_allclose(kernel.std(), std, rtol=tol, err_msg=path)
+    assert abs(kernel.mean()) < 4 * std / np.sqrt(kernel.size), path
+    if kernel.size > 10**6:
+      # A normal has 4.55% of its mass beyond 2 std; a normal truncated
+      # there (Flax's default) has none, a uniform of this std 0%.
+      tail = np.mean(np.abs(kernel) > 2 * std)
+      assert abs(tail - 0.0455) < 0.002, (path, tail)
 
 
 def test_unknown_depth_raises():
