@@ -26,39 +26,42 @@ from byol_jax.errors import ConfigError
 
 COMMANDS = ("from-official", "to-torch")
 
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "from-official: the official BYOL .pkl checkpoint.")
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "from-official: the workdir to write; to-torch: the "
-    "workdir (or checkpoints/ or step directory) to read.")
-_WHICH = flags.DEFINE_enum(
-    "which", "online", list(convert_official.WHICH),
-    "from-official: the network that becomes the workdir's online network.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "from-official: the BYOL config stored with the weights "
-    "(default: byol_jax.config_lib.base_config()); its network fields are "
-    "set from the checkpoint.", lock_config=False)
-_OUT = flags.DEFINE_string("out", None,
-                           "to-torch: the .pt, .pth or .safetensors file.")
-_STEP = flags.DEFINE_integer("step", None,
-                             "to-torch: checkpoint step (default: newest).")
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a program)."""
+  flags.DEFINE_string("checkpoint", None,
+                      "from-official: the official BYOL .pkl checkpoint.")
+  flags.DEFINE_string("workdir", None, "from-official: the workdir to write; "
+                      "to-torch: the workdir (or checkpoints/ or step "
+                      "directory) to read.")
+  flags.DEFINE_enum("which", "online", list(convert_official.WHICH),
+                    "from-official: the network that becomes the workdir's "
+                    "online network.")
+  config_flags.DEFINE_config_file(
+      "config", None, "from-official: the BYOL config stored with the "
+      "weights (default: byol_jax.config_lib.base_config()); its network "
+      "fields are set from the checkpoint.", lock_config=False)
+  flags.DEFINE_string("out", None,
+                      "to-torch: the .pt, .pth or .safetensors file.")
+  flags.DEFINE_integer("step", None,
+                       "to-torch: checkpoint step (default: newest).")
 
 
 def run(command: str) -> str:
   """Runs one subcommand; returns the line to print."""
+  f = flags.FLAGS
   if command == "from-official":
-    if not _CHECKPOINT.value or not _WORKDIR.value:
+    if not f.checkpoint or not f.workdir:
       raise ConfigError("from-official needs --checkpoint=FILE.pkl and "
                         "--workdir=DIR.")
-    s = convert_official.from_official(_CHECKPOINT.value, _WORKDIR.value,
-                                       _WHICH.value, _CONFIG.value)
-    return (f"Converted the {s['which']} network of {_CHECKPOINT.value} "
+    s = convert_official.from_official(f.checkpoint, f.workdir,
+                                       f.which, f.config)
+    return (f"Converted the {s['which']} network of {f.checkpoint} "
             f"(ResNet-{s['depth']} x{s['width']}, step {s['step']}, LARS "
             f"momentum {'kept' if s['momentum'] else 'fresh'}) -> "
             f"{s['workdir']}")
-  if not _WORKDIR.value or not _OUT.value:
+  if not f.workdir or not f.out:
     raise ConfigError("to-torch needs --workdir=DIR and --out=FILE.")
-  s = convert_torch.export(_WORKDIR.value, _OUT.value, _STEP.value)
+  s = convert_torch.export(f.workdir, f.out, f.step)
   return (f"Exported the encoder of step {s['step']} (ResNet-{s['depth']} "
           f"x{s['width']}, {s['tensors']} tensors) -> {s['out']}")
 
@@ -78,4 +81,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

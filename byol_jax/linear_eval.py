@@ -56,45 +56,6 @@ PRESETS = {
 }
 DEFAULT_BASE_LR = {"linear": 0.2, "finetune": 0.01}
 
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "The pretraining run's workdir; the JSON result goes here.")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A workdir, its checkpoints/ directory or one step's "
-    "directory (default: --workdir).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
-_PRESET = flags.DEFINE_enum("preset", None, sorted(PRESETS),
-                            "A protocol; explicit flags override its values.")
-_MODE = flags.DEFINE_enum("mode", None, ["linear", "finetune"],
-                          "linear: frozen encoder; finetune: train it too.")
-_WHICH = flags.DEFINE_enum("which", "online", ["online", "target"],
-                           "Which encoder: online, or BYOL's EMA target.")
-_EPOCHS = flags.DEFINE_float("epochs", None, "Epochs over the labelled set.")
-_STEPS = flags.DEFINE_integer("steps", 0, "If > 0, steps instead of epochs.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size.")
-_EVAL_BATCH_SIZE = flags.DEFINE_integer(
-    "eval_batch_size", None, "Global eval batch (default: --batch_size).")
-_BASE_LR = flags.DEFINE_float(
-    "base_lr", None, "LR at batch 256 (default 0.2 linear, 0.01 finetune).")
-_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "On kernels only.")
-_TRAIN_SPLIT = flags.DEFINE_string(
-    "train_split", None, "The labelled split (default: the run's train "
-    "split); TFDS slicing such as train[:10%] works for TFDS sources.")
-_FRACTION = flags.DEFINE_float(
-    "fraction", None, "Use this fraction of the labelled split, class-"
-    "balanced and deterministic per --seed (1.0: all of it).")
-_SEED = flags.DEFINE_integer("seed", 0, "Head init, data order and subset.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON result.")
-_DATA_SOURCE = flags.DEFINE_string(
-    "data_source", None, "Override config.data.source (tfds|folder|npz|...).")
-_DATA_PATH = flags.DEFINE_string(
-    "data_path", None, "Override config.data.path (image folder or .npz).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "Override config.data.data_dir (TFDS).")
-_MULTIHOST = flags.DEFINE_enum(
-    "multihost", "auto", ["auto", "yes", "no"],
-    "Join jax.distributed (auto: on a multi-host cluster).")
-
-
 def override_data(config, source: str | None, path: str | None,
                   data_dir: str | None):
   """Points config.data at another copy of the data; checks local paths."""
@@ -204,18 +165,54 @@ def run(workdir: str, checkpoint_path: str | None = None,
   return summary
 
 
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a program)."""
+  flags.DEFINE_string("workdir", None, "The pretraining run's workdir; the "
+                      "JSON result goes here.")
+  flags.DEFINE_string("checkpoint", None, "A workdir, its checkpoints/ "
+                      "directory or one step's directory (default: --workdir).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
+  flags.DEFINE_enum("preset", None, sorted(PRESETS),
+                    "A protocol; explicit flags override its values.")
+  flags.DEFINE_enum("mode", None, ["linear", "finetune"],
+                    "linear: frozen encoder; finetune: train it too.")
+  flags.DEFINE_enum("which", "online", ["online", "target"],
+                    "Which encoder: online, or BYOL's EMA target.")
+  flags.DEFINE_float("epochs", None, "Epochs over the labelled set.")
+  flags.DEFINE_integer("steps", 0, "If > 0, steps instead of epochs.")
+  flags.DEFINE_integer("batch_size", None, "Global batch size.")
+  flags.DEFINE_integer("eval_batch_size", None,
+                       "Global eval batch (default: --batch_size).")
+  flags.DEFINE_float("base_lr", None, "LR at batch 256 (default 0.2 linear, "
+                     "0.01 finetune).")
+  flags.DEFINE_float("weight_decay", 0.0, "On kernels only.")
+  flags.DEFINE_string("train_split", None, "The labelled split (default: the "
+                      "run's train split); TFDS slicing such as train[:10%] "
+                      "works for TFDS sources.")
+  flags.DEFINE_float("fraction", None, "Use this fraction of the labelled "
+                     "split, class-balanced and deterministic per --seed.")
+  flags.DEFINE_integer("seed", 0, "Head init, data order and subset.")
+  flags.DEFINE_string("output", None, "Where to write the JSON result.")
+  flags.DEFINE_string("data_source", None,
+                      "Override config.data.source (tfds|folder|npz|...).")
+  flags.DEFINE_string("data_path", None,
+                      "Override config.data.path (image folder or .npz).")
+  flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
+  flags.DEFINE_enum("multihost", "auto", ["auto", "yes", "no"],
+                    "Join jax.distributed (auto: on a multi-host cluster).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
   try:
-    multihost.initialize(_MULTIHOST.value)
-    s = run(_WORKDIR.value, _CHECKPOINT.value, _STEP.value, _PRESET.value,
-            _WHICH.value, _STEPS.value, _EVAL_BATCH_SIZE.value,
-            _WEIGHT_DECAY.value, _TRAIN_SPLIT.value, _SEED.value,
-            _OUTPUT.value, _DATA_SOURCE.value, _DATA_PATH.value,
-            _DATA_DIR.value, mode=_MODE.value, epochs=_EPOCHS.value,
-            batch_size=_BATCH_SIZE.value, base_lr=_BASE_LR.value,
-            fraction=_FRACTION.value)
+    multihost.initialize(f.multihost)
+    s = run(f.workdir, f.checkpoint, f.step, f.preset, f.which, f.steps,
+            f.eval_batch_size, f.weight_decay, f.train_split, f.seed,
+            f.output, f.data_source, f.data_path, f.data_dir, mode=f.mode,
+            epochs=f.epochs, batch_size=f.batch_size, base_lr=f.base_lr,
+            fraction=f.fraction)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -230,4 +227,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -48,29 +48,6 @@ from byol_jax import workdir as workdir_lib  # noqa: E402
 from byol_jax.errors import ConfigError  # noqa: E402
 from byol_jax.evaluation import monitor as monitor_lib  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/tiny.py[:ARG].",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and "
-                               "the resolved config go.")
-_RESTORE_STEP = flags.DEFINE_integer(
-    "restore_step", None, "Resume from this checkpoint instead of the newest "
-    "(the newer ones stay where they are).")
-_ALLOW_CHANGES = flags.DEFINE_list(
-    "allow_changes", [], "Config fields (or prefixes, e.g. optimizer) a "
-    "resumed run changes on purpose, e.g. a lower learning rate after a NaN "
-    "stop; fields that shape the state cannot be changed.")
-_MULTIHOST = flags.DEFINE_enum(
-    "multihost", "auto", ["auto", "yes", "no"],
-    "Join jax.distributed: auto = when the environment is a multi-host "
-    "cluster (Cloud TPU pod, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (else auto-detect).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "Processes in the job (else detected).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "This process's index (else detected).")
-
 EXIT_PREEMPTED = 143
 EXIT_INTERRUPTED = 130
 
@@ -260,6 +237,33 @@ def _checked(host_metrics: dict, step: int,
 
 
 # ------------------------------------------------------------------ CLI ----
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a program, so that
+  the library can be imported beside other absl programs)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file, e.g. configs/tiny.py[:ARG].",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None,
+                      "Where checkpoints, logs and the resolved config go.")
+  flags.DEFINE_integer(
+      "restore_step", None, "Resume from this checkpoint instead of the "
+      "newest (the newer ones move to WORKDIR/checkpoints_superseded/).")
+  flags.DEFINE_list(
+      "allow_changes", [], "Config fields (or prefixes, e.g. optimizer) a "
+      "resumed run changes on purpose, e.g. a lower learning rate after a NaN "
+      "stop; fields that shape the state cannot be changed.")
+  flags.DEFINE_enum(
+      "multihost", "auto", ["auto", "yes", "no"],
+      "Join jax.distributed: auto = when the environment is a multi-host "
+      "cluster (Cloud TPU pod, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).")
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 (else auto-detect).")
+  flags.DEFINE_integer("num_processes", None,
+                       "Processes in the job (else detected).")
+  flags.DEFINE_integer("process_id", None,
+                       "This process's index (else detected).")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with config and flag errors as one line."""
   try:
@@ -295,7 +299,8 @@ def _exit_error(message: str, code: int = 1) -> None:
 def main(argv):
   if len(argv) > 1:
     _exit_error(f"unexpected arguments {argv[1:]}; give flags only.", 2)
-  if _CONFIG.value is None or not _WORKDIR.value:
+  f = flags.FLAGS
+  if f.config is None or not f.workdir:
     _exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.", 2)
   if not flags.FLAGS["verbosity"].present:
     # The trainer's own lines only; --verbosity=0 shows the libraries' INFO.
@@ -304,10 +309,10 @@ def main(argv):
     # reports the same failure in one line (StorageError).
     logging.get_absl_handler().addFilter(_quiet_orbax)
   try:
-    multihost.initialize(_MULTIHOST.value, _COORDINATOR.value,
-                         _NUM_PROCESSES.value, _PROCESS_ID.value)
-    final = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                               _RESTORE_STEP.value, _ALLOW_CHANGES.value)
+    multihost.initialize(f.multihost, f.coordinator_address,
+                         f.num_processes, f.process_id)
+    final = train_and_evaluate(f.config, f.workdir, f.restore_step,
+                               f.allow_changes)
   except (ConfigError, NonFiniteError) as e:
     _exit_error(str(e))
   except checkpoint.StorageError as e:
@@ -325,4 +330,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=_parse_flags)
