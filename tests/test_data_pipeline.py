@@ -11,13 +11,16 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from byol_jax import config_lib
 from byol_jax import data
 from byol_jax import sharding
 from byol_jax.data import crops
 from byol_jax.data import device
+from byol_jax.data import order
 from byol_jax.data import sources
+from byol_jax.data import store
 from byol_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +29,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def mesh():
   return sharding.make_mesh()
+
+
+@pytest.fixture(scope="module")
+def host():
+  """The tf.data host path (skipped where TensorFlow is not installed)."""
+  pytest.importorskip("tensorflow")
+  pytest.importorskip("tensorflow_datasets")
+  from byol_jax.data import host as host_module  # pylint: disable=g-import-not-at-top
+  return host_module
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +79,7 @@ def _np(batch):
 # ---------------------------------------------------------------------------
 
 
-def test_folder_listing_labels_and_unlabelled(folder, tmp_path, mesh):
+def test_folder_listing_labels_and_unlabelled(folder, tmp_path, mesh, host):
   paths, labels, classes = sources.list_folder(folder, "train")
   assert len(paths) == 300 and len(classes) == 10
   np.testing.assert_array_equal(np.bincount(labels), np.full(10, 30))
@@ -86,8 +98,7 @@ def _one_line(excinfo):
   return "\n" not in str(excinfo.value) and str(excinfo.value)
 
 
-def test_config_errors(folder, tmp_path, cifar_npz, mesh):
-  pytest.importorskip("tensorflow_datasets")
+def test_config_errors(folder, tmp_path, cifar_npz, mesh, host):
   c = make_config(source="tfds")
   c.data.name = "no_such_dataset_xyz"
   with pytest.raises(ConfigError, match="Unknown TFDS dataset") as e:
@@ -126,7 +137,8 @@ def _truncate(path, out):
   out.write_bytes(b[:len(b) // 2])
 
 
-def test_corrupt_files_are_skipped_and_counted(folder, tmp_path, mesh, caplog):
+def test_corrupt_files_are_skipped_and_counted(folder, tmp_path, mesh, caplog,
+                                              host):
   paths, _, _ = sources.list_folder(folder, "val")
   cls = tmp_path / "val" / "a"
   cls.mkdir(parents=True)
@@ -189,6 +201,8 @@ def test_load_arrays(cifar_npz, folder, tmp_path):
 @pytest.mark.parametrize("on_device", [False, True])
 def test_pretrain_batches_shapes_sharding_and_resume(folder, cifar_npz, mesh,
                                                      on_device):
+  if not on_device:
+    pytest.importorskip("tensorflow")
   if on_device:
     c, n = make_config("npz", cifar_npz, size=24, on_device=True), 5000
   else:
@@ -227,6 +241,8 @@ def test_pretrain_batches_shapes_sharding_and_resume(folder, cifar_npz, mesh,
 @pytest.mark.parametrize("on_device", [False, True])
 def test_epochs_are_permutations(cifar_npz, mesh, on_device):
   """Each epoch sees every example once; epochs are reshuffled."""
+  if not on_device:
+    pytest.importorskip("tensorflow")
   images, _ = data.load_arrays(make_config("npz", cifar_npz, 32).data, "train")
   n = 64
   arrays = (images[:n], np.arange(n, dtype=np.int32))
@@ -240,14 +256,13 @@ def test_epochs_are_permutations(cifar_npz, mesh, on_device):
   assert not np.array_equal(e0, e1) and not np.array_equal(e0, np.arange(n))
 
 
-def test_host_batches_do_not_depend_on_process_count(cifar_npz):
+def test_host_batches_do_not_depend_on_process_count(cifar_npz, host):
   """Two simulated processes read disjoint halves of each global batch."""
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
   c = make_config("npz", cifar_npz, size=32, batch=16)
-  single, _ = host.pretrain_dataset(c, start_step=5, process_index=0,
-                                    process_count=1)
-  halves = [host.pretrain_dataset(c, start_step=5, process_index=p,
-                                  process_count=2)[0] for p in (0, 1)]
+  single, _ = host.train_dataset(c, "pretrain", start_step=5, process_index=0,
+                                 process_count=1)
+  halves = [host.train_dataset(c, "pretrain", start_step=5, process_index=p,
+                               process_count=2)[0] for p in (0, 1)]
   whole = next(single.as_numpy_iterator())
   parts = [next(h.as_numpy_iterator()) for h in halves]
   for k in ("view1", "view2", "label"):
@@ -255,7 +270,7 @@ def test_host_batches_do_not_depend_on_process_count(cifar_npz):
         whole[k], np.concatenate([parts[0][k], parts[1][k]]))
 
 
-def test_linear_train_batches(cifar_npz, mesh):
+def test_linear_train_batches(cifar_npz, mesh, host):
   for on_device in (False, True):
     c = make_config("npz", cifar_npz, size=32, on_device=on_device)
     lin = data.build_linear_train(c, mesh, batch_size=16, seed=1)
@@ -286,8 +301,7 @@ def _coverage(local_batches_per_process, n):
       assert np.all(b["label"][~b["mask"]] == -1)
 
 
-def test_host_eval_two_processes_cover_split_once(folder, mesh):
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+def test_host_eval_two_processes_cover_split_once(folder, mesh, host):
   c = make_config(path=folder, size=56)
   per_process = []
   for p in (0, 1):
@@ -321,29 +335,40 @@ def test_host_eval_two_processes_cover_split_once(folder, mesh):
 
 def test_array_eval_two_processes_cover_split_once(cifar_npz, mesh):
   c = make_config("npz", cifar_npz, size=32, on_device=True, fraction=1.0)
-  images, labels = data.load_eval_arrays(c.data, "test")
-  raw, _ = data.load_arrays(c.data, "test")
-  np.testing.assert_array_equal(images, raw)     # Fraction 1.0 at 32 px.
-  per_process = [list(device.ArrayEvalData(
-      mesh, images, labels, 48, process_index=p, process_count=2
-  ).local_batches()) for p in (0, 1)]
+  images, labels = data.load_arrays(c.data, "test")
+  per_process = [[dict(b, index=b["ids"][:, 0]) for b in device.eval_batches(
+      labels, 24, p, 2)] for p in (0, 1)]
   _coverage(per_process, 1000)
   ev = data.build_eval(c, mesh, "test", 48)
   got = [_np(b) for b in ev]
   assert len(got) == 21 and sum(b["mask"].sum() for b in got) == 1000
+  # Fraction 1.0 at 32 px: the centre crop is the image itself.
   np.testing.assert_allclose(got[0]["image"], images[:48] / 255.0, atol=1e-6)
 
 
-def test_eval_centre_crop(folder):
-  """The host centre crop matches PIL's on the same images."""
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+def _pil_center_crop(image, size, fraction):
+  """Reference: centred square of `fraction` of the shorter side, PIL bicubic."""
+  h, w = image.shape[:2]
+  side = round(fraction * min(h, w))
+  y0, x0 = (h - side) // 2, (w - side) // 2
+  crop = Image.fromarray(image[y0:y0 + side, x0:x0 + side])
+  return np.asarray(crop.resize((size, size), Image.BICUBIC), np.float32)
+
+
+def test_eval_centre_crop(folder, mesh, host):
+  """Both paths' centre crops match PIL's on the same images."""
   c = make_config(path=folder, size=64)
   ds, _, _ = host.eval_dataset(c, "val", 16, process_index=0, process_count=1)
   b = next(ds.as_numpy_iterator())
   split = sources.folder_split(folder, "val")
   for j in range(4):
-    want = crops.center_crop_resize(split.read(int(b["index"][j])), 64, 0.875)
+    want = _pil_center_crop(split.read(int(b["index"][j])), 64, 0.875)
     assert np.abs(b["image"][j].astype(float) - want).mean() < 3.0
+  c.data.on_device = True
+  got = _np(next(iter(data.build_eval(c, mesh, "val", 16))))
+  for j in range(4):       # One process: batch 0 holds examples 0..15.
+    want = _pil_center_crop(split.read(j), 64, 0.875)
+    assert np.abs(got["image"][j] * 255 - want).mean() < 3.0
 
 
 # ---------------------------------------------------------------------------
@@ -371,15 +396,15 @@ def _reference_crops(hw, n=200_000, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 @pytest.mark.parametrize("hw", [(224, 224), (375, 500)])
-def test_crop_area_and_aspect_distribution(hw):
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+def test_crop_area_and_aspect_distribution(hw, request):
+  host = request.getfixturevalue("host")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n = 3000
   keys = jax.random.split(jax.random.PRNGKey(0), n)
   jboxes = np.stack(jax.jit(jax.vmap(
       lambda k: crops.sample_crop_box(k, hw[0], hw[1])))(keys), -1)
   seeds = tf.data.Dataset.range(n).map(lambda i: tf.stack([i, 7 * i]))
-  tboxes = next(seeds.map(lambda s: host.sample_crop_window(s, hw[0], hw[1]))
+  tboxes = next(seeds.map(lambda s: host.crop_window(s, hw[0], hw[1]))
                 .batch(n).as_numpy_iterator()).astype(float)
   ref_area, ref_aspect = _reference_crops(hw)
   for boxes, tol in ((jboxes, 1e-4), (tboxes, 0.02)):
@@ -400,17 +425,20 @@ def test_crop_area_and_aspect_distribution(hw):
     assert abs(area.std() - ref_area.std()) < 0.015
 
 
-def test_device_and_host_paths_match(imagenette_npz, mesh):
-  """Same data, same crop distribution and pixel statistics on both paths."""
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+def test_device_and_host_paths_match(imagenette_npz, mesh, host):
+  """Same examples in the same order, same crop distribution and pixel
+  statistics on both paths."""
   c = make_config("arrays", size=32, batch=64)
   arrays = data.load_arrays(make_config("npz", imagenette_npz).data, "train",
                             size=96)                  # [300, 96, 96, 3]
-  ds, _ = host.pretrain_dataset(c, arrays=arrays, return_boxes=True)
+  ds, _ = host.train_dataset(c, "pretrain", arrays=arrays, return_boxes=True)
   it = ds.as_numpy_iterator()
   host_batches = [next(it) for _ in range(5)]
-  dev = device.DevicePretrainData(c, mesh, *arrays, return_boxes=True)
+  dev = device.build(c, mesh, "pretrain", "train", 64, c.seed, arrays=arrays,
+                     return_boxes=True)
   dev_batches = [_np(dev.batch(s)) for s in range(5)]
+  for h, d in zip(host_batches, dev_batches):      # One shared order.
+    np.testing.assert_array_equal(h["label"], d["label"])
 
   def stats(batches, scale):
     boxes = np.concatenate([b[k] for b in batches for k in ("box1", "box2")])
@@ -456,8 +484,7 @@ def tfds_dir(tmp_path_factory, folder):
   return str(path)
 
 
-def test_tfds_source(tfds_dir, mesh):
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+def test_tfds_source(tfds_dir, mesh, host):
   c = make_config("tfds", size=32, batch=8, eval_split="validation")
   c.data.name, c.data.data_dir = "tiny_nette", tfds_dir
   c.data.shuffle_buffer = 16
@@ -474,7 +501,7 @@ def test_tfds_source(tfds_dir, mesh):
   _coverage(per_process, 30)
   assert sum(int(np.sum(b["mask"])) for b in data.build_eval(
       c, mesh, "validation", 8)) == 30
-  with pytest.raises(ConfigError, match="Split 'test' not in TFDS"):
+  with pytest.raises(ConfigError, match="Split 'test' not found in TFDS"):
     data.build_eval(c, mesh, "test", 8)
   c.data.on_device = True      # Small TFDS sets can live on the devices.
   assert data.build_pretrain(c, mesh).batch(0)["view1"].dtype == np.float32
