@@ -490,18 +490,14 @@ def _pil_center_crop(image, size, fraction):
 
 def test_eval_centre_crop(folder, mesh, host):
   """Both paths' centre crops match PIL's on the same images."""
-  c = make_config(path=folder, size=64)
-  ds, _, _ = host.eval_dataset(c, "val", 16, process_index=0, process_count=1)
-  b = next(ds.as_numpy_iterator())
   split = sources.folder_split(folder, "val")
-  for j in range(4):
-    want = _pil_center_crop(split.read(int(b["index"][j])), 64, 0.875)
-    assert np.abs(b["image"][j].astype(float) - want).mean() < 3.0
-  c.data.on_device = True
-  got = _np(next(iter(data.build_eval(c, mesh, "val", 16))))
-  for j in range(4):       # One process: batch 0 holds examples 0..15.
-    want = _pil_center_crop(split.read(j), 64, 0.875)
-    assert np.abs(got["image"][j] * 255 - want).mean() < 3.0
+  for size in (64, 224):     # 196 px crops: shrunk, then enlarged.
+    for on_device in (False, True):
+      c = make_config(path=folder, size=size, on_device=on_device)
+      got = _np(next(iter(data.build_eval(c, mesh, "val", 16))))
+      for j in range(4):     # One process: batch 0 holds examples 0..15.
+        want = _pil_center_crop(split.read(j), size, 0.875)
+        assert np.abs(got["image"][j] * 255 - want).mean() < 3.0, (size, j)
 
 
 # ---------------------------------------------------------------------------
@@ -558,15 +554,37 @@ def test_crop_area_and_aspect_distribution(hw, request):
     assert abs(area.std() - ref_area.std()) < 0.015
 
 
+def test_host_crops_that_fit_are_enlarged_on_the_devices(folder, mesh, host):
+  """Crops no larger than S go to the devices as they are and are enlarged
+  there; the views equal the host's own bicubic enlarging within 1 level."""
+  c = make_config(path=folder, size=224, batch=16)
+  local = host.train_dataset(c, "pretrain", process_index=0, process_count=1)
+  b = next(local[0].as_numpy_iterator())
+  assert np.all(b["hw1"] <= 224) and np.any(b["hw1"] < 224)
+  i = int(np.argmin(b["hw1"][:, 0]))
+  h, w = b["hw1"][i]
+  assert h < 224 and np.all(b["view1"][i, h:] == 0)          # Zero padding.
+  assert np.all(b["view1"][i, :, w:] == 0)
+  ref = next(host.train_dataset(c, "pretrain", process_index=0,
+                                process_count=1, device_resize=False
+                                )[0].as_numpy_iterator())
+  assert np.all(ref["hw1"] == 224)
+  got = _np(host.build(c, mesh, "pretrain", "train", 16, c.seed).batch(0))
+  for k in ("view1", "view2"):
+    assert got[k].dtype == np.uint8
+    diff = np.abs(got[k].astype(int) - ref[k].astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.05, (k, diff.max())
+
+
 def test_device_and_host_paths_match(imagenette_npz, mesh, host):
   """Same examples in the same order, same crop distribution and pixel
   statistics on both paths."""
   c = make_config("arrays", size=32, batch=64)
   arrays = data.load_arrays(make_config("npz", imagenette_npz).data, "train",
                             size=96)                  # [300, 96, 96, 3]
-  ds, _ = host.train_dataset(c, "pretrain", arrays=arrays, return_boxes=True)
-  it = ds.as_numpy_iterator()
-  host_batches = [next(it) for _ in range(5)]
+  hst = host.build(c, mesh, "pretrain", "train", 64, c.seed, arrays=arrays,
+                   return_boxes=True)
+  host_batches = [_np(hst.batch(s)) for s in range(5)]
   dev = device.build(c, mesh, "pretrain", "train", 64, c.seed, arrays=arrays,
                      return_boxes=True)
   dev_batches = [_np(dev.batch(s)) for s in range(5)]

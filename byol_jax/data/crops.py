@@ -156,6 +156,12 @@ def crop_resize(image: jax.Array, hw: jax.Array, box, size: int) -> jax.Array:
   return jnp.clip(x, 0.0, 1.0)     # Cubic kernels overshoot.
 
 
+def resize_image(image: jax.Array, hw: jax.Array, size: int) -> jax.Array:
+  """A whole stored image (its real extent) resized to f32 [S, S, 3]."""
+  h, w = hw[0].astype(jnp.float32), hw[1].astype(jnp.float32)
+  return crop_resize(image, hw, (0.0, 0.0, h, w), size)
+
+
 def random_resized_crop(rng: jax.Array, image: jax.Array, hw: jax.Array,
                         size: int, scale: Sequence[float],
                         ratio: Sequence[float]):

@@ -24,7 +24,7 @@ from typing import Iterator
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from byol_jax import sharding
 from byol_jax.data import augment
@@ -119,9 +119,7 @@ def _crop_fn(mesh: Mesh, mode: str, config: ml_collections.ConfigDict,
   def per_device(images, sizes, ids):   # Replicated set, this device's rows.
     return jax.vmap(one)(images[ids[:, 0]], sizes[ids[:, 0]], ids)
 
-  rows = P(sharding.DATA_AXIS)
-  cut = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), rows),
-                      out_specs=rows)
+  cut = pipeline.on_rows(mesh, per_device, num_replicated=2)
 
   @jax.jit
   def finish(images, sizes, batch):

@@ -11,11 +11,14 @@ Every process reads its own rows of each global batch (`order.py`):
 Each element's random choices are stateless ops seeded by (seed, its global
 stream position step * B + row).
 
-Modes: 'pretrain' (two random resized crops, uint8), 'linear' (one random
-resized crop and a random flip), 'eval' (the centre crop; padded and masked
-so that every example counts once). Crops come from fused
-`decode_and_crop_jpeg` for JPEGs and are resized bicubically (antialiased
-when shrinking) to image_size.
+Modes: 'pretrain' (two random resized crops), 'linear' (one random resized
+crop and a random flip), 'eval' (the centre crop; padded and masked so that
+every example counts once). A JPEG is decoded once per element, by
+`decode_and_crop_jpeg` over the union of its crop windows. Crops larger
+than image_size S are shrunk here (bicubic); crops that fit travel as they
+are on an S x S canvas with their size, and the accelerators enlarge them
+(`finish_fn`): the host then does no resampling at all for images no larger
+than S, and the batches cost the same bytes.
 
 Threads: tf.data runs elements in parallel and each op on one thread
 (`max_intra_op_parallelism = 1`: the cores are already busy with other
@@ -28,12 +31,12 @@ import types
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
 from jax.sharding import Mesh
 
-from byol_jax.data import augment
 from byol_jax.data import crops
 from byol_jax.data import order
 from byol_jax.data import pipeline
@@ -72,48 +75,78 @@ def center_window(height, width, fraction: float):
   return tf.cast(tf.stack(box), tf.int32)
 
 
-def _resize(image, size: int):
-  """Bicubic resize of uint8 [h, w, 3] to uint8 [size, size, 3].
+def fit(crop, size: int, device_resize: bool = True):
+  """A crop on the uint8 [size, size, 3] canvas that goes to the devices.
 
-  Antialiased when shrinking (as PIL and the on-device path), plain when
-  enlarging, where antialiasing changes nothing but costs twice the time.
+  A crop that fits goes as it is (top-left, zero padding) with its size,
+  and the accelerator enlarges it (`crops.crop_resize`, in the batch's
+  finishing function): enlarging is most of the host's work otherwise. A
+  larger crop is shrunk here: bicubic as the paper, antialiased only past a
+  factor of 2 (where plain bicubic aliases badly).
+
+  Args:
+    crop: uint8 [h, w, 3].
+    size: the canvas side S.
+    device_resize: False makes the host resize every crop (benchmarks).
+
+  Returns:
+    (uint8 [S, S, 3] canvas, int32 [2] real size on it).
   """
-  shape = tf.shape(image)
-  resize = lambda aa: tf.image.resize(image, [size, size], method="bicubic",
-                                      antialias=aa)
-  out = tf.cond(tf.reduce_max(shape[:2]) > size, lambda: resize(True),
-                lambda: resize(False))
-  out = tf.cast(tf.round(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
-  return tf.ensure_shape(out, [size, size, 3])
+  hw = tf.shape(crop)[:2]
+
+  def pad():
+    return tf.pad(crop, [[0, size - hw[0]], [0, size - hw[1]], [0, 0]]), hw
+
+  def resize():
+    out = tf.cond(
+        tf.reduce_max(hw) > 2 * size,
+        lambda: tf.image.resize(crop, [size, size], "bicubic", antialias=True),
+        lambda: tf.image.resize(crop, [size, size], "bicubic"))
+    out = tf.cast(tf.round(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
+    return out, tf.constant([size, size])
+
+  fits = tf.reduce_all(hw <= size) if device_resize else tf.constant(False)
+  canvas, hw = tf.cond(fits, pad, resize)
+  return tf.ensure_shape(canvas, [size, size, 3]), hw
 
 
-def decode_crops(data, encoded: bool, window_fns, size: int):
-  """Decodes `data` and cuts one resized crop per window function.
+def decode_crops(data, encoded: bool, window_fns, size: int, flip_seed=None,
+                 device_resize: bool = True):
+  """Decodes `data` once and cuts one crop per window function.
+
+  JPEGs are decoded once, by `decode_and_crop_jpeg`, over the union of the
+  windows (entropy decoding is paid once, and nothing outside the windows
+  is transformed).
 
   Args:
     data: encoded image bytes (tf.string scalar) if `encoded`, else a uint8
       [H, W, 3] image.
     encoded: which of the two `data` is.
-    window_fns: functions (height, width) -> int32 [4] window.
-    size: output side.
+    window_fns: functions (height, width) -> int32 [4] window (y, x, h, w).
+    size: the canvas side S.
+    flip_seed: if given, mirror the crops at random with this seed.
+    device_resize: as `fit`.
 
   Returns:
-    (list of uint8 [size, size, 3], list of float32 [4] windows as fractions
-    (y, x, h, w) of the image height / width).
+    (list of (uint8 [S, S, 3] canvas, int32 [2] size) as `fit`, list of
+    float32 [4] windows as fractions of the image height / width).
   """
-  def from_image(image):
-    shape = tf.shape(image)
+  def cut(shape, decode):
     windows = [fn(shape[0], shape[1]) for fn in window_fns]
-    outs = [_resize(image[w[0]:w[0] + w[2], w[1]:w[1] + w[3]], size)
-            for w in windows]
+    top = tf.reduce_min(tf.stack([w[:2] for w in windows]), axis=0)
+    end = tf.reduce_max(tf.stack([w[:2] + w[2:] for w in windows]), axis=0)
+    image = decode(tf.concat([top, end - top], 0))        # The union.
+    outs = [image[w[0] - top[0]:w[0] - top[0] + w[2],
+                  w[1] - top[1]:w[1] - top[1] + w[3]] for w in windows]
     return outs, windows, shape
 
+  def from_image(image):
+    return cut(tf.shape(image),
+               lambda u: image[u[0]:u[0] + u[2], u[1]:u[1] + u[3]])
+
   def from_jpeg():
-    shape = tf.io.extract_jpeg_shape(data)
-    windows = [fn(shape[0], shape[1]) for fn in window_fns]
-    outs = [_resize(tf.image.decode_and_crop_jpeg(data, w, channels=3), size)
-            for w in windows]
-    return outs, windows, shape
+    return cut(tf.io.extract_jpeg_shape(data),
+               lambda u: tf.image.decode_and_crop_jpeg(data, u, channels=3))
 
   if encoded:
     outs, windows, shape = tf.cond(
@@ -122,8 +155,12 @@ def decode_crops(data, encoded: bool, window_fns, size: int):
                                               expand_animations=False)))
   else:
     outs, windows, shape = from_image(data)
+  if flip_seed is not None:
+    outs = [tf.image.stateless_random_flip_left_right(o, flip_seed)
+            for o in outs]
   hw = tf.cast(tf.stack([shape[0], shape[1], shape[0], shape[1]]), tf.float32)
-  return outs, [tf.cast(w, tf.float32) / hw for w in windows]
+  return ([fit(o, size, device_resize) for o in outs],
+          [tf.cast(w, tf.float32) / hw for w in windows])
 
 
 # ---------------------------------------------------------------------------
@@ -214,13 +251,14 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
                   seed: int | None = None, start_step: int = 0,
                   fraction: float = 1.0, process_index: int | None = None,
                   process_count: int | None = None, arrays=None,
-                  return_boxes: bool = False):
+                  return_boxes: bool = False, device_resize: bool = True):
   """This process's tf.data stream of training batches.
 
   Args:
     config: the run's config.
-    mode: 'pretrain' ({'view1', 'view2': uint8 [L, S, S, 3], 'label'}) or
-      'linear' ({'image': uint8 [L, S, S, 3] flipped at random, 'label'}).
+    mode: 'pretrain' ({'view1', 'view2': uint8 [L, S, S, 3] canvases, 'hw1',
+      'hw2': int32 [L, 2] their crops' sizes, 'label'}, see `fit`) or
+      'linear' ({'image', 'hw', 'label'}, crops flipped at random).
     split: default config.data.train_split.
     batch_size: global batch B (default config.batch_size); L = B / P.
     seed: default config.seed.
@@ -230,6 +268,7 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
     arrays: optional (images, labels) for the 'arrays' source.
     return_boxes: add 'box1', 'box2' (pretrain): f32 [L, 4] crop windows
       (y, x, h, w) as fractions of the image (for tests).
+    device_resize: as `fit`.
 
   Returns:
     (dataset of local batches, number of examples read (subset size)).
@@ -256,12 +295,13 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
     base = tf.stack([tf.constant(seed, tf.int64), g])
     keys = [tf.random.experimental.stateless_fold_in(base, v) for v in (1, 2)]
     if mode == "linear":
-      (image,), _ = decode_crops(data, encoded, [window(keys[0])], size)
-      image = tf.image.stateless_random_flip_left_right(image, keys[1])
-      return dict(image=image, label=label)
-    (v1, v2), (b1, b2) = decode_crops(data, encoded, [window(k) for k in keys],
-                                      size)
-    out = dict(view1=v1, view2=v2, label=label)
+      ((image, hw),), _ = decode_crops(data, encoded, [window(keys[0])], size,
+                                       keys[1], device_resize)
+      return dict(image=image, hw=hw, label=label)
+    ((v1, hw1), (v2, hw2)), (b1, b2) = decode_crops(
+        data, encoded, [window(k) for k in keys], size,
+        device_resize=device_resize)
+    out = dict(view1=v1, hw1=hw1, view2=v2, hw2=hw2, label=label)
     return dict(out, box1=b1, box2=b2) if return_boxes else out
 
   ds = ds.map(element, num_parallel_calls=_parallel(config),
@@ -281,8 +321,9 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
   False, label -1, index -1).
 
   Returns:
-    (dataset of {'image': uint8 [L, S, S, 3] centre crops, 'label': int32,
-    'mask': bool, 'index': int64 (example index in the split)},
+    (dataset of {'image': uint8 [L, S, S, 3] centre crops on canvases,
+    'hw': int32 [L, 2] (see `fit`), 'label': int32, 'mask': bool, 'index':
+    int64 (example index in the split)},
     number of examples of the split, number of batches).
   """
   pi, pc = order.process(process_index, process_count)
@@ -306,13 +347,15 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
 
   def center(data, label, i):
     window = lambda h, w: center_window(h, w, fraction)
-    (image,), _ = decode_crops(data, encoded, [window], size)
-    return dict(image=image, label=label, mask=tf.constant(True), index=i)
+    ((image, hw),), _ = decode_crops(data, encoded, [window], size)
+    return dict(image=image, hw=hw, label=label, mask=tf.constant(True),
+                index=i)
 
   ds = ds.map(center, num_parallel_calls=_parallel(config), deterministic=True)
   ds = ds.ignore_errors(log_warning=True)
   pad = tf.data.Dataset.from_tensors(dict(
-      image=tf.zeros([size, size, 3], tf.uint8), label=tf.constant(-1),
+      image=tf.zeros([size, size, 3], tf.uint8),
+      hw=tf.constant([size, size]), label=tf.constant(-1),
       mask=tf.constant(False), index=tf.constant(-1, tf.int64))).repeat()
   num_batches = order.num_eval_batches(total, local, pc)
   ds = ds.concatenate(pad).batch(local, drop_remainder=True).take(num_batches)
@@ -324,34 +367,46 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
 # ---------------------------------------------------------------------------
 
 
-@jax.jit
-def _float_images(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """'image' uint8 -> float32 in [0, 1], in place of the batch's sharding."""
-  return dict(batch, image=augment.to_float(batch["image"]))
+def finish_fn(mesh: Mesh, mode: str, size: int):
+  """Jitted: the accelerators resize each canvas's crop to S x S.
+
+  Pretraining views come back as uint8 (the train step converts them);
+  linear-evaluation and evaluation images as float32 in [0, 1].
+  """
+  views = (dict(view1="hw1", view2="hw2") if mode == "pretrain"
+           else dict(image="hw"))
+
+  def per_device(batch):
+    out = dict(batch)
+    for key, hw_key in views.items():
+      x = jax.vmap(lambda c, hw: crops.resize_image(c, hw, size))(
+          out[key], out.pop(hw_key))                        # [l, S, S, 3]
+      out[key] = (jnp.round(x * 255.0).astype(jnp.uint8)
+                  if mode == "pretrain" else x)
+    return out
+  return jax.jit(pipeline.on_rows(mesh, per_device))
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, mode: str,
           split: str, batch_size: int, seed: int, start_step: int = 0,
-          fraction: float = 1.0, arrays: Any = None) -> pipeline.Batches:
-  """Global batches of `mode` ('pretrain', 'linear' or 'eval').
-
-  Pretraining views stay uint8 (the train step converts them);
-  linear-evaluation and evaluation images arrive as float32 in [0, 1].
-  """
+          fraction: float = 1.0, arrays: Any = None,
+          return_boxes: bool = False) -> pipeline.Batches:
+  """Global batches of `mode` ('pretrain', 'linear' or 'eval'), finished
+  on the accelerators by `finish_fn`."""
+  finish = finish_fn(mesh, mode, int(config.data.image_size))
   if mode == "eval":
     ds, total, num_batches = eval_dataset(config, split, batch_size)
     start = lambda step: ({k: v for k, v in b.items() if k != "index"}
                           for b in ds.as_numpy_iterator())
-    return pipeline.Batches(mesh, start, _float_images, num_examples=total,
+    return pipeline.Batches(mesh, start, finish, num_examples=total,
                             batch_size=batch_size, num_batches=num_batches)
   kwargs = dict(split=split, batch_size=batch_size, seed=seed,
-                fraction=fraction, arrays=arrays)
+                fraction=fraction, arrays=arrays, return_boxes=return_boxes)
   first, n = train_dataset(config, mode, start_step=start_step, **kwargs)
 
   def start(step):
     ds = (first if step == start_step else
           train_dataset(config, mode, start_step=step, **kwargs)[0])
     return ds.as_numpy_iterator()
-  return pipeline.Batches(
-      mesh, start, _float_images if mode == "linear" else None,
-      num_examples=n, batch_size=batch_size, start_step=start_step)
+  return pipeline.Batches(mesh, start, finish, num_examples=n,
+                          batch_size=batch_size, start_step=start_step)

@@ -16,12 +16,30 @@ from typing import Callable, Iterator
 from absl import logging
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from byol_jax import sharding
 
 LocalBatch = dict[str, np.ndarray]
 GlobalBatch = dict[str, jax.Array]
+
+
+def on_rows(mesh: Mesh, fn: Callable, num_replicated: int = 0) -> Callable:
+  """Runs `fn` on each device's own rows of batch-sharded arguments.
+
+  `shard_map`: no communication, and indexing inside `fn` is plain NumPy
+  indexing of local arrays, whatever the mesh's axis types.
+
+  Args:
+    mesh: the device mesh.
+    fn: (*replicated, *rows) -> pytree of per-row results.
+    num_replicated: how many leading arguments are replicated (whole on
+      every device); the others are split over the `data` axis.
+  """
+  rows = P(sharding.DATA_AXIS)
+  return lambda *args: jax.shard_map(
+      fn, mesh=mesh, in_specs=(P(),) * num_replicated + (rows,) * (
+          len(args) - num_replicated), out_specs=rows)(*args)
 
 
 class Batches:
