@@ -127,8 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""           # TFDS data_dir (e.g. a gs:// bucket)
   c.data.path = ""               # image-folder root or .npz file
   c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.num_classes = 1000
+  c.data.eval_split = ""         # "": the first of val, validation, test
+  c.data.num_classes = -1        # -1: from the data; 0: no labels; N: check
   c.data.image_size = 224
   c.data.crop_scale = (0.08, 1.0)
   c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)

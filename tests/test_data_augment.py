@@ -68,6 +68,18 @@ def test_hsv_round_trip(nette):
   np.testing.assert_allclose(np.asarray(back), nette, atol=2e-6)
 
 
+def _np_blur(image, sigma, r):
+  """NumPy reference: separable (2r + 1)-tap Gaussian, reflect padding."""
+  t = np.arange(-r, r + 1)
+  k = np.exp(-0.5 * (t / sigma) ** 2)
+  k /= k.sum()
+  h, w = image.shape[:2]
+  ref = np.pad(image, ((r, r), (0, 0), (0, 0)), mode="reflect")
+  ref = sum(k[i] * ref[i:i + h] for i in range(2 * r + 1))
+  ref = np.pad(ref, ((0, 0), (r, r), (0, 0)), mode="reflect")
+  return sum(k[i] * ref[:, i:i + w] for i in range(2 * r + 1))
+
+
 def test_blur_kernel_and_reference(nette):
   assert augment.blur_kernel_size(224) == 23
   assert augment.blur_kernel_size(128) == 13
@@ -76,16 +88,7 @@ def test_blur_kernel_and_reference(nette):
   sigma = 1.5
   blur = jax.jit(augment.gaussian_blur)
   got = np.asarray(blur(image, sigma))
-  # NumPy reference: separable 23-tap kernel, reflect padding.
-  r = 11
-  t = np.arange(-r, r + 1)
-  k = np.exp(-0.5 * (t / sigma) ** 2)
-  k /= k.sum()
-  ref = np.pad(image, ((r, r), (0, 0), (0, 0)), mode="reflect")
-  ref = sum(k[i] * ref[i:i + 224] for i in range(2 * r + 1))
-  ref = np.pad(ref, ((0, 0), (r, r), (0, 0)), mode="reflect")
-  ref = sum(k[i] * ref[:, i:i + 224] for i in range(2 * r + 1))
-  np.testing.assert_allclose(got, ref, atol=1e-5)
+  np.testing.assert_allclose(got, _np_blur(image, sigma, 11), atol=1e-5)
   # Tiny sigma is the identity; a constant image stays constant.
   np.testing.assert_allclose(np.asarray(blur(image, 0.1)), image, atol=1e-5)
   const = np.full((32, 32, 3), 0.3, np.float32)
@@ -174,9 +177,29 @@ def test_empirical_probabilities_per_view(view, expect):
     assert x.min() < lo + 0.05 * (hi - lo) and x.max() > hi - 0.05 * (hi - lo)
 
 
-def test_view_outputs_follow_the_decisions(small):
-  """Grayscale measured on the outputs matches its probability; outputs are
-  exactly `apply_params` of the sampled decisions."""
+def _reference_view(image, p, tf):
+  """One view from its decisions `p`, with tf.image and NumPy (not augment)."""
+  x = image[:, ::-1] if p["flip"] else image
+  if p["jitter"]:
+    ops = (lambda y: tf.image.adjust_brightness(y, p["brightness"]),
+           lambda y: tf.image.adjust_contrast(y, p["contrast"]),
+           lambda y: tf.image.adjust_saturation(y, p["saturation"]),
+           lambda y: tf.image.adjust_hue(y, p["hue"]))
+    for i in p["order"]:
+      x = np.clip(ops[i](x).numpy(), 0.0, 1.0)
+  if p["grayscale"]:
+    x = np.repeat(tf.image.rgb_to_grayscale(x).numpy(), 3, axis=-1)
+  if p["blur"]:
+    x = _np_blur(x, float(p["sigma"]), 2)           # 5 taps at 48 px.
+  if p["solarize"]:
+    x = np.where(x < 0.5, x, 1.0 - x)
+  return np.clip(x, 0.0, 1.0)
+
+
+def test_view_outputs_follow_the_decisions(small, tf):
+  """Grayscale measured on the outputs matches its probability; each output
+  is its sampled decisions applied by an independent tf.image / NumPy
+  reference."""
   cfg2 = config_lib.base_config().augment.view2
   images = np.concatenate([small] * 8)                   # [512, 48, 48, 3]
   fn = jax.jit(lambda k, x: augment.augment_view(k, x, cfg2, normalize=False))
@@ -185,15 +208,23 @@ def test_view_outputs_follow_the_decisions(small):
   assert out.min() >= 0.0 and out.max() <= 1.0
   gray = np.all(out[..., :1] == out, axis=(1, 2, 3))
   assert abs(gray.mean() - 0.2) < 0.07, gray.mean()
-  # Recompute eight images from their sampled decisions.
-  keys = jax.random.split(jax.random.PRNGKey(3), images.shape[0])[:8]
-
-  @jax.jit
-  def recompute(keys, x):
-    p = jax.vmap(lambda k: augment.sample_params(k, cfg2))(keys)
-    return jax.vmap(lambda p, im: augment.apply_params(p, im, cfg2))(p, x)
-  want = recompute(keys, images[:8].astype(np.float32) / 255)
-  np.testing.assert_allclose(out[:8], np.asarray(want), atol=1e-5)
+  # Every op at probability 1/2, so that 24 images see each op on and off.
+  cfg = config_lib.view_augment(color_jitter=0.5, grayscale=0.5, blur=0.5,
+                                solarize=0.5)
+  x = images[:24].astype(np.float32) / 255
+  key = jax.random.PRNGKey(5)
+  out = np.asarray(jax.jit(lambda k, x: augment.augment_view(
+      k, x, cfg, normalize=False))(key, x))
+  # augment_view splits its key per image; the decisions of image i:
+  keys = jax.random.split(key, x.shape[0])
+  params = jax.tree.map(np.asarray, jax.vmap(
+      lambda k: augment.sample_params(k, cfg))(keys))
+  for name in ("flip", "jitter", "grayscale", "blur", "solarize"):
+    assert 0 < params[name].sum() < x.shape[0], name
+  for i in range(x.shape[0]):
+    p = {k: v[i] for k, v in params.items()}
+    np.testing.assert_allclose(out[i], _reference_view(x[i], p, tf),
+                               atol=1e-4, err_msg=str(p))
 
 
 def test_augment_views_shapes_dtypes_and_normalisation(small):

@@ -11,13 +11,16 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from byol_jax import config_lib
 from byol_jax import data
 from byol_jax import sharding
 from byol_jax.data import crops
 from byol_jax.data import device
+from byol_jax.data import order
 from byol_jax.data import sources
+from byol_jax.data import store
 from byol_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +29,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def mesh():
   return sharding.make_mesh()
+
+
+@pytest.fixture(scope="module")
+def host():
+  """The tf.data host path (skipped where TensorFlow is not installed)."""
+  pytest.importorskip("tensorflow")
+  pytest.importorskip("tensorflow_datasets")
+  from byol_jax.data import host as host_module  # pylint: disable=g-import-not-at-top
+  return host_module
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +79,7 @@ def _np(batch):
 # ---------------------------------------------------------------------------
 
 
-def test_folder_listing_labels_and_unlabelled(folder, tmp_path, mesh):
+def test_folder_listing_labels_and_unlabelled(folder, tmp_path, mesh, host):
   paths, labels, classes = sources.list_folder(folder, "train")
   assert len(paths) == 300 and len(classes) == 10
   np.testing.assert_array_equal(np.bincount(labels), np.full(10, 30))
@@ -86,8 +98,7 @@ def _one_line(excinfo):
   return "\n" not in str(excinfo.value) and str(excinfo.value)
 
 
-def test_config_errors(folder, tmp_path, cifar_npz, mesh):
-  pytest.importorskip("tensorflow_datasets")
+def test_config_errors(folder, tmp_path, cifar_npz, mesh, host):
   c = make_config(source="tfds")
   c.data.name = "no_such_dataset_xyz"
   with pytest.raises(ConfigError, match="Unknown TFDS dataset") as e:
@@ -126,7 +137,8 @@ def _truncate(path, out):
   out.write_bytes(b[:len(b) // 2])
 
 
-def test_corrupt_files_are_skipped_and_counted(folder, tmp_path, mesh, caplog):
+def test_corrupt_files_are_skipped_and_counted(folder, tmp_path, mesh, caplog,
+                                              host):
   paths, _, _ = sources.list_folder(folder, "val")
   cls = tmp_path / "val" / "a"
   cls.mkdir(parents=True)
@@ -181,6 +193,68 @@ def test_load_arrays(cifar_npz, folder, tmp_path):
     data.load_arrays(make_config("arrays", path).data, "val")
 
 
+def _config_with(path, source="folder", **data):
+  c = make_config(source, path)
+  c.data.eval_split, c.data.num_classes = "", -1
+  c.data.update(data)
+  return c
+
+
+def test_describe_image_folders(folder, tmp_path, mesh):
+  """Classes from the class folders, eval split found, one-line mistakes."""
+  info = data.describe(_config_with(folder))
+  assert (info.name, info.source) == (folder, "folder")
+  assert (info.train_split, info.eval_split) == ("train", "val")
+  assert (info.num_train, info.num_eval, info.num_classes) == (300, 100, 10)
+  assert info.class_names[0] == "n01440764" and len(info.class_names) == 10
+  assert data.describe(_config_with(folder, num_classes=10)).num_classes == 10
+  assert data.describe(_config_with(folder, num_classes=0)).num_classes == 0
+  with pytest.raises(ConfigError, match="num_classes=5 but .* has 10 "
+                     "classes; set --config.data.num_classes=10") as e:
+    data.describe(_config_with(folder, num_classes=5))
+  assert _one_line(e)
+  with pytest.raises(ConfigError, match="Split 'test' not found") as e:
+    data.describe(_config_with(folder, eval_split="test"))
+  assert _one_line(e) and "(splits: train, val)" in str(e.value)
+  with pytest.raises(ConfigError, match="Split 'training' not found.*"
+                     "train_split") as e:
+    data.describe(_config_with(folder, train_split="training"))
+  assert _one_line(e)
+  # Unlabelled: images directly in ROOT/train/, and no eval split.
+  (tmp_path / "train").mkdir()
+  for p in sources.list_folder(folder, "train")[0][::10]:
+    os.link(p, tmp_path / "train" / os.path.basename(p))
+  c = _config_with(tmp_path, on_device=True, image_size=16)
+  info = data.describe(c)
+  assert (info.num_train, info.num_classes, info.eval_split) == (30, 0, None)
+  assert np.all(np.asarray(data.build_pretrain(c, mesh).batch(0)["label"]) ==
+                -1)
+  with pytest.raises(ConfigError, match="num_classes=10 but .* is "
+                     "unlabelled") as e:
+    data.describe(_config_with(tmp_path, num_classes=10))
+  assert _one_line(e)
+
+
+def test_describe_npz(cifar_npz, tmp_path):
+  info = data.describe(_config_with(cifar_npz, "npz"))
+  assert (info.eval_split, info.num_train, info.num_eval) == ("test", 5000,
+                                                              1000)
+  assert info.num_classes == 10 and info.class_names[0] == "airplane"
+  with pytest.raises(ConfigError, match="has 10 classes") as e:
+    data.describe(_config_with(cifar_npz, "npz", num_classes=11))
+  assert _one_line(e)
+  # Without class_names: more classes than the largest label is allowed.
+  path = tmp_path / "arrays.npz"
+  labels = np.arange(12, dtype=np.int32) % 7
+  np.savez(path, images=np.zeros((12, 8, 8, 3), np.uint8), labels=labels)
+  assert data.describe(_config_with(path, "arrays")).num_classes == 7
+  assert data.describe(_config_with(path, "arrays", num_classes=9)
+                      ).num_classes == 9
+  with pytest.raises(ConfigError, match="labels up to 6") as e:
+    data.describe(_config_with(path, "arrays", num_classes=6))
+  assert _one_line(e)
+
+
 # ---------------------------------------------------------------------------
 # Pretraining batches.
 # ---------------------------------------------------------------------------
@@ -189,6 +263,8 @@ def test_load_arrays(cifar_npz, folder, tmp_path):
 @pytest.mark.parametrize("on_device", [False, True])
 def test_pretrain_batches_shapes_sharding_and_resume(folder, cifar_npz, mesh,
                                                      on_device):
+  if not on_device:
+    pytest.importorskip("tensorflow")
   if on_device:
     c, n = make_config("npz", cifar_npz, size=24, on_device=True), 5000
   else:
@@ -227,6 +303,8 @@ def test_pretrain_batches_shapes_sharding_and_resume(folder, cifar_npz, mesh,
 @pytest.mark.parametrize("on_device", [False, True])
 def test_epochs_are_permutations(cifar_npz, mesh, on_device):
   """Each epoch sees every example once; epochs are reshuffled."""
+  if not on_device:
+    pytest.importorskip("tensorflow")
   images, _ = data.load_arrays(make_config("npz", cifar_npz, 32).data, "train")
   n = 64
   arrays = (images[:n], np.arange(n, dtype=np.int32))
@@ -240,14 +318,13 @@ def test_epochs_are_permutations(cifar_npz, mesh, on_device):
   assert not np.array_equal(e0, e1) and not np.array_equal(e0, np.arange(n))
 
 
-def test_host_batches_do_not_depend_on_process_count(cifar_npz):
+def test_host_batches_do_not_depend_on_process_count(cifar_npz, host):
   """Two simulated processes read disjoint halves of each global batch."""
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
   c = make_config("npz", cifar_npz, size=32, batch=16)
-  single, _ = host.pretrain_dataset(c, start_step=5, process_index=0,
-                                    process_count=1)
-  halves = [host.pretrain_dataset(c, start_step=5, process_index=p,
-                                  process_count=2)[0] for p in (0, 1)]
+  single, _ = host.train_dataset(c, "pretrain", start_step=5, process_index=0,
+                                 process_count=1)
+  halves = [host.train_dataset(c, "pretrain", start_step=5, process_index=p,
+                               process_count=2)[0] for p in (0, 1)]
   whole = next(single.as_numpy_iterator())
   parts = [next(h.as_numpy_iterator()) for h in halves]
   for k in ("view1", "view2", "label"):
@@ -255,7 +332,7 @@ def test_host_batches_do_not_depend_on_process_count(cifar_npz):
         whole[k], np.concatenate([parts[0][k], parts[1][k]]))
 
 
-def test_linear_train_batches(cifar_npz, mesh):
+def test_linear_train_batches(cifar_npz, mesh, host):
   for on_device in (False, True):
     c = make_config("npz", cifar_npz, size=32, on_device=on_device)
     lin = data.build_linear_train(c, mesh, batch_size=16, seed=1)
@@ -268,6 +345,25 @@ def test_linear_train_batches(cifar_npz, mesh):
     np.testing.assert_array_equal(np.asarray(lin.batch(1)["label"]),
                                   np.asarray(data.build_linear_train(
                                       c, mesh, 16, 1).batch(1)["label"]))
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_linear_train_on_a_seeded_class_balanced_subset(folder, mesh,
+                                                        on_device):
+  if not on_device:
+    pytest.importorskip("tensorflow")
+  c = make_config(path=folder, size=16, batch=8, on_device=on_device)
+  lin = data.build_linear_train(c, mesh, 8, seed=1, fraction=0.1)
+  assert lin.num_examples == 30 and lin.steps_per_epoch == 3
+  # 15 steps of 8 are 4 epochs of the 30-example subset: 3 per class each.
+  labels = np.concatenate([np.asarray(lin.batch(s)["label"])
+                           for s in range(15)])
+  np.testing.assert_array_equal(np.bincount(labels), np.full(10, 12))
+  _, all_labels, _ = sources.list_folder(folder, "train")
+  a, b = (order.subset(all_labels, 0.1, seed) for seed in (1, 2))
+  np.testing.assert_array_equal(np.bincount(all_labels[a]), np.full(10, 3))
+  assert not np.array_equal(a, b)
+  np.testing.assert_array_equal(a, order.subset(all_labels, 0.1, 1))
 
 
 # ---------------------------------------------------------------------------
@@ -286,8 +382,7 @@ def _coverage(local_batches_per_process, n):
       assert np.all(b["label"][~b["mask"]] == -1)
 
 
-def test_host_eval_two_processes_cover_split_once(folder, mesh):
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+def test_host_eval_two_processes_cover_split_once(folder, mesh, host):
   c = make_config(path=folder, size=56)
   per_process = []
   for p in (0, 1):
@@ -321,29 +416,88 @@ def test_host_eval_two_processes_cover_split_once(folder, mesh):
 
 def test_array_eval_two_processes_cover_split_once(cifar_npz, mesh):
   c = make_config("npz", cifar_npz, size=32, on_device=True, fraction=1.0)
-  images, labels = data.load_eval_arrays(c.data, "test")
-  raw, _ = data.load_arrays(c.data, "test")
-  np.testing.assert_array_equal(images, raw)     # Fraction 1.0 at 32 px.
-  per_process = [list(device.ArrayEvalData(
-      mesh, images, labels, 48, process_index=p, process_count=2
-  ).local_batches()) for p in (0, 1)]
+  images, labels = data.load_arrays(c.data, "test")
+  per_process = [[dict(b, index=b["ids"][:, 0]) for b in device.eval_batches(
+      labels, 24, p, 2)] for p in (0, 1)]
   _coverage(per_process, 1000)
   ev = data.build_eval(c, mesh, "test", 48)
   got = [_np(b) for b in ev]
   assert len(got) == 21 and sum(b["mask"].sum() for b in got) == 1000
+  # Fraction 1.0 at 32 px: the centre crop is the image itself.
   np.testing.assert_allclose(got[0]["image"], images[:48] / 255.0, atol=1e-6)
 
 
-def test_eval_centre_crop(folder):
-  """The host centre crop matches PIL's on the same images."""
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
-  c = make_config(path=folder, size=64)
-  ds, _, _ = host.eval_dataset(c, "val", 16, process_index=0, process_count=1)
-  b = next(ds.as_numpy_iterator())
+def _count_compiles():
+  """A list that grows by one per XLA compilation while registered."""
+  events = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  return events, listener
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_eval_built_once_compiles_once_for_three_passes(cifar_npz, mesh,
+                                                        on_device):
+  if not on_device:
+    pytest.importorskip("tensorflow")
+  c = make_config("npz", cifar_npz, size=24, on_device=on_device)
+  events, listener = _count_compiles()
+  try:
+    ev = data.build_eval(c, mesh, "test", 200)
+    counts = [sum(int(np.asarray(b["mask"]).sum()) for b in ev)
+              for _ in range(3)]
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert counts == [1000] * 3
+  assert len(events) <= 1, events
+
+
+def test_device_batches_make_no_implicit_transfers(cifar_npz, mesh):
+  c = make_config("npz", cifar_npz, size=16, on_device=True)
+  pre = data.build_pretrain(c, mesh)
+  lin = data.build_linear_train(c, mesh, 16, seed=1)
+  ev = data.build_eval(c, mesh, "test", 16)
+  with jax.transfer_guard("disallow"):
+    for step in (0, 1, 2, 7):                     # 7: a jump.
+      jax.block_until_ready((pre.batch(step), lin.batch(step)))
+    jax.block_until_ready(next(iter(ev)))
+
+
+def test_host_prefetches_the_next_global_batches(cifar_npz, mesh, host):
+  c = make_config("npz", cifar_npz, size=16)
+  pre = data.build_pretrain(c, mesh, start_step=4)
+  assert pre.ready_steps == ()
+  pre.batch(4)
+  assert pre.ready_steps == (5, 6)      # Built while step 4 runs.
+  pre.batch(5)
+  assert pre.ready_steps == (6, 7)
+  pre.batch(9)                           # A jump restarts the stream there.
+  assert pre.ready_steps == (10, 11)
+
+
+def _pil_center_crop(image, size, fraction):
+  """Reference: centred square of `fraction` of the shorter side, PIL bicubic."""
+  h, w = image.shape[:2]
+  side = round(fraction * min(h, w))
+  y0, x0 = (h - side) // 2, (w - side) // 2
+  crop = Image.fromarray(image[y0:y0 + side, x0:x0 + side])
+  return np.asarray(crop.resize((size, size), Image.BICUBIC), np.float32)
+
+
+def test_eval_centre_crop(folder, mesh, host):
+  """Both paths' centre crops match PIL's on the same images."""
   split = sources.folder_split(folder, "val")
-  for j in range(4):
-    want = crops.center_crop_resize(split.read(int(b["index"][j])), 64, 0.875)
-    assert np.abs(b["image"][j].astype(float) - want).mean() < 3.0
+  for size in (64, 224):     # 196 px crops: shrunk, then enlarged.
+    for on_device in (False, True):
+      c = make_config(path=folder, size=size, on_device=on_device)
+      got = _np(next(iter(data.build_eval(c, mesh, "val", 16))))
+      for j in range(4):     # One process: batch 0 holds examples 0..15.
+        want = _pil_center_crop(split.read(j), size, 0.875)
+        assert np.abs(got["image"][j] * 255 - want).mean() < 3.0, (size, j)
 
 
 # ---------------------------------------------------------------------------
@@ -371,15 +525,15 @@ def _reference_crops(hw, n=200_000, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 @pytest.mark.parametrize("hw", [(224, 224), (375, 500)])
-def test_crop_area_and_aspect_distribution(hw):
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+def test_crop_area_and_aspect_distribution(hw, request):
+  host = request.getfixturevalue("host")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n = 3000
   keys = jax.random.split(jax.random.PRNGKey(0), n)
   jboxes = np.stack(jax.jit(jax.vmap(
       lambda k: crops.sample_crop_box(k, hw[0], hw[1])))(keys), -1)
   seeds = tf.data.Dataset.range(n).map(lambda i: tf.stack([i, 7 * i]))
-  tboxes = next(seeds.map(lambda s: host.sample_crop_window(s, hw[0], hw[1]))
+  tboxes = next(seeds.map(lambda s: host.crop_window(s, hw[0], hw[1]))
                 .batch(n).as_numpy_iterator()).astype(float)
   ref_area, ref_aspect = _reference_crops(hw)
   for boxes, tol in ((jboxes, 1e-4), (tboxes, 0.02)):
@@ -400,17 +554,42 @@ def test_crop_area_and_aspect_distribution(hw):
     assert abs(area.std() - ref_area.std()) < 0.015
 
 
-def test_device_and_host_paths_match(imagenette_npz, mesh):
-  """Same data, same crop distribution and pixel statistics on both paths."""
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+def test_host_crops_that_fit_are_enlarged_on_the_devices(folder, mesh, host):
+  """Crops no larger than S go to the devices as they are and are enlarged
+  there; the views equal the host's own bicubic enlarging within 1 level."""
+  c = make_config(path=folder, size=224, batch=16)
+  local = host.train_dataset(c, "pretrain", process_index=0, process_count=1)
+  b = next(local[0].as_numpy_iterator())
+  assert np.all(b["hw1"] <= 224) and np.any(b["hw1"] < 224)
+  i = int(np.argmin(b["hw1"][:, 0]))
+  h, w = b["hw1"][i]
+  assert h < 224 and np.all(b["view1"][i, h:] == 0)          # Zero padding.
+  assert np.all(b["view1"][i, :, w:] == 0)
+  ref = next(host.train_dataset(c, "pretrain", process_index=0,
+                                process_count=1, device_resize=False
+                                )[0].as_numpy_iterator())
+  assert np.all(ref["hw1"] == 224)
+  got = _np(host.build(c, mesh, "pretrain", "train", 16, c.seed).batch(0))
+  for k in ("view1", "view2"):
+    assert got[k].dtype == np.uint8
+    diff = np.abs(got[k].astype(int) - ref[k].astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.05, (k, diff.max())
+
+
+def test_device_and_host_paths_match(imagenette_npz, mesh, host):
+  """Same examples in the same order, same crop distribution and pixel
+  statistics on both paths."""
   c = make_config("arrays", size=32, batch=64)
   arrays = data.load_arrays(make_config("npz", imagenette_npz).data, "train",
                             size=96)                  # [300, 96, 96, 3]
-  ds, _ = host.pretrain_dataset(c, arrays=arrays, return_boxes=True)
-  it = ds.as_numpy_iterator()
-  host_batches = [next(it) for _ in range(5)]
-  dev = device.DevicePretrainData(c, mesh, *arrays, return_boxes=True)
+  hst = host.build(c, mesh, "pretrain", "train", 64, c.seed, arrays=arrays,
+                   return_boxes=True)
+  host_batches = [_np(hst.batch(s)) for s in range(5)]
+  dev = device.build(c, mesh, "pretrain", "train", 64, c.seed, arrays=arrays,
+                     return_boxes=True)
   dev_batches = [_np(dev.batch(s)) for s in range(5)]
+  for h, d in zip(host_batches, dev_batches):      # One shared order.
+    np.testing.assert_array_equal(h["label"], d["label"])
 
   def stats(batches, scale):
     boxes = np.concatenate([b[k] for b in batches for k in ("box1", "box2")])
@@ -425,6 +604,109 @@ def test_device_and_host_paths_match(imagenette_npz, mesh):
   assert abs(h_area.std() - d_area.std()) < 0.04
   np.testing.assert_allclose(h_mean.mean(0), d_mean.mean(0), atol=0.03)
   assert abs(h_mean.std() - d_mean.std()) < 0.03
+
+
+def test_device_crop_resize_is_tf_bicubic_and_never_reads_padding(folder,
+                                                                 host):
+  """The on-device resampling equals TensorFlow's ScaleAndTranslate
+  (antialiased Keys cubic) of the same box of the image, and the canvas
+  padding does not change it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = sources.folder_split(folder, "val").read(3)          # [224, 224, 3]
+  canvas = np.random.default_rng(0).integers(0, 256, (260, 300, 3), np.uint8)
+  canvas[:224, :224] = image
+  zeros = np.zeros_like(canvas)
+  zeros[:224, :224] = image
+  fn = jax.jit(crops.crop_resize, static_argnums=3)
+  for y, x, h, w in ((10, 20, 150, 120), (50, 60, 20, 30), (0, 0, 224, 224)):
+    want = tf.raw_ops.ScaleAndTranslate(
+        images=image[None].astype(np.float32) / 255, size=[64, 64],
+        scale=[64 / h, 64 / w], translation=[-y * 64 / h, -x * 64 / w],
+        kernel_type="keyscubic", antialias=True)[0]
+    hw = np.array([224, 224], np.int32)
+    box = np.array([y, x, h, w], np.float32)
+    got = np.asarray(fn(image, hw, box, 64))
+    np.testing.assert_allclose(got, np.clip(want.numpy(), 0, 1), atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(fn(canvas, hw, box, 64)),
+                                  np.asarray(fn(zeros, hw, box, 64)))
+    np.testing.assert_allclose(np.asarray(fn(canvas, hw, box, 64)), got,
+                               atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def nonsquare(tmp_path_factory, imagenette_npz):
+  """ROOT/train/{wide,tall}/: 48 Imagenette JPEGs cut to 150 x 224 (wide)
+  and 48 to 224 x 150 (tall), re-encoded."""
+  root = tmp_path_factory.mktemp("nonsquare")
+  with np.load(imagenette_npz) as d:
+    off, jpeg = d["train_offsets"], d["train_jpeg"]
+    for i in range(96):
+      image = sources.decode_image(jpeg[off[i]:off[i + 1]].tobytes())
+      kind = ("wide", "tall")[i % 2]
+      cut = image[37:187] if kind == "wide" else image[:, 37:187]
+      path = root / "train" / kind / f"{i}.jpg"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(cut).save(path, quality=95)
+  return str(root)
+
+
+def _boxes_by_shape(batches, hw_of_label):
+  """Area fractions and pixel aspect ratios of the crops, per label."""
+  out = {}
+  for label, (h, w) in hw_of_label.items():
+    boxes = np.concatenate([b[k][b["label"] == label] for b in batches
+                            for k in ("box1", "box2")])           # [M, 4]
+    assert np.all(boxes >= -1e-6)
+    assert np.all(boxes[:, 0] + boxes[:, 2] <= 1 + 1e-5)   # Inside the real
+    assert np.all(boxes[:, 1] + boxes[:, 3] <= 1 + 1e-5)   # image.
+    out[label] = (boxes[:, 2] * boxes[:, 3],
+                  boxes[:, 3] * w / (boxes[:, 2] * h))
+  return out
+
+
+def test_device_crops_keep_the_full_extent_of_non_square_images(
+    nonsquare, mesh, host):
+  c = make_config(path=nonsquare, size=32, batch=64)
+  ds, _ = host.train_dataset(c, "pretrain", return_boxes=True)
+  it = ds.as_numpy_iterator()
+  host_stats = _boxes_by_shape([next(it) for _ in range(16)],
+                               {0: (224, 150), 1: (150, 224)})
+  canvas = store.load_canvas(c.data, "train")
+  # Shorter side 37 = ceil(32 / 0.875), aspect kept, one padded canvas.
+  assert canvas.images.shape == (96, 55, 55, 3)
+  tall, wide = canvas.sizes[canvas.labels == 0], canvas.sizes[canvas.labels == 1]
+  assert np.all(tall == (55, 37)) and np.all(wide == (37, 55))
+  dev = device.build(c, mesh, "pretrain", "train", 64, c.seed, canvas=canvas,
+                     return_boxes=True)
+  dev_batches = [_np(dev.batch(s)) for s in range(16)]
+  dev_stats = _boxes_by_shape(dev_batches, {0: (55, 37), 1: (37, 55)})
+  for label, hw in ((0, (224, 150)), (1, (150, 224))):
+    ref_area, ref_aspect = _reference_crops(hw)
+    for area, aspect in (host_stats[label], dev_stats[label]):
+      # Up to 0.89 of the real image (150 x 200 of 150 x 224 at aspect 3/4);
+      # a centre square would cap it at 0.67.
+      assert area.max() > 0.75
+      for q in (0.1, 0.25, 0.5, 0.75, 0.9):    # About 1,000 crops each.
+        assert abs(np.quantile(area, q) - np.quantile(ref_area, q)) < 0.05
+        assert abs(np.quantile(np.log(aspect), q) -
+                   np.quantile(np.log(ref_aspect), q)) < 0.04
+    (h_area, h_aspect), (d_area, d_aspect) = host_stats[label], dev_stats[label]
+    assert abs(h_area.mean() - d_area.mean()) < 0.04
+    assert abs(np.log(h_aspect).mean() - np.log(d_aspect).mean()) < 0.03
+  # The padding is never read: other padding, the same crops.
+  pad = np.ones(canvas.images.shape[1:3], bool)
+  noisy = canvas.images.copy()
+  rng = np.random.default_rng(1)
+  for i, (h, w) in enumerate(canvas.sizes):
+    pad[:] = True
+    pad[:h, :w] = False
+    noisy[i][pad] = rng.integers(0, 256, (pad.sum(), 3), np.uint8)
+  other = device.build(c, mesh, "pretrain", "train", 64, c.seed,
+                       canvas=store.Canvas(noisy, canvas.sizes, canvas.labels))
+  for s in (0, 5):
+    got, want = _np(other.batch(s)), dev_batches[s]
+    np.testing.assert_array_equal(got["view1"], want["view1"])
+    np.testing.assert_array_equal(got["view2"], want["view2"])
 
 
 # ---------------------------------------------------------------------------
@@ -456,8 +738,7 @@ def tfds_dir(tmp_path_factory, folder):
   return str(path)
 
 
-def test_tfds_source(tfds_dir, mesh):
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+def test_tfds_source(tfds_dir, mesh, host):
   c = make_config("tfds", size=32, batch=8, eval_split="validation")
   c.data.name, c.data.data_dir = "tiny_nette", tfds_dir
   c.data.shuffle_buffer = 16
@@ -474,10 +755,36 @@ def test_tfds_source(tfds_dir, mesh):
   _coverage(per_process, 30)
   assert sum(int(np.sum(b["mask"])) for b in data.build_eval(
       c, mesh, "validation", 8)) == 30
-  with pytest.raises(ConfigError, match="Split 'test' not in TFDS"):
+  with pytest.raises(ConfigError, match="Split 'test' not found in TFDS"):
     data.build_eval(c, mesh, "test", 8)
   c.data.on_device = True      # Small TFDS sets can live on the devices.
   assert data.build_pretrain(c, mesh).batch(0)["view1"].dtype == np.float32
+
+
+def test_tfds_describe_and_linear_subsets(tfds_dir, mesh, host):
+  c = make_config("tfds", size=16, batch=8, eval_split="")
+  c.data.name, c.data.data_dir, c.data.num_classes = "tiny_nette", tfds_dir, -1
+  info = data.describe(c)
+  assert (info.name, info.eval_split, info.num_train, info.num_eval,
+          info.num_classes) == ("tiny_nette", "validation", 40, 30, 10)
+  c.data.num_classes = 12
+  with pytest.raises(ConfigError, match="has 10 classes") as e:
+    data.describe(c)
+  assert _one_line(e)
+  c.data.num_classes, c.data.eval_split = -1, "val"
+  with pytest.raises(ConfigError, match="Split 'val' not found in TFDS "
+                     r"dataset 'tiny_nette' \(splits: train, validation\)"):
+    data.describe(c)
+  c.data.shuffle_buffer = 8
+  lin = data.build_linear_train(c, mesh, 8, seed=1, fraction=0.25)
+  assert lin.num_examples == 10
+  b = _np(lin.batch(0))
+  assert b["image"].shape == (8, 16, 16, 3) and b["image"].dtype == np.float32
+  again = data.build_linear_train(c, mesh, 8, seed=1, fraction=0.25)
+  np.testing.assert_array_equal(_np(again.batch(1))["label"],
+                                _np(lin.batch(1))["label"])
+  half = data.build_linear_train(c, mesh, 8, seed=1, split="train[:50%]")
+  assert half.num_examples == 20 and half.batch(0)["label"].shape == (8,)
 
 
 def test_on_device_path_runs_without_tensorflow(cifar_npz):
@@ -492,7 +799,9 @@ def test_on_device_path_runs_without_tensorflow(cifar_npz):
       c = config_lib.base_config()
       c.batch_size, c.data.source, c.data.path = 16, "npz", {str(cifar_npz)!r}
       c.data.image_size, c.data.eval_crop_fraction = 32, 1.0
-      c.data.on_device = True
+      c.data.on_device, c.data.eval_split, c.data.num_classes = True, "", -1
+      info = data.describe(c)
+      assert (info.eval_split, info.num_classes) == ("test", 10), info
       mesh = sharding.make_mesh()
       b = data.build_pretrain(c, mesh).batch(0)
       v1, v2 = jax.jit(lambda r, b: data.augment_views(r, b, c.augment))(

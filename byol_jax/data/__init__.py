@@ -1,99 +1,80 @@
-"""Input pipelines: sources, two-view crops, device-side augmentations.
+"""Input pipelines: what a dataset is, and its batches on two paths.
 
-Entry points (all batches are global jax.Arrays sharded over the mesh's
-`data` axis with `sharding.batch_sharding(mesh)`):
-
-- `build_pretrain(config, mesh, start_step)` -> `.batch(step)` gives
-  {'view1', 'view2': [B, S, S, 3], 'label': int32 [B]}: uint8 crops from the
-  tf.data host pipeline, or float32 crops in [0, 1] from the on-device path
+- `describe(config)` -> `DataInfo`: names, resolved splits, sizes and
+  classes, read from metadata only, with every config mistake one
+  `ConfigError` line.
+- `build_pretrain(config, mesh, start_step)` -> `.batch(step)`:
+  {'view1', 'view2': [B, S, S, 3], 'label': int32 [B]}: uint8 crops from
+  the tf.data host path, float32 in [0, 1] from the on-device path
   (`config.data.on_device`). `augment.augment_views` finishes them in the
   jitted train step.
-- `build_eval(config, mesh, split, batch_size)` -> iterable of one pass:
-  {'image': f32 [B, S, S, 3] in [0, 1] centre crops, 'label', 'mask'}.
-- `build_linear_train(config, mesh, batch_size, seed)` -> `.batch(step)`:
-  {'image': f32 random resized crop + flip, 'label'}.
+- `build_linear_train(config, mesh, batch_size, seed, split=, fraction=)`
+  -> `.batch(step)`: {'image': f32 random resized crop + flip, 'label'}.
+- `build_eval(config, mesh, split, batch_size)` -> one padded pass per
+  iteration: {'image': f32 [B, S, S, 3] centre crops, 'label', 'mask'}.
 - `load_arrays(config.data, split)` -> (uint8 [N, H, W, 3], int32 [N]).
 
-Sources (`config.data.source`): 'tfds' (config.data.name, data_dir),
-'folder' (config.data.path = ROOT/<split>/<class>/*.jpg), 'npz' (packed JPEGs,
-as in ../shared/datasets) and 'arrays' (an .npz of uint8 arrays, or arrays
-passed in). TensorFlow is imported only by `host.py`: the on-device path
-with a non-TFDS source runs without it.
+All batches are global jax.Arrays sharded over the mesh's `data` axis
+(`sharding.batch_sharding(mesh)`), a pure function of the seed and step.
+Both paths return the same `pipeline.Batches`. Modules: `sources` (folders,
+.npz, arrays), `tfds_source`, `info`, `order` (which examples each step
+reads), `crops` (crop geometry for both paths; resampling on device),
+`store` (decoded splits), `host` (tf.data), `device`, `pipeline`,
+`augment` (the device-side augmentations, uint8 -> float, normalisation).
+TensorFlow is imported only by `host` and `tfds_source`: the on-device
+path with a non-TFDS source runs without it.
 """
-from typing import Iterator, Protocol
-
-import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
 from byol_jax import sharding
 from byol_jax.data import augment
-from byol_jax.data import crops
 from byol_jax.data import device
-from byol_jax.data import sources
+from byol_jax.data import info
 from byol_jax.data.augment import augment_view
 from byol_jax.data.augment import augment_views
 from byol_jax.data.augment import normalize
-from byol_jax.data.sources import load_arrays
-from byol_jax.data.sources import load_eval_arrays
+from byol_jax.data.augment import to_float
+from byol_jax.data.info import DataInfo
+from byol_jax.data.info import describe
+from byol_jax.data.pipeline import Batches
+from byol_jax.data.store import load_arrays
 from byol_jax.errors import ConfigError
 
 __all__ = [
-    "PretrainData", "EvalData", "LinearTrainData", "augment", "augment_view",
-    "augment_views", "normalize", "build_pretrain", "build_eval",
-    "build_linear_train", "load_arrays", "load_eval_arrays", "crops",
-    "sources", "device",
+    "Batches", "ConfigError", "DataInfo", "augment", "augment_view",
+    "augment_views", "build_eval", "build_linear_train", "build_pretrain",
+    "describe", "load_arrays", "normalize", "to_float",
 ]
 
-SOURCES = ("tfds", "folder", "npz", "arrays")
+_EVAL, _LINEAR, _PRETRAIN = "eval", "linear", "pretrain"
 
 
-class PretrainData(Protocol):
-  """What `build_pretrain` returns."""
-  num_examples: int
-  steps_per_epoch: int
-
-  def batch(self, step: int) -> dict[str, jax.Array]:
-    ...
-
-
-class LinearTrainData(Protocol):
-  """What `build_linear_train` returns."""
-  num_examples: int
-  steps_per_epoch: int
-
-  def batch(self, step: int) -> dict[str, jax.Array]:
-    ...
-
-
-class EvalData(Protocol):
-  """What `build_eval` returns: each iteration is one pass over the split."""
-  num_examples: int
-
-  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
-    ...
-
-
-def _check_source(config: ml_collections.ConfigDict, arrays=None):
-  source = config.data.source
-  if source not in SOURCES:
-    raise ConfigError(f"config.data.source={source!r} is not one of "
-                      f"{', '.join(SOURCES)}; set --config.data.source.")
-  if source == "arrays" and arrays is None and not config.data.path:
-    raise ConfigError("config.data.source='arrays' needs config.data.path "
-                      "(an .npz with images/labels) or arrays=(images, "
-                      "labels).")
+def _build(config, mesh, mode, split, batch_size, seed, start_step=0,
+           fraction=1.0, arrays=None) -> Batches:
+  sharding.check_batch_size(int(batch_size), mesh)
+  info.check_source(config, arrays)
+  if not 0.0 < fraction <= 1.0:
+    raise ConfigError(f"fraction={fraction} must be in (0, 1].")
+  if config.data.on_device:
+    return device.build(config, mesh, mode, split, int(batch_size), int(seed),
+                        start_step, fraction, arrays)
+  # TensorFlow is an optional dependency: only the host path imports it.
+  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
+  return host.build(config, mesh, mode, split, int(batch_size), int(seed),
+                    start_step, fraction, arrays)
 
 
 def build_pretrain(config: ml_collections.ConfigDict, mesh: Mesh,
                    start_step: int = 0,
                    arrays: tuple[np.ndarray, np.ndarray] | None = None
-                   ) -> PretrainData:
-  """Two-view pretraining batches, from `start_step` on.
+                   ) -> Batches:
+  """Two-view pretraining batches of the train split, from `start_step` on.
 
   `batch(step)` is deterministic in (config.seed, step): resuming at any
-  step gives the batches an uninterrupted run would have had.
+  step gives the batches an uninterrupted run would have had. On the host
+  path the next batches are prefetched onto the devices.
 
   Args:
     config: the run's config (seed, batch_size, data.*).
@@ -103,102 +84,63 @@ def build_pretrain(config: ml_collections.ConfigDict, mesh: Mesh,
       on instead of the source's train split.
 
   Returns:
-    An object with `num_examples`, `steps_per_epoch` and `batch(step)`.
+    `Batches` with `num_examples`, `steps_per_epoch` and `batch(step)`.
 
   Raises:
     ConfigError: bad source, dataset, split, or a batch size not divisible by
       the number of devices.
   """
-  sharding.check_batch_size(int(config.batch_size), mesh)
-  _check_source(config, arrays)
-  if config.data.on_device:
-    if arrays is not None:
-      images, labels = arrays
-    else:
-      images, labels = load_arrays(config.data, config.data.train_split)
-    return device.DevicePretrainData(config, mesh, images, labels,
-                                     start_step=start_step)
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
-  return host.HostPretrainData(config, mesh, start_step=start_step,
-                               arrays=arrays)
+  return _build(config, mesh, _PRETRAIN, config.data.train_split,
+                config.batch_size, config.seed, start_step, arrays=arrays)
 
 
-def build_eval(config: ml_collections.ConfigDict, mesh: Mesh, split: str,
-               batch_size: int) -> EvalData:
-  """One pass over `split` per iteration, centre-cropped, padded and masked.
-
-  Every example of the split has mask True in exactly one batch; padding
-  rows have mask False and label -1.
+def build_linear_train(config: ml_collections.ConfigDict, mesh: Mesh,
+                       batch_size: int, seed: int, start_step: int = 0, *,
+                       split: str | None = None,
+                       fraction: float = 1.0) -> Batches:
+  """Random resized crop + flip batches, for linear evaluation and fine-tuning.
 
   Args:
     config: the run's config (data.*).
     mesh: the device mesh.
-    split: the split to read.
+    batch_size: global batch.
+    seed: the order's and augmentations' seed.
+    start_step: the first step `batch` will be called with.
+    split: default config.data.train_split (TFDS slices such as
+      'train[:10%]' work).
+    fraction: train on a seeded subset of this fraction of the split, the
+      same for a given seed (class-balanced for folders, .npz and arrays;
+      uniform for TFDS). `num_examples` is the subset's size.
+
+  Returns:
+    `Batches` with `num_examples`, `steps_per_epoch` and `batch(step)` ->
+    {'image': f32 [B, S, S, 3] in [0, 1], 'label': int32 [B]}.
+  """
+  return _build(config, mesh, _LINEAR, split or config.data.train_split,
+                batch_size, seed, start_step, fraction)
+
+
+def build_eval(config: ml_collections.ConfigDict, mesh: Mesh,
+               split: str | None, batch_size: int) -> Batches:
+  """One pass over `split` per iteration, centre-cropped, padded and masked.
+
+  Every example of the split has mask True in exactly one batch; padding
+  rows have mask False and label -1. Build it once: each pass reuses the
+  compiled functions (and, on the device path, the decoded images).
+
+  Args:
+    config: the run's config (data.*).
+    mesh: the device mesh.
+    split: the split to read; None or '' for `describe(config).eval_split`.
     batch_size: global batch (a multiple of the number of devices).
 
   Returns:
-    An iterable of {'image': f32 [B, S, S, 3] in [0, 1], 'label': int32 [B],
-    'mask': bool [B]}, with `num_examples` and `len()` (batches per pass).
+    `Batches`: iterable of {'image': f32 [B, S, S, 3] in [0, 1], 'label':
+    int32 [B], 'mask': bool [B]}, with `num_examples` and `len()`.
   """
-  sharding.check_batch_size(int(batch_size), mesh)
-  _check_source(config)
-  if config.data.on_device:
-    images, labels = load_eval_arrays(config.data, split)
-    return device.ArrayEvalData(mesh, images, labels, batch_size)
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
-  return host.HostEvalData(config, mesh, split, batch_size)
-
-
-def build_linear_train(config: ml_collections.ConfigDict, mesh: Mesh,
-                       batch_size: int, seed: int) -> LinearTrainData:
-  """Random resized crop + flip batches of the train split, for linear eval.
-
-  Returns:
-    An object with `num_examples`, `steps_per_epoch` and `batch(step)` ->
-    {'image': f32 [B, S, S, 3] in [0, 1], 'label': int32 [B]}.
-  """
-  sharding.check_batch_size(int(batch_size), mesh)
-  _check_source(config)
-  if config.data.on_device:
-    images, labels = load_arrays(config.data, config.data.train_split)
-    return device.DeviceLinearTrainData(config, mesh, images, labels,
-                                        batch_size, seed)
-  from byol_jax.data import host  # pylint: disable=g-import-not-at-top
-  return host.HostLinearTrainData(config, mesh, batch_size, seed)
-
-
-# TEMPORARY (lead's stand-in until the data redesign lands): the resolved
-# description of a config's data.
-import dataclasses  # noqa: E402
-
-
-@dataclasses.dataclass(frozen=True)
-class DataInfo:
-  name: str
-  source: str
-  train_split: str
-  eval_split: str | None
-  num_train: int
-  num_eval: int
-  num_classes: int
-  class_names: tuple = ()
-
-
-def describe(config: ml_collections.ConfigDict) -> DataInfo:
-  _check_source(config)
-  d = config.data
-  if d.source == "tfds":
-    from byol_jax.data import host  # pylint: disable=g-import-not-at-top
-    b = host.tfds_builder(d)
-    n_train = host.tfds_split_size(b, d.train_split)
-    n_eval = host.tfds_split_size(b, d.eval_split) if d.eval_split else 0
-    return DataInfo(d.name, d.source, d.train_split, d.eval_split or None,
-                    n_train, n_eval, int(d.num_classes))
-  train = sources.get_split(d, d.train_split)
-  ev = sources.get_split(d, d.eval_split) if d.eval_split else None
-  num_classes = int(d.num_classes)
-  if num_classes < 0:
-    num_classes = len(train.class_names) or int(train.labels.max()) + 1
-  return DataInfo(d.path, d.source, d.train_split, d.eval_split or None,
-                  train.num_examples, ev.num_examples if ev else 0,
-                  num_classes)
+  if not split:
+    split = describe(config).eval_split
+    if split is None:
+      raise ConfigError("The dataset has no val, validation or test split; "
+                        "set --config.data.eval_split.")
+  return _build(config, mesh, _EVAL, split, batch_size, config.seed)

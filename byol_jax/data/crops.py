@@ -1,164 +1,191 @@
-"""Random resized crops and centre crops without TensorFlow.
+"""Crop geometry (for both paths) and the on-device crop-and-resize.
 
-The random-resized-crop sampler is the one the host pipeline uses too
-(`host.py` has its TensorFlow twin): draw `attempts` candidate boxes at once,
-area fraction ~ U[scale], log aspect ratio ~ U[log ratio], keep the first one
-that fits in the image, else fall back to the largest centred box whose aspect
-ratio is within range. Vectorised attempts keep it branch-free under jit.
+`sample_box` and `center_box` are written once over an array namespace `xp`:
+`jax.numpy` on the devices, a few TensorFlow ops in tf.data (`host.py`
+passes them). The random-resized-crop sampler: draw `attempts` candidate
+boxes at once, area fraction ~ U[scale], log aspect ratio (w / h) ~
+U[log ratio], keep the first that fits in the image, else fall back to the
+largest centred box whose aspect ratio is within range. Vectorised attempts
+keep it branch-free under jit and in tf.data.
+
+On the devices, images are stored on a padded canvas with their real size
+(h, w) (`store.py`); `crop_resize` resamples a box with explicit bicubic
+weight matrices whose taps stop at the real extent, so padding is never
+read.
 """
-import io
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from PIL import Image
+
+from byol_jax.data import augment
 
 MAX_ATTEMPTS = 10
+NUM_UNIFORMS = 2 * MAX_ATTEMPTS + 2   # Area and aspect per attempt, y and x.
 
 
-def fallback_box(height, width, ratio: Sequence[float], xp=jnp):
-  """The largest centred box with aspect ratio (w / h) clamped into `ratio`.
+def sample_box(u, height, width, scale: Sequence[float] = (0.08, 1.0),
+               ratio: Sequence[float] = (3 / 4, 4 / 3), xp: Any = jnp,
+               integer: bool = False):
+  """One random-resized-crop box from uniforms.
+
+  Args:
+    u: float32 [NUM_UNIFORMS] uniforms in [0, 1).
+    height, width: image size (float32 scalars of `xp`).
+    scale: range of the box area as a fraction of the image area.
+    ratio: range of the box aspect ratio w / h (sampled log-uniformly).
+    xp: array namespace (jax.numpy, or host.py's TensorFlow ops).
+    integer: whole-pixel boxes (for decode_and_crop_jpeg); else continuous.
 
   Returns:
-    (y0, x0, h, w) in pixels (arrays of `xp`, float).
+    (y0, x0, h, w) float32 scalars, within [0, height] x [0, width].
   """
-  height = xp.asarray(height, xp.float32)
-  width = xp.asarray(width, xp.float32)
-  aspect = width / height
-  h = xp.where(aspect < ratio[0], width / ratio[0], height)
-  w = xp.where(aspect > ratio[1], height * ratio[1], width)
-  h = xp.minimum(h, height)
-  w = xp.minimum(w, width)
-  return (height - h) / 2.0, (width - w) / 2.0, h, w
+  a = MAX_ATTEMPTS
+  area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:a])   # [A]
+  lo, hi = math.log(ratio[0]), math.log(ratio[1])
+  aspect = xp.exp(lo + (hi - lo) * u[a:2 * a])                         # [A]
+  w, h = xp.sqrt(area * aspect), xp.sqrt(area / aspect)
+  if integer:
+    w, h = xp.round(w), xp.round(h)
+  fits = (w <= width) & (h <= height) & (w >= 1.0) & (h >= 1.0)
+  first, found = xp.argmax(fits), xp.any(fits)
+  # Fallback: the largest centred box with its aspect ratio within range.
+  in_aspect = width / height
+  fh = xp.minimum(xp.where(in_aspect < ratio[0], width / ratio[0], height),
+                  height)
+  fw = xp.minimum(xp.where(in_aspect > ratio[1], height * ratio[1], width),
+                  width)
+  if integer:
+    fh, fw = xp.maximum(xp.round(fh), 1.0), xp.maximum(xp.round(fw), 1.0)
+  h = xp.where(found, xp.take(h, first), fh)
+  w = xp.where(found, xp.take(w, first), fw)
+  # Uniform position of the box; whole pixels take floor(u (H - h + 1)).
+  room_y, room_x = height - h, width - w
+  if integer:
+    y0 = xp.where(found, xp.floor(u[-2] * (room_y + 1)), xp.floor(room_y / 2))
+    x0 = xp.where(found, xp.floor(u[-1] * (room_x + 1)), xp.floor(room_x / 2))
+    return xp.minimum(y0, room_y), xp.minimum(x0, room_x), h, w
+  return (xp.where(found, u[-2] * room_y, room_y / 2),
+          xp.where(found, u[-1] * room_x, room_x / 2), h, w)
+
+
+def center_box(height, width, fraction: float, xp: Any = jnp):
+  """Centred square of `fraction` of the shorter side, in whole pixels.
+
+  Args:
+    height, width: image size (float32 scalars of `xp`).
+    fraction: side of the box over the shorter image side.
+    xp: array namespace.
+
+  Returns:
+    (y0, x0, side, side) float32 scalars.
+  """
+  side = xp.maximum(xp.round(fraction * xp.minimum(height, width)), 1.0)
+  return (xp.floor((height - side) / 2), xp.floor((width - side) / 2), side,
+          side)
 
 
 def sample_crop_box(rng: jax.Array, height, width,
                     scale: Sequence[float] = (0.08, 1.0),
-                    ratio: Sequence[float] = (3 / 4, 4 / 3),
-                    attempts: int = MAX_ATTEMPTS):
-  """Samples one random-resized-crop box in continuous pixel coordinates.
+                    ratio: Sequence[float] = (3 / 4, 4 / 3)):
+  """`sample_box` with its uniforms drawn from a JAX key (continuous box)."""
+  u = jax.random.uniform(rng, (NUM_UNIFORMS,))
+  return sample_box(u, jnp.asarray(height, jnp.float32),
+                    jnp.asarray(width, jnp.float32), scale, ratio)
+
+
+# ---------------------------------------------------------------------------
+# Resampling on the devices.
+# ---------------------------------------------------------------------------
+
+
+def _keys_cubic(x: jax.Array) -> jax.Array:
+  """Keys' cubic kernel with a = -0.5 (as PIL, tf.image and jax.image)."""
+  x = jnp.abs(x)
+  near = (1.5 * x - 2.5) * x * x + 1.0
+  far = ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0
+  return jnp.where(x < 1.0, near, jnp.where(x < 2.0, far, 0.0))
+
+
+def resize_weights(start, length, extent, canvas: int, size: int
+                   ) -> jax.Array:
+  """Bicubic weights that resample [start, start + length) to `size` samples.
+
+  As `jax.image.scale_and_translate` (half-pixel centres, kernel widened by
+  the shrink factor when downsampling, taps renormalised at the border), with
+  the border at `extent`: pixels at or past it (padding) get weight 0.
 
   Args:
-    rng: PRNG key.
-    height, width: image size (ints or traced scalars).
-    scale: range of the box area as a fraction of the image area.
-    ratio: range of the box aspect ratio w / h (sampled log-uniformly).
-    attempts: candidates drawn before falling back to a centre crop.
+    start, length: the interval in input pixels (traced scalars).
+    extent: the real image size along this axis (traced scalar).
+    canvas: the stored (padded) size along this axis.
+    size: output samples.
 
   Returns:
-    (y0, x0, h, w): float32 scalars.
+    float32 [size, canvas].
   """
-  # One PRNG call for everything (cheaper to compile than one per draw).
-  u = jax.random.uniform(rng, (2 * attempts + 2,))               # [2A + 2]
-  height = jnp.asarray(height, jnp.float32)
-  width = jnp.asarray(width, jnp.float32)
-  area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:attempts])
-  lo, hi = math.log(ratio[0]), math.log(ratio[1])
-  aspect = jnp.exp(lo + (hi - lo) * u[attempts:2 * attempts])     # [A]
-  w = jnp.sqrt(area * aspect)                                      # [A]
-  h = jnp.sqrt(area / aspect)
-  fits = (w <= width) & (h <= height)
-  first = jnp.argmax(fits)
-  found = jnp.any(fits)
-  fy, fx, fh, fw = fallback_box(height, width, ratio)
-  h = jnp.where(found, h[first], fh)
-  w = jnp.where(found, w[first], fw)
-  y0 = jnp.where(found, u[-2] * (height - h), fy)
-  x0 = jnp.where(found, u[-1] * (width - w), fx)
-  return y0, x0, h, w
+  shrink = length / size
+  src = start + (jnp.arange(size, dtype=jnp.float32) + 0.5) * shrink - 0.5
+  pos = jnp.arange(canvas, dtype=jnp.float32)
+  weights = _keys_cubic((src[:, None] - pos[None, :]) /
+                        jnp.maximum(shrink, 1.0))                # [S, C]
+  weights = jnp.where(pos[None, :] < extent, weights, 0.0)
+  total = jnp.sum(weights, axis=1, keepdims=True)
+  return weights / jnp.where(total == 0.0, 1.0, total)
 
 
-def resize_box(image: jax.Array, box, size: int,
-               antialias: bool = True) -> jax.Array:
-  """Bicubic (Keys, a = -0.5) resize of the box of one image to size x size.
+def crop_resize(image: jax.Array, hw: jax.Array, box, size: int) -> jax.Array:
+  """Resamples `box` of one stored image to size x size.
 
   Args:
-    image: [H, W, C] float.
-    box: (y0, x0, h, w) continuous pixel coordinates (traced is fine).
-    size: output side.
-    antialias: widen the kernel when downsampling.
-
-  Returns:
-    [size, size, C] float32 (not clipped: cubic kernels overshoot).
-  """
-  y0, x0, h, w = box
-  scale = jnp.stack([size / h, size / w])                     # [2]
-  translation = -jnp.stack([y0, x0]) * scale                  # [2]
-  return jax.image.scale_and_translate(
-      image.astype(jnp.float32), (size, size, image.shape[-1]), (0, 1),
-      scale, translation, method="cubic", antialias=antialias)
-
-
-def random_resized_crop(rng: jax.Array, image: jax.Array, size: int,
-                        scale: Sequence[float], ratio: Sequence[float]):
-  """One random resized crop of one image.
-
-  Args:
-    rng: PRNG key.
-    image: [H, W, 3] uint8 or float in [0, 1].
+    image: [Hc, Wc, 3] uint8 (or float in [0, 1]) canvas.
+    hw: int32 [2], the image's real (h, w) at the canvas' top-left.
+    box: (y0, x0, h, w) in pixels, within the real extent.
     size: output side S.
-    scale, ratio: as `sample_crop_box`.
 
   Returns:
-    (crop f32[S, S, 3] in [0, 1], box f32[4] = (y0, x0, h, w) as fractions
-    of the image height / width).
+    float32 [S, S, 3] in [0, 1].
   """
-  hgt, wid = image.shape[0], image.shape[1]
-  box = sample_crop_box(rng, hgt, wid, scale, ratio)
-  x = image.astype(jnp.float32)
-  if jnp.issubdtype(image.dtype, jnp.integer):
-    x = x * (1.0 / 255.0)
-  crop = jnp.clip(resize_box(x, box, size), 0.0, 1.0)
-  frac = jnp.stack([box[0] / hgt, box[1] / wid, box[2] / hgt, box[3] / wid])
-  return crop, frac
+  hw = hw.astype(jnp.float32)
+  wy = resize_weights(box[0], box[2], hw[0], image.shape[0], size)  # [S, Hc]
+  wx = resize_weights(box[1], box[3], hw[1], image.shape[1], size)  # [S, Wc]
+  hi = jax.lax.Precision.HIGHEST   # No TF32 rounding of pixels on GPUs.
+  x = jnp.einsum("sh,hwc->swc", wy, augment.to_float(image), precision=hi)
+  x = jnp.einsum("tw,swc->stc", wx, x, precision=hi)
+  return jnp.clip(x, 0.0, 1.0)     # Cubic kernels overshoot.
 
 
-# ---------------------------------------------------------------------------
-# Host-side (numpy / PIL) helpers for in-memory sets.
-# ---------------------------------------------------------------------------
+def resize_image(image: jax.Array, hw: jax.Array, size: int) -> jax.Array:
+  """A whole stored image (its real extent) resized to f32 [S, S, 3]."""
+  h, w = hw[0].astype(jnp.float32), hw[1].astype(jnp.float32)
+  return crop_resize(image, hw, (0.0, 0.0, h, w), size)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-  """JPEG/PNG bytes -> uint8 [H, W, 3] with PIL (raises on corrupt data)."""
-  with Image.open(io.BytesIO(data)) as im:
-    return np.asarray(im.convert("RGB"))
-
-
-def center_crop_box(height: int, width: int, fraction: float
-                    ) -> tuple[int, int, int, int]:
-  """Centred square of `fraction` of the shorter side: (y0, x0, side, side)."""
-  side = max(1, int(round(fraction * min(height, width))))
-  return (height - side) // 2, (width - side) // 2, side, side
-
-
-def center_crop_resize(image: np.ndarray, size: int, fraction: float
-                       ) -> np.ndarray:
-  """Centre crop of `fraction` of the shorter side, bicubic resize (PIL).
+def random_resized_crop(rng: jax.Array, image: jax.Array, hw: jax.Array,
+                        size: int, scale: Sequence[float],
+                        ratio: Sequence[float]):
+  """One random resized crop of one stored image.
 
   Args:
-    image: uint8 [H, W, 3].
-    size: output side.
-    fraction: side of the crop over the shorter image side.
+    rng: PRNG key.
+    image: [Hc, Wc, 3] canvas, uint8 or float in [0, 1].
+    hw: int32 [2], the real (h, w).
+    size: output side S.
+    scale, ratio: as `sample_box`.
 
   Returns:
-    uint8 [size, size, 3].
+    (crop f32 [S, S, 3] in [0, 1], box f32 [4] = (y0, x0, h, w) as fractions
+    of the real height / width).
   """
-  y0, x0, h, w = center_crop_box(image.shape[0], image.shape[1], fraction)
-  crop = image[y0:y0 + h, x0:x0 + w]
-  if crop.shape[:2] == (size, size):
-    return np.ascontiguousarray(crop)
-  return np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
+  h, w = hw[0].astype(jnp.float32), hw[1].astype(jnp.float32)
+  box = sample_crop_box(rng, h, w, scale, ratio)
+  frac = jnp.stack([box[0] / h, box[1] / w, box[2] / h, box[3] / w])
+  return crop_resize(image, hw, box, size), frac
 
 
-def resize_shorter_center(image: np.ndarray, size: int) -> np.ndarray:
-  """Shorter side to `size` (bicubic), then the centred size x size square."""
-  h, w = image.shape[:2]
-  if (h, w) == (size, size):
-    return image
-  s = size / min(h, w)
-  nh, nw = max(size, int(round(h * s))), max(size, int(round(w * s)))
-  im = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
-  y0, x0 = (nh - size) // 2, (nw - size) // 2
-  return np.ascontiguousarray(im[y0:y0 + size, x0:x0 + size])
+def center_crop(image: jax.Array, hw: jax.Array, size: int, fraction: float
+                ) -> jax.Array:
+  """The evaluation centre crop of one stored image: f32 [S, S, 3] in [0, 1]."""
+  h, w = hw[0].astype(jnp.float32), hw[1].astype(jnp.float32)
+  return crop_resize(image, hw, center_box(h, w, fraction), size)

@@ -1,0 +1,186 @@
+"""What a dataset is, read cheaply and checked against the config.
+
+`describe(config)` reads only metadata (TFDS `builder.info`, folder listings,
+.npz keys and labels; no image is decoded) and resolves the config's
+conventions:
+- `data.eval_split = ""`: the first of val, validation, test that exists
+  (None when there is none);
+- `data.num_classes = -1`: from the data (class folders, the TFDS
+  ClassLabel, an .npz's class_names or its largest label + 1; 0 when
+  unlabelled); 0: labels are not used; N > 0: must agree with the data.
+Every mistake is one `ConfigError` line.
+"""
+import dataclasses
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from byol_jax.data import sources
+from byol_jax.errors import ConfigError
+
+SOURCES = ("tfds", "folder", "npz", "arrays")
+EVAL_SPLITS = ("val", "validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """A dataset as the run sees it.
+
+  Attributes:
+    name: what records should call it (TFDS name, folder path or .npz path).
+    source: 'tfds', 'folder', 'npz' or 'arrays'.
+    train_split: the pretraining split.
+    eval_split: the evaluation split, or None if there is none.
+    num_train: examples in train_split (listed files for folders).
+    num_eval: examples in eval_split (0 if None).
+    num_classes: classes the run uses; 0 when unlabelled or labels are off.
+    class_names: their names, where the data has them.
+  """
+  name: str
+  source: str
+  train_split: str
+  eval_split: str | None
+  num_train: int
+  num_eval: int
+  num_classes: int
+  class_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Catalog:
+  """A source's metadata: split names, sizes and label facts."""
+  name: str
+  splits: list[str]
+  size: Callable[[str, str], int]        # (split, config field) -> count.
+  num_classes: int | None                # Known class count, if any.
+  class_names: tuple[str, ...]
+  max_label: Callable[[list[str]], int]  # Largest label over splits (-1).
+
+
+def check_source(config: ml_collections.ConfigDict, arrays=None) -> None:
+  """Raises a ConfigError for an unknown source or a missing 'arrays' input."""
+  source = config.data.source
+  if source not in SOURCES:
+    raise ConfigError(f"config.data.source={source!r} is not one of "
+                      f"{', '.join(SOURCES)}; set --config.data.source.")
+  if source == "arrays" and arrays is None and not config.data.path:
+    raise ConfigError("config.data.source='arrays' needs config.data.path "
+                      "(an .npz with images/labels) or arrays=(images, "
+                      "labels).")
+
+
+def _tfds_catalog(data_cfg: Any) -> _Catalog:
+  # TensorFlow is an optional dependency, imported only for TFDS sources.
+  from byol_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  b = tfds_source.builder(data_cfg)
+  n, names = tfds_source.classes(b)
+  return _Catalog(str(data_cfg.name), tfds_source.split_names(b),
+                  lambda s, f: tfds_source.split_size(b, s, f),
+                  n if n else None, names, lambda splits: -1)
+
+
+def _folder_catalog(root: str) -> _Catalog:
+  sources.check_folder(root)
+  names = sources.folder_classes(root)
+  return _Catalog(root, sources.subdirs(root),
+                  lambda s, f: len(sources.list_folder(root, s)[0]),
+                  len(names), names, lambda splits: len(names) - 1)
+
+
+def _npz_catalog(path: str, train_split: str) -> _Catalog:
+  sources.check_npz(path)
+  with np.load(path, allow_pickle=False) as d:
+    files = list(d.files)
+    names = (tuple(str(c) for c in d["class_names"])
+             if "class_names" in files else ())
+  splits = sources.npz_splits(files, train_split)
+
+  def labels(s):
+    return sources.npz_split(path, s, train_split).labels
+
+  def max_label(used):
+    return max((int(labels(s).max(initial=-1)) for s in used), default=-1)
+  return _Catalog(path, splits, lambda s, f: labels(s).shape[0],
+                  len(names) if names else None, names, max_label)
+
+
+def _arrays_catalog(arrays) -> _Catalog:
+  split = sources.arrays_split(*arrays)
+  return _Catalog("arrays", [], lambda s, f: split.num_examples, None, (),
+                  lambda used: int(split.labels.max(initial=-1)))
+
+
+def _catalog(config: ml_collections.ConfigDict, arrays) -> _Catalog:
+  d = config.data
+  if arrays is not None:
+    return _arrays_catalog(arrays)
+  if d.source == "tfds":
+    return _tfds_catalog(d)
+  if d.source == "folder":
+    return _folder_catalog(str(d.path))
+  return _npz_catalog(str(d.path), str(d.train_split))
+
+
+def _base(split: str) -> str:
+  return split.split("[")[0].split("+")[0].strip()
+
+
+def describe(config: ml_collections.ConfigDict, arrays=None) -> DataInfo:
+  """Reads the dataset's metadata and checks the config against it.
+
+  Args:
+    config: the run's config (data.*).
+    arrays: optional (images, labels) that stand for every split.
+
+  Returns:
+    The resolved `DataInfo`.
+
+  Raises:
+    ConfigError: unknown source or dataset, missing train or eval split,
+      or a `data.num_classes` that disagrees with the data.
+  """
+  check_source(config, arrays)
+  d = config.data
+  cat = _catalog(config, arrays)
+  where = (f"TFDS dataset {cat.name!r}" if d.source == "tfds" and
+           arrays is None else cat.name)
+  train = str(d.train_split)
+  exists = lambda s: arrays is not None or _base(s) in cat.splits
+  if not exists(train):
+    raise sources.split_not_found(train, where, cat.splits, "train_split")
+  num_train = cat.size(train, "train_split")
+  eval_split = str(d.get("eval_split", "") or "") or None
+  if eval_split is None and arrays is None:
+    eval_split = next((s for s in EVAL_SPLITS if s in cat.splits), None)
+  elif eval_split is not None and not exists(eval_split):
+    raise sources.split_not_found(
+        eval_split, where, cat.splits,
+        "eval_split (or '' to use the first of val, validation, test)")
+  num_eval = cat.size(eval_split, "eval_split") if eval_split else 0
+
+  asked = int(d.get("num_classes", -1))
+  used = [train] + ([eval_split] if eval_split else [])
+  found = cat.num_classes
+  if asked == 0:
+    return DataInfo(cat.name, d.source, train, eval_split, num_train,
+                    num_eval, 0, ())
+  if found is None:                      # Only labels: none, or 0..max.
+    top = cat.max_label(used)
+    if top >= 0 and 0 < asked <= top:
+      raise ConfigError(
+          f"config.data.num_classes={asked} but {where} has labels up to "
+          f"{top}; set --config.data.num_classes to at least {top + 1} (or "
+          "-1 to take it from the data).")
+    found = 0 if top < 0 else max(asked, top + 1)
+  if asked > 0 and found == 0:
+    raise ConfigError(
+        f"config.data.num_classes={asked} but {where} is unlabelled; set "
+        "--config.data.num_classes=-1 (or 0).")
+  if asked > 0 and asked != found:
+    raise ConfigError(
+        f"config.data.num_classes={asked} but {where} has {found} classes; "
+        f"set --config.data.num_classes={found} (or -1 to take it from the "
+        "data).")
+  return DataInfo(cat.name, d.source, train, eval_split, num_train, num_eval,
+                  found, cat.class_names if found else ())

@@ -1,0 +1,123 @@
+"""The one batch iterator of both paths: global arrays, by step or by pass.
+
+A path supplies `start(step)`: an iterator of this process's batches as
+NumPy dicts (infinite from `step` for training; one pass for evaluation),
+and optionally `finish`: a jitted function of the global batch (the
+on-device path cuts its crops there; the host path turns uint8 images into
+floats). `Batches` turns each local batch into global arrays sharded over
+the mesh's `data` axis (`jax.make_array_from_process_local_data`, an
+explicit and asynchronous transfer) and keeps `prefetch` batches ready
+ahead: while the caller's step N runs, the arrays of steps N + 1 .. N +
+prefetch already exist, so `batch(N + 1)` costs the host almost nothing.
+"""
+import collections
+from typing import Callable, Iterator
+
+from absl import logging
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from byol_jax import sharding
+
+LocalBatch = dict[str, np.ndarray]
+GlobalBatch = dict[str, jax.Array]
+
+
+def on_rows(mesh: Mesh, fn: Callable, num_replicated: int = 0) -> Callable:
+  """Runs `fn` on each device's own rows of batch-sharded arguments.
+
+  `shard_map`: no communication, and indexing inside `fn` is plain NumPy
+  indexing of local arrays, whatever the mesh's axis types.
+
+  Args:
+    mesh: the device mesh.
+    fn: (*replicated, *rows) -> pytree of per-row results.
+    num_replicated: how many leading arguments are replicated (whole on
+      every device); the others are split over the `data` axis.
+  """
+  rows = P(sharding.DATA_AXIS)
+  return lambda *args: jax.shard_map(
+      fn, mesh=mesh, in_specs=(P(),) * num_replicated + (rows,) * (
+          len(args) - num_replicated), out_specs=rows)(*args)
+
+
+class Batches:
+  """Global batches of one mode (pretrain, linear, eval) of either path.
+
+  Attributes:
+    num_examples: examples the mode reads (the split, or its subset).
+    batch_size: the global batch.
+    steps_per_epoch: num_examples // batch_size (at least 1).
+  """
+
+  def __init__(self, mesh: Mesh, start: Callable[[int], Iterator[LocalBatch]],
+               finish: Callable[[GlobalBatch], GlobalBatch] | None, *,
+               num_examples: int, batch_size: int, start_step: int = 0,
+               num_batches: int | None = None, prefetch: int = 2):
+    """Sets up the stream; nothing is read before the first batch.
+
+    Args:
+      mesh: the device mesh.
+      start: step -> iterator of local batches from that step on (for eval,
+        `start(0)` is one pass).
+      finish: jitted global batch -> global batch, or None.
+      num_examples: see Attributes.
+      batch_size: see Attributes.
+      start_step: the step `batch` will first be asked for.
+      num_batches: batches per pass (eval mode).
+      prefetch: batches kept ready ahead.
+    """
+    self._mesh, self._start, self._finish = mesh, start, finish
+    self.num_examples, self.batch_size = int(num_examples), int(batch_size)
+    self.steps_per_epoch = max(1, self.num_examples // self.batch_size)
+    self._num_batches, self._prefetch = num_batches, int(prefetch)
+    self._next_step, self._it = start_step, None
+    self._ready: collections.deque = collections.deque()
+
+  def _global(self, local: LocalBatch) -> GlobalBatch:
+    batch = sharding.global_batch(local, self._mesh)
+    return self._finish(batch) if self._finish is not None else batch
+
+  def _fill(self, it: Iterator[LocalBatch], ready: collections.deque) -> None:
+    while len(ready) <= self._prefetch:
+      local = next(it, None)
+      if local is None:
+        return
+      ready.append(self._global(local))
+
+  @property
+  def ready_steps(self) -> tuple[int, ...]:
+    """Steps whose global arrays are already built (the prefetched ones)."""
+    return tuple(range(self._next_step, self._next_step + len(self._ready)))
+
+  def batch(self, step: int) -> GlobalBatch:
+    """The global batch of `step`, a pure function of the seed and step.
+
+    Asking for a step other than the one after the last restarts the stream
+    there.
+    """
+    if self._it is None or step != self._next_step:
+      if self._it is not None:
+        logging.info("Input pipeline: jumping from step %d to %d.",
+                     self._next_step, step)
+      self._it, self._next_step = self._start(step), step
+      self._ready.clear()
+    self._fill(self._it, self._ready)
+    if not self._ready:
+      raise RuntimeError(f"The input stream ended before step {step}.")
+    self._next_step = step + 1
+    return self._ready.popleft()
+
+  def __iter__(self) -> Iterator[GlobalBatch]:
+    """One pass (eval mode): every example once with mask True, padded."""
+    it, ready = self._start(0), collections.deque()
+    self._fill(it, ready)
+    while ready:
+      yield ready.popleft()
+      self._fill(it, ready)
+
+  def __len__(self) -> int:
+    if self._num_batches is None:
+      raise TypeError("Training batches have no length; use batch(step).")
+    return self._num_batches

@@ -1,0 +1,111 @@
+"""TFDS datasets: builders, splits, labels and undecoded records.
+
+Importing this module imports TensorFlow and hides its GPUs and TPUs, so
+that it never takes accelerator memory (JAX owns them). Only TFDS sources
+and the host pipeline (`host.py`) import it.
+"""
+import re
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from byol_jax.data import sources
+from byol_jax.errors import ConfigError
+
+try:
+  tf.config.set_visible_devices([], "GPU")
+  tf.config.set_visible_devices([], "TPU")
+except (RuntimeError, ValueError):  # Already initialised, or no such kind.
+  pass
+
+
+def builder(data_cfg: Any):
+  """The prepared TFDS builder of config.data.name, or a ConfigError."""
+  data_dir = data_cfg.get("data_dir") or None
+  try:
+    b = tfds.builder(data_cfg.name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ConfigError(
+        f"Unknown TFDS dataset config.data.name={data_cfg.name!r}; use a TFDS "
+        "name (e.g. 'imagenet2012') or --config.data.source=folder/npz.") from e
+  if not b.info.splits:
+    raise ConfigError(
+        f"TFDS dataset {data_cfg.name!r} is not prepared in data_dir="
+        f"{data_dir or tfds.core.constants.DATA_DIR!r}; run `tfds build "
+        f"{data_cfg.name}` there or set --config.data.data_dir.")
+  return b
+
+
+def split_names(b) -> list[str]:
+  return sorted(b.info.splits.keys())
+
+
+def split_size(b, split: str, field: str = "train_split / eval_split") -> int:
+  """Examples in `split` (a TFDS split spec such as 'train[:10%]').
+
+  Raises:
+    ConfigError: a split name that the dataset does not have.
+  """
+  for part in split.split("+"):
+    base = re.sub(r"\[.*\]$", "", part.strip())
+    if base not in b.info.splits:
+      raise sources.split_not_found(base, f"TFDS dataset {b.name!r}",
+                                    split_names(b), field)
+  return int(b.info.splits[split].num_examples)
+
+
+def keys(b) -> tuple[str, str | None]:
+  """(image feature, label feature or None)."""
+  supervised = b.info.supervised_keys
+  if supervised and len(supervised) == 2 and isinstance(supervised[0], str):
+    return supervised[0], supervised[1]
+  return "image", ("label" if "label" in b.info.features else None)
+
+
+def classes(b) -> tuple[int, tuple[str, ...]]:
+  """(num_classes, class names) of the label feature; (0, ()) if none."""
+  _, label_key = keys(b)
+  feature = b.info.features[label_key] if label_key else None
+  if not isinstance(feature, tfds.features.ClassLabel):
+    return 0, ()
+  return int(feature.num_classes), tuple(feature.names)
+
+
+def process_split(b, split: str, process_index: int, process_count: int
+                  ) -> tuple[str, int, int]:
+  """(this process's sub-split, its size, index of its first example)."""
+  subs = tfds.even_splits(split, n=process_count, drop_remainder=False)
+  sizes = [int(b.info.splits[s].num_examples) for s in subs]
+  return subs[process_index], sizes[process_index], sum(sizes[:process_index])
+
+
+def records(b, split: str) -> tf.data.Dataset:
+  """Undecoded {'data': encoded image, 'label': int32 (-1 if none)}, in order."""
+  image_key, label_key = keys(b)
+  ds = b.as_dataset(split=split, shuffle_files=False,
+                    decoders={image_key: tfds.decode.SkipDecoding()},
+                    read_config=tfds.ReadConfig(try_autocache=False))
+
+  def convert(ex):
+    label = (tf.cast(ex[label_key], tf.int32) if label_key
+             else tf.constant(-1, tf.int32))
+    return dict(data=ex[image_key], label=label)
+  return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def decoded_split(data_cfg: Any, split: str
+                  ) -> tuple[list[np.ndarray], np.ndarray]:
+  """A whole TFDS split decoded to numpy (for small sets on the devices)."""
+  b = builder(data_cfg)
+  split_size(b, split)
+  ds = records(b, split).map(
+      lambda ex: (tf.io.decode_image(ex["data"], channels=3,
+                                     expand_animations=False), ex["label"]),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  images, labels = [], []
+  for image, label in ds.as_numpy_iterator():
+    images.append(image)
+    labels.append(label)
+  return images, np.asarray(labels, np.int32)
