@@ -61,16 +61,6 @@ def _fetch(tree):
   return jax.device_get(tree)
 
 
-def resolve(config: ml_collections.ConfigDict,
-            info: data.DataInfo) -> ml_collections.ConfigDict:
-  """The config with what the data says: its classes and eval split."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.data.num_classes = int(info.num_classes)
-    config.data.eval_split = info.eval_split or ""
-  return config
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        restore_step: int | None = None,
                        allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -97,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh()
   prepare.ensure_prepared(config.data)
   info = data.describe(config)
-  config = resolve(config, info)
+  config = data.resolve(config, info)
   validate.check(config, mesh)
   method = methods.get(config.method)
   model = method.make_network(config)

@@ -66,8 +66,7 @@ def test_loop_reads_from_devices_only_when_it_logs_or_saves(
 
 
 def test_three_evaluations_compile_once(tiny_config):
-  config = train.resolve(tiny_config(knn__enabled=True), data.describe(
-      tiny_config()))
+  config = data.resolve(tiny_config(knn__enabled=True))
   mesh = sharding.make_mesh()
   state, _ = _build(config, mesh)
   variables = {"params": state.params["encoder"],
@@ -85,7 +84,7 @@ def test_three_evaluations_compile_once(tiny_config):
 
 
 def test_linear_evaluator_compiles_once(tiny_config):
-  config = train.resolve(tiny_config(), data.describe(tiny_config()))
+  config = data.resolve(tiny_config())
   mesh = sharding.make_mesh()
   encoder = network.make_encoder(config)
   state, _ = _build(config, mesh)

@@ -2,7 +2,7 @@
 
 - `describe(config)` -> `DataInfo`: names, resolved splits, sizes and
   classes, read from metadata only, with every config mistake one
-  `ConfigError` line.
+  `ConfigError` line; `resolve(config)`: the config with those filled in.
 - `build_pretrain(config, mesh, start_step)` -> `.batch(step)`:
   {'view1', 'view2': [B, S, S, 3], 'label': int32 [B]}: uint8 crops from
   the tf.data host path, float32 in [0, 1] from the on-device path
@@ -38,6 +38,7 @@ from byol_jax.data.augment import normalize
 from byol_jax.data.augment import to_float
 from byol_jax.data.info import DataInfo
 from byol_jax.data.info import describe
+from byol_jax.data.info import resolve
 from byol_jax.data.pipeline import Batches
 from byol_jax.data.store import load_arrays
 from byol_jax.errors import ConfigError
@@ -45,7 +46,7 @@ from byol_jax.errors import ConfigError
 __all__ = [
     "Batches", "ConfigError", "DataInfo", "augment", "augment_view",
     "augment_views", "build_eval", "build_linear_train", "build_pretrain",
-    "describe", "load_arrays", "normalize", "to_float",
+    "describe", "load_arrays", "normalize", "resolve", "to_float",
 ]
 
 _EVAL, _LINEAR, _PRETRAIN = "eval", "linear", "pretrain"

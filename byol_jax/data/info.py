@@ -184,3 +184,24 @@ def describe(config: ml_collections.ConfigDict, arrays=None) -> DataInfo:
         "data).")
   return DataInfo(cat.name, d.source, train, eval_split, num_train, num_eval,
                   found, cat.class_names if found else ())
+
+
+def resolve(config: ml_collections.ConfigDict,
+            data_info: DataInfo | None = None) -> ml_collections.ConfigDict:
+  """A copy of the config with what the data says: classes and eval split.
+
+  Args:
+    config: a config whose `data.num_classes` may be -1 and `data.eval_split`
+      "" (the conventions above).
+    data_info: its `describe(config)`, if already known.
+
+  Returns:
+    The config with `data.num_classes` >= 0 and `data.eval_split` the split
+    found ("" when the data has none).
+  """
+  data_info = data_info or describe(config)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.num_classes = int(data_info.num_classes)
+    config.data.eval_split = data_info.eval_split or ""
+  return config

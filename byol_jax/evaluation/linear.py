@@ -184,6 +184,8 @@ class LinearEvaluator:
       log_every: log train loss/accuracy every this many steps (0: each
         epoch).
     """
+    if config.data.num_classes < 0 or not config.data.eval_split:
+      config = data.resolve(config)  # Classes and eval split from the data.
     num_classes = int(config.data.num_classes)
     if num_classes <= 0:
       raise ConfigError("Linear evaluation needs labels: the data has none "

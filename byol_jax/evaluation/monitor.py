@@ -44,6 +44,8 @@ class Monitor:
         to a multiple of the device count.
     """
     self._mesh = mesh
+    if config.data.num_classes < 0 or not config.data.eval_split:
+      config = data.resolve(config)  # Classes and eval split from the data.
     self._num_classes = int(config.data.num_classes)
     self._knn = dict(config.knn) if self._num_classes > 0 else {}
     self.enabled = self._num_classes > 0 and bool(config.data.eval_split)
