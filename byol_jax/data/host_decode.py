@@ -15,6 +15,8 @@ import tensorflow as tf
 from byol_jax.data import crops
 from byol_jax.data import tfds_source  # noqa: F401  (hides TF's GPUs)
 
+_DCT_RATIOS = (1, 2, 4, 8)   # The scales libjpeg decodes at directly.
+
 # The names `crops.sample_box` and `crops.center_box` use, in TensorFlow.
 _TF_OPS = types.SimpleNamespace(
     sqrt=tf.sqrt, exp=tf.exp, where=tf.where, minimum=tf.minimum,
@@ -43,9 +45,6 @@ def center_window(height, width, fraction: float):
   box = crops.center_box(tf.cast(height, tf.float32),
                          tf.cast(width, tf.float32), fraction, xp=_TF_OPS)
   return tf.cast(tf.stack(box), tf.int32)
-
-
-_DCT_RATIOS = (1, 2, 4, 8)   # The scales libjpeg decodes at directly.
 
 
 def fit(crop, size: int, device_resize: bool = True, fast: bool = True):
