@@ -36,7 +36,8 @@ def host():
   """The tf.data host path (skipped where TensorFlow is not installed)."""
   pytest.importorskip("tensorflow")
   pytest.importorskip("tensorflow_datasets")
-  from byol_jax.data import host as host_module  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from byol_jax.data import host as host_module
   return host_module
 
 
@@ -480,7 +481,7 @@ def test_host_prefetches_the_next_global_batches(cifar_npz, mesh, host):
 
 
 def _pil_center_crop(image, size, fraction):
-  """Reference: centred square of `fraction` of the shorter side, PIL bicubic."""
+  """Reference: centred square, `fraction` of the shorter side, PIL bicubic."""
   h, w = image.shape[:2]
   side = round(fraction * min(h, w))
   y0, x0 = (h - side) // 2, (w - side) // 2
@@ -526,14 +527,15 @@ def _reference_crops(hw, n=200_000, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 @pytest.mark.parametrize("hw", [(224, 224), (375, 500)])
 def test_crop_area_and_aspect_distribution(hw, request):
-  host = request.getfixturevalue("host")
+  request.getfixturevalue("host")
+  from byol_jax.data import host_decode  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n = 3000
   keys = jax.random.split(jax.random.PRNGKey(0), n)
   jboxes = np.stack(jax.jit(jax.vmap(
       lambda k: crops.sample_crop_box(k, hw[0], hw[1])))(keys), -1)
   seeds = tf.data.Dataset.range(n).map(lambda i: tf.stack([i, 7 * i]))
-  tboxes = next(seeds.map(lambda s: host.crop_window(s, hw[0], hw[1]))
+  tboxes = next(seeds.map(lambda s: host_decode.crop_window(s, hw[0], hw[1]))
                 .batch(n).as_numpy_iterator()).astype(float)
   ref_area, ref_aspect = _reference_crops(hw)
   for boxes, tol in ((jboxes, 1e-4), (tboxes, 0.02)):
@@ -674,7 +676,8 @@ def test_device_crops_keep_the_full_extent_of_non_square_images(
   canvas = store.load_canvas(c.data, "train")
   # Shorter side 37 = ceil(32 / 0.875), aspect kept, one padded canvas.
   assert canvas.images.shape == (96, 55, 55, 3)
-  tall, wide = canvas.sizes[canvas.labels == 0], canvas.sizes[canvas.labels == 1]
+  tall = canvas.sizes[canvas.labels == 0]
+  wide = canvas.sizes[canvas.labels == 1]
   assert np.all(tall == (55, 37)) and np.all(wide == (37, 55))
   dev = device.build(c, mesh, "pretrain", "train", 64, c.seed, canvas=canvas,
                      return_boxes=True)

@@ -19,10 +19,10 @@ All batches are global jax.Arrays sharded over the mesh's `data` axis
 Both paths return the same `pipeline.Batches`. Modules: `sources` (folders,
 .npz, arrays), `tfds_source`, `info`, `order` (which examples each step
 reads), `crops` (crop geometry for both paths; resampling on device),
-`store` (decoded splits), `host` (tf.data), `device`, `pipeline`,
-`augment` (the device-side augmentations, uint8 -> float, normalisation).
-TensorFlow is imported only by `host` and `tfds_source`: the on-device
-path with a non-TFDS source runs without it.
+`store` (decoded splits), `host` and `host_decode` (tf.data), `device`,
+`pipeline`, `augment` (the device-side augmentations, uint8 -> float,
+normalisation). TensorFlow is imported only by `host`, `host_decode` and
+`tfds_source`: the on-device path with a non-TFDS source runs without it.
 """
 import ml_collections
 import numpy as np

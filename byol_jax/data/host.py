@@ -1,4 +1,4 @@
-"""The host path: tf.data decodes, crops and resizes on the CPUs.
+"""The host path: tf.data decodes and crops on the CPUs.
 
 Every process reads its own rows of each global batch (`order.py`):
 - index-addressable sources (folder, npz, arrays) follow the shared seeded
@@ -13,12 +13,8 @@ stream position step * B + row).
 
 Modes: 'pretrain' (two random resized crops), 'linear' (one random resized
 crop and a random flip), 'eval' (the centre crop; padded and masked so that
-every example counts once). A JPEG is decoded once per element, by
-`decode_and_crop_jpeg` over the union of its crop windows. Crops larger
-than image_size S are shrunk here (bicubic); crops that fit travel as they
-are on an S x S canvas with their size, and the accelerators enlarge them
-(`finish_fn`): the host then does no resampling at all for images no larger
-than S, and the batches cost the same bytes.
+every example counts once). Elements are decoded and cropped by
+`host_decode`; `finish_fn` completes each global batch on the accelerators.
 
 Threads: tf.data runs elements in parallel and each op on one thread
 (`max_intra_op_parallelism = 1`: the cores are already busy with other
@@ -26,8 +22,8 @@ elements, and an op that fans out over them only adds scheduling).
 config.data.num_parallel_calls <= 0 lets tf.data autotune; a positive N
 sets the maps' parallelism and caps the pipeline's private pool at N.
 """
+import functools
 import itertools
-import types
 from typing import Any
 
 import jax
@@ -38,129 +34,13 @@ import tensorflow as tf
 from jax.sharding import Mesh
 
 from byol_jax.data import crops
+from byol_jax.data import host_decode
 from byol_jax.data import order
 from byol_jax.data import pipeline
 from byol_jax.data import sources
 from byol_jax.data import tfds_source
 
 _INT64_MAX = np.iinfo(np.int64).max
-
-# The names `crops.sample_box` and `crops.center_box` use, in TensorFlow.
-_TF_OPS = types.SimpleNamespace(
-    sqrt=tf.sqrt, exp=tf.exp, where=tf.where, minimum=tf.minimum,
-    maximum=tf.maximum, floor=tf.floor, round=tf.round, any=tf.reduce_any,
-    take=tf.gather,
-    argmax=lambda x: tf.argmax(tf.cast(x, tf.int32), output_type=tf.int32))
-
-
-def crop_window(seed, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-  """A random-resized-crop window: int32 [4] (y, x, h, w), whole pixels.
-
-  Args:
-    seed: stateless seed, int64 [2].
-    height, width: image size (int32 scalars).
-    scale, ratio: as `crops.sample_box`.
-  """
-  u = tf.random.stateless_uniform([crops.NUM_UNIFORMS], seed)
-  box = crops.sample_box(u, tf.cast(height, tf.float32),
-                         tf.cast(width, tf.float32), scale, ratio,
-                         xp=_TF_OPS, integer=True)
-  return tf.cast(tf.stack(box), tf.int32)
-
-
-def center_window(height, width, fraction: float):
-  """The evaluation centre crop: int32 [4] (y, x, side, side)."""
-  box = crops.center_box(tf.cast(height, tf.float32),
-                         tf.cast(width, tf.float32), fraction, xp=_TF_OPS)
-  return tf.cast(tf.stack(box), tf.int32)
-
-
-def fit(crop, size: int, device_resize: bool = True):
-  """A crop on the uint8 [size, size, 3] canvas that goes to the devices.
-
-  A crop that fits goes as it is (top-left, zero padding) with its size,
-  and the accelerator enlarges it (`crops.crop_resize`, in the batch's
-  finishing function): enlarging is most of the host's work otherwise. A
-  larger crop is shrunk here: bicubic as the paper, antialiased only past a
-  factor of 2 (where plain bicubic aliases badly).
-
-  Args:
-    crop: uint8 [h, w, 3].
-    size: the canvas side S.
-    device_resize: False makes the host resize every crop (benchmarks).
-
-  Returns:
-    (uint8 [S, S, 3] canvas, int32 [2] real size on it).
-  """
-  hw = tf.shape(crop)[:2]
-
-  def pad():
-    return tf.pad(crop, [[0, size - hw[0]], [0, size - hw[1]], [0, 0]]), hw
-
-  def resize():
-    out = tf.cond(
-        tf.reduce_max(hw) > 2 * size,
-        lambda: tf.image.resize(crop, [size, size], "bicubic", antialias=True),
-        lambda: tf.image.resize(crop, [size, size], "bicubic"))
-    out = tf.cast(tf.round(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
-    return out, tf.constant([size, size])
-
-  fits = tf.reduce_all(hw <= size) if device_resize else tf.constant(False)
-  canvas, hw = tf.cond(fits, pad, resize)
-  return tf.ensure_shape(canvas, [size, size, 3]), hw
-
-
-def decode_crops(data, encoded: bool, window_fns, size: int, flip_seed=None,
-                 device_resize: bool = True):
-  """Decodes `data` once and cuts one crop per window function.
-
-  JPEGs are decoded once, by `decode_and_crop_jpeg`, over the union of the
-  windows (entropy decoding is paid once, and nothing outside the windows
-  is transformed).
-
-  Args:
-    data: encoded image bytes (tf.string scalar) if `encoded`, else a uint8
-      [H, W, 3] image.
-    encoded: which of the two `data` is.
-    window_fns: functions (height, width) -> int32 [4] window (y, x, h, w).
-    size: the canvas side S.
-    flip_seed: if given, mirror the crops at random with this seed.
-    device_resize: as `fit`.
-
-  Returns:
-    (list of (uint8 [S, S, 3] canvas, int32 [2] size) as `fit`, list of
-    float32 [4] windows as fractions of the image height / width).
-  """
-  def cut(shape, decode):
-    windows = [fn(shape[0], shape[1]) for fn in window_fns]
-    top = tf.reduce_min(tf.stack([w[:2] for w in windows]), axis=0)
-    end = tf.reduce_max(tf.stack([w[:2] + w[2:] for w in windows]), axis=0)
-    image = decode(tf.concat([top, end - top], 0))        # The union.
-    outs = [image[w[0] - top[0]:w[0] - top[0] + w[2],
-                  w[1] - top[1]:w[1] - top[1] + w[3]] for w in windows]
-    return outs, windows, shape
-
-  def from_image(image):
-    return cut(tf.shape(image),
-               lambda u: image[u[0]:u[0] + u[2], u[1]:u[1] + u[3]])
-
-  def from_jpeg():
-    return cut(tf.io.extract_jpeg_shape(data),
-               lambda u: tf.image.decode_and_crop_jpeg(data, u, channels=3))
-
-  if encoded:
-    outs, windows, shape = tf.cond(
-        tf.io.is_jpeg(data), from_jpeg,
-        lambda: from_image(tf.io.decode_image(data, channels=3,
-                                              expand_animations=False)))
-  else:
-    outs, windows, shape = from_image(data)
-  if flip_seed is not None:
-    outs = [tf.image.stateless_random_flip_left_right(o, flip_seed)
-            for o in outs]
-  hw = tf.cast(tf.stack([shape[0], shape[1], shape[0], shape[1]]), tf.float32)
-  return ([fit(o, size, device_resize) for o in outs],
-          [tf.cast(w, tf.float32) / hw for w in windows])
 
 
 # ---------------------------------------------------------------------------
@@ -169,7 +49,7 @@ def decode_crops(data, encoded: bool, window_fns, size: int, flip_seed=None,
 
 
 def _reader(split: sources.Split):
-  """(read(i) -> (data, label), encoded) for an index-addressable split."""
+  """(read(i) -> (data, label), form) for an index-addressable split."""
   labels = tf.constant(split.labels, tf.int32)
   if split.paths is not None:
     paths = tf.constant(list(split.paths))
@@ -180,7 +60,9 @@ def _reader(split: sources.Split):
   else:
     images = tf.convert_to_tensor(split.images)
     read = lambda i: tf.gather(images, i)
-  return (lambda i: (read(i), tf.gather(labels, i))), split.images is None
+  form = ("pixels" if split.images is not None else
+          "jpeg" if split.all_jpeg else "encoded")
+  return (lambda i: (read(i), tf.gather(labels, i))), form
 
 
 def _index_stream(split, seed, batch, start_step, pi, pc, fraction, parallel):
@@ -193,10 +75,10 @@ def _index_stream(split, seed, batch, start_step, pi, pc, fraction, parallel):
       yield keep[j], step * batch + np.arange(rows.start, rows.stop)
   spec = tf.TensorSpec([rows.stop - rows.start], tf.int64)
   ds = tf.data.Dataset.from_generator(steps, output_signature=(spec, spec))
-  read, encoded = _reader(split)
+  read, form = _reader(split)
   ds = ds.unbatch().map(lambda i, g: (*read(i), g),
                         num_parallel_calls=parallel, deterministic=True)
-  return ds, encoded, int(keep.shape[0])
+  return ds, form, int(keep.shape[0])
 
 
 def _tfds_stream(data_cfg, split, seed, batch, start_step, pi, pc, fraction):
@@ -223,7 +105,7 @@ def _tfds_stream(data_cfg, split, seed, batch, start_step, pi, pc, fraction):
       lambda k: k // local * batch + pi * local + k % local)
   ds = tf.data.Dataset.zip(ds, positions).map(
       lambda ex, g: (ex["data"], ex["label"], g))
-  return ds, True, total
+  return ds, "encoded", total
 
 
 # ---------------------------------------------------------------------------
@@ -234,6 +116,7 @@ def _tfds_stream(data_cfg, split, seed, batch, start_step, pi, pc, fraction):
 def _options(ds, config):
   options = tf.data.Options()
   options.deterministic = True
+  options.experimental_optimization.map_fusion = True   # Read + crop maps.
   options.threading.max_intra_op_parallelism = 1
   threads = int(config.data.num_parallel_calls)
   if threads > 0:
@@ -257,8 +140,9 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
   Args:
     config: the run's config.
     mode: 'pretrain' ({'view1', 'view2': uint8 [L, S, S, 3] canvases, 'hw1',
-      'hw2': int32 [L, 2] their crops' sizes, 'label'}, see `fit`) or
-      'linear' ({'image', 'hw', 'label'}, crops flipped at random).
+      'hw2': int32 [L, 2] their crops' sizes, 'label'}; see
+      `host_decode.fit`) or 'linear' ({'image', 'hw', 'label'}, crops
+      flipped at random).
     split: default config.data.train_split.
     batch_size: global batch B (default config.batch_size); L = B / P.
     seed: default config.seed.
@@ -268,7 +152,7 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
     arrays: optional (images, labels) for the 'arrays' source.
     return_boxes: add 'box1', 'box2' (pretrain): f32 [L, 4] crop windows
       (y, x, h, w) as fractions of the image (for tests).
-    device_resize: as `fit`.
+    device_resize: as `host_decode.fit`.
 
   Returns:
     (dataset of local batches, number of examples read (subset size)).
@@ -281,26 +165,27 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
   scale = tuple(float(s) for s in config.data.crop_scale)
   ratio = tuple(float(r) for r in config.data.crop_ratio)
   if config.data.source == "tfds" and arrays is None:
-    ds, encoded, n = _tfds_stream(config.data, split, seed, batch, start_step,
+    ds, form, n = _tfds_stream(config.data, split, seed, batch, start_step,
                                   pi, pc, fraction)
   else:
-    ds, encoded, n = _index_stream(
+    ds, form, n = _index_stream(
         sources.get_split(config.data, split, arrays), seed, batch,
         start_step, pi, pc, fraction, _parallel(config))
 
   def window(key):
-    return lambda h, w: crop_window(key, h, w, scale, ratio)
+    return lambda h, w: host_decode.crop_window(key, h, w, scale, ratio)
+  decode = functools.partial(host_decode.decode_crops, form=form, size=size,
+                             device_resize=device_resize)
 
   def element(data, label, g):
     base = tf.stack([tf.constant(seed, tf.int64), g])
     keys = [tf.random.experimental.stateless_fold_in(base, v) for v in (1, 2)]
     if mode == "linear":
-      ((image, hw),), _ = decode_crops(data, encoded, [window(keys[0])], size,
-                                       keys[1], device_resize)
+      ((image, hw),), _ = decode(data, window_fns=[window(keys[0])],
+                                 flip_seed=keys[1])
       return dict(image=image, hw=hw, label=label)
-    ((v1, hw1), (v2, hw2)), (b1, b2) = decode_crops(
-        data, encoded, [window(k) for k in keys], size,
-        device_resize=device_resize)
+    ((v1, hw1), (v2, hw2)), (b1, b2) = decode(
+        data, window_fns=[window(k) for k in keys])
     out = dict(view1=v1, hw1=hw1, view2=v2, hw2=hw2, label=label)
     return dict(out, box1=b1, box2=b2) if return_boxes else out
 
@@ -322,8 +207,8 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
 
   Returns:
     (dataset of {'image': uint8 [L, S, S, 3] centre crops on canvases,
-    'hw': int32 [L, 2] (see `fit`), 'label': int32, 'mask': bool, 'index':
-    int64 (example index in the split)},
+    'hw': int32 [L, 2] (see `host_decode.fit`), 'label': int32, 'mask':
+    bool, 'index': int64 (example index in the split)},
     number of examples of the split, number of batches).
   """
   pi, pc = order.process(process_index, process_count)
@@ -337,17 +222,18 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
     ds = tf.data.Dataset.zip(tfds_source.records(b, sub),
                              tf.data.Dataset.range(first, _INT64_MAX))
     ds = ds.map(lambda ex, i: (ex["data"], ex["label"], i))
-    encoded = True
+    form = "encoded"
   else:
     s = sources.get_split(config.data, split)
-    read, encoded = _reader(s)
+    read, form = _reader(s)
     total = s.num_examples
     ds = tf.data.Dataset.from_tensor_slices(order.shard_indices(total, pi, pc))
     ds = ds.map(lambda i: (*read(i), i))
 
   def center(data, label, i):
-    window = lambda h, w: center_window(h, w, fraction)
-    ((image, hw),), _ = decode_crops(data, encoded, [window], size)
+    window = lambda h, w: host_decode.center_window(h, w, fraction)
+    ((image, hw),), _ = host_decode.decode_crops(data, form, [window], size,
+                                                 fast=False)
     return dict(image=image, hw=hw, label=label, mask=tf.constant(True),
                 index=i)
 

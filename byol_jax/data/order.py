@@ -57,7 +57,7 @@ def local_rows(batch: int, process_index: int, process_count: int) -> slice:
 
 def shard_indices(n: int, process_index: int, process_count: int
                   ) -> np.ndarray:
-  """This process's examples of a finite split: i = process_index (mod count)."""
+  """This process's examples of a finite split: i = index (mod count)."""
   return np.arange(process_index, n, process_count, dtype=np.int64)
 
 

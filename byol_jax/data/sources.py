@@ -29,6 +29,7 @@ from PIL import Image
 from byol_jax.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+JPEG_MAGIC = b"\xff\xd8\xff"
 _TAIL_BYTES = 4096  # Where the end-of-image marker must be found.
 _NUM_THREADS = 16   # File checks and PIL decoding release the GIL.
 
@@ -68,6 +69,7 @@ class Split:
     class_names: class names, if known.
     num_skipped: corrupt files left out.
     name: a description for messages.
+    all_jpeg: every encoded image is a JPEG (no format check per image).
   """
   labels: np.ndarray
   paths: Sequence[str] | None = None
@@ -76,6 +78,7 @@ class Split:
   class_names: tuple[str, ...] = ()
   num_skipped: int = 0
   name: str = ""
+  all_jpeg: bool = False
 
   @property
   def num_examples(self) -> int:
@@ -103,7 +106,8 @@ def _is_image(name: str) -> bool:
 def subdirs(path: str) -> list[str]:
   """Sorted names of the visible subfolders of `path`."""
   with os.scandir(path) as it:
-    return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in it
+                  if e.is_dir() and not e.name.startswith("."))
 
 
 def _images_in(path: str) -> list[str]:
@@ -161,11 +165,14 @@ def list_folder(root: str, split: str
   return tuple(paths), np.asarray(labels, np.int32), class_names
 
 
-def file_looks_valid(path: str) -> bool:
+def file_kind(path: str) -> str | None:
   """Cheap check of an image file: magic bytes and end-of-image marker.
 
   Reads 16 bytes at the start and at most 4 KiB at the end: catches empty,
   non-image and truncated JPEG/PNG files without decoding them.
+
+  Returns:
+    'jpeg', 'png', 'gif' or 'bmp'; None for a file that is not valid.
   """
   try:
     with open(path, "rb") as f:
@@ -174,12 +181,14 @@ def file_looks_valid(path: str) -> bool:
       f.seek(max(0, size - _TAIL_BYTES))
       tail = f.read()
   except OSError:
-    return False
-  if head.startswith(b"\xff\xd8\xff"):                     # JPEG: EOI marker.
-    return b"\xff\xd9" in tail
-  if head.startswith(b"\x89PNG\r\n\x1a\n"):                # PNG: IEND chunk.
-    return b"IEND" in tail
-  return head[:6] in (b"GIF87a", b"GIF89a") or head[:2] == b"BM"
+    return None
+  if head.startswith(JPEG_MAGIC):
+    return "jpeg" if b"\xff\xd9" in tail else None        # EOI marker.
+  if head.startswith(b"\x89PNG\r\n\x1a\n"):
+    return "png" if b"IEND" in tail else None               # IEND chunk.
+  if head[:6] in (b"GIF87a", b"GIF89a"):
+    return "gif"
+  return "bmp" if head[:2] == b"BM" else None
 
 
 @functools.lru_cache(maxsize=8)
@@ -191,7 +200,8 @@ def folder_split(root: str, split: str, skip_corrupt: bool = True) -> Split:
   """
   paths, labels, class_names = list_folder(root, split)
   where = os.path.join(root, split)
-  ok = np.asarray(map_threads(file_looks_valid, paths), bool)
+  kinds = map_threads(file_kind, paths)
+  ok = np.asarray([k is not None for k in kinds], bool)
   bad = [p for p, k in zip(paths, ok) if not k]
   if bad:
     if not skip_corrupt:
@@ -204,7 +214,8 @@ def folder_split(root: str, split: str, skip_corrupt: bool = True) -> Split:
     raise ConfigError(f"Every image in {where} is corrupt; check the files.")
   return Split(labels=labels[ok],
                paths=tuple(p for p, k in zip(paths, ok) if k),
-               class_names=class_names, num_skipped=len(bad), name=where)
+               class_names=class_names, num_skipped=len(bad), name=where,
+               all_jpeg=all(k in ("jpeg", None) for k in kinds))
 
 
 # ---------------------------------------------------------------------------
@@ -268,7 +279,9 @@ def npz_split(path: str, split: str, train_split: str = "train") -> Split:
   if n == 0:
     raise ConfigError(f"Split {split!r} of {path} is empty.")
   return Split(labels=labels, encoded=encoded, images=images,
-               class_names=class_names, name=f"{path}:{split}")
+               class_names=class_names, name=f"{path}:{split}",
+               all_jpeg=encoded is not None and all(
+                   b.startswith(JPEG_MAGIC) for b in encoded))
 
 
 def arrays_split(images: np.ndarray, labels: np.ndarray | None) -> Split:

@@ -82,7 +82,7 @@ def process_split(b, split: str, process_index: int, process_count: int
 
 
 def records(b, split: str) -> tf.data.Dataset:
-  """Undecoded {'data': encoded image, 'label': int32 (-1 if none)}, in order."""
+  """Undecoded {'data': encoded image, 'label': int32 (-1: none)}, in order."""
   image_key, label_key = keys(b)
   ds = b.as_dataset(split=split, shuffle_files=False,
                     decoders={image_key: tfds.decode.SkipDecoding()},

@@ -1,0 +1,156 @@
+"""tf.data element functions of the host path: crop windows and decoding.
+
+Each JPEG is decoded once per element, by `decode_and_crop_jpeg` over the
+union of its crop windows, at the DCT scale that a large shrink allows. A
+crop larger than image_size S is shrunk here (bicubic); a crop that fits
+travels as it is on an S x S canvas with its size, and the accelerators
+enlarge it (`host.finish_fn`): the host then does no resampling at all for
+images no larger than S, and the batches cost the same bytes.
+"""
+import functools
+import types
+
+import tensorflow as tf
+
+from byol_jax.data import crops
+from byol_jax.data import tfds_source  # noqa: F401  (hides TF's GPUs)
+
+_DCT_RATIOS = (1, 2, 4, 8)   # The scales libjpeg decodes at directly.
+
+# The names `crops.sample_box` and `crops.center_box` use, in TensorFlow.
+_TF_OPS = types.SimpleNamespace(
+    sqrt=tf.sqrt, exp=tf.exp, where=tf.where, minimum=tf.minimum,
+    maximum=tf.maximum, floor=tf.floor, round=tf.round, any=tf.reduce_any,
+    take=tf.gather,
+    argmax=lambda x: tf.argmax(tf.cast(x, tf.int32), output_type=tf.int32))
+
+
+def crop_window(seed, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """A random-resized-crop window: int32 [4] (y, x, h, w), whole pixels.
+
+  Args:
+    seed: stateless seed, int64 [2].
+    height, width: image size (int32 scalars).
+    scale, ratio: as `crops.sample_box`.
+  """
+  u = tf.random.stateless_uniform([crops.NUM_UNIFORMS], seed)
+  box = crops.sample_box(u, tf.cast(height, tf.float32),
+                         tf.cast(width, tf.float32), scale, ratio,
+                         xp=_TF_OPS, integer=True)
+  return tf.cast(tf.stack(box), tf.int32)
+
+
+def center_window(height, width, fraction: float):
+  """The evaluation centre crop: int32 [4] (y, x, side, side)."""
+  box = crops.center_box(tf.cast(height, tf.float32),
+                         tf.cast(width, tf.float32), fraction, xp=_TF_OPS)
+  return tf.cast(tf.stack(box), tf.int32)
+
+
+def fit(crop, size: int, device_resize: bool = True, fast: bool = True):
+  """A crop on the uint8 [size, size, 3] canvas that goes to the devices.
+
+  A crop that fits goes as it is (top-left, zero padding) with its size,
+  and the accelerator enlarges it (`crops.crop_resize`, in the batch's
+  finishing function): enlarging is most of the host's work otherwise. A
+  larger crop is shrunk here with bicubic: for training (`fast`) plain, as
+  the paper's code (JPEG shrinks past 2x are taken by the decoder,
+  `decode_crops`), antialiased only past 3x, which only non-JPEG images
+  reach; for evaluation always antialiased, as PIL and the on-device path.
+
+  Args:
+    crop: uint8 [h, w, 3].
+    size: the canvas side S.
+    device_resize: False makes the host resize every crop (benchmarks).
+    fast: see above.
+
+  Returns:
+    (uint8 [S, S, 3] canvas, int32 [2] real size on it).
+  """
+  hw = tf.shape(crop)[:2]
+
+  def pad():
+    return tf.pad(crop, [[0, size - hw[0]], [0, size - hw[1]], [0, 0]]), hw
+
+  def resize(antialias):
+    out = tf.image.resize(crop, [size, size], "bicubic", antialias=antialias)
+    out = tf.cast(tf.round(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
+    return out, tf.constant([size, size])
+
+  fits = tf.reduce_all(hw <= size) if device_resize else tf.constant(False)
+  large = tf.reduce_max(hw) > (3 if fast else 1) * size
+  canvas, hw = tf.switch_case(                  # One branch op, not two.
+      tf.where(fits, 0, tf.where(large, 2, 1)),
+      [pad, lambda: resize(False), lambda: resize(True)])
+  return tf.ensure_shape(canvas, [size, size, 3]), hw
+
+
+def decode_crops(data, form: str, window_fns, size: int, flip_seed=None,
+                 device_resize: bool = True, fast: bool = True):
+  """Decodes `data` once and cuts one crop per window function.
+
+  A JPEG is decoded once, by `decode_and_crop_jpeg` over the union of the
+  windows (entropy decoding paid once, nothing outside the windows
+  transformed); if `fast`, at the DCT scale 1/r (r in 1, 2, 4, 8) that
+  keeps the smallest crop's shorter side at least S: libjpeg's scaled
+  inverse DCT shrinks (and filters) for free what a resize would do at a
+  cost.
+
+  Args:
+    data: encoded image bytes (tf.string scalar), or a uint8 [H, W, 3]
+      image.
+    form: 'jpeg' (bytes known to be JPEG), 'encoded' (bytes of any format,
+      checked per image) or 'pixels'.
+    window_fns: functions (height, width) -> int32 [4] window (y, x, h, w).
+    size: the canvas side S.
+    flip_seed: if given, mirror the crops at random with this seed.
+    device_resize: as `fit`.
+    fast: training (DCT scaling, plain bicubic) or evaluation quality.
+
+  Returns:
+    (list of (uint8 [S, S, 3] canvas, int32 [2] size) as `fit`, list of
+    float32 [4] windows as fractions of the image height / width).
+  """
+  def cut(shape, decode, scaled):
+    windows = [fn(shape[0], shape[1]) for fn in window_fns]
+    shorter = tf.reduce_min(tf.stack([tf.reduce_min(w[2:]) for w in windows]))
+    k = tf.add_n([tf.cast(shorter >= m * size, tf.int32)   # r = 2 ** k.
+                  for m in _DCT_RATIOS[1:]]) if scaled else tf.constant(0)
+    r = tf.bitwise.left_shift(1, k)
+    # Windows at scale 1/r: [lo, hi) within the ceil(shape / r) image.
+    limit = -(-shape[:2] // r)
+    boxes = [(w[:2] // r, tf.minimum(-(-(w[:2] + w[2:]) // r), limit))
+             for w in windows]
+    top = tf.reduce_min(tf.stack([lo for lo, _ in boxes]), axis=0)
+    end = tf.reduce_max(tf.stack([hi for _, hi in boxes]), axis=0)
+    image = decode(tf.concat([top, end - top], 0), k)        # The union.
+    outs = [image[lo[0] - top[0]:hi[0] - top[0], lo[1] - top[1]:hi[1] - top[1]]
+            for lo, hi in boxes]
+    return outs, windows, shape
+
+  def from_image(image):
+    return cut(tf.shape(image),
+               lambda u, k: image[u[0]:u[0] + u[2], u[1]:u[1] + u[3]], False)
+
+  def from_jpeg():
+    def decode(union, k):
+      return tf.switch_case(k, [
+          functools.partial(tf.image.decode_and_crop_jpeg, data, union,
+                            channels=3, ratio=r) for r in _DCT_RATIOS])
+    return cut(tf.io.extract_jpeg_shape(data), decode, fast)
+
+  if form == "jpeg":
+    outs, windows, shape = from_jpeg()
+  elif form == "encoded":
+    outs, windows, shape = tf.cond(
+        tf.io.is_jpeg(data), from_jpeg,
+        lambda: from_image(tf.io.decode_image(data, channels=3,
+                                              expand_animations=False)))
+  else:
+    outs, windows, shape = from_image(data)
+  if flip_seed is not None:
+    outs = [tf.image.stateless_random_flip_left_right(o, flip_seed)
+            for o in outs]
+  hw = tf.cast(tf.stack([shape[0], shape[1], shape[0], shape[1]]), tf.float32)
+  return ([fit(o, size, device_resize, fast) for o in outs],
+          [tf.cast(w, tf.float32) / hw for w in windows])
