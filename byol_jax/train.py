@@ -254,25 +254,28 @@ def define_flags() -> None:
                        "This process's index (else detected).")
 
 
+def _flag_error(e: BaseException) -> str:
+  """One line for an error in the command line or in loading the config."""
+  if isinstance(e, (AttributeError, KeyError)):  # --config.<unknown>=...
+    text = str(e.args[0] if e.args else e)
+    field, _, hint = text.partition("\n")
+    return (f"unknown config field {field.strip(chr(39) + chr(34))!r} in a "
+            f"--config.FIELD=VALUE override{'; ' + hint if hint else ''}; see "
+            "the config file and byol_jax/config_lib.py for the fields.")
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  if len(lines) > 1:  # A traceback inside the message: its last line says it.
+    flag = lines[0].split(":")[0] if lines[0].startswith("flag --") else ""
+    return f"{flag}: {lines[-1]}" if flag else lines[-1]
+  return lines[0] if lines else type(e).__name__
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with config and flag errors as one line."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
-    if "Error whilst parsing config file" in message:
-      # The config file raised: its own last line says what is wrong.
-      last = [l for l in message.splitlines() if l.strip()][-1].strip()
-      message = f"{message.splitlines()[0].split(':')[0]}: {last}"
-    _exit_error(message, 2)
-  except (AttributeError, KeyError) as e:  # --config.<unknown field>=...
-    field = str(e).strip("'\"")
-    _exit_error(f"unknown config field {field!r} in an override "
-                "--config.FIELD=VALUE; check its spelling against the config "
-                "file (python -m byol_jax.train --config=FILE prints "
-                "nothing else: see configs/ and byol_jax/config_lib.py).", 2)
-  except (OSError, ValueError, TypeError) as e:
-    _exit_error(f"{type(e).__name__}: {checkpoint.first_line(e)}", 2)
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError,
+          TypeError) as e:
+    _exit_error(_flag_error(e), 2)
   return []
 
 
@@ -290,7 +293,14 @@ def main(argv):
   if len(argv) > 1:
     _exit_error(f"unexpected arguments {argv[1:]}; give flags only.", 2)
   f = flags.FLAGS
-  if f.config is None or not f.workdir:
+  try:
+    config = f.config
+    if config is not None:
+      config.get("method")  # A config that failed to load raises here.
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError,
+          TypeError) as e:
+    _exit_error(_flag_error(e), 2)
+  if config is None or not f.workdir:
     _exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.", 2)
   if not flags.FLAGS["verbosity"].present:
     # The trainer's own lines only; --verbosity=0 shows the libraries' INFO.
@@ -301,7 +311,7 @@ def main(argv):
   try:
     multihost.initialize(f.multihost, f.coordinator_address,
                          f.num_processes, f.process_id)
-    final = train_and_evaluate(f.config, f.workdir, f.restore_step,
+    final = train_and_evaluate(config, f.workdir, f.restore_step,
                                f.allow_changes)
   except (ConfigError, NonFiniteError) as e:
     _exit_error(str(e))

@@ -307,10 +307,11 @@ def test_cli_linear_eval_of_a_random_checkpoint(tiny_setup, tmp_path):
   ckpt.close()
   with pytest.raises(cli.ConfigError, match="does not exist"):
     cli.run(str(tmp_path), steps=2, batch_size=64)
-  with pytest.raises(cli.ConfigError, match="multiple of the 8 devices"):
-    cli.run(str(tmp_path), steps=2, batch_size=12)
-  summary = cli.run(str(tmp_path), epochs=8, batch_size=64, base_lr=0.5,
-                    eval_batch_size=128, data_path=data_path)
+  # Batches that do not divide the 8 devices are rounded up, LR following.
+  summary = cli.run(str(tmp_path), epochs=8, batch_size=60, base_lr=0.5,
+                    eval_batch_size=100, data_path=data_path)
+  assert summary["batch_size"] == 64 and summary["eval_batch_size"] == 104
+  assert summary["lr"] == pytest.approx(0.5 * 64 / 256)
   written = json.loads((tmp_path / "linear_eval.json").read_text())
   assert summary["output"] == str(tmp_path / "linear_eval.json")
   assert written["checkpoint_step"] == 7 and written["mode"] == "linear"
@@ -334,3 +335,24 @@ def test_cli_user_error_is_one_line(tmp_path):
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: No checkpoint")
+
+
+def test_finetune_on_a_tenth_of_the_labels_and_the_target_encoder(
+    trained_run, tmp_path):
+  """Semi-supervised fine-tuning of BYOL's EMA encoder, end to end."""
+  from byol_jax import linear_eval as cli  # pylint: disable=g-import-not-at-top
+  workdir, _ = trained_run
+  out = tmp_path / "finetune.json"
+  summary = cli.run(str(workdir), which="target", mode="finetune",
+                    fraction=0.1, steps=3, batch_size=64, eval_batch_size=200,
+                    output=str(out))
+  written = json.loads(out.read_text())
+  assert written["which"] == "target" and written["mode"] == "finetune"
+  assert written["fraction"] == 0.1
+  assert written["num_train_examples"] == 500  # 50 of each of 10 classes.
+  assert written["num_eval_examples"] == 1000 and written["steps"] == 3
+  assert np.isfinite(written["train_loss"]) and written["top1"] >= 0.0
+  assert summary["dataset"].endswith("cifar10_small.npz")
+  # The same seed takes the same labelled subset; another seed another one.
+  with pytest.raises(cli.ConfigError, match="fraction"):
+    cli.run(str(workdir), mode="finetune", fraction=1.5, steps=1)

@@ -292,12 +292,20 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path, tiny_config):
     ("checkpoint_every_steps", -1, "checkpoint_every_steps=-1"),
     ("data__eval_split", "nope", "nope"),
     ("data__train_split", "nope", "nope"),
+    ("method", "moco", "Unknown method"),
+    ("batch_size", 12, "not divisible by the 8 devices"),
+    ("data__num_classes", 5, "num_classes"),
 ])
 def test_bad_settings_fail_before_compiling(tmp_path, tiny_config, key, value,
                                             match):
+  config = _config(tiny_config)
+  *parents, leaf = key.split("__")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
   with pytest.raises(ConfigError, match=match) as e:
-    train.train_and_evaluate(_config(tiny_config, **{key: value}),
-                             str(tmp_path / "run"))
+    train.train_and_evaluate(config, str(tmp_path / "run"))
   assert "\n" not in str(e.value)
   assert not (tmp_path / "run" / "checkpoints").exists()
 

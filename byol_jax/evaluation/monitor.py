@@ -44,6 +44,9 @@ class Monitor:
         to a multiple of the device count.
     """
     self._mesh = mesh
+    # XLA:CPU's simulated devices can deadlock on a deep queue of
+    # collectives: there, one batch in flight at a time.
+    self._throttle = jax.default_backend() == "cpu"
     if config.data.num_classes < 0 or not config.data.eval_split:
       config = data.resolve(config)  # Classes and eval split from the data.
     self._num_classes = int(config.data.num_classes)
@@ -104,8 +107,12 @@ class Monitor:
     if not scored:
       classifier_params = self._no_classifier
     totals, query_f, query_y = None, [], []
+    previous = None
     for batch in self._queries:
       feats, counts = self._forward(encoder_vars, classifier_params, batch)
+      if self._throttle and previous is not None:
+        jax.block_until_ready(previous)  # XLA:CPU: a shallow queue.
+      previous = counts
       if scored:
         totals = counts if totals is None else jax.tree.map(jnp.add, totals,
                                                             counts)
@@ -120,7 +127,8 @@ class Monitor:
         results[prefix + "online_top5"] = t["correct5"] / n
     if want_features:
       bank_f, bank_y = self._features(
-          (self._forward(encoder_vars, classifier_params, b)[0], b) for b in self._bank)
+          (self._forward(encoder_vars, classifier_params, b)[0], b)
+          for b in self._bank)
       test_f, test_y = self._features(zip(query_f, query_y))
       scores = knn.knn_scores(
           bank_f, bank_y, test_f, self._num_classes, k=int(self._knn["k"]),

@@ -53,8 +53,11 @@ def evaluate(count_fn: Callable[[Any, dict], dict], variables: Any,
     {'top1', 'top5': fractions in [0, 1], 'num_examples': int}.
   """
   totals = None
+  throttle = jax.default_backend() == "cpu"  # XLA:CPU: a shallow queue.
   for batch in eval_data:
     counts = count_fn(variables, knn.as_global(batch, mesh))
+    if throttle and totals is not None:
+      jax.block_until_ready(totals)
     # Summed on device: one host read at the end of the pass.
     totals = counts if totals is None else jax.tree.map(jnp.add, totals,
                                                         counts)
