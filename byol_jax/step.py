@@ -83,10 +83,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: network.Network,
     def total_loss(params):
       loss, (out1, bs, tbs, extra) = loss_fn(
           model, params, state.batch_stats, state.target, view1, view2)
+      aux = dict(loss=loss, embedding_std=embedding_std(out1["proj"]),
+                 **extra)
+      if "logits" not in out1:  # Unlabelled data: no online classifier.
+        return loss, (aux, bs, tbs)
       cls_loss, cls_acc = classifier_metrics(out1["logits"], labels)
-      aux = dict(loss=loss, classifier_loss=cls_loss,
-                 classifier_accuracy=cls_acc,
-                 embedding_std=embedding_std(out1["proj"]), **extra)
+      aux.update(classifier_loss=cls_loss, classifier_accuracy=cls_acc)
       # The classifier reads a stop-gradient copy of the representation, so
       # adding its loss trains it without moving the encoder.
       return loss + cls_loss, (aux, bs, tbs)

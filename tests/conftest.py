@@ -110,7 +110,7 @@ def trained_run(tmp_path_factory, run_train):
   workdir = tmp_path_factory.mktemp("trained") / "run"
   proc = run_train(workdir, f"steps={TRAINED_STEPS}",
                    "--config.checkpoint_every_steps=4",
-                   "--config.log_every_steps=2")
+                   "--config.log_every_steps=2", devices=2)
   return workdir, proc
 
 

@@ -81,6 +81,14 @@ def test_three_evaluations_compile_once(tiny_config):
                           "eval/knn_top1", "eval/knn_top5"}
   assert counts[1] == counts[2] == 0, counts
   assert counts[0] >= 1
+  # Another encoder without a classifier (BYOL's target): kNN only, and the
+  # same compiled programs.
+  target = {"params": state.target["params"]["encoder"],
+            "batch_stats": state.target["batch_stats"]["encoder"]}
+  with count_compiles() as n:
+    results = monitor(target, None, prefix="eval/target_")
+  assert set(results) == {"eval/target_knn_top1", "eval/target_knn_top5"}
+  assert n[0] == 0
 
 
 def test_linear_evaluator_compiles_once(tiny_config):

@@ -92,3 +92,59 @@ def test_without_test_data_the_data_tests_skip_with_one_line(tmp_path):
   assert "1 skipped" in proc.stdout
   skips = [l for l in proc.stdout.splitlines() if l.startswith("SKIPPED")]
   assert len(skips) == 1 and "BYOL_JAX_TEST_DATA" in skips[0], proc.stdout
+
+
+@pytest.fixture(scope="module")
+def nette_folder(tmp_path_factory, imagenette_npz):
+  """ROOT/{train,val}/<synset>/*.JPEG: the Imagenette subset as a folder."""
+  root = tmp_path_factory.mktemp("nette_folder")
+  with np.load(imagenette_npz) as d:
+    for split in ("train", "val"):
+      off, jpeg = d[f"{split}_offsets"], d[f"{split}_jpeg"]
+      for i, name in enumerate(d[f"{split}_names"]):
+        path = root / split / str(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg[off[i]:off[i + 1]].tobytes())
+  return root
+
+
+def _folder_config(tiny_config, root, **overrides):
+  c = tiny_config(total_steps=2, log_every_steps=1, checkpoint_every_steps=0,
+                  knn__enabled=False, **overrides)
+  c.data.update(dict(source="folder", path=str(root), num_classes=-1,
+                     eval_split="", train_split="train", on_device=False))
+  return c
+
+
+def test_folder_with_train_and_val_trains_and_evaluates(
+    nette_folder, tiny_config, tmp_path, capsys):
+  final = train.train_and_evaluate(_folder_config(tiny_config, nette_folder),
+                                   str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  assert final["step"] == 2 and "eval/online_top1" in final
+  assert str(nette_folder) in out.splitlines()[0]  # Named by its path.
+  saved = (tmp_path / "run" / "config.json").read_text()
+  assert '"num_classes": 10' in saved and '"eval_split": "val"' in saved
+
+
+def test_unlabelled_folder_trains_with_the_same_command(
+    nette_folder, tiny_config, tmp_path, capsys):
+  root = tmp_path / "unlabelled"
+  (root / "train").mkdir(parents=True)
+  for p in sorted((nette_folder / "train").rglob("*.JPEG"))[:64]:
+    shutil.copy(p, root / "train" / p.name)
+  final = train.train_and_evaluate(_folder_config(tiny_config, root),
+                                   str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  assert final["step"] == 2 and not any(k.startswith("eval/") for k in final)
+  assert out.count("has no labels") == 1
+  assert checkpoint_steps(tmp_path / "run") == [2]
+
+
+def test_classes_that_disagree_with_the_folder_are_one_line(
+    nette_folder, tiny_config, tmp_path):
+  config = _folder_config(tiny_config, nette_folder)
+  config.data.num_classes = 5
+  with pytest.raises(ConfigError, match="num_classes") as e:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert "\n" not in str(e.value)

@@ -68,7 +68,9 @@ def build(config, mesh, total_steps=100, steps_per_epoch=10):
   return state, fn
 
 
-@pytest.mark.parametrize("method", ["byol", "simsiam", "simclr"])
+# SimSiam's step has BYOL's structure without the target; SimCLR's global
+# NT-Xent is the one that must gather across devices.
+@pytest.mark.parametrize("method", ["byol", "simclr"])
 def test_one_step_same_on_1_and_8_devices(tiny_config, cifar_npz, method):
   # BYOL's program is the one of the tests below; SimSiam and SimCLR keep
   # the warm-up (with SimSiam's SGD at the peak rate from step 0, round-off

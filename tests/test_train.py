@@ -90,9 +90,10 @@ def test_continue_a_run_and_load_its_encoders(trained_copy, run_train):
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path, run_train,
                                                train_cmd):
-  steps, every = 24, 8
+  steps, every = 16, 8
   arg = f"steps={steps}"
-  flags = ["--config.checkpoint_every_steps=8", "--config.knn.enabled=False"]
+  flags = ["--config.checkpoint_every_steps=8", "--config.knn.enabled=False",
+           "--config.log_every_steps=8"]
   ref = tmp_path / "ref"
   run_train(ref, arg, *flags, devices=2)
   # Same run, killed with SIGKILL once a checkpoint is on disk, then resumed.

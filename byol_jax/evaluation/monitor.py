@@ -74,15 +74,15 @@ class Monitor:
       return network.l2_normalize(y), online.correct_counts(
           logits, batch["label"], batch["mask"])
 
+    rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     # A stand-in classifier where there is none (a target encoder): one
     # signature, one compilation; its counts are not reported.
     dim = models.representation_dim(config.model.depth, config.model.width,
                                     config.model.num_filters)
-    self._no_classifier = {
-        "kernel": jnp.zeros((dim, self._num_classes), jnp.float32),
-        "bias": jnp.zeros((self._num_classes,), jnp.float32)}
+    self._no_classifier = jax.device_put({
+        "kernel": np.zeros((dim, self._num_classes), np.float32),
+        "bias": np.zeros((self._num_classes,), np.float32)}, rep)
 
-    rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     self._forward = jax.jit(forward, in_shardings=(rep, rep, rows),
                             out_shardings=(rows, rep))
 
