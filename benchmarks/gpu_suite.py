@@ -87,7 +87,7 @@ def tiny_mode() -> Mode:
       train_flags=("--config.model.dtype=bfloat16",
                    "--config.log_every_steps=5",
                    "--config.checkpoint_every_steps=100000"),
-      max_steps=20, evals=2, eval_seconds=5.0, startup_seconds=10.0,
+      max_steps=8, evals=1, eval_seconds=5.0, startup_seconds=10.0,
       final_seconds=20.0, cifar_min_seconds=60.0)
 
 

@@ -40,7 +40,6 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from byol_jax import config_lib
-from byol_jax.errors import ConfigError
 
 ITEMS = ("state", "config", "checksums")
 _RESTORE_ATTEMPTS = 3
@@ -249,15 +248,19 @@ class Checkpointer:
     """Whether to save after `step`: host-only, the same on every process."""
     return self._manager.should_save(step)
 
-  def check_for_errors(self) -> None:
-    """Raises StorageError if a background save failed (never blocks)."""
+  def _saved_or_raise(self, wait_fn) -> None:
+    """wait_fn(); a failure of a background save becomes StorageError."""
     try:
-      self._manager.check_for_errors()
+      wait_fn()
     except Exception as e:  # pylint: disable=broad-except
       raise StorageError(
           f"Saving a checkpoint to {self.directory} failed ({first_line(e)});"
           " check that the workdir is writable and has space, then run the "
           "same command again to resume from the last checkpoint.") from e
+
+  def check_for_errors(self) -> None:
+    """Raises StorageError if a background save failed (never blocks)."""
+    self._saved_or_raise(self._manager.check_for_errors)
 
   def save(self, step: int, state: Any) -> None:
     """Starts an asynchronous save of `state` at `step` (no-op if it exists).
@@ -267,13 +270,7 @@ class Checkpointer:
     """
     # The previous save had a whole interval to finish: waiting for it costs
     # nothing, and a failure in the background surfaces here, at once.
-    try:
-      self._manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
-      raise StorageError(
-          f"Saving a checkpoint to {self.directory} failed ({first_line(e)});"
-          " check that the workdir is writable and has space, then run the "
-          "same command again to resume from the last checkpoint.") from e
+    self._saved_or_raise(self._manager.wait_until_finished)
     self.check_for_errors()
     if step in self._manager.all_steps():
       return
@@ -296,7 +293,7 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until every started save is on disk (raises StorageError)."""
-    self._manager.wait_until_finished()
+    self._saved_or_raise(self._manager.wait_until_finished)
     self.check_for_errors()
 
   def close(self) -> None:

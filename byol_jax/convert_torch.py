@@ -21,7 +21,6 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from byol_jax import checkpoint
 from byol_jax import pretrained
 from byol_jax.errors import ConfigError
 

@@ -6,6 +6,7 @@ described in ../shared/datasets/README.md). Without them, `testdata.py`
 prepares a small real subset through TFDS once into a cache; without data
 and without network, data-dependent tests are skipped with one line.
 """
+import io
 import os
 import pathlib
 import shutil
@@ -13,8 +14,11 @@ import subprocess
 import sys
 import tempfile
 
+# XLA's CPU backend at optimisation level 0 compiles about a third faster;
+# the tests' programs are tiny, so compiling is most of their time.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # A persistent compilation cache shared by the tests and the trainer processes
@@ -24,7 +28,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from byol_jax.data import augment  # noqa: E402
 
 import testdata  # noqa: E402  (tests/testdata.py)
 from testlib import CONFIGS, NARROW, REPO, TRAINED_STEPS  # noqa: E402
@@ -44,6 +52,33 @@ def cifar_npz(datasets_dir) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def imagenette_npz(datasets_dir) -> pathlib.Path:
   return datasets_dir / "imagenette_small.npz"
+
+
+@pytest.fixture(scope="session")
+def nette_folder(tmp_path_factory, imagenette_npz):
+  """ROOT/{train,val}/<synset>/*.JPEG: the Imagenette subset as a folder."""
+  root = tmp_path_factory.mktemp("nette_folder")
+  with np.load(imagenette_npz) as d:
+    for split in ("train", "val"):
+      off, jpeg = d[f"{split}_offsets"], d[f"{split}_jpeg"]
+      for i, name in enumerate(d[f"{split}_names"]):
+        path = root / split / str(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg[off[i]:off[i + 1]].tobytes())
+  return root
+
+
+@pytest.fixture(scope="session")
+def nette_64(imagenette_npz):
+  """8 real Imagenette val images at 64 x 64, normalised [8, 64, 64, 3]."""
+  with np.load(imagenette_npz) as d:
+    jpeg, off = d["val_jpeg"], d["val_offsets"]
+    out = []
+    for i in range(0, 80, 10):  # one image of each of 8 classes
+      img = Image.open(io.BytesIO(jpeg[off[i]:off[i + 1]].tobytes()))
+      out.append(np.asarray(img.convert("RGB").resize((64, 64),
+                                                       Image.BILINEAR)))
+  return np.asarray(augment.normalize(np.stack(out).astype(np.float32) / 255))
 
 
 @pytest.fixture(scope="session")
@@ -87,11 +122,12 @@ def train_cmd(cifar_npz):
 
 @pytest.fixture(scope="session")
 def run_train(train_cmd):
-  """run_train(workdir, arg='', *flags, check=True, devices=8, timeout=600)."""
+  """run_train(workdir, arg='', *flags, check=True, devices=8, timeout=600,
+  narrow=True, optimize=False)."""
   def run(workdir, arg="", *extra, check=True, devices=8, timeout=600,
-          narrow=True):
+          narrow=True, optimize=False):
     proc = subprocess.run(train_cmd(workdir, arg, *extra, narrow=narrow),
-                          cwd=REPO, env=train_env(devices),
+                          cwd=REPO, env=train_env(devices, optimize),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
       raise AssertionError(f"train failed ({proc.returncode}):\n"
@@ -109,8 +145,8 @@ def trained_run(tmp_path_factory, run_train):
   """
   workdir = tmp_path_factory.mktemp("trained") / "run"
   proc = run_train(workdir, f"steps={TRAINED_STEPS}",
-                   "--config.checkpoint_every_steps=4",
-                   "--config.log_every_steps=2", devices=2)
+                   "--config.checkpoint_every_steps=8",
+                   "--config.log_every_steps=4", devices=2)
   return workdir, proc
 
 

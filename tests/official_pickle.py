@@ -17,6 +17,7 @@ Some dill builds wrap each array in `dill._dill._create_array(f, args, state,
 None)` (its ndarray-subclass check compares bound-method ids);
 `wrap_arrays=True` writes that variant.
 """
+import os
 import pickle
 from typing import Any
 
@@ -116,3 +117,13 @@ def haiku_tree(tree: dict) -> HaikuMapping:
   """{module: {name: array}} as nested FlatMappings, as Haiku 0.0.2+ held it."""
   return HaikuMapping({k: HaikuMapping({n: np.asarray(v) for n, v in d.items()})
                        for k, d in tree.items()})
+
+
+class RunsCode:
+  """Unpickling it runs a shell command (the classic pickle exploit)."""
+
+  def __init__(self, command):
+    self.command = command
+
+  def __reduce__(self):
+    return os.system, (self.command,)

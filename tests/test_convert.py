@@ -1,6 +1,5 @@
 """Padding modes, official BYOL checkpoints in, torchvision state_dicts out."""
 import collections
-import io
 import pickle
 import subprocess
 import sys
@@ -9,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 import byol_jax
 from byol_jax import checkpoint
@@ -20,31 +18,12 @@ from byol_jax import models
 from byol_jax import optim
 from byol_jax import sharding
 from byol_jax import train_state
-from byol_jax.data import augment
 from byol_jax.errors import ConfigError
 from byol_jax.methods import byol
 
 import official_pickle
-from conftest import REPO
-from test_safe_pickle import _RunsCode
+from testlib import REPO, rel_err
 
-
-def _rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(scope="module")
-def images(imagenette_npz):
-  """8 real Imagenette val images at 64 x 64, normalised [8, 64, 64, 3]."""
-  with np.load(imagenette_npz) as d:
-    jpeg, off = d["val_jpeg"], d["val_offsets"]
-    out = []
-    for i in range(0, 80, 10):  # one image of each of 8 classes
-      img = Image.open(io.BytesIO(jpeg[off[i]:off[i + 1]].tobytes()))
-      out.append(np.asarray(img.convert("RGB").resize((64, 64),
-                                                       Image.BILINEAR)))
-  return np.asarray(augment.normalize(np.stack(out).astype(np.float32) / 255))
 
 
 def _randomize_batch_stats(variables, seed=0):
@@ -97,14 +76,14 @@ def _reference_forward(variables, x, padding):
 
 
 @pytest.mark.parametrize("size", [64, 63])
-def test_same_padding_is_lax_same(images, size):
+def test_same_padding_is_lax_same(nette_64, size):
   """'same' is lax/TF/Haiku 'SAME' in every strided layer, even and odd sizes.
 
   'symmetric' matches the symmetric reference, and the two modes differ on
   real images (the stride-2 layers sample other pixels), so the comparison
   can tell them apart.
   """
-  x = images[:, :size, :size]
+  x = nette_64[:, :size, :size]
   out = {}
   for padding in ("same", "symmetric"):
     net = models.ResNet(stage_sizes=(1, 1), bottleneck=True, num_filters=4,
@@ -114,9 +93,9 @@ def test_same_padding_is_lax_same(images, size):
     with jax.default_matmul_precision("highest"):
       out[padding] = net.apply(variables, x, train=False)
     ref = _reference_forward(variables, x, padding)
-    assert _rel_err(out[padding], ref) < 1e-5, padding
+    assert rel_err(out[padding], ref) < 1e-5, padding
   if size % 2 == 0:
-    assert _rel_err(out["same"], out["symmetric"]) > 1e-2
+    assert rel_err(out["same"], out["symmetric"]) > 1e-2
 
 
 def test_unknown_padding_is_one_config_error():
@@ -248,10 +227,10 @@ def _run_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def official_r50(tmp_path_factory, images):
+def official_r50(tmp_path_factory, nette_64):
   """An official-layout ResNet-50 x1 checkpoint and Haiku's outputs on x."""
   pkl = tmp_path_factory.mktemp("official") / "pretrain_res50x1.pkl"
-  x = images[:4]
+  x = nette_64[:4]
   return dict(pkl=pkl, x=x, **_official_checkpoint(pkl, 1, x))
 
 
@@ -273,7 +252,7 @@ def test_from_official_matches_haiku(tmp_path, official_r50):
   assert encoder.padding == "same"
   with jax.default_matmul_precision("highest"):
     features = encoder.apply(variables, x, train=False)
-  assert _rel_err(features, expected["repr"]) < 1e-4
+  assert rel_err(features, expected["repr"]) < 1e-4
 
   config, state, step = pretrained.load_run(str(workdir))
   assert step == 12345 and config.model.padding == "same"
@@ -282,7 +261,7 @@ def test_from_official_matches_haiku(tmp_path, official_r50):
     out = model.apply({"params": state["params"],
                        "batch_stats": state["batch_stats"]}, x, train=False)
   for key in ("repr", "proj", "pred", "logits"):
-    assert _rel_err(out[key], expected[key]) < 1e-4, key
+    assert rel_err(out[key], expected[key]) < 1e-4, key
 
   # The trainer's own restore: same structure, step, counts and momentum.
   tx, _ = optim.build_optimizer(config, 20000, 100)
@@ -389,7 +368,7 @@ def test_from_official_refuses_other_pickles(tmp_path):
   with pytest.raises(ConfigError, match="not an official BYOL checkpoint"):
     convert_official.from_official(str(not_byol), str(tmp_path / "a"))
   evil = tmp_path / "evil.pkl"
-  evil.write_bytes(pickle.dumps(_RunsCode(f"touch {tmp_path / 'ran'}"),
+  evil.write_bytes(pickle.dumps(official_pickle.RunsCode(f"touch {tmp_path / 'ran'}"),
                                 protocol=2))
   r = _run_cli("from-official", f"--checkpoint={evil}",
                f"--workdir={tmp_path / 'b'}")

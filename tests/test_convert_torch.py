@@ -18,9 +18,7 @@ from byol_jax import config_lib
 from byol_jax import convert_torch
 from byol_jax.methods import network
 
-from conftest import REPO
-from test_convert import _rel_err
-from test_convert import images  # pylint: disable=unused-import
+from testlib import REPO, rel_err
 
 
 def _workdir(path, depth, stem="imagenet", padding="symmetric",
@@ -91,7 +89,7 @@ def test_to_torch_refuses_same_padding(tmp_path):
 
 @pytest.mark.parametrize("depth,stem", [(18, "imagenet"), (18, "cifar"),
                                         (50, "imagenet")])
-def test_to_torch_loads_strictly_into_torchvision(tmp_path, images, depth,
+def test_to_torch_loads_strictly_into_torchvision(tmp_path, nette_64, depth,
                                                   stem):
   """The README's one-liner loads the export; features equal byol_jax's."""
   torch = pytest.importorskip("torch")
@@ -100,8 +98,8 @@ def test_to_torch_loads_strictly_into_torchvision(tmp_path, images, depth,
   workdir = _workdir(tmp_path / "run", depth, stem=stem)
   with jax.default_matmul_precision("highest"):
     encoder, variables = byol_jax.load_encoder(str(workdir))
-    expected = np.asarray(encoder.apply(variables, images, train=False))
-  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    expected = np.asarray(encoder.apply(variables, nette_64, train=False))
+  x = torch.from_numpy(np.ascontiguousarray(nette_64.transpose(0, 3, 1, 2)))
 
   pt, st = tmp_path / "encoder.pt", tmp_path / "encoder.safetensors"
   r = _run_cli("to-torch", f"--workdir={workdir}", f"--out={pt}")
@@ -121,4 +119,4 @@ def test_to_torch_loads_strictly_into_torchvision(tmp_path, images, depth,
     with torch.no_grad():
       features = m(x).numpy()
     assert features.shape == expected.shape
-    assert _rel_err(features, expected) < 1e-4, out
+    assert rel_err(features, expected) < 1e-4, out

@@ -42,17 +42,9 @@ def host():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, imagenette_npz):
+def folder(nette_folder):
   """ROOT/{train,val}/<synset>/*.JPEG from the Imagenette subset."""
-  root = tmp_path_factory.mktemp("nette")
-  with np.load(imagenette_npz) as d:
-    for split in ("train", "val"):
-      off, jpeg = d[f"{split}_offsets"], d[f"{split}_jpeg"]
-      for i, name in enumerate(d[f"{split}_names"]):
-        path = root / split / str(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(jpeg[off[i]:off[i + 1]].tobytes())
-  return str(root)
+  return str(nette_folder)
 
 
 def make_config(source="folder", path="", size=64, batch=16, on_device=False,

@@ -19,11 +19,18 @@ from byol_jax.methods import network
 from testlib import count_compiles
 
 
+# The schedules of a 6-step run of 312-step epochs (5,000 images, batch 16),
+# as the trainer builds them in the 6-step runs of test_run_safety.py: the
+# same compiled step, found in the persistent compilation cache.
+STEPS, STEPS_PER_EPOCH = 6, 312
+
+
 def _build(config, mesh):
   method = methods.get(config.method)
   model = method.make_network(config)
-  tx, lr_fn = optim.build_optimizer(config, 100, 10)
-  tau_fn = optim.tau_schedule(0.99, 100) if method.HAS_TARGET else None
+  tx, lr_fn = optim.build_optimizer(config, STEPS, STEPS_PER_EPOCH)
+  tau_fn = (optim.tau_schedule(config.tau_base, STEPS)
+            if method.HAS_TARGET else None)
   state = train_state.create(config, model, tx, mesh, method.HAS_TARGET)
   step = step_lib.jit_train_step(
       step_lib.make_train_step(config, model, tx, lr_fn, tau_fn), mesh)
@@ -58,10 +65,10 @@ def test_loop_reads_from_devices_only_when_it_logs_or_saves(
     return fetch(tree)
 
   monkeypatch.setattr(train, "_fetch", counted)
-  config = tiny_config(total_steps=12, log_every_steps=4,
-                       checkpoint_every_steps=6, knn__enabled=False)
+  config = tiny_config(total_steps=STEPS, log_every_steps=3,
+                       checkpoint_every_steps=2, knn__enabled=False)
   train.train_and_evaluate(config, str(tmp_path / "run"))
-  # Log steps 4, 8, 12; the save at 6; the final check: nothing else.
+  # Log steps 3 and 6; saves at 2 and 4; the final check; none at 1 and 5.
   assert len(reads) == 5, reads
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from byol_jax import multihost
 from byol_jax.errors import ConfigError
-from conftest import REPO
+from testlib import REPO
 
 # Variables any of JAX's cluster environments reads.
 _PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR",

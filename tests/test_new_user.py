@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
 from byol_jax import train
@@ -92,20 +91,6 @@ def test_without_test_data_the_data_tests_skip_with_one_line(tmp_path):
   assert "1 skipped" in proc.stdout
   skips = [l for l in proc.stdout.splitlines() if l.startswith("SKIPPED")]
   assert len(skips) == 1 and "BYOL_JAX_TEST_DATA" in skips[0], proc.stdout
-
-
-@pytest.fixture(scope="module")
-def nette_folder(tmp_path_factory, imagenette_npz):
-  """ROOT/{train,val}/<synset>/*.JPEG: the Imagenette subset as a folder."""
-  root = tmp_path_factory.mktemp("nette_folder")
-  with np.load(imagenette_npz) as d:
-    for split in ("train", "val"):
-      off, jpeg = d[f"{split}_offsets"], d[f"{split}_jpeg"]
-      for i, name in enumerate(d[f"{split}_names"]):
-        path = root / split / str(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(jpeg[off[i]:off[i + 1]].tobytes())
-  return root
 
 
 def _folder_config(tiny_config, root, **overrides):

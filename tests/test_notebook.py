@@ -56,7 +56,7 @@ def test_notebook_runs_headless_on_cpu(tmp_path, cifar_npz, monkeypatch):
       f"CONFIG = {str(REPO / 'configs' / 'tiny.py')!r}",
       f"CONFIG_ARG = {f'path={cifar_npz},batch=16'!r}",
       f"WORKDIR = {str(workdir)!r}",
-      "STEPS = 4",
+      "STEPS = 6",  # As the 6-step runs of test_run_safety.py: one program.
       # As small as tests/test_train.py's runs: 2-core CI machines.
       "OVERRIDES = {'model.num_filters': 4, 'projector.hidden_dim': 32,",
       "             'predictor.hidden_dim': 32, 'knn.k': 10,",
@@ -81,15 +81,15 @@ def test_notebook_runs_headless_on_cpu(tmp_path, cifar_npz, monkeypatch):
       for o in c.outputs
       if o.get("output_type") == "stream" and o.get("name") == "stdout")
   assert "8 CPU device(s)" in outputs, outputs  # What the notebook found.
-  assert "finished at step 4" in outputs, outputs
-  assert "loss: 2: " in outputs and "kNN top-1 %: 4: " in outputs, outputs
+  assert "finished at step 6" in outputs, outputs
+  assert "loss: 2: " in outputs and "kNN top-1 %: 6: " in outputs, outputs
   assert "linear evaluation after 2 steps" in outputs, outputs
   assert "embeddings: (4, " in outputs, outputs
   assert outputs.count("nearest is image") == 4, outputs
 
   rows = [json.loads(line) for line in
           (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+  assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
   assert any("eval/knn_top1" in r for r in rows)
-  assert (workdir / "checkpoints" / "4").is_dir()
+  assert (workdir / "checkpoints" / "6").is_dir()
   assert os.path.isfile(workdir / "config.json")

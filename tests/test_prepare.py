@@ -20,7 +20,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 import tfds_builders  # noqa: E402  (registers the test datasets)
 from byol_jax import prepare  # noqa: E402
 from byol_jax.errors import ConfigError  # noqa: E402
-from conftest import REPO  # noqa: E402
+from testlib import REPO  # noqa: E402
 
 # Runs `python -m byol_jax.prepare ARGS` with every import of apache_beam
 # refused and recorded; prints the attempts as JSON at exit.

@@ -1,6 +1,5 @@
 """The restricted unpickler: it reads checkpoints and refuses code."""
 import collections
-import os
 import pickle
 
 import numpy as np
@@ -10,16 +9,6 @@ from byol_jax import safe_pickle
 from byol_jax.errors import ConfigError
 
 import official_pickle
-
-
-class _RunsCode:
-  """Unpickling it runs a shell command (the classic pickle exploit)."""
-
-  def __init__(self, command):
-    self.command = command
-
-  def __reduce__(self):
-    return os.system, (self.command,)
 
 
 def _evil_pickles(marker):
@@ -32,7 +21,7 @@ def _evil_pickles(marker):
               ("os",)), "system")), (command,))
   return {
       "os.system": lambda path: path.write_bytes(
-          pickle.dumps(_RunsCode(command), protocol=2)),
+          pickle.dumps(official_pickle.RunsCode(command), protocol=2)),
       "builtins.eval": lambda path: path.write_bytes(pickle.dumps(
           _Eval(f"__import__('os').system({command!r})"), protocol=2)),
       "dill _get_attr(os)": lambda path: official_pickle.dump(

@@ -25,16 +25,16 @@ def _progress_steps(stdout: str) -> list[int]:
 def test_a_run_writes_what_it_promises(trained_run):
   workdir, proc = trained_run
   out, err = proc.stdout, proc.stderr
-  assert _progress_steps(out) == [2, 4, 6, 8]
+  assert _progress_steps(out) == [4, 8, 12, 16]
   assert "Starting from step 0." in out
   assert "eval: " in out and "knn_top1" in out and "online_top1" in out
-  assert out.strip().splitlines()[-1].startswith("done: steps 0-8")
-  assert checkpoint_steps(workdir) == [4, 8]
+  assert out.strip().splitlines()[-1].startswith("done: steps 0-16")
+  assert checkpoint_steps(workdir) == [8, 16]
   config = json.loads((workdir / "config.json").read_text())
   assert config["data"]["num_classes"] == 10 and config["method"] == "byol"
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text()
           .splitlines()]
-  assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6, 8]
+  assert [r["step"] for r in rows if "loss" in r] == [4, 8, 12, 16]
   assert any("eval/knn_top1" in r for r in rows)
   # A readable console: the trainer's own lines only, no library INFO logs,
   # no TensorFlow start-up notices.
@@ -61,15 +61,15 @@ def test_continue_a_run_and_load_its_encoders(trained_copy, run_train):
   proc = run_train(trained_copy, f"steps={TRAINED_STEPS + 4}",
                    "--config.checkpoint_every_steps=4",
                    "--config.log_every_steps=2", "--config.knn.enabled=False")
-  assert "Resuming from step 8." in proc.stdout
+  assert "Resuming from step 16." in proc.stdout
   assert proc.stdout.count("Resuming with changed settings") == 1
-  assert _progress_steps(proc.stdout) == [10, 12]
-  assert checkpoint_steps(trained_copy) == [4, 8, 12]
+  assert _progress_steps(proc.stdout) == [18, 20]
+  assert checkpoint_steps(trained_copy) == [8, 16, 20]
 
   # load_encoder gives the features the trainer's own network computes, for
   # the online and the target (EMA) encoder.
   config, state, step = pretrained.load_run(str(trained_copy))
-  assert step == 12 and config.method == "byol"
+  assert step == 20 and config.method == "byol"
   model = methods.get("byol").make_network(config)
   x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
   for which, tree in (("online", state), ("target", state["target"])):

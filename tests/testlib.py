@@ -5,12 +5,13 @@ import os
 import pathlib
 
 import jax
+import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 # Small enough for a 2-core CI machine: 4 base filters, 32 px, batch 16.
 NARROW = dict(batch=16, filters=4, hidden=32)
-TRAINED_STEPS = 8
+TRAINED_STEPS = 16  # As test_kill_and_resume's runs: one compiled step.
 
 
 def load_config(name: str, arg: str | None = None):
@@ -21,13 +22,24 @@ def load_config(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
-def train_env(devices: int = 8) -> dict:
-  """Environment of a trainer subprocess on `devices` CPU devices."""
+def train_env(devices: int = 8, optimize: bool = False) -> dict:
+  """Environment of a trainer subprocess on `devices` CPU devices.
+
+  `optimize`: XLA's full CPU optimisations, for runs of hundreds of steps;
+  otherwise level 0, which compiles faster (see conftest.py).
+  """
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" + (
+      "" if optimize else " --xla_backend_optimization_level=0")
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
   return env
+
+
+def rel_err(a, b) -> float:
+  """|a - b| / |b| over all elements, in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def checkpoint_steps(workdir) -> list[int]:
