@@ -177,9 +177,12 @@ def test_plan_fits_the_measured_step_into_the_time_left():
   assert gpu_suite.plan(3000, 0.5, 10, 195, mode) == dict(
       total_steps=4504, eval_every_steps=975, sizing="measured_step_time")
   assert gpu_suite.plan(100, 0.5, 10, 195, mode)["total_steps"] == 0
+  # The dry run is capped at max_steps (8) with its one evaluation at the end.
   tiny = gpu_suite.tiny_mode()
   assert gpu_suite.plan(1000, 0.01, 1, 625, tiny) == dict(
-      total_steps=20, eval_every_steps=10, sizing="measured_step_time")
+      total_steps=tiny.max_steps, eval_every_steps=tiny.max_steps,
+      sizing="measured_step_time")
+  assert tiny.max_steps == 8 and tiny.evals == 1
   # No measured step: as many steps as allowed, and the deadline stops it.
   assert gpu_suite.plan(1000, None, None, 195, mode)["sizing"] == "sigterm"
 
