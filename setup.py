@@ -27,8 +27,9 @@ setuptools.setup(
                "importlib_resources"],
         # dm-haiku: the official-checkpoint tests build BYOL's Haiku network.
         # tensorboard: the tests read event files back with its own reader.
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "dm-haiku",
-                 "tensorboard"],
+        # pytest-xdist: the suite runs its test files on two workers.
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
+                 "dm-haiku", "tensorboard"],
         # `python -m byol_jax.convert to-torch`: .pt needs torch, .safetensors
         # only safetensors; torchvision for loading the export (large: CI
         # does not install this extra, and the torch tests skip without it).

@@ -88,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Encoder: getattr(byol_jax.models, model.name)(**model_kwargs).
   c.model = ml_collections.ConfigDict()
-  c.model.depth = 50                # 18, 34, 50, 101, 152, 200
+  c.model.depth = 50                # 10, 18, 34, 50, 101, 152, 200
   c.model.width = 1                 # width multiplier 1..4
   c.model.num_filters = 64          # stem channels at width 1 (tests: 8)
   c.model.stem = "imagenet"         # 'imagenet' | 'cifar'

@@ -7,11 +7,12 @@ import ml_collections
 from jax.sharding import Mesh
 
 from byol_jax import methods
+from byol_jax import models
 from byol_jax import optim
 from byol_jax import sharding
 from byol_jax.errors import ConfigError
 
-_DEPTHS = (18, 34, 50, 101, 152, 200)
+_DEPTHS = tuple(sorted(models.DEPTHS))
 _DTYPES = ("float32", "bfloat16", "float16")
 _PROBABILITIES = ("flip", "color_jitter", "grayscale", "blur", "solarize")
 

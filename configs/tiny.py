@@ -1,6 +1,6 @@
 r"""A tiny run for CPUs, tests and the README smoke run (about a minute).
 
-Narrow ResNet-18 (8 base filters), small heads, 32 px CIFAR-10 images from
+Narrow ResNet-10 (8 base filters, one block per stage), small heads, 32 px CIFAR-10 images from
 the packed subset in ../shared/datasets, on-device data path, and milder
 augmentations than the paper's (they suit runs of a few hundred steps).
 
@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.batch_size = arg.batch
   c.total_steps = arg.steps
   c.warmup_epochs = 1
-  c.model.depth = 18
+  c.model.depth = 10
   c.model.num_filters = 8
   c.model.stem = "cifar"
   c.projector.hidden_dim = 64

@@ -214,10 +214,13 @@ def test_two_processes_match_one_and_restore(tmp_path, cifar_npz):
   assert decisions[0] and decisions[0] == decisions[1], decisions
   # The 2-process checkpoint loads on other layouts: 1 process with 1 and
   # with 8 devices (load_encoder and the trainer's restore).
-  for devices in (1, 8):
-    job = Job(tmp_path, f"load{devices}", cifar_npz, num_processes=1,
-              devices=devices, workdir=multi.workdir,
-              extra={0: [f"--load_from={multi.outs[0]}"]})
+  # (Both at once: they only read.)
+  loaders = {devices: Job(tmp_path, f"load{devices}", cifar_npz,
+                          num_processes=1, devices=devices,
+                          workdir=multi.workdir,
+                          extra={0: [f"--load_from={multi.outs[0]}"]})
+             for devices in (1, 8)}
+  for devices, job in loaders.items():
     codes = job.wait(time.monotonic() + 180)
     assert codes == [0], job.output()
     assert f"loaded on {devices} devices" in job.logs[0].read_text()

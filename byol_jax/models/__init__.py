@@ -1,6 +1,7 @@
 """Encoders (ResNet v1) and MLP heads."""
 from byol_jax.models.heads import MLP
 from byol_jax.models.resnet import depth_of
+from byol_jax.models.resnet import DEPTHS
 from byol_jax.models.resnet import PADDINGS
 from byol_jax.models.resnet import representation_dim
 from byol_jax.models.resnet import resnet
@@ -13,6 +14,6 @@ from byol_jax.models.resnet import ResNet34
 from byol_jax.models.resnet import ResNet50
 
 __all__ = [
-    "MLP", "PADDINGS", "ResNet", "depth_of", "resnet", "representation_dim",
+    "MLP", "DEPTHS", "PADDINGS", "ResNet", "depth_of", "resnet", "representation_dim",
     "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152", "ResNet200",
 ]

@@ -27,8 +27,10 @@ import jax.numpy as jnp
 # untruncated normal with variance 2 / (kh * kw * out_channels).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-# Blocks per stage and block type for each supported depth.
-_DEPTHS: dict[int, tuple[tuple[int, ...], bool]] = {
+# Blocks per stage and block type for each supported depth. 10 is the
+# smallest of the family (one basic block per stage), for tests and CPUs.
+DEPTHS: dict[int, tuple[tuple[int, ...], bool]] = {
+    10: ((1, 1, 1, 1), False),
     18: ((2, 2, 2, 2), False),
     34: ((3, 4, 6, 3), False),
     50: ((3, 4, 6, 3), True),
@@ -200,22 +202,22 @@ class ResNet(nn.Module):
 
 
 def _check_depth(depth: int) -> tuple[tuple[int, ...], bool]:
-  if depth not in _DEPTHS:
+  if depth not in DEPTHS:
     raise ValueError(
-        f"Unsupported ResNet depth {depth}; allowed: {sorted(_DEPTHS)}.")
-  return _DEPTHS[depth]
+        f"Unsupported ResNet depth {depth}; allowed: {sorted(DEPTHS)}.")
+  return DEPTHS[depth]
 
 
 def depth_of(stage_sizes: Sequence[int], bottleneck: bool) -> int | None:
   """The depth whose blocks per stage are `stage_sizes`, or None."""
-  for depth, layout in _DEPTHS.items():
+  for depth, layout in DEPTHS.items():
     if layout == (tuple(stage_sizes), bool(bottleneck)):
       return depth
   return None
 
 
 def resnet(depth: int, **kwargs: Any) -> ResNet:
-  """The ResNet of the given depth (18, 34, 50, 101, 152 or 200).
+  """The ResNet of the given depth (10, 18, 34, 50, 101, 152 or 200).
 
   Args:
     depth: network depth.
@@ -239,15 +241,15 @@ def representation_dim(depth: int, width: int = 1,
   return num_filters * width * 2**(len(stage_sizes) - 1) * expansion
 
 
-ResNet18 = functools.partial(ResNet, stage_sizes=_DEPTHS[18][0],
+ResNet18 = functools.partial(ResNet, stage_sizes=DEPTHS[18][0],
                              bottleneck=False)
-ResNet34 = functools.partial(ResNet, stage_sizes=_DEPTHS[34][0],
+ResNet34 = functools.partial(ResNet, stage_sizes=DEPTHS[34][0],
                              bottleneck=False)
-ResNet50 = functools.partial(ResNet, stage_sizes=_DEPTHS[50][0],
+ResNet50 = functools.partial(ResNet, stage_sizes=DEPTHS[50][0],
                              bottleneck=True)
-ResNet101 = functools.partial(ResNet, stage_sizes=_DEPTHS[101][0],
+ResNet101 = functools.partial(ResNet, stage_sizes=DEPTHS[101][0],
                               bottleneck=True)
-ResNet152 = functools.partial(ResNet, stage_sizes=_DEPTHS[152][0],
+ResNet152 = functools.partial(ResNet, stage_sizes=DEPTHS[152][0],
                               bottleneck=True)
-ResNet200 = functools.partial(ResNet, stage_sizes=_DEPTHS[200][0],
+ResNet200 = functools.partial(ResNet, stage_sizes=DEPTHS[200][0],
                               bottleneck=True)
