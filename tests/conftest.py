@@ -6,7 +6,9 @@ described in ../shared/datasets/README.md). Without them, `testdata.py`
 prepares a small real subset through TFDS once into a cache; without data
 and without network, data-dependent tests are skipped with one line.
 """
+import fcntl
 import io
+import json
 import os
 import pathlib
 import shutil
@@ -37,6 +39,19 @@ from byol_jax.data import augment  # noqa: E402
 import testdata  # noqa: E402  (tests/testdata.py)
 from testlib import CONFIGS, NARROW, REPO, TRAINED_STEPS  # noqa: E402
 from testlib import load_config, train_env  # noqa: E402
+
+# The README's command runs test files on two xdist workers, handing out
+# whole files in collection order: the longest go first, so that neither
+# worker is left alone with one at the end.
+_LONGEST_FIRST = ("test_run_safety.py", "test_multihost.py",
+                  "test_learning.py", "test_benchmarks.py", "test_train.py",
+                  "test_convert.py", "test_loop.py", "test_new_user.py",
+                  "test_step.py", "test_evaluation.py")
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")
@@ -138,16 +153,29 @@ def run_train(train_cmd):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, run_train):
-  """One tiny BYOL run of TRAINED_STEPS steps through the CLI, per session.
+  """One tiny BYOL run of TRAINED_STEPS steps through the CLI, per pytest run.
 
-  Returns (workdir, completed process). Tests that change it work on a copy
-  (`trained_copy`).
+  Shared by the xdist workers: the first to take the lock trains, the others
+  wait for it and read the same workdir. Returns (workdir, completed
+  process). Tests that change it work on a copy (`trained_copy`).
   """
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  proc = run_train(workdir, f"steps={TRAINED_STEPS}",
-                   "--config.checkpoint_every_steps=8",
-                   "--config.log_every_steps=4", devices=2)
-  return workdir, proc
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent            # The run's folder, above the workers' own.
+  root = base / "trained"
+  root.mkdir(exist_ok=True)
+  with open(root / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    record = root / "process.json"
+    if not record.exists():
+      proc = run_train(root / "run", f"steps={TRAINED_STEPS}",
+                       "--config.checkpoint_every_steps=8",
+                       "--config.log_every_steps=4", devices=2)
+      record.write_text(json.dumps(dict(
+          args=proc.args, returncode=proc.returncode, stdout=proc.stdout,
+          stderr=proc.stderr)))
+    proc = subprocess.CompletedProcess(**json.loads(record.read_text()))
+  return root / "run", proc
 
 
 @pytest.fixture

@@ -88,15 +88,13 @@ def test_continue_a_run_and_load_its_encoders(trained_copy, run_train):
                             target["params"]["stem_conv"]["kernel"])
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path, run_train,
-                                               train_cmd):
-  steps, every = 16, 8
-  arg = f"steps={steps}"
-  flags = ["--config.checkpoint_every_steps=8", "--config.knn.enabled=False",
-           "--config.log_every_steps=8"]
-  ref = tmp_path / "ref"
-  run_train(ref, arg, *flags, devices=2)
-  # Same run, killed with SIGKILL once a checkpoint is on disk, then resumed.
+def test_kill_and_resume_matches_uninterrupted(tmp_path, trained_run,
+                                               run_train, train_cmd):
+  """The session's trained run is the uninterrupted reference."""
+  ref, _ = trained_run
+  arg = f"steps={TRAINED_STEPS}"
+  flags = ["--config.checkpoint_every_steps=8", "--config.log_every_steps=4"]
+  # The same run, killed with SIGKILL once a checkpoint is on disk, resumed.
   killed = tmp_path / "killed"
   proc = subprocess.Popen(train_cmd(killed, arg, *flags), cwd=REPO,
                           env=train_env(2), stdout=subprocess.DEVNULL,
@@ -109,13 +107,13 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, run_train,
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   saved = checkpoint_steps(killed)
-  assert saved and saved[-1] < steps, f"kill came too late: {saved}"
-  assert saved[-1] % every == 0
+  assert saved and saved[-1] < TRAINED_STEPS, f"kill came too late: {saved}"
+  assert saved[-1] % 8 == 0
   # The resumed run takes over the lock the killed process left.
   run_train(killed, arg, *flags, devices=2)
   (_, a, sa), (_, b, sb) = (pretrained.load_run(str(ref)),
                             pretrained.load_run(str(killed)))
-  assert sa == sb == steps
+  assert sa == sb == TRAINED_STEPS
   chex.assert_trees_all_equal(a, b)  # Bit for bit.
 
 
