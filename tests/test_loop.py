@@ -7,16 +7,13 @@ import numpy as np
 import pytest
 
 from byol_jax import data
-from byol_jax import methods
-from byol_jax import optim
 from byol_jax import sharding
 from byol_jax import step as step_lib
 from byol_jax import train
-from byol_jax import train_state
 from byol_jax.evaluation import linear
 from byol_jax.evaluation import monitor as monitor_lib
 from byol_jax.methods import network
-from testlib import count_compiles
+from testlib import build_step, count_compiles
 
 
 # The schedules of a 6-step run of 312-step epochs (5,000 images, batch 16),
@@ -26,15 +23,8 @@ STEPS, STEPS_PER_EPOCH = 6, 312
 
 
 def _build(config, mesh):
-  method = methods.get(config.method)
-  model = method.make_network(config)
-  tx, lr_fn = optim.build_optimizer(config, STEPS, STEPS_PER_EPOCH)
-  tau_fn = (optim.tau_schedule(config.tau_base, STEPS)
-            if method.HAS_TARGET else None)
-  state = train_state.create(config, model, tx, mesh, method.HAS_TARGET)
-  step = step_lib.jit_train_step(
-      step_lib.make_train_step(config, model, tx, lr_fn, tau_fn), mesh)
-  return state, step
+  state, fn = build_step(config, mesh, STEPS, STEPS_PER_EPOCH)
+  return state, step_lib.jit_train_step(fn, mesh)
 
 
 def test_device_data_path_makes_no_implicit_transfer(tiny_config):

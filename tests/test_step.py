@@ -14,8 +14,8 @@ from byol_jax import methods
 from byol_jax import optim
 from byol_jax import sharding
 from byol_jax import step as step_lib
-from byol_jax import train_state
 from byol_jax.data import augment
+from testlib import build_step
 
 
 def real_batch(cifar_npz, n, seed=0):
@@ -57,17 +57,6 @@ TAU_BASE = 0.7
 STEP_CONFIG = dict(warmup_epochs=0.0, tau_base=TAU_BASE)
 
 
-def build(config, mesh, total_steps=100, steps_per_epoch=10):
-  method = methods.get(config.method)
-  model = method.make_network(config)
-  tx, lr_fn = optim.build_optimizer(config, total_steps, steps_per_epoch)
-  tau_fn = (optim.tau_schedule(config.tau_base, total_steps)
-            if method.HAS_TARGET else None)
-  state = train_state.create(config, model, tx, mesh, method.HAS_TARGET)
-  fn = step_lib.make_train_step(config, model, tx, lr_fn, tau_fn)
-  return state, fn
-
-
 # SimSiam's step has BYOL's structure without the target; SimCLR's global
 # NT-Xent is the one that must gather across devices.
 @pytest.mark.parametrize("method", ["byol", "simclr"])
@@ -80,7 +69,7 @@ def test_one_step_same_on_1_and_8_devices(tiny_config, cifar_npz, method):
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.make_mesh(devices)
-    state, fn = build(config, mesh)
+    state, fn = build_step(config, mesh)
     step = step_lib.jit_train_step(fn, mesh)
     batch = sharding.global_batch(host_batch, mesh)
     assert batch["view1"].sharding == sharding.batch_sharding(mesh)
@@ -101,7 +90,7 @@ def test_one_step_same_on_1_and_8_devices(tiny_config, cifar_npz, method):
   assert_close_to_scale(s1.target, s8.target)
   chex.assert_trees_all_close(m1, m8, rtol=1e-4, atol=1e-5)
   # The step really changed the state.
-  s0, _ = build(config, sharding.make_mesh(jax.devices()[:1]))
+  s0, _ = build_step(config, sharding.make_mesh(jax.devices()[:1]))
   moved = max_abs_diff(jax.device_get(s0.params), s1.params)
   assert max(moved.values()) > 0
 
@@ -109,7 +98,7 @@ def test_one_step_same_on_1_and_8_devices(tiny_config, cifar_npz, method):
 def test_step_traced_once_and_state_donated(tiny_config, cifar_npz):
   config = tiny_config("byol", **STEP_CONFIG)
   mesh = sharding.make_mesh()
-  state, fn = build(config, mesh)
+  state, fn = build_step(config, mesh)
   # A host copy made from device copies: reading `state` itself on the host
   # would pin its buffers and defeat the donation checked below.
   start = jax.device_get(jax.jit(lambda s: jax.tree.map(jnp.copy, s))(state))
@@ -143,7 +132,7 @@ def byol_step(tiny_config, cifar_npz):
   """One BYOL step (one device) from one state, with labels and without."""
   config = tiny_config("byol", **STEP_CONFIG)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  state0, fn = build(config, mesh)
+  state0, fn = build_step(config, mesh)
   step = step_lib.jit_train_step(fn, mesh)
   batch = real_batch(cifar_npz, 16, seed=3)
   copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s))  # the step donates
@@ -232,7 +221,7 @@ def test_classifier_gives_the_rest_exactly_zero_gradient(byol_step):
 def test_bfloat16_step_is_finite_and_close_to_float32(byol_step, tiny_config):
   config = tiny_config("byol", model__dtype="bfloat16", **STEP_CONFIG)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  state0, fn = build(config, mesh)
+  state0, fn = build_step(config, mesh)
   # The same initial state: params are float32 whatever the compute dtype.
   chex.assert_trees_all_equal(jax.device_get(state0), byol_step.state0)
   s16, m16 = jax.device_get(jax.jit(fn)(state0, byol_step.batch))

@@ -68,3 +68,18 @@ def count_compiles():
     yield counter
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def build_step(config, mesh, total_steps: int = 100,
+               steps_per_epoch: int = 10):
+  """A fresh train state and the (unjitted) train step, as the trainer builds
+  them for a run of `total_steps` steps of `steps_per_epoch`-step epochs."""
+  from byol_jax import methods, optim, train_state  # pylint: disable=g-import-not-at-top
+  from byol_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  method = methods.get(config.method)
+  model = method.make_network(config)
+  tx, lr_fn = optim.build_optimizer(config, total_steps, steps_per_epoch)
+  tau_fn = (optim.tau_schedule(config.tau_base, total_steps)
+            if method.HAS_TARGET else None)
+  state = train_state.create(config, model, tx, mesh, method.HAS_TARGET)
+  return state, step_lib.make_train_step(config, model, tx, lr_fn, tau_fn)
