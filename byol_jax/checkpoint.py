@@ -3,9 +3,9 @@
 Layout: WORKDIR/checkpoints/<step>/{state, config, checksums}. `state` is the
 whole `TrainState` pytree; `config` is the run's resolved config as JSON (a
 checkpoint is self-contained: `load_encoder` needs nothing else); `checksums`
-holds one 32-bit sum per leaf, computed on the devices at save time and
-verified after every restore, so that flipped bytes that still decode are
-caught.
+holds one 32-bit sum per leaf (`checksums.py`), computed on the devices at
+save time and verified after every restore, so that flipped bytes that still
+decode are caught.
 
 - When: Orbax's save-decision policies, which touch no device: a fixed step
   interval, a minimum time interval (decided by process 0 at log steps and
@@ -30,7 +30,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -39,6 +38,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from byol_jax import checksums
 from byol_jax import config_lib
 
 ITEMS = ("state", "config", "checksums")
@@ -91,42 +91,6 @@ def config_from_json(d: dict) -> ml_collections.ConfigDict:
     if key in config.data:
       config.data[key] = tuple(config.data[key])
   return config
-
-
-# ------------------------------------------------------------ checksums ----
-def _words(x: jax.Array) -> jax.Array:
-  """The bits of an array as uint32 words [n] (any dtype of 8 to 64 bits)."""
-  if x.dtype == jnp.bool_:
-    return x.reshape(-1).astype(jnp.uint32)
-  bits = jnp.dtype(x.dtype).itemsize * 8
-  if bits == 64:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-  as_uint = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits]
-  return jax.lax.bitcast_convert_type(x, as_uint).reshape(-1).astype(
-      jnp.uint32)
-
-
-def _leaf_checksum(x: jax.Array) -> jax.Array:
-  """A position-weighted sum of the words, modulo 2^32.
-
-  Integer sums modulo 2^32 do not depend on the order of the reduction, so
-  the value is the same on any device layout; a flipped bit changes it, and
-  the position weights catch swapped words.
-  """
-  w = _words(x)
-  pos = jnp.arange(w.shape[0], dtype=jnp.uint32)
-  return jnp.sum(w * (pos * jnp.uint32(2654435761) + jnp.uint32(1)),
-                 dtype=jnp.uint32)
-
-
-_checksums_fn = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
-
-
-def checksums(state: Any) -> dict[str, int]:
-  """{leaf path: uint32 checksum} of a pytree of arrays (computed on device)."""
-  sums = jax.device_get(_checksums_fn(state))
-  leaves, _ = jax.tree_util.tree_flatten_with_path(sums)
-  return {jax.tree_util.keystr(p): int(np.asarray(v)) for p, v in leaves}
 
 
 # ------------------------------------------------------- save decisions ----
@@ -274,7 +238,7 @@ class Checkpointer:
     self.check_for_errors()
     if step in self._manager.all_steps():
       return
-    sums = checksums(state)
+    sums = checksums.compute(state)
     if jax.process_count() == 1:
       # One blocking copy to host, then Orbax writes NumPy in the background.
       # On one process device arrays cost far more on their first save; a
@@ -341,7 +305,7 @@ class Checkpointer:
     state = jax.tree.map(_place, restored.state, abstract_state)
     expected = restored.checksums
     if expected is not None:
-      got = checksums(state)
+      got = checksums.compute(state)
       bad = sorted(k for k in expected if got.get(k) != expected[k])
       if bad or got.keys() != expected.keys():
         raise DamagedCheckpointError(

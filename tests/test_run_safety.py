@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from byol_jax import checkpoint
+from byol_jax import checksums
 from byol_jax import pretrained
 from byol_jax import train
 from byol_jax import workdir as workdir_lib
@@ -140,16 +141,16 @@ def test_checksums_see_one_ulp_and_swaps_but_not_the_layout():
   from byol_jax import sharding  # pylint: disable=g-import-not-at-top
   x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
   tree = {"a": x, "n": np.arange(5, dtype=np.int32)}
-  base = checkpoint.checksums(tree)
+  base = checksums.compute(tree)
   ulp = x.copy()
   ulp.flat[100] = np.nextafter(ulp.flat[100], np.inf)
   swapped = x.copy()
   swapped.flat[[3, 4]] = swapped.flat[[4, 3]]
-  assert checkpoint.checksums({**tree, "a": ulp})["['a']"] != base["['a']"]
-  assert checkpoint.checksums({**tree, "a": swapped})["['a']"] != base["['a']"]
+  assert checksums.compute({**tree, "a": ulp})["['a']"] != base["['a']"]
+  assert checksums.compute({**tree, "a": swapped})["['a']"] != base["['a']"]
   mesh = sharding.make_mesh()
   spread = jax.device_put(x, sharding.batch_sharding(mesh))
-  assert checkpoint.checksums({**tree, "a": spread}) == base
+  assert checksums.compute({**tree, "a": spread}) == base
 
 
 def test_checksum_mismatch_is_damage(tmp_path, tiny_config, monkeypatch):
@@ -160,13 +161,13 @@ def test_checksum_mismatch_is_damage(tmp_path, tiny_config, monkeypatch):
   model = methods.get(config.method).make_network(config)
   tx, _ = optim.build_optimizer(config, 6, 1)
   state = train_state.create(config, model, tx, mesh, True)
-  real = checkpoint.checksums
+  real = checksums.compute
   # The bytes on disk will not match the checksums written beside them.
-  monkeypatch.setattr(checkpoint, "checksums", lambda t: {
+  monkeypatch.setattr(checksums, "compute", lambda t: {
       k: v ^ (1 if "stem_conv" in k else 0) for k, v in real(t).items()})
   with checkpoint.Checkpointer(str(tmp_path), config) as ckpt:
     ckpt.save(1, state)
-  monkeypatch.setattr(checkpoint, "checksums", real)
+  monkeypatch.setattr(checksums, "compute", real)
   abstract = train_state.abstract(config, model, tx, mesh, True)
   with checkpoint.Checkpointer(str(tmp_path), config) as ckpt:
     with pytest.raises(checkpoint.DamagedCheckpointError, match="checksums"):
