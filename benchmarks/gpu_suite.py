@@ -341,10 +341,6 @@ def _summary(r: dict) -> dict:
   return out
 
 
-def _f(x, scale: float = 1.0, spec: str = ".1f") -> str:
-  return "-" if x is None else format(x / scale, spec)
-
-
 def _print(report: dict) -> None:
   print(f"{'case':10} {'b/dev':>5} {'img/s':>9} {'sup img/s':>9} {'MFU %':>6} "
         f"{'fwds':>5} {'mem GiB':>7}")
@@ -354,10 +350,11 @@ def _print(report: dict) -> None:
             f"{r['error'][:80]}")
       continue
     print(f"{r['case'][:10]:10} {r['per_device_batch']:>5} "
-          f"{_f(r['images_per_sec']):>9} "
-          f"{_f(r['supervised_images_per_sec']):>9} "
-          f"{_f(r['mfu'], 0.01):>6} {_f(r['step_forwards'], 1, '.2f'):>5} "
-          f"{_f(r['peak_bytes_estimate'], 2**30, '.2f'):>7}")
+          f"{run_info.fmt(r['images_per_sec'], 1, 1):>9} "
+          f"{run_info.fmt(r['supervised_images_per_sec'], 1, 1):>9} "
+          f"{run_info.fmt(r['mfu'], 0.01, 1):>6} "
+          f"{run_info.fmt(r['step_forwards']):>5} "
+          f"{run_info.fmt(r['peak_bytes_estimate'], 2**30):>7}")
   c = report["cifar"]
   knn = [(e["step"], e.get("eval/knn_top1")) for e in c["evals"]]
   print(f"cifar10 byol: {c['status']}, step {c['final_step']}/"

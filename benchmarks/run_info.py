@@ -11,6 +11,11 @@ import subprocess
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def fmt(x, scale: float = 1.0, digits: int = 2) -> str:
+  """x / scale with `digits` decimals for a table cell; 'n/a' for None."""
+  return "n/a" if x is None else f"{x / scale:.{digits}f}"
+
+
 def commit() -> str:
   """The checkout's commit; $BENCH_COMMIT where the copy has no .git."""
   try:

@@ -268,10 +268,6 @@ def parse_timed(value: str, analyze_only: bool) -> set | None:
   return timed
 
 
-def _fmt(x, scale=1.0, digits=2):
-  return "n/a" if x is None else f"{x / scale:.{digits}f}"
-
-
 def print_table(report: dict) -> None:
   print(f"device: {report['device_kind']} x{report['device_count']}  "
         f"commit {report['commit']}  load {report['load_average']['start']}")
@@ -286,14 +282,14 @@ def print_table(report: dict) -> None:
     mfu = r.get("mfu")
     print(f"{r['case'][:10]:10} {r['image_size']:>4} {r['dtype']:9} "
           f"{r['per_device_batch']:>5} "
-          f"{_fmt(r['forward_flops_per_image'], 1e9, 3):>7} "
-          f"{_fmt(r['step_flops_per_image'], 1e9, 3):>8} "
-          f"{_fmt(r['step_forwards']):>6} "
-          f"{_fmt(r['supervised_forwards']):>8} "
-          f"{_fmt(r['memory'].get('peak_bytes_estimate'), 2**30):>8} "
-          f"{_fmt(r.get('images_per_sec'), 1, 1):>9} "
-          f"{_fmt(r.get('supervised_images_per_sec'), 1, 1):>9} "
-          f"{_fmt(r.get('ratio_to_supervised'), 1, 3):>6} "
+          f"{run_info.fmt(r['forward_flops_per_image'], 1e9, 3):>7} "
+          f"{run_info.fmt(r['step_flops_per_image'], 1e9, 3):>8} "
+          f"{run_info.fmt(r['step_forwards']):>6} "
+          f"{run_info.fmt(r['supervised_forwards']):>8} "
+          f"{run_info.fmt(r['memory'].get('peak_bytes_estimate'), 2**30):>8} "
+          f"{run_info.fmt(r.get('images_per_sec'), 1, 1):>9} "
+          f"{run_info.fmt(r.get('supervised_images_per_sec'), 1, 1):>9} "
+          f"{run_info.fmt(r.get('ratio_to_supervised'), 1, 3):>6} "
           f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%':>6}")
 
 

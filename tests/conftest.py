@@ -41,12 +41,13 @@ from testlib import CONFIGS, NARROW, REPO, TRAINED_STEPS  # noqa: E402
 from testlib import load_config, train_env  # noqa: E402
 
 # The README's command runs test files on two xdist workers, handing out
-# whole files in collection order: the longest go first, so that neither
-# worker is left alone with one at the end.
-_LONGEST_FIRST = ("test_run_safety.py", "test_multihost.py",
-                  "test_learning.py", "test_benchmarks.py", "test_train.py",
-                  "test_convert.py", "test_loop.py", "test_new_user.py",
-                  "test_step.py", "test_evaluation.py")
+# whole files in collection order: the longest (their summed test times on a
+# cold run) go first, so that neither worker is left alone with one at the end.
+_LONGEST_FIRST = ("test_run_safety.py", "test_new_user.py",
+                  "test_multihost.py", "test_train.py",
+                  "test_data_pipeline.py", "test_benchmarks.py",
+                  "test_loop.py", "test_step.py", "test_convert.py",
+                  "test_learning.py", "test_evaluation.py")
 
 
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument

@@ -7,6 +7,11 @@ import pathlib
 import jax
 import numpy as np
 
+from byol_jax import methods
+from byol_jax import optim
+from byol_jax import step as step_lib
+from byol_jax import train_state
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 # Small enough for a 2-core CI machine: 4 base filters, 32 px, batch 16.
@@ -74,8 +79,6 @@ def build_step(config, mesh, total_steps: int = 100,
                steps_per_epoch: int = 10):
   """A fresh train state and the (unjitted) train step, as the trainer builds
   them for a run of `total_steps` steps of `steps_per_epoch`-step epochs."""
-  from byol_jax import methods, optim, train_state  # pylint: disable=g-import-not-at-top
-  from byol_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   method = methods.get(config.method)
   model = method.make_network(config)
   tx, lr_fn = optim.build_optimizer(config, total_steps, steps_per_epoch)

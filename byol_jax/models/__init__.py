@@ -14,6 +14,7 @@ from byol_jax.models.resnet import ResNet34
 from byol_jax.models.resnet import ResNet50
 
 __all__ = [
-    "MLP", "DEPTHS", "PADDINGS", "ResNet", "depth_of", "resnet", "representation_dim",
+    "MLP", "DEPTHS", "PADDINGS", "ResNet", "depth_of", "resnet",
+    "representation_dim",
     "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152", "ResNet200",
 ]
