@@ -178,9 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.write(step, results)
         say(progress.eval_line(step, results))
 
-    # --- The end: a final checkpoint and evaluation.
-    if metrics is not None:
-      _checked(_fetch(metrics), step, ckpt)
+    # --- The end: a final checkpoint (the last step was checked where it
+    # logged) and evaluation.
     ckpt.save(step, state)
     ckpt.wait()
     say(f"step {step}: checkpoint -> {ckpt.directory}/{step}")
