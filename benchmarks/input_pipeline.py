@@ -13,21 +13,24 @@ map calls, max_intra_op_parallelism = 1), two-view samples per CPU-second
   `tf.image.resize(..., 'bicubic')`, then /255 clipped to [0, 1] (float32);
 - ours: `host.train_dataset(config, 'pretrain')`, the pipeline the trainer
   runs (one decode per image over the union of its two windows; crops that
-  fit in S x S go to the accelerator unresized, larger ones are shrunk on
-  the host; uint8 out);
+  fit on the C x C canvas go to the accelerator unresized, larger ones are
+  shrunk on the host; uint8 out), with the canvas C of the preset written
+  for such images (configs/byol_imagenette.py: C = S; configs/byol_r50.py:
+  C = 2 S);
 - ours, host resizes all: the same with `device_resize=False`, so that
   the host does every resize (what the offload buys).
 On the Imagenette JPEGs as they are (224 x 224) and re-encoded at ImageNet's
 typical 500 x 375 (bicubic upscale, JPEG quality 90), where most crops are
-shrunk on the host.
+larger than S.
 
-Also measured, on the default JAX devices: the enlarging that ours leaves
+Also measured, on the default JAX devices: the resampling that ours leaves
 to the accelerator (`host.finish_fn`), the device-side augmentations
 (`augment.augment_views`, T and T'), and the on-device path's crops.
 
 Prints a table and writes benchmarks/results/input_pipeline_<device>.json.
 """
 import argparse
+import importlib
 import io
 import json
 import os
@@ -119,18 +122,26 @@ def transcription(jpegs: list[bytes], size: int, batch: int, threads: int):
   return _options(ds.batch(batch, drop_remainder=True).prefetch(2), threads)
 
 
-def _config(npz: str, size: int, batch: int, threads: int):
+def preset_canvas(name: str, size: int) -> int:
+  """The canvas side C that configs/<name>.py sets, at image size `size`."""
+  module = importlib.import_module(f"configs.{name}")
+  c = module.get_config()
+  return int(c.data.canvas_size * size // c.data.image_size) or size
+
+
+def _config(npz: str, size: int, batch: int, threads: int, canvas: int = 0):
   c = config_lib.base_config()
   c.batch_size, c.seed = batch, 0
   c.data.update(dict(source="npz", path=npz, train_split="train",
-                     image_size=size, num_parallel_calls=threads))
+                     image_size=size, canvas_size=canvas,
+                     num_parallel_calls=threads))
   return c
 
 
-def ours(npz: str, size: int, batch: int, threads: int,
+def ours(npz: str, size: int, batch: int, threads: int, canvas: int = 0,
          device_resize: bool = True):
-  return host.train_dataset(_config(npz, size, batch, threads), "pretrain",
-                            process_index=0, process_count=1,
+  return host.train_dataset(_config(npz, size, batch, threads, canvas),
+                            "pretrain", process_index=0, process_count=1,
                             device_resize=device_resize)[0]
 
 
@@ -155,11 +166,12 @@ def _device_rate(fn, batch: int, steps: int = 4) -> float:
   return steps * batch / (time.perf_counter() - start)
 
 
-def bench_device(npz: str, size: int, batch: int) -> dict[str, float]:
+def bench_device(npz: str, size: int, batch: int, canvas: int
+                 ) -> dict[str, float]:
   """Two-view samples per second of the device-side stages."""
   mesh = sharding.make_mesh()
-  c = _config(npz, size, batch, 1)
-  local = next(ours(npz, size, batch, 1).as_numpy_iterator())
+  c = _config(npz, size, batch, 1, canvas)
+  local = next(ours(npz, size, batch, 1, canvas).as_numpy_iterator())
   local = {k: v for k, v in local.items() if k != "label"}
   finish = host.finish_fn(mesh, "pretrain", size)
   glob = sharding.global_batch(local, mesh)
@@ -173,8 +185,8 @@ def bench_device(npz: str, size: int, batch: int) -> dict[str, float]:
   dev = device.build(c, mesh, "pretrain", "train", batch, 0, canvas=canvas)
   step = iter(range(10**9))
   out["device_crops"] = _device_rate(lambda: dev.batch(next(step)), batch)
-  out["share_enlarged_on_device"] = float(np.mean(
-      [np.any(local[k] < size, axis=1) for k in ("hw1", "hw2")]))
+  out["share_resampled_on_device"] = float(np.mean(
+      [np.any(local[k] != size, axis=1) for k in ("hw1", "hw2")]))
   return out
 
 
@@ -205,17 +217,20 @@ def main():
              else sorted({1, cores}))
   jpegs, labels = load_jpegs(args.npz)
   tmp = tempfile.mkdtemp(prefix="byol_input_bench_")
-  sets = {"imagenette_224": jpegs,
-          "imagenette_500x375": reencode(jpegs, 500, 375)}
+  # Each set with the canvas of the preset written for such images.
+  sets = {"imagenette_224": (jpegs, preset_canvas("byol_imagenette",
+                                                  args.size)),
+          "imagenette_500x375": (reencode(jpegs, 500, 375),
+                                 preset_canvas("byol_r50", args.size))}
   load_before = os.getloadavg()
   rows = []
-  for name, data in sets.items():
+  for name, (data, canvas) in sets.items():
     npz = os.path.join(tmp, f"{name}.npz")
     write_npz(npz, data, labels)
     for n in threads:
       variants = dict(
           transcription=lambda: transcription(data, args.size, args.batch, n),
-          ours=lambda: ours(npz, args.size, args.batch, n),
+          ours=lambda: ours(npz, args.size, args.batch, n, canvas),
           ours_host_resizes_all=lambda: ours(npz, args.size, args.batch, n,
                                              device_resize=False))
       got = {k: [] for k in variants}
@@ -224,7 +239,7 @@ def main():
           got[k].append(rates(make(), args.batch, args.steps))
       row = dict(jpegs=name, mean_jpeg_bytes=int(np.mean([len(b)
                                                           for b in data])),
-                 threads=n)
+                 canvas_size=canvas, threads=n)
       for k, v in got.items():
         row[f"{k}_per_cpu_s"] = round(statistics.median(r[0] for r in v), 1)
         row[f"{k}_per_s"] = round(statistics.median(r[1] for r in v), 1)
@@ -236,7 +251,8 @@ def main():
       print(f"{name} {n} thread(s): ours {row['ratio']:.2f}x the "
             "transcription per CPU-second", flush=True)
   dev_rates = {name: bench_device(os.path.join(tmp, f"{name}.npz"),
-                                  args.size, args.batch) for name in sets}
+                                  args.size, args.batch, canvas)
+               for name, (_, canvas) in sets.items()}
   load_after = os.getloadavg()
 
   dev = jax.devices()
@@ -275,8 +291,8 @@ def main():
         f"{'met' if result['meets_target'] else 'NOT met'}")
   print(f"\nDevice side ({len(dev)} x {kind}), two-view samples per second:")
   for name, v in dev_rates.items():
-    print(f"  {name}: enlarging left by the host {v['host_finish']:.1f} "
-          f"({100 * v['share_enlarged_on_device']:.0f}% of views), "
+    print(f"  {name}: resampling left by the host {v['host_finish']:.1f} "
+          f"({100 * v['share_resampled_on_device']:.0f}% of views), "
           f"augment_views {v['augment_views']:.1f}, on-device crops "
           f"{v['device_crops']:.1f}")
 

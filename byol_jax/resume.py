@@ -23,7 +23,8 @@ from byol_jax.errors import ConfigError
 RESUMABLE = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
              "checkpoint_every_minutes", "keep_checkpoints", "total_steps",
              "num_epochs", "knn.", "data.path", "data.data_dir",
-             "data.num_parallel_calls", "data.cache", "data.skip_corrupt")
+             "data.num_parallel_calls", "data.cache", "data.skip_corrupt",
+             "data.canvas_size")
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:

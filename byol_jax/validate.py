@@ -74,6 +74,10 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     _positive(config, "knn.k", "knn.temperature")
   _pair(config, "crop_scale", 0.0, 1.0)
   _pair(config, "crop_ratio", 0.0, float("inf"))
+  c = config.data.canvas_size
+  _require(c == 0 or c >= config.data.image_size, f"config.data.canvas_size="
+           f"{c} is smaller than data.image_size={config.data.image_size}; "
+           "use 0 (the image size) or at least the image size.")
   f = config.data.eval_crop_fraction
   _require(0.0 < f <= 1.0, f"config.data.eval_crop_fraction={f} must be in "
            "(0, 1].")

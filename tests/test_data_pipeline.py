@@ -570,6 +570,29 @@ def test_host_crops_that_fit_are_enlarged_on_the_devices(folder, mesh, host):
     assert diff.max() <= 1 and diff.mean() < 0.05, (k, diff.max())
 
 
+def test_host_crops_on_a_larger_canvas_are_shrunk_on_the_devices(
+    folder, mesh, host):
+  """With canvas C > S, crops up to C x C go unresized and the devices
+  shrink them with the host's plain bicubic: the views equal the host's
+  own resizing within 1 level."""
+  c = make_config(path=folder, size=96, batch=16)
+  c.data.canvas_size = 224              # Every crop of the 224 px images.
+  b = next(host.train_dataset(c, "pretrain", process_index=0,
+                              process_count=1)[0].as_numpy_iterator())
+  assert b["view1"].shape == (16, 224, 224, 3)
+  hw = np.concatenate([b["hw1"], b["hw2"]])
+  assert np.any(np.all(hw > 96, axis=1)) and np.any(np.all(hw < 96, axis=1))
+  ref = next(host.train_dataset(c, "pretrain", process_index=0,
+                                process_count=1, device_resize=False
+                                )[0].as_numpy_iterator())
+  assert np.all(ref["hw1"] == 96) and ref["view1"].shape == (16, 224, 224, 3)
+  got = _np(host.build(c, mesh, "pretrain", "train", 16, c.seed).batch(0))
+  for k in ("view1", "view2"):
+    assert got[k].shape == (16, 96, 96, 3)
+    diff = np.abs(got[k].astype(int) - ref[k][:, :96, :96].astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.05, (k, diff.max())
+
+
 def test_device_and_host_paths_match(imagenette_npz, mesh, host):
   """Same examples in the same order, same crop distribution and pixel
   statistics on both paths."""
@@ -603,15 +626,15 @@ def test_device_and_host_paths_match(imagenette_npz, mesh, host):
 def test_device_crop_resize_is_tf_bicubic_and_never_reads_padding(folder,
                                                                  host):
   """The on-device resampling equals TensorFlow's ScaleAndTranslate
-  (antialiased Keys cubic) of the same box of the image, and the canvas
-  padding does not change it."""
+  (antialiased Keys cubic; for training crops plain up to a 3x shrink) of
+  the same box of the image, and the canvas padding does not change it."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   image = sources.folder_split(folder, "val").read(3)          # [224, 224, 3]
   canvas = np.random.default_rng(0).integers(0, 256, (260, 300, 3), np.uint8)
   canvas[:224, :224] = image
   zeros = np.zeros_like(canvas)
   zeros[:224, :224] = image
-  fn = jax.jit(crops.crop_resize, static_argnums=3)
+  fn = jax.jit(crops.crop_resize, static_argnums=(3, 4))
   for y, x, h, w in ((10, 20, 150, 120), (50, 60, 20, 30), (0, 0, 224, 224)):
     want = tf.raw_ops.ScaleAndTranslate(
         images=image[None].astype(np.float32) / 255, size=[64, 64],
@@ -625,6 +648,15 @@ def test_device_crop_resize_is_tf_bicubic_and_never_reads_padding(folder,
                                   np.asarray(fn(zeros, hw, box, 64)))
     np.testing.assert_allclose(np.asarray(fn(canvas, hw, box, 64)), got,
                                atol=1e-6)
+    # Training's plain bicubic up to a 3x shrink: the kernel not widened
+    # (the (0, 0, 224, 224) box is a 3.5x shrink, antialiased as above).
+    plain = tf.raw_ops.ScaleAndTranslate(
+        images=image[None].astype(np.float32) / 255, size=[64, 64],
+        scale=[64 / h, 64 / w], translation=[-y * 64 / h, -x * 64 / w],
+        kernel_type="keyscubic", antialias=h > 3 * 64)[0]
+    assert (h > 3 * 64) == (w > 3 * 64)
+    np.testing.assert_allclose(np.asarray(fn(zeros, hw, box, 64, 3.0)),
+                               np.clip(plain.numpy(), 0, 1), atol=2e-5)
 
 
 @pytest.fixture(scope="module")

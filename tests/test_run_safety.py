@@ -297,6 +297,7 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path, tiny_config):
     ("method", "moco", "Unknown method"),
     ("batch_size", 12, "not divisible by the 8 devices"),
     ("data__num_classes", 5, "num_classes"),
+    ("data__canvas_size", 16, "canvas_size=16 is smaller than"),
 ])
 def test_bad_settings_fail_before_compiling(tmp_path, tiny_config, key, value,
                                             match):

@@ -108,8 +108,8 @@ def _keys_cubic(x: jax.Array) -> jax.Array:
   return jnp.where(x < 1.0, near, jnp.where(x < 2.0, far, 0.0))
 
 
-def resize_weights(start, length, extent, canvas: int, size: int
-                   ) -> jax.Array:
+def resize_weights(start, length, extent, canvas: int, size: int,
+                   antialias_above: float = 1.0) -> jax.Array:
   """Bicubic weights that resample [start, start + length) to `size` samples.
 
   As `jax.image.scale_and_translate` (half-pixel centres, kernel widened by
@@ -121,6 +121,9 @@ def resize_weights(start, length, extent, canvas: int, size: int
     extent: the real image size along this axis (traced scalar).
     canvas: the stored (padded) size along this axis.
     size: output samples.
+    antialias_above: the kernel is widened only for shrinks by more than
+      this factor; 1 is antialiased resizing, 3 the training crops' plain
+      bicubic of the paper's code (`host_decode.fit`).
 
   Returns:
     float32 [size, canvas].
@@ -128,14 +131,15 @@ def resize_weights(start, length, extent, canvas: int, size: int
   shrink = length / size
   src = start + (jnp.arange(size, dtype=jnp.float32) + 0.5) * shrink - 0.5
   pos = jnp.arange(canvas, dtype=jnp.float32)
-  weights = _keys_cubic((src[:, None] - pos[None, :]) /
-                        jnp.maximum(shrink, 1.0))                # [S, C]
+  widen = jnp.where(shrink > antialias_above, shrink, 1.0)
+  weights = _keys_cubic((src[:, None] - pos[None, :]) / widen)   # [S, C]
   weights = jnp.where(pos[None, :] < extent, weights, 0.0)
   total = jnp.sum(weights, axis=1, keepdims=True)
   return weights / jnp.where(total == 0.0, 1.0, total)
 
 
-def crop_resize(image: jax.Array, hw: jax.Array, box, size: int) -> jax.Array:
+def crop_resize(image: jax.Array, hw: jax.Array, box, size: int,
+                antialias_above: float = 1.0) -> jax.Array:
   """Resamples `box` of one stored image to size x size.
 
   Args:
@@ -143,23 +147,27 @@ def crop_resize(image: jax.Array, hw: jax.Array, box, size: int) -> jax.Array:
     hw: int32 [2], the image's real (h, w) at the canvas' top-left.
     box: (y0, x0, h, w) in pixels, within the real extent.
     size: output side S.
+    antialias_above: as `resize_weights`.
 
   Returns:
     float32 [S, S, 3] in [0, 1].
   """
   hw = hw.astype(jnp.float32)
-  wy = resize_weights(box[0], box[2], hw[0], image.shape[0], size)  # [S, Hc]
-  wx = resize_weights(box[1], box[3], hw[1], image.shape[1], size)  # [S, Wc]
+  wy = resize_weights(box[0], box[2], hw[0], image.shape[0], size,
+                      antialias_above)                            # [S, Hc]
+  wx = resize_weights(box[1], box[3], hw[1], image.shape[1], size,
+                      antialias_above)                            # [S, Wc]
   hi = jax.lax.Precision.HIGHEST   # No TF32 rounding of pixels on GPUs.
   x = jnp.einsum("sh,hwc->swc", wy, augment.to_float(image), precision=hi)
   x = jnp.einsum("tw,swc->stc", wx, x, precision=hi)
   return jnp.clip(x, 0.0, 1.0)     # Cubic kernels overshoot.
 
 
-def resize_image(image: jax.Array, hw: jax.Array, size: int) -> jax.Array:
+def resize_image(image: jax.Array, hw: jax.Array, size: int,
+                 antialias_above: float = 1.0) -> jax.Array:
   """A whole stored image (its real extent) resized to f32 [S, S, 3]."""
   h, w = hw[0].astype(jnp.float32), hw[1].astype(jnp.float32)
-  return crop_resize(image, hw, (0.0, 0.0, h, w), size)
+  return crop_resize(image, hw, (0.0, 0.0, h, w), size, antialias_above)
 
 
 def random_resized_crop(rng: jax.Array, image: jax.Array, hw: jax.Array,

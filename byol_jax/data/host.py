@@ -129,6 +129,12 @@ def _parallel(config) -> int:
   return tf.data.AUTOTUNE if n <= 0 else n
 
 
+def canvas_side(config: ml_collections.ConfigDict) -> int:
+  """C, the side of the training crops' canvases (config.data.canvas_size,
+  0 for image_size)."""
+  return int(config.data.get("canvas_size", 0) or config.data.image_size)
+
+
 def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
                   split: str | None = None, batch_size: int | None = None,
                   seed: int | None = None, start_step: int = 0,
@@ -139,9 +145,9 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
 
   Args:
     config: the run's config.
-    mode: 'pretrain' ({'view1', 'view2': uint8 [L, S, S, 3] canvases, 'hw1',
-      'hw2': int32 [L, 2] their crops' sizes, 'label'}; see
-      `host_decode.fit`) or 'linear' ({'image', 'hw', 'label'}, crops
+    mode: 'pretrain' ({'view1', 'view2': uint8 [L, C, C, 3] canvases, 'hw1',
+      'hw2': int32 [L, 2] their crops' sizes, 'label'}; C = `canvas_side`,
+      see `host_decode.fit`) or 'linear' ({'image', 'hw', 'label'}, crops
       flipped at random).
     split: default config.data.train_split.
     batch_size: global batch B (default config.batch_size); L = B / P.
@@ -175,6 +181,7 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
   def window(key):
     return lambda h, w: host_decode.crop_window(key, h, w, scale, ratio)
   decode = functools.partial(host_decode.decode_crops, form=form, size=size,
+                             canvas=canvas_side(config),
                              device_resize=device_resize)
 
   def element(data, label, g):
@@ -256,16 +263,20 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
 def finish_fn(mesh: Mesh, mode: str, size: int):
   """Jitted: the accelerators resize each canvas's crop to S x S.
 
-  Pretraining views come back as uint8 (the train step converts them);
-  linear-evaluation and evaluation images as float32 in [0, 1].
+  Training crops (pretrain, linear) are resampled as the host would
+  (`host_decode.fit`: plain bicubic up to a 3x shrink); evaluation crops,
+  never larger than S on their canvases, are only enlarged. Pretraining
+  views come back as uint8 (the train step converts them); linear-
+  evaluation and evaluation images as float32 in [0, 1].
   """
   views = (dict(view1="hw1", view2="hw2") if mode == "pretrain"
            else dict(image="hw"))
+  above = 1.0 if mode == "eval" else 3.0
 
   def per_device(batch):
     out = dict(batch)
     for key, hw_key in views.items():
-      x = jax.vmap(lambda c, hw: crops.resize_image(c, hw, size))(
+      x = jax.vmap(lambda c, hw: crops.resize_image(c, hw, size, above))(
           out[key], out.pop(hw_key))                        # [l, S, S, 3]
       out[key] = (jnp.round(x * 255.0).astype(jnp.uint8)
                   if mode == "pretrain" else x)

@@ -2,10 +2,11 @@
 
 Each JPEG is decoded once per element, by `decode_and_crop_jpeg` over the
 union of its crop windows, at the DCT scale that a large shrink allows. A
-crop larger than image_size S is shrunk here (bicubic); a crop that fits
-travels as it is on an S x S canvas with its size, and the accelerators
-enlarge it (`host.finish_fn`): the host then does no resampling at all for
-images no larger than S, and the batches cost the same bytes.
+crop that fits on the C x C canvas (C = config.data.canvas_size, default
+image_size S) travels as it is with its size, and the accelerators resample
+it to S x S (`host.finish_fn`); only a larger crop is shrunk here (bicubic).
+With C = S the host never enlarges; with C = 2 S (the ImageNet presets) it
+rarely resamples at all, for 4x the bytes per view.
 """
 import functools
 import types
@@ -47,46 +48,59 @@ def center_window(height, width, fraction: float):
   return tf.cast(tf.stack(box), tf.int32)
 
 
-def fit(crop, size: int, device_resize: bool = True, fast: bool = True):
-  """A crop on the uint8 [size, size, 3] canvas that goes to the devices.
+def _pad(image, hw, canvas: int):
+  """uint8 [h, w, 3] at the top-left of a zero [canvas, canvas, 3].
+
+  Two concatenations: tf.pad is several times slower on large canvases.
+  """
+  image = tf.concat([image, tf.zeros([hw[0], canvas - hw[1], 3], tf.uint8)], 1)
+  return tf.concat([image, tf.zeros([canvas - hw[0], canvas, 3], tf.uint8)], 0)
+
+
+def fit(crop, size: int, canvas: int | None = None,
+        device_resize: bool = True, fast: bool = True):
+  """A crop on the uint8 [C, C, 3] canvas that goes to the devices.
 
   A crop that fits goes as it is (top-left, zero padding) with its size,
-  and the accelerator enlarges it (`crops.crop_resize`, in the batch's
-  finishing function): enlarging is most of the host's work otherwise. A
-  larger crop is shrunk here with bicubic: for training (`fast`) plain, as
-  the paper's code (JPEG shrinks past 2x are taken by the decoder,
-  `decode_crops`), antialiased only past 3x, which only non-JPEG images
-  reach; for evaluation always antialiased, as PIL and the on-device path.
+  and the accelerator resamples it to S x S (`crops.resize_image`, in the
+  batch's finishing function, plain bicubic up to a 3x shrink as below):
+  resizing is most of the host's work otherwise. A larger crop is shrunk
+  here to S x S with bicubic: for training (`fast`) plain, as the paper's
+  code (JPEG shrinks past 2x are taken by the decoder, `decode_crops`),
+  antialiased only past 3x, which only non-JPEG images reach; for
+  evaluation always antialiased, as PIL and the on-device path.
 
   Args:
     crop: uint8 [h, w, 3].
-    size: the canvas side S.
+    size: the output side S.
+    canvas: the canvas side C >= S (default S).
     device_resize: False makes the host resize every crop (benchmarks).
     fast: see above.
 
   Returns:
-    (uint8 [S, S, 3] canvas, int32 [2] real size on it).
+    (uint8 [C, C, 3] canvas, int32 [2] real size on it).
   """
+  canvas = int(canvas or size)
   hw = tf.shape(crop)[:2]
-
-  def pad():
-    return tf.pad(crop, [[0, size - hw[0]], [0, size - hw[1]], [0, 0]]), hw
 
   def resize(antialias):
     out = tf.image.resize(crop, [size, size], "bicubic", antialias=antialias)
     out = tf.cast(tf.round(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
-    return out, tf.constant([size, size])
+    square = tf.constant([size, size])
+    return (_pad(out, square, canvas) if canvas > size else out), square
 
-  fits = tf.reduce_all(hw <= size) if device_resize else tf.constant(False)
+  fits = tf.reduce_all(hw <= canvas) if device_resize else tf.constant(False)
   large = tf.reduce_max(hw) > (3 if fast else 1) * size
-  canvas, hw = tf.switch_case(                  # One branch op, not two.
+  image, hw = tf.switch_case(                   # One branch op, not two.
       tf.where(fits, 0, tf.where(large, 2, 1)),
-      [pad, lambda: resize(False), lambda: resize(True)])
-  return tf.ensure_shape(canvas, [size, size, 3]), hw
+      [lambda: (_pad(crop, hw, canvas), hw), lambda: resize(False),
+       lambda: resize(True)])
+  return tf.ensure_shape(image, [canvas, canvas, 3]), hw
 
 
 def decode_crops(data, form: str, window_fns, size: int, flip_seed=None,
-                 device_resize: bool = True, fast: bool = True):
+                 canvas: int | None = None, device_resize: bool = True,
+                 fast: bool = True):
   """Decodes `data` once and cuts one crop per window function.
 
   A JPEG is decoded once, by `decode_and_crop_jpeg` over the union of the
@@ -102,13 +116,13 @@ def decode_crops(data, form: str, window_fns, size: int, flip_seed=None,
     form: 'jpeg' (bytes known to be JPEG), 'encoded' (bytes of any format,
       checked per image) or 'pixels'.
     window_fns: functions (height, width) -> int32 [4] window (y, x, h, w).
-    size: the canvas side S.
+    size: the output side S.
     flip_seed: if given, mirror the crops at random with this seed.
-    device_resize: as `fit`.
+    canvas, device_resize: as `fit`.
     fast: training (DCT scaling, plain bicubic) or evaluation quality.
 
   Returns:
-    (list of (uint8 [S, S, 3] canvas, int32 [2] size) as `fit`, list of
+    (list of (uint8 [C, C, 3] canvas, int32 [2] size) as `fit`, list of
     float32 [4] windows as fractions of the image height / width).
   """
   def cut(shape, decode, scaled):
@@ -152,5 +166,5 @@ def decode_crops(data, form: str, window_fns, size: int, flip_seed=None,
     outs = [tf.image.stateless_random_flip_left_right(o, flip_seed)
             for o in outs]
   hw = tf.cast(tf.stack([shape[0], shape[1], shape[0], shape[1]]), tf.float32)
-  return ([fit(o, size, device_resize, fast) for o in outs],
+  return ([fit(o, size, canvas, device_resize, fast) for o in outs],
           [tf.cast(w, tf.float32) / hw for w in windows])
