@@ -14,9 +14,9 @@ map calls, max_intra_op_parallelism = 1), two-view samples per CPU-second
 - ours: `host.train_dataset(config, 'pretrain')`, the pipeline the trainer
   runs (one decode per image over the union of its two windows; crops that
   fit on the C x C canvas go to the accelerator unresized, larger ones are
-  shrunk on the host; uint8 out), with the canvas C of the preset written
-  for such images (configs/byol_imagenette.py: C = S; configs/byol_r50.py:
-  C = 2 S);
+  shrunk on the host; uint8 out), with the canvas C = S (the default) on
+  the 224 px JPEGs and C = 2 S (`--config.data.canvas_size`, advised for
+  images much larger than S) on the 500 x 375 ones;
 - ours, host resizes all: the same with `device_resize=False`, so that
   the host does every resize (what the offload buys).
 On the Imagenette JPEGs as they are (224 x 224) and re-encoded at ImageNet's
@@ -30,7 +30,6 @@ to the accelerator (`host.finish_fn`), the device-side augmentations
 Prints a table and writes benchmarks/results/input_pipeline_<device>.json.
 """
 import argparse
-import importlib
 import io
 import json
 import os
@@ -122,13 +121,6 @@ def transcription(jpegs: list[bytes], size: int, batch: int, threads: int):
   return _options(ds.batch(batch, drop_remainder=True).prefetch(2), threads)
 
 
-def preset_canvas(name: str, size: int) -> int:
-  """The canvas side C that configs/<name>.py sets, at image size `size`."""
-  module = importlib.import_module(f"configs.{name}")
-  c = module.get_config()
-  return int(c.data.canvas_size * size // c.data.image_size) or size
-
-
 def _config(npz: str, size: int, batch: int, threads: int, canvas: int = 0):
   c = config_lib.base_config()
   c.batch_size, c.seed = batch, 0
@@ -176,6 +168,9 @@ def bench_device(npz: str, size: int, batch: int, canvas: int
   finish = host.finish_fn(mesh, "pretrain", size)
   glob = sharding.global_batch(local, mesh)
   out = dict(host_finish=_device_rate(lambda: finish(glob), batch))
+  cost = finish.lower(glob).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out["host_finish_gflop_per_sample"] = cost["flops"] / batch / 1e9
   cfg = c.augment
   views = {k: v for k, v in finish(glob).items() if k in ("view1", "view2")}
   aug = jax.jit(lambda r, b: augment.augment_views(r, b, cfg))
@@ -217,11 +212,9 @@ def main():
              else sorted({1, cores}))
   jpegs, labels = load_jpegs(args.npz)
   tmp = tempfile.mkdtemp(prefix="byol_input_bench_")
-  # Each set with the canvas of the preset written for such images.
-  sets = {"imagenette_224": (jpegs, preset_canvas("byol_imagenette",
-                                                  args.size)),
-          "imagenette_500x375": (reencode(jpegs, 500, 375),
-                                 preset_canvas("byol_r50", args.size))}
+  # Canvas C = S (the default) for images about S; 2 S for larger images.
+  sets = {"imagenette_224": (jpegs, args.size),
+          "imagenette_500x375": (reencode(jpegs, 500, 375), 2 * args.size)}
   load_before = os.getloadavg()
   rows = []
   for name, (data, canvas) in sets.items():
@@ -292,7 +285,8 @@ def main():
   print(f"\nDevice side ({len(dev)} x {kind}), two-view samples per second:")
   for name, v in dev_rates.items():
     print(f"  {name}: resampling left by the host {v['host_finish']:.1f} "
-          f"({100 * v['share_resampled_on_device']:.0f}% of views), "
+          f"({100 * v['share_resampled_on_device']:.0f}% of views, "
+          f"{v['host_finish_gflop_per_sample']:.2f} GFLOP per sample), "
           f"augment_views {v['augment_views']:.1f}, on-device crops "
           f"{v['device_crops']:.1f}")
 

@@ -131,8 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_classes = -1        # -1: from the data; 0: no labels; N: check
   c.data.image_size = 224
   # Host path: training crops up to C x C go to the accelerators unresized,
-  # which resample them; 0: C = image_size. 2 x image_size for images much
-  # larger than image_size (ImageNet): the host then rarely resizes.
+  # which resample them; 0: C = image_size. 2 x image_size where the host's
+  # CPUs limit the input on images much larger than image_size (ImageNet on
+  # a GPU box or Colab): the host then rarely resizes, for 4x the bytes per
+  # view and about 3x the accelerators' resampling work (README, Speed).
   c.data.canvas_size = 0
   c.data.crop_scale = (0.08, 1.0)
   c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)

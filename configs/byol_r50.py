@@ -42,7 +42,6 @@ def get_config(arg=None):
   c.data.eval_split = "validation"
   c.data.num_classes = 1000
   c.data.image_size = 224
-  c.data.canvas_size = 448  # see config_lib: ImageNet's ~500 x 375 images
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2500
   c.checkpoint_every_minutes = 30.0

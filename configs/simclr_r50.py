@@ -34,7 +34,6 @@ def get_config(arg=None):
   c.data.eval_split = "validation"
   c.data.num_classes = 1000
   c.data.image_size = 224
-  c.data.canvas_size = 448  # see config_lib: ImageNet's ~500 x 375 images
   view = config_lib.view_augment(brightness=0.8, contrast=0.8, saturation=0.8,
                                  hue=0.2, blur=0.5, solarize=0.0)
   c.augment.view1 = view

@@ -33,7 +33,6 @@ def get_config(arg=None):
   c.data.eval_split = "validation"
   c.data.num_classes = 1000
   c.data.image_size = 224
-  c.data.canvas_size = 448  # see config_lib: ImageNet's ~500 x 375 images
   c.data.crop_scale = (0.2, 1.0)
   view = config_lib.view_augment(brightness=0.4, contrast=0.4, saturation=0.4,
                                  hue=0.1, blur=0.5, solarize=0.0)
