@@ -80,8 +80,8 @@ def full_mode(devices: int) -> Mode:
 
 def tiny_mode() -> Mode:
   return Mode(
-      throughput=((("--cases=tiny,r18_cifar", "--per_device_batch=8",
-                    "--timed=tiny@8", "--steps=3", "--warmup=1"), None),),
+      throughput=((("--cases=tiny", "--per_device_batch=8", "--steps=3",
+                    "--warmup=1"), None),),
       sizing_case="tiny",
       train_config="configs/tiny.py:batch=8,path={data}",
       train_flags=("--config.model.dtype=bfloat16",
