@@ -20,8 +20,7 @@ Everything goes to RESULTS_ROOT/gpu_suite_<UTC date>_<device>/ (at most 8
 files: suite.json, throughput_<i>.json, throughput.log, cifar_train.log,
 cifar_metrics.jsonl, cifar_config.json); the trainer's checkpoints stay in
 --workdir_root. `--tiny` is the CPU dry run of the same code: the tiny config
-timed and ResNet-18 CIFAR analysed at batch 8, then up to 20 steps of
-configs/tiny.py.
+timed at batch 8, then up to 8 steps of configs/tiny.py.
 
 This process never initialises JAX's backend (it would take the GPU's memory
 from the stages): the device is probed in a subprocess.
