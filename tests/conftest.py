@@ -16,11 +16,11 @@ import subprocess
 import sys
 import tempfile
 
-# XLA's CPU backend at optimisation level 0 compiles about a third faster;
-# the tests' programs are tiny, so compiling is most of their time.
+# The tests' programs are tiny, so compiling is most of their time:
+# testlib.FAST_COMPILE_FLAGS (imported below, after the flags are set).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_backend_optimization_level=0")
+    " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # A persistent compilation cache shared by the tests and the trainer processes

@@ -22,6 +22,8 @@ import time
 import numpy as np
 import pytest
 
+from testlib import FAST_COMPILE_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
 # Two steps, a checkpoint after each (mid-run and final). Step 1 runs at
@@ -42,10 +44,10 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
   env = dict(os.environ)
-  # Optimization level 0 about halves XLA's CPU compile times (most of this
-  # test's time); every run uses it, the reference too.
+  # Faster compiling (most of this test's time); every run uses it, the
+  # reference too.
   env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                      "--xla_backend_optimization_level=0")
+                      + FAST_COMPILE_FLAGS)
   env["JAX_PLATFORMS"] = "cpu"
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   env["PYTHONUNBUFFERED"] = "1"
