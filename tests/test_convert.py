@@ -165,13 +165,14 @@ def _random_haiku_variables(net, x, seed):
   for module, leaves in shapes.items():
     params[module] = {}
     for name, s in leaves.items():
+      normal = rng.standard_normal(s.shape, np.float32)  # float32: fast
       if name == "w":
-        value = rng.normal(0, (np.prod(s.shape[:-1])) ** -0.5, s.shape)
+        value = normal * np.float32(np.prod(s.shape[:-1]) ** -0.5)
       elif name == "scale":
-        value = rng.uniform(0.5, 1.5, s.shape)
+        value = rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
       else:
-        value = rng.normal(0, 0.1, s.shape)
-      params[module][name] = value.astype(np.float32)
+        value = normal * np.float32(0.1)
+      params[module][name] = value
   state = {}
   for module, leaves in state_shapes.items():
     shape = leaves["average"].shape
