@@ -33,7 +33,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from byol_jax import checkpoint  # noqa: E402
 from byol_jax import data  # noqa: E402
-from byol_jax import interrupts  # noqa: E402
 from byol_jax import methods  # noqa: E402
 from byol_jax import metric_writer  # noqa: E402
 from byol_jax import multihost  # noqa: E402
@@ -144,7 +143,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     throttle = jax.default_backend() == "cpu"
     final: dict[str, Any] = {}
     metrics = previous = None
-    ctrl_c = stack.enter_context(interrupts.DeferredCtrlC())
     while step < total_steps:
       with jax.transfer_guard("disallow"):
         state, metrics = train_step(state, pipeline.batch(step))
@@ -179,8 +177,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         results = _evaluate(monitor, state)
         writer.write(step, results)
         say(progress.eval_line(step, results))
-      if ctrl_c.requested:
-        raise KeyboardInterrupt
 
     # --- The end: a final checkpoint (the last step was checked where it
     # logged) and evaluation.
