@@ -320,7 +320,15 @@ def _start(train_cmd, workdir, *extra):
                 "--config.checkpoint_every_steps=3",
                 "--config.knn.enabled=False", *extra),
       cwd=REPO, env=train_env(2), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+      stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+  """The trainer gets Ctrl-C as a terminal would deliver it. A shell that
+  runs the tests as a background job ignores SIGINT, and an ignored signal
+  stays ignored in every child (a trainer that went on stepping after
+  SIGINT, seen in `.ci/run` started with `&`)."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_step(proc, n):
