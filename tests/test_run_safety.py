@@ -314,21 +314,26 @@ def test_bad_settings_fail_before_compiling(tmp_path, tiny_config, key, value,
 
 
 # ------------------------------------------------------- CLI exit paths -----
+# The trainer's module run with SIGINT at Python's default handler: Ctrl-C
+# as a terminal delivers it. A shell that runs the tests as a background job
+# ignores SIGINT, and an ignored signal stays ignored in every child (a
+# trainer that went on stepping after SIGINT, seen in `.ci/run` started with
+# `&`). Set in the child's Python, not in a preexec_fn (fork of a threaded
+# process).
+_WITH_SIGINT = ("import runpy, signal; "
+                "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "runpy.run_module('byol_jax.train', run_name='__main__', "
+                "alter_sys=True)")
+
+
 def _start(train_cmd, workdir, *extra):
+  cmd = train_cmd(workdir, "steps=100000", "--config.log_every_steps=1",
+                  "--config.checkpoint_every_steps=3",
+                  "--config.knn.enabled=False", *extra)
+  assert cmd[1:3] == ["-m", "byol_jax.train"], cmd
   return subprocess.Popen(
-      train_cmd(workdir, "steps=100000", "--config.log_every_steps=1",
-                "--config.checkpoint_every_steps=3",
-                "--config.knn.enabled=False", *extra),
-      cwd=REPO, env=train_env(2), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
-
-
-def _default_sigint():
-  """The trainer gets Ctrl-C as a terminal would deliver it. A shell that
-  runs the tests as a background job ignores SIGINT, and an ignored signal
-  stays ignored in every child (a trainer that went on stepping after
-  SIGINT, seen in `.ci/run` started with `&`)."""
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+      [cmd[0], "-c", _WITH_SIGINT, *cmd[3:]], cwd=REPO, env=train_env(2),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_step(proc, n):
