@@ -22,6 +22,9 @@ import jax.numpy as jnp
 from byol_jax.data import augment
 
 MAX_ATTEMPTS = 10
+# Training crops are shrunk with plain bicubic (the paper's tf.image.resize)
+# up to this factor, antialiased past it, on the host and on the devices.
+PLAIN_SHRINK_MAX = 3.0
 NUM_UNIFORMS = 2 * MAX_ATTEMPTS + 2   # Area and aspect per attempt, y and x.
 
 

@@ -132,6 +132,7 @@ def _parallel(config) -> int:
 def canvas_side(config: ml_collections.ConfigDict) -> int:
   """C, the side of the training crops' canvases (config.data.canvas_size,
   0 for image_size)."""
+  # .get: configs saved before the field existed (load_run) lack it.
   return int(config.data.get("canvas_size", 0) or config.data.image_size)
 
 
@@ -271,7 +272,7 @@ def finish_fn(mesh: Mesh, mode: str, size: int):
   """
   views = (dict(view1="hw1", view2="hw2") if mode == "pretrain"
            else dict(image="hw"))
-  above = 1.0 if mode == "eval" else 3.0
+  above = 1.0 if mode == "eval" else crops.PLAIN_SHRINK_MAX
 
   def per_device(batch):
     out = dict(batch)

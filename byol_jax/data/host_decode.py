@@ -5,8 +5,8 @@ union of its crop windows, at the DCT scale that a large shrink allows. A
 crop that fits on the C x C canvas (C = config.data.canvas_size, default
 image_size S) travels as it is with its size, and the accelerators resample
 it to S x S (`host.finish_fn`); only a larger crop is shrunk here (bicubic).
-With C = S the host never enlarges; with C = 2 S (the ImageNet presets) it
-rarely resamples at all, for 4x the bytes per view.
+With C = S the host never enlarges; with C = 2 S (advised for ImageNet on
+CPU-bound hosts) it rarely resamples at all, for 4x the bytes per view.
 """
 import functools
 import types
@@ -90,7 +90,8 @@ def fit(crop, size: int, canvas: int | None = None,
     return (_pad(out, square, canvas) if canvas > size else out), square
 
   fits = tf.reduce_all(hw <= canvas) if device_resize else tf.constant(False)
-  large = tf.reduce_max(hw) > (3 if fast else 1) * size
+  large = tf.cast(tf.reduce_max(hw), tf.float32) > (
+      crops.PLAIN_SHRINK_MAX if fast else 1.0) * size
   image, hw = tf.switch_case(                   # One branch op, not two.
       tf.where(fits, 0, tf.where(large, 2, 1)),
       [lambda: (_pad(crop, hw, canvas), hw), lambda: resize(False),
