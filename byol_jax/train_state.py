@@ -52,23 +52,29 @@ def create(config: ml_collections.ConfigDict, model: network.Network,
     has_target: whether to create a target network.
   """
   size = config.data.image_size
+  rep = sharding.replicated(mesh)
 
-  def init(key):
-    online_key, target_key = jax.random.split(key)
+  # One program initialises either network (which = 0: online, 1: target):
+  # BYOL's two networks then cost one compilation, not one each.
+  def init_network(key, which):
     dummy = jnp.zeros((2, size, size, 3), jnp.float32)
-    variables = model.init(online_key, dummy, train=True)
-    target = None
-    if has_target:
-      target = network.split_target(model.init(target_key, dummy, train=True))
-    return TrainState(step=jnp.zeros((), jnp.int32),
-                      params=variables["params"],
-                      batch_stats=variables["batch_stats"], target=target,
-                      opt_state=tx.init(variables["params"]))
+    return model.init(jax.random.split(key)[which], dummy, train=True)
+
+  def init_optimizer(params):
+    return jnp.zeros((), jnp.int32), tx.init(params)
 
   # The 'rbg' generator compiles a ResNet's init far faster than threefry
   # (seconds instead of tens of seconds on CPU); init needs no more.
   key = jax.random.key(config.seed, impl="rbg")
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))(key)
+  init_network = jax.jit(init_network, out_shardings=rep)
+  variables = init_network(key, 0)
+  target = (network.split_target(init_network(key, 1)) if has_target
+            else None)
+  step, opt_state = jax.jit(init_optimizer, out_shardings=rep)(
+      variables["params"])
+  return TrainState(step=step, params=variables["params"],
+                    batch_stats=variables["batch_stats"], target=target,
+                    opt_state=opt_state)
 
 
 def abstract(config, model, tx, mesh, has_target) -> TrainState:
