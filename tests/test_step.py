@@ -1,5 +1,6 @@
 """The train step: 1 vs 8 devices, one compilation, donation, and what one
-BYOL step does to the state (EMA, target statistics, classifier, bfloat16)."""
+BYOL step does to the state (EMA, target statistics, classifier, bfloat16);
+the state it starts from."""
 import io
 import types
 
@@ -14,6 +15,7 @@ from byol_jax import methods
 from byol_jax import optim
 from byol_jax import sharding
 from byol_jax import step as step_lib
+from byol_jax import train_state
 from byol_jax.data import augment
 from testlib import build_step
 
@@ -127,6 +129,44 @@ def test_step_traced_once_and_state_donated(tiny_config, cifar_npz):
 
 
 # ------------------------------------------- one BYOL step, in detail -------
+def test_initial_state_one_init_program_own_target_key(tiny_config):
+  """BYOL's two networks come from one compiled init program, the target
+  from its own key; the state is replicated and the same for the same seed."""
+  config = tiny_config(**STEP_CONFIG)
+  mesh = sharding.make_mesh()
+  method = methods.get("byol")
+  model = method.make_network(config)
+  tx, _ = optim.build_optimizer(config, 100, 10)
+  compiled = []
+
+  def listener(event, duration_secs, **kwargs):
+    del duration_secs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(kwargs.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    state = train_state.create(config, model, tx, mesh, True)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiled.count("jit(init_network)") == 1, compiled
+  again = train_state.create(config, model, tx, mesh, True)
+  chex.assert_trees_all_equal(state, again)  # Same seed, same bits.
+  rep = sharding.replicated(mesh)
+  for leaf in jax.tree.leaves(state):
+    assert leaf.sharding.is_equivalent_to(rep, leaf.ndim), leaf.sharding
+  assert int(state.step) == 0
+  # The target: encoder and projector only, initialised from its own key.
+  assert sorted(state.target["params"]) == ["encoder", "projector"]
+  online = {k: state.params[k] for k in ("encoder", "projector")}
+  chex.assert_trees_all_equal_shapes(online, state.target["params"])
+  assert not any(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(online), jax.tree.leaves(state.target["params"]))
+                 if np.asarray(a).std() > 0)
+  chex.assert_trees_all_equal(state.batch_stats["encoder"],
+                              state.target["batch_stats"]["encoder"])
+
+
 @pytest.fixture(scope="module")
 def byol_step(tiny_config, cifar_npz):
   """One BYOL step (one device) from one state, with labels and without."""
