@@ -1,7 +1,7 @@
 """Pretraining learns: representations beat the same network at its start.
 
 The default suite keeps one learning test (SimCLR, whose margin at CPU scale
-is largest): 150 steps of configs/tiny.py on real CIFAR-10 images, then a
+is largest): 100 steps of configs/tiny.py on real CIFAR-10 images, then a
 linear head fitted in closed form (ridge regression on standardised features
 of centre crops, six-fold cross-validated over the 6,000 labelled images),
 against the same probe of the network at the initialisation the run started
@@ -27,14 +27,14 @@ from byol_jax.methods import network
 
 # The linear protocol's runs (slow); the default test's SimCLR run is shorter.
 STEPS = {"byol": 300, "simclr": 300, "simsiam": 1000}
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 100
 
 
 def _pretrain(tmp_path_factory, run_train, method, devices=2, steps=None):
   workdir = tmp_path_factory.mktemp(f"learn_{method}") / "run"
   run_train(workdir, f"method={method},steps={steps or STEPS[method]}",
             "--config.checkpoint_every_steps=100000",
-            "--config.log_every_steps=25", "--config.knn.enabled=False",
+            "--config.log_every_steps=10", "--config.knn.enabled=False",
             timeout=1800, devices=devices, narrow=False, optimize=True)
   return workdir
 
