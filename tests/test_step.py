@@ -18,6 +18,7 @@ from byol_jax import step as step_lib
 from byol_jax import train_state
 from byol_jax.data import augment
 from testlib import build_step
+from testlib import count_compiles
 
 
 def real_batch(cifar_npz, n, seed=0):
@@ -137,19 +138,9 @@ def test_initial_state_one_init_program_own_target_key(tiny_config):
   method = methods.get("byol")
   model = method.make_network(config)
   tx, _ = optim.build_optimizer(config, 100, 10)
-  compiled = []
-
-  def listener(event, duration_secs, **kwargs):
-    del duration_secs
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiled.append(kwargs.get("fun_name"))
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with count_compiles("jit(init_network)") as compiled:
     state = train_state.create(config, model, tx, mesh, True)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert compiled.count("jit(init_network)") == 1, compiled
+  assert compiled[0] == 1, compiled
   again = train_state.create(config, model, tx, mesh, True)
   chex.assert_trees_all_equal(state, again)  # Same seed, same bits.
   rep = sharding.replicated(mesh)

@@ -67,13 +67,17 @@ def error_lines(stderr: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def count_compiles():
-  """Counts XLA compilations inside the block: `with count_compiles() as n:`."""
+def count_compiles(fun_name: str | None = None):
+  """Counts XLA compilations inside the block: `with count_compiles() as n:`.
+
+  `fun_name`: count only those of this function (e.g. 'jit(train_step)').
+  """
   counter = [0]
 
   def listener(event, duration_secs, **kwargs):
-    del duration_secs, kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
+    del duration_secs
+    if (event == "/jax/core/compile/backend_compile_duration" and
+        fun_name in (None, kwargs.get("fun_name"))):
       counter[0] += 1
 
   jax.monitoring.register_event_duration_secs_listener(listener)
