@@ -43,6 +43,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from byol_jax import data  # noqa: E402
 from byol_jax import methods  # noqa: E402
 from byol_jax import optim  # noqa: E402
 from byol_jax import sharding  # noqa: E402
@@ -96,6 +97,8 @@ def load_config(spec: str):
 def make_config(spec: str, per_device_batch: int, dtype: str):
   """The case's config at `per_device_batch` on every device of the mesh."""
   config = load_config(spec)
+  if config.data.num_classes < 0:  # Classes from the data (tiny's .npz).
+    config = data.resolve(config)
   with config.unlocked():
     config.batch_size = per_device_batch * jax.device_count()
     config.total_steps = 1000   # Schedules need a length; any will do.

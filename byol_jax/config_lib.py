@@ -60,16 +60,23 @@ def view_augment(*, flip=0.5, color_jitter=0.8, brightness=0.4, contrast=0.4,
 
 def set_cifar10_data(c: ml_collections.ConfigDict, source: str,
                      path: str) -> None:
-  """CIFAR-10 at 32 px, kept on the accelerators, with the kNN monitor on.
+  """CIFAR-10's recipe at 32 px, kept on the accelerators, kNN monitor on.
+
+  The recipe, not the data: with `source='tfds'` the data is TFDS's cifar10
+  (10 classes, eval split 'test'); any other source's classes, their number
+  and eval split come from the data (`data.describe`), so that
+  `source=folder|npz` trains on any folder or file with this recipe.
 
   Args:
     c: the config to update in place.
     source: 'tfds', 'folder', 'npz' or 'arrays'.
     path: the folder or file for the non-TFDS sources.
   """
+  tfds = source == "tfds"
   c.data.update(dict(source=source, name="cifar10", path=path,
-                     train_split="train", eval_split="test", num_classes=10,
-                     image_size=32, eval_crop_fraction=1.0, on_device=True))
+                     train_split="train", eval_split="test" if tfds else "",
+                     num_classes=10 if tfds else -1, image_size=32,
+                     eval_crop_fraction=1.0, on_device=True))
   c.knn.enabled = True
 
 

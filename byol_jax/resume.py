@@ -19,7 +19,8 @@ from byol_jax.errors import ConfigError
 # Fields a resumed run may change: cadences, evaluation settings, the length
 # of the run and where the same data lives. Everything else (method, model,
 # heads, classes, optimizer, batch size, seed, data and augmentations)
-# changes the state or what the run computes.
+# changes the state or what the run computes. The name of a folder or file
+# (data.name, not read for them) follows data.path.
 RESUMABLE = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
              "checkpoint_every_minutes", "keep_checkpoints", "total_steps",
              "num_epochs", "knn.", "data.path", "data.data_dir",
@@ -69,7 +70,8 @@ def config_changes(saved: ml_collections.ConfigDict,
     if a == b:
       continue
     resumable = _matches(key, RESUMABLE) or (
-        _matches(key, allow) and not _matches(key, STRUCTURAL))
+        _matches(key, allow) and not _matches(key, STRUCTURAL)) or (
+            key == "data.name" and new.get("data.source") != "tfds")
     (allowed if resumable else refused)[key] = (a, b)
   return refused, allowed
 

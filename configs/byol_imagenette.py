@@ -28,8 +28,9 @@ def get_config(arg=None):
   c.data.name = "imagenette/full-size-v2"
   c.data.path = arg.path
   c.data.train_split = "train"
-  c.data.eval_split = "validation" if arg.source == "tfds" else "val"
-  c.data.num_classes = 10
+  # TFDS's Imagenette: 10 classes, 'validation'; other sources: from the data.
+  c.data.eval_split = "validation" if arg.source == "tfds" else ""
+  c.data.num_classes = 10 if arg.source == "tfds" else -1
   c.data.image_size = 128
   c.knn.enabled = True
   c.eval_every_steps = 2000

@@ -39,8 +39,9 @@ def get_config(arg=None):
   c.data.name = "imagenet2012"
   c.data.path = arg.path
   c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.num_classes = 1000
+  # TFDS's ImageNet: 1000 classes, 'validation'; other sources: from the data.
+  c.data.eval_split = "validation" if arg.source == "tfds" else ""
+  c.data.num_classes = 1000 if arg.source == "tfds" else -1
   c.data.image_size = 224
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2500

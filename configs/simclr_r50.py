@@ -31,8 +31,9 @@ def get_config(arg=None):
   c.data.source = arg.source
   c.data.name = "imagenet2012"
   c.data.path = arg.path
-  c.data.eval_split = "validation"
-  c.data.num_classes = 1000
+  # TFDS's ImageNet: 1000 classes, 'validation'; other sources: from the data.
+  c.data.eval_split = "validation" if arg.source == "tfds" else ""
+  c.data.num_classes = 1000 if arg.source == "tfds" else -1
   c.data.image_size = 224
   view = config_lib.view_augment(brightness=0.8, contrast=0.8, saturation=0.8,
                                  hue=0.2, blur=0.5, solarize=0.0)

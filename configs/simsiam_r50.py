@@ -30,8 +30,9 @@ def get_config(arg=None):
   c.data.source = arg.source
   c.data.name = "imagenet2012"
   c.data.path = arg.path
-  c.data.eval_split = "validation"
-  c.data.num_classes = 1000
+  # TFDS's ImageNet: 1000 classes, 'validation'; other sources: from the data.
+  c.data.eval_split = "validation" if arg.source == "tfds" else ""
+  c.data.num_classes = 1000 if arg.source == "tfds" else -1
   c.data.image_size = 224
   c.data.crop_scale = (0.2, 1.0)
   view = config_lib.view_augment(brightness=0.4, contrast=0.4, saturation=0.4,

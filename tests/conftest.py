@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from byol_jax import data  # noqa: E402
 from byol_jax.data import augment  # noqa: E402
 
 import testdata  # noqa: E402  (tests/testdata.py)
@@ -108,6 +109,7 @@ def tiny_config(cifar_npz):
   def make(method="byol", batch=NARROW["batch"], **overrides):
     c = load_config("tiny", f"method={method},batch={batch}")
     c.data.path = str(cifar_npz)
+    c = data.resolve(c)  # 10 classes and 'test', from the data.
     c.model.num_filters = NARROW["filters"]
     c.projector.hidden_dim = NARROW["hidden"]
     c.predictor.hidden_dim = NARROW["hidden"] if method != "simsiam" else 8

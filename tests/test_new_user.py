@@ -1,5 +1,6 @@
 """The first hour of a new user (issue 14): data that just loads, through the
 train command itself."""
+import json
 import os
 import pathlib
 import shutil
@@ -11,7 +12,8 @@ import pytest
 
 from byol_jax import train
 from byol_jax.errors import ConfigError
-from testlib import CONFIGS, REPO, checkpoint_steps, error_lines, train_env
+from testlib import CONFIGS, REPO, checkpoint_steps, error_lines, load_config
+from testlib import train_env
 
 TESTS = pathlib.Path(__file__).resolve().parent
 tfds_builders = pytest.importorskip("tfds_builders")  # Needs TFDS.
@@ -101,29 +103,73 @@ def _folder_config(tiny_config, root, **overrides):
   return c
 
 
-def test_folder_with_train_and_val_trains_and_evaluates(
-    nette_folder, tiny_config, tmp_path, capsys):
-  final = train.train_and_evaluate(_folder_config(tiny_config, nette_folder),
-                                   str(tmp_path / "run"))
-  out = capsys.readouterr().out
-  assert final["step"] == 2 and "eval/online_top1" in final
-  assert str(nette_folder) in out.splitlines()[0]  # Named by its path.
-  saved = (tmp_path / "run" / "config.json").read_text()
-  assert '"num_classes": 10' in saved and '"eval_split": "val"' in saved
+def _readme_folder_command(root) -> list[str]:
+  """The README's command for a folder of one's own, pointed at `root`."""
+  line = next(l for l in (REPO / "README.md").read_text().splitlines()
+              if l.startswith("python -m byol_jax.train") and
+              "source=folder,path=/data/imagewoof2-320" in l)
+  return line.replace("/data/imagewoof2-320", str(root)).split()
+
+
+@pytest.fixture(scope="module")
+def woof3(nette_folder, tmp_path_factory):
+  """ROOT/{train,val}/<3 classes>/*.JPEG: real images, not 10 classes."""
+  root = tmp_path_factory.mktemp("new_user") / "woof3"
+  for split in ("train", "val"):
+    for cls in sorted(p.name for p in (nette_folder / split).iterdir())[:3]:
+      shutil.copytree(nette_folder / split / cls, root / split / cls)
+  return root
+
+
+def test_readme_folder_command_on_a_3_class_train_val_folder(woof3,
+                                                             tmp_path):
+  """As written in the README (the tiny preset pins CIFAR-10's 'test' split
+  and 10 classes no longer), narrowed to 2 steps."""
+  argv = _readme_folder_command(woof3)
+  workdir = tmp_path / "run"
+  argv = [sys.executable] + [a if not a.startswith("--workdir=")
+                             else f"--workdir={workdir}" for a in argv[1:]]
+  proc = subprocess.run(
+      argv + ["--config.total_steps=2", "--config.batch_size=16",
+              "--config.model.num_filters=4", "--config.knn.k=10",
+              "--config.projector.hidden_dim=32",
+              "--config.predictor.hidden_dim=32"],
+      cwd=REPO, env=train_env(8), capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  out = proc.stdout
+  assert str(woof3) in out.splitlines()[0]  # The start-up line names it.
+  assert "online_top1" in out and "knn_top1" in out  # Evaluated on val.
+  assert "has a single class" not in out
+  saved = json.loads((workdir / "config.json").read_text())["data"]
+  assert (saved["name"], saved["num_classes"], saved["eval_split"]) == (
+      "woof3", 3, "val")
+  assert checkpoint_steps(workdir) == [2]
 
 
 def test_unlabelled_folder_trains_with_the_same_command(
     nette_folder, tiny_config, tmp_path, capsys):
+  """The README command's config on a folder without class subfolders."""
   root = tmp_path / "unlabelled"
   (root / "train").mkdir(parents=True)
   for p in sorted((nette_folder / "train").rglob("*.JPEG"))[:64]:
     shutil.copy(p, root / "train" / p.name)
-  final = train.train_and_evaluate(_folder_config(tiny_config, root),
-                                   str(tmp_path / "run"))
+  arg = _readme_folder_command(root)[3].split(":", 1)[1]
+  config = load_config("tiny", arg)
+  narrow = tiny_config(total_steps=2, log_every_steps=1,
+                       checkpoint_every_steps=0)
+  for key in ("batch_size", "total_steps", "log_every_steps",
+              "checkpoint_every_steps"):
+    config[key] = narrow[key]
+  for key in ("model", "projector", "predictor"):
+    config[key] = narrow[key]
+  final = train.train_and_evaluate(config, str(tmp_path / "run"))
   out = capsys.readouterr().out
   assert final["step"] == 2 and not any(k.startswith("eval/") for k in final)
   assert out.count("has no labels") == 1
   assert checkpoint_steps(tmp_path / "run") == [2]
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+  assert (saved["name"], saved["num_classes"]) == ("unlabelled", 0)
 
 
 def test_classes_that_disagree_with_the_folder_are_one_line(

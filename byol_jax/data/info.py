@@ -11,6 +11,7 @@ conventions:
 Every mistake is one `ConfigError` line.
 """
 import dataclasses
+import os
 from typing import Any, Callable
 
 import ml_collections
@@ -188,7 +189,11 @@ def describe(config: ml_collections.ConfigDict, arrays=None) -> DataInfo:
 
 def resolve(config: ml_collections.ConfigDict,
             data_info: DataInfo | None = None) -> ml_collections.ConfigDict:
-  """A copy of the config with what the data says: classes and eval split.
+  """A copy of the config with what the data says: classes, eval split, name.
+
+  For folders and files, `data.name` becomes the folder's or file's name
+  (e.g. 'imagewoof2-320', 'cifar10_small'), so that the records name the
+  data the run read, not the preset's dataset; TFDS names stay.
 
   Args:
     config: a config whose `data.num_classes` may be -1 and `data.eval_split`
@@ -196,12 +201,20 @@ def resolve(config: ml_collections.ConfigDict,
     data_info: its `describe(config)`, if already known.
 
   Returns:
-    The config with `data.num_classes` >= 0 and `data.eval_split` the split
-    found ("" when the data has none).
+    The config with `data.num_classes` >= 0, `data.eval_split` the split
+    found ("" when the data has none) and `data.name` the data's name.
   """
   data_info = data_info or describe(config)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.num_classes = int(data_info.num_classes)
     config.data.eval_split = data_info.eval_split or ""
+    if config.data.source in ("folder", "npz") and config.data.path:
+      config.data.name = dataset_name(str(config.data.path))
   return config
+
+
+def dataset_name(path: str) -> str:
+  """'/data/imagewoof2-320/' -> 'imagewoof2-320'; 'x/cifar.npz' -> 'cifar'."""
+  base = os.path.basename(os.path.normpath(path))
+  return base[:-4] if base.lower().endswith(".npz") else base
