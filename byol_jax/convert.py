@@ -13,11 +13,9 @@ writes a workdir that `byol_jax.load_encoder`, `byol_jax.linear_eval` and
 official 'same' padding. to-torch writes the online encoder as a torchvision
 ResNet state_dict without `fc` (see README.md, "Pretrained weights").
 """
-import sys
+from byol_jax import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
 
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from byol_jax import convert_official
@@ -68,18 +66,11 @@ def run(command: str) -> str:
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    print(f"error: give one command, {' or '.join(COMMANDS)}; got "
-          f"{argv[1:]}.", file=sys.stderr)
-    sys.exit(1)
-  try:
-    line = run(argv[1])
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  logging.info(line)
-  print(line, flush=True)
+    cli.exit_error(f"give one command, {' or '.join(COMMANDS)}; got "
+                   f"{argv[1:]}.", 2)
+  print(run(argv[1]), flush=True)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -111,6 +111,7 @@ def save(state_dict: dict[str, np.ndarray], out: str,
       raise ConfigError("Writing .safetensors needs the safetensors package: "
                         "pip install safetensors.") from None
     safetensors.numpy.save_file(state_dict, out, metadata=metadata)
+    _readable(out)
     return
   try:  # Optional dependency, several GB: only the .pt export needs it.
     import torch  # pylint: disable=g-import-not-at-top
@@ -118,7 +119,17 @@ def save(state_dict: dict[str, np.ndarray], out: str,
     raise ConfigError("Writing .pt needs PyTorch (pip install torch); "
                       "--out=FILE.safetensors needs only safetensors."
                       ) from None
-  torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, out)
+  # Writable copies: torch warns about read-only NumPy arrays.
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
+             out)
+  _readable(out)
+
+
+def _readable(path: str) -> None:
+  """Gives the written file the permissions of a new file (the umask's)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
 
 
 def export(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:

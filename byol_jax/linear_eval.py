@@ -26,19 +26,19 @@ count (the learning rate follows). Top-1/top-5 are printed and written as
 JSON to WORKDIR/linear_eval.json (finetune.json for fine-tuning) or --output.
 """
 import json
-import sys
 import time
 from typing import Any
 
+from byol_jax import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
+
 import jax
-from absl import app
 from absl import flags
-from absl import logging
 from etils import epath
 
 from byol_jax import data
 from byol_jax import multihost
 from byol_jax import pretrained
+from byol_jax import progress
 from byol_jax import sharding
 from byol_jax.errors import ConfigError
 from byol_jax.evaluation import linear
@@ -136,6 +136,8 @@ def run(workdir: str, checkpoint_path: str | None = None,
       config.data.name = s["tfds_subset"]
     fraction = 1.0
   info = data.describe(config)
+  if info.num_classes == 1:
+    progress.say(progress.single_class_warning(info.name))
   mesh = sharding.make_mesh()
   evaluate = linear.LinearEvaluator(
       config, network.make_encoder(config), mesh, epochs=s["epochs"],
@@ -198,34 +200,33 @@ def define_flags() -> None:
   flags.DEFINE_string("data_path", None,
                       "Override config.data.path (image folder or .npz).")
   flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
-  flags.DEFINE_enum("multihost", "auto", ["auto", "yes", "no"],
-                    "Join jax.distributed (auto: on a multi-host cluster).")
+  cli.define_multihost_flags()
+
+
+def summary_line(s: dict[str, Any]) -> str:
+  """The one line that sums up an evaluation (its JSON has the rest)."""
+  top5 = (f" top-5 {100 * s['top5']:.2f}%" if s.get("top5") is not None
+          else "")
+  return (f"{s['mode']} eval of the {s['which']} encoder at step "
+          f"{s['checkpoint_step']}: top-1 {100 * s['top1']:.2f}%{top5} "
+          f"({s['epochs']:g} epochs of {s['num_train_examples']} images, "
+          f"batch {s['batch_size']}, {s['wall_seconds']:.0f} s on "
+          f"{s['device_count']} x {s['device_kind']}) -> {s['output']}")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   f = flags.FLAGS
-  try:
-    multihost.initialize(f.multihost)
-    s = run(f.workdir, f.checkpoint, f.step, f.preset, f.which, f.steps,
-            f.eval_batch_size, f.weight_decay, f.train_split, f.seed,
-            f.output, f.data_source, f.data_path, f.data_dir, mode=f.mode,
-            epochs=f.epochs, batch_size=f.batch_size, base_lr=f.base_lr,
-            fraction=f.fraction)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  logging.info("Result: %s", s)
+  multihost.initialize(**cli.multihost_flags())
+  s = run(f.workdir, f.checkpoint, f.step, f.preset, f.which, f.steps,
+          f.eval_batch_size, f.weight_decay, f.train_split, f.seed,
+          f.output, f.data_source, f.data_path, f.data_dir, mode=f.mode,
+          epochs=f.epochs, batch_size=f.batch_size, base_lr=f.base_lr,
+          fraction=f.fraction)
   if jax.process_index() == 0:
-    print(f"{s['mode']} eval of the {s['which']} encoder at step "
-          f"{s['checkpoint_step']}: top-1 {100 * s['top1']:.2f}% top-5 "
-          f"{100 * s['top5']:.2f}% ({s['epochs']:g} epochs of "
-          f"{s['num_train_examples']} images, batch {s['batch_size']}, "
-          f"{s['wall_seconds']:.0f} s on {s['device_count']} x "
-          f"{s['device_kind']}) -> {s['output']}", flush=True)
+    print(summary_line(s), flush=True)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -56,21 +56,70 @@ def detect() -> Optional[str]:
   return None if env is None else env.__name__
 
 
+def check_flags(mode: str = "auto", coordinator_address: Optional[str] = None,
+                num_processes: Optional[int] = None,
+                process_id: Optional[int] = None) -> None:
+  """Checks the multi-host flags together, before anything starts.
+
+  Raises:
+    ConfigError: one line for a combination that cannot work: an unknown
+      mode, a count below 1, an id outside 0..count-1, several processes
+      asked for with --multihost=no, or several processes given without
+      a coordinator that anything names.
+  """
+  if mode not in ("auto", "yes", "no"):
+    raise ConfigError(f"--multihost={mode}: use auto, yes or no.")
+  if num_processes is not None and num_processes < 1:
+    raise ConfigError(f"--num_processes={num_processes}: give the number of "
+                      "processes in the job, 1 or more.")
+  if process_id is not None and process_id < 0:
+    raise ConfigError(f"--process_id={process_id}: give this process's "
+                      "index, 0 for the first.")
+  if (num_processes is not None and process_id is not None and
+      process_id >= num_processes):
+    raise ConfigError(
+        f"--process_id={process_id} with --num_processes={num_processes}: "
+        f"the ids run from 0 to {num_processes - 1}; give each process its "
+        "own id in that range.")
+  several = ((num_processes or 1) > 1 or (process_id or 0) > 0 or
+             coordinator_address is not None)
+  if mode == "no" and several:
+    given = " ".join(f"--{k}={v}" for k, v in (
+        ("coordinator_address", coordinator_address),
+        ("num_processes", num_processes), ("process_id", process_id))
+                     if v is not None)
+    raise ConfigError(
+        f"--multihost=no runs one process, but {given} describe a job of "
+        "several: drop them to run alone, or use --multihost=auto (or yes) "
+        "to join the job.")
+  if (mode != "no" and (num_processes or 1) > 1 and
+      coordinator_address is None and not os.environ.get(COORDINATOR_ENV)
+      and _cluster_env() is None):
+    raise ConfigError(
+        f"--num_processes={num_processes} but nothing names the coordinator: "
+        "give --coordinator_address=HOST:PORT (process 0's address) to every "
+        "process, or set JAX_COORDINATOR_ADDRESS.")
+
+
 def should_join(mode: str = "auto", coordinator_address: Optional[str] = None,
-                num_processes: Optional[int] = None) -> bool:
+                num_processes: Optional[int] = None,
+                process_id: Optional[int] = None) -> bool:
   """Whether `initialize` joins `jax.distributed` (decides, joins nothing).
 
   Args:
-    mode: 'yes', 'no', or 'auto': join when an explicit coordinator address
-      or process count is given, when JAX_COORDINATOR_ADDRESS is set, or when
-      the cluster environment JAX finds says more than one process.
-    coordinator_address, num_processes: as given on the command line.
+    mode: 'yes', 'no', or 'auto': join when an explicit coordinator address,
+      process count or process id is given, when JAX_COORDINATOR_ADDRESS is
+      set, or when the cluster environment JAX finds says more than one
+      process.
+    coordinator_address, num_processes, process_id: as given on the command
+      line.
   """
   if mode not in ("auto", "yes", "no"):
     raise ConfigError(f"--multihost={mode}: use auto, yes or no.")
   if mode != "auto":
     return mode == "yes"
-  if coordinator_address is not None or num_processes is not None:
+  if (coordinator_address is not None or num_processes is not None or
+      process_id is not None):
     return True
   if os.environ.get(COORDINATOR_ENV):
     return True
@@ -98,9 +147,11 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
     Whether it joined.
 
   Raises:
-    ConfigError: it should join but nothing says how many processes there are.
+    ConfigError: flags that do not fit together (`check_flags`), or it
+      should join but nothing says how many processes there are.
   """
-  if not should_join(mode, coordinator_address, num_processes):
+  check_flags(mode, coordinator_address, num_processes, process_id)
+  if not should_join(mode, coordinator_address, num_processes, process_id):
     return False
   if (num_processes is None and not options.get("cluster_detection_method")
       and _cluster_env() is None):

@@ -24,8 +24,9 @@ import urllib.parse
 import urllib.request
 from typing import Any, Optional
 
+from byol_jax import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
+
 import jax
-from absl import app
 from absl import flags
 from etils import epath
 
@@ -218,7 +219,8 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None,
     manual_dir: manually downloaded files; None: DATA_DIR/downloads/manual.
 
   Raises:
-    ConfigError: one line (the manual instructions are printed before it).
+    ConfigError: one line; for a manual download TFDS's instructions are
+      in its `instructions` attribute (the command prints them after it).
   """
   builder = _builder(name, data_dir)
   where = _where(builder)
@@ -228,10 +230,11 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None,
     return
   manual = _manual_dir(builder, manual_dir)
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not _has_files(manual):
-    print(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip())
-    raise ConfigError(
-        f"{name} needs the files above in {manual}: download them there (or "
-        "give --manual_dir=DIR) and run this command again.")
+    error = ConfigError(
+        f"{name} needs the files named below in {manual}: download them "
+        "there (or give --manual_dir=DIR) and run this command again.")
+    error.instructions = builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()
+    raise error
   _check_reachable(builder)
   print(f"Preparing {name} in {where}.", flush=True)
   download_and_prepare(builder, manual)
@@ -240,22 +243,26 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None,
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   args = flags.FLAGS
   if not args.dataset:
-    print("error: give --dataset=NAME (a TFDS name, e.g. cifar10).",
-          file=sys.stderr)
-    sys.exit(2)
+    cli.exit_error("give --dataset=NAME (a TFDS name, e.g. cifar10).", 2)
   for module in args.imports:
-    importlib.import_module(module)
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      cli.exit_error(f"--imports: cannot import {module!r} ({e}); put it on "
+                     "PYTHONPATH or fix the name.", 2)
   try:
     prepare_dataset(args.dataset, args.data_dir, args.manual_dir)
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
+    # The error line first, then TFDS's instructions that it points at.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    if getattr(e, "instructions", ""):
+      print(e.instructions, flush=True)
     sys.exit(1)
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -1,12 +1,21 @@
-"""The trainer's console: one line per event, rates measured after compiling.
+"""The commands' console: one line per event, rates measured after compiling.
 
 Only process 0 prints. The first step of a run includes compiling the train
-step, so images/s and the ETA count from the end of the first step.
+step, so images/s and the ETA count from the end of the first step. Long
+phases (decoding a dataset, an evaluation's passes and steps) print a line
+with their rate and ETA at most every PERIOD_S seconds (`Ticker`, `track`).
 """
+import threading
 import time
+from typing import Iterable, Iterator, TypeVar
 
 import jax
 import ml_collections
+
+# Seconds between two progress lines of a long phase (start-up decoding,
+# evaluations): no phase runs longer than this without a line.
+PERIOD_S = 10.0
+_T = TypeVar("_T")
 
 
 def format_duration(seconds: float) -> str:
@@ -92,7 +101,71 @@ class Progress:
     return text + (f", {evals}" if evals else "")
 
 
+def single_class_warning(dataset: str) -> str:
+  """The line for labelled data of one class (accuracy is then 100%)."""
+  return (f"warning: {dataset} has a single class: every accuracy (online "
+          "classifier, kNN, linear) is 100% and means nothing here; give "
+          "the data two or more classes to measure anything.")
+
+
 def eval_line(step: int, results: dict) -> str:
   text = " ".join(f"{k.split('/')[-1]} {100 * v:.2f}%"
                   for k, v in sorted(results.items()))
   return f"step {step} eval: {text}"
+
+
+class Ticker:
+  """Progress of a long phase: 'WHAT: 40/100 UNIT (2.1 UNIT/s, eta 0m29s)'.
+
+  `tick(done)` (or `add(n)` from several threads) prints a line when PERIOD_S
+  seconds have passed since the last one, so short phases print nothing.
+  The rate counts from the first tick, after any compiling before it.
+  """
+
+  def __init__(self, what: str, total: int, unit: str = "steps"):
+    self._what, self._total, self._unit = what, int(total), unit
+    self._start = self._last = time.monotonic()
+    self._t0 = self._d0 = None
+    self._done = 0
+    self._lock = threading.Lock()
+    self.printed = 0
+
+  def add(self, n: int = 1) -> None:
+    """Counts n more done (thread-safe)."""
+    with self._lock:
+      self._done += n
+      self.tick(self._done)
+
+  def tick(self, done: int, extra: str = "") -> None:
+    """Reports `done` of the total; prints if PERIOD_S passed since the last."""
+    now = time.monotonic()
+    if self._t0 is None:
+      self._t0, self._d0 = now, done
+      return
+    if now - self._last < PERIOD_S or done >= self._total:
+      return
+    self._last = now
+    rate = (done - self._d0) / max(now - self._t0, 1e-9)
+    eta = (format_duration((self._total - done) / rate) if rate > 0
+           else "-")
+    self.printed += 1
+    say(f"{self._what}: {done}/{self._total} {self._unit} ({rate:.3g} "
+        f"{self._unit}/s, eta {eta}){' ' + extra if extra else ''}")
+
+  def finish(self, text: str | None = None) -> None:
+    """A closing line, only if the phase took long enough to report."""
+    elapsed = time.monotonic() - self._start
+    if self.printed or elapsed >= PERIOD_S:
+      say(text or f"{self._what}: {self._total} {self._unit} in "
+          f"{format_duration(elapsed)}")
+
+
+def track(items: Iterable[_T], what: str, total: int | None = None,
+          unit: str = "batches") -> Iterator[_T]:
+  """Yields `items`, with a `Ticker` line at most every PERIOD_S seconds."""
+  total = len(items) if total is None else total  # type: ignore[arg-type]
+  ticker = Ticker(what, total, unit)
+  for i, item in enumerate(items, 1):
+    yield item
+    ticker.tick(i)
+  ticker.finish()

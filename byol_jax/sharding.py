@@ -44,7 +44,12 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     mesh: the mesh the batch is sharded over.
   """
   n = mesh.devices.size
-  if global_batch_size <= 0 or global_batch_size % n:
+  if global_batch_size <= 0:
+    raise ConfigError(
+        f"batch_size={global_batch_size}: a batch needs at least one image; "
+        f"set --config.batch_size to a positive multiple of {n} (the "
+        "devices).")
+  if global_batch_size % n:
     raise ConfigError(
         f"batch_size={global_batch_size} is not divisible by the {n} devices; "
         f"set --config.batch_size to a multiple of {n}.")

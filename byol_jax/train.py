@@ -17,18 +17,14 @@ import os
 import sys
 from typing import Any
 
-# Before TensorFlow can be imported: no C++ start-up notices on the console
-# (TensorFlow only decodes and crops images here, so its oneDNN kernels for
-# matrix products are not needed).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# First: it keeps TensorFlow's C++ start-up notices off the console.
+from byol_jax import cli  # noqa: E402  pylint: disable=g-bad-import-order
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from byol_jax import checkpoint  # noqa: E402
@@ -103,6 +99,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "monitor are off.")
   elif not config.data.eval_split:
     say(f"{info.name} has no eval split: evaluations are off.")
+  if config.data.num_classes == 1:
+    say(progress.single_class_warning(info.name))
 
   with contextlib.ExitStack() as stack:
     lock = workdir_lib.WorkdirLock(workdir)
@@ -241,79 +239,27 @@ def define_flags() -> None:
       "allow_changes", [], "Config fields (or prefixes, e.g. optimizer) a "
       "resumed run changes on purpose, e.g. a lower learning rate after a NaN "
       "stop; fields that shape the state cannot be changed.")
-  flags.DEFINE_enum(
-      "multihost", "auto", ["auto", "yes", "no"],
-      "Join jax.distributed: auto = when the environment is a multi-host "
-      "cluster (Cloud TPU pod, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).")
-  flags.DEFINE_string("coordinator_address", None,
-                      "host:port of process 0 (else auto-detect).")
-  flags.DEFINE_integer("num_processes", None,
-                       "Processes in the job (else detected).")
-  flags.DEFINE_integer("process_id", None,
-                       "This process's index (else detected).")
-
-
-def _flag_error(e: BaseException) -> str:
-  """One line for an error in the command line or in loading the config."""
-  if isinstance(e, (AttributeError, KeyError)):  # --config.<unknown>=...
-    text = str(e.args[0] if e.args else e)
-    field, _, hint = text.partition("\n")
-    return (f"unknown config field {field.strip(chr(39) + chr(34))!r} in a "
-            f"--config.FIELD=VALUE override{'; ' + hint if hint else ''}; see "
-            "the config file and byol_jax/config_lib.py for the fields.")
-  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  if len(lines) > 1:  # A traceback inside the message: its last line says it.
-    flag = lines[0].split(":")[0] if lines[0].startswith("flag --") else ""
-    return f"{flag}: {lines[-1]}" if flag else lines[-1]
-  return lines[0] if lines else type(e).__name__
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with config and flag errors as one line."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, OSError, ValueError,
-          TypeError) as e:
-    _exit_error(_flag_error(e), 2)
-  return []
-
-
-def _quiet_orbax(record) -> bool:
-  """Drops Orbax's log records below CRITICAL (a logging filter)."""
-  return "/orbax/" not in record.pathname or record.levelno >= 50
-
-
-def _exit_error(message: str, code: int = 1) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(code)
+  cli.define_multihost_flags()
 
 
 def main(argv):
-  if len(argv) > 1:
-    _exit_error(f"unexpected arguments {argv[1:]}; give flags only.", 2)
+  cli.no_arguments(argv)
   f = flags.FLAGS
   try:
     config = f.config
     if config is not None:
       config.get("method")  # A config that failed to load raises here.
-  except (flags.Error, AttributeError, KeyError, OSError, ValueError,
-          TypeError) as e:
-    _exit_error(_flag_error(e), 2)
+  except cli.FLAG_ERRORS as e:
+    cli.exit_error(cli.flag_error(e), 2)
   if config is None or not f.workdir:
-    _exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.", 2)
-  if not flags.FLAGS["verbosity"].present:
-    # The trainer's own lines only; --verbosity=0 shows the libraries' INFO.
-    logging.set_verbosity(logging.WARNING)
-    # Orbax logs the tracebacks of failed background saves; the trainer
-    # reports the same failure in one line (StorageError).
-    logging.get_absl_handler().addFilter(_quiet_orbax)
+    cli.exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.",
+                   2)
   try:
-    multihost.initialize(f.multihost, f.coordinator_address,
-                         f.num_processes, f.process_id)
+    multihost.initialize(**cli.multihost_flags())
     final = train_and_evaluate(config, f.workdir, f.restore_step,
                                f.allow_changes)
   except (ConfigError, NonFiniteError) as e:
-    _exit_error(str(e))
+    cli.exit_error(str(e))
   except checkpoint.StorageError as e:
     # Orbax's threads of the failed save wait for signals that never come;
     # the checkpoints, writers and lock are closed already: leave now.
@@ -322,12 +268,12 @@ def main(argv):
     os._exit(1)  # pylint: disable=protected-access
   except KeyboardInterrupt:
     # The saves in flight were finished on the way out.
-    _exit_error("interrupted; the checkpoints saved so far are complete: "
-                "run the same command to resume.", EXIT_INTERRUPTED)
+    cli.exit_error("interrupted; the checkpoints saved so far are complete: "
+                   "run the same command to resume.", EXIT_INTERRUPTED)
   if final.get("preempted"):
     sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

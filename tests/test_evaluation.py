@@ -10,6 +10,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from byol_jax.evaluation import knn
 from byol_jax.evaluation import linear
 from byol_jax.evaluation import monitor
 from byol_jax.methods import network
+from testlib import REPO, assert_error_first, noisy_lines, train_env
 
 
 def _unit(rng, shape):
@@ -333,26 +335,77 @@ def test_cli_user_error_is_one_line(tmp_path):
       cwd=pathlib.Path(__file__).resolve().parents[1],
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 1
-  assert "Traceback" not in proc.stderr
-  assert proc.stderr.strip().splitlines()[-1].startswith("error: No checkpoint")
+  assert assert_error_first(proc).startswith("error: No checkpoint")
 
 
-def test_finetune_on_a_tenth_of_the_labels_and_the_target_encoder(
-    trained_run, tmp_path):
-  """Semi-supervised fine-tuning of BYOL's EMA encoder, end to end."""
-  from byol_jax import linear_eval as cli  # pylint: disable=g-import-not-at-top
+def test_cli_console_is_quiet_and_sums_up_in_one_line(trained_run, tmp_path):
   workdir, _ = trained_run
+  out = tmp_path / "linear.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "byol_jax.linear_eval", f"--workdir={workdir}",
+       "--steps=2", "--batch_size=16", "--eval_batch_size=200",
+       f"--output={out}"],
+      capture_output=True, text=True, timeout=600, cwd=REPO,
+      env=train_env(2))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  console = proc.stdout + proc.stderr
+  assert not noisy_lines(console), console
+  assert "Result:" not in console and "{" not in console
+  lines = console.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "linear eval of the online encoder at step 16: top-1 "), console
+  assert json.loads(out.read_text())["steps"] == 2
+
+
+def test_finetune_1pct_preset_fits_the_labels_and_shows_progress(
+    trained_run, tmp_path, capsys, monkeypatch):
+  """The 1% preset (batch 4096) on 50 labelled images, BYOL's EMA encoder.
+
+  Each step is slowed beyond the progress period, so that every step after
+  the first prints a progress line, whatever the machine's load.
+  """
+  from byol_jax import linear_eval as cli  # pylint: disable=g-import-not-at-top
+  from byol_jax import progress  # pylint: disable=g-import-not-at-top
+  workdir, _ = trained_run
+  monkeypatch.setattr(progress, "PERIOD_S", 0.05)
+  build = linear.data.build_linear_train
+
+  class Slow:
+    def __init__(self, batches):
+      self._batches = batches
+
+    def __getattr__(self, name):
+      return getattr(self._batches, name)
+
+    def batch(self, step):
+      time.sleep(0.1)
+      return self._batches.batch(step)
+
+  monkeypatch.setattr(linear.data, "build_linear_train",
+                      lambda *a, **k: Slow(build(*a, **k)))
   out = tmp_path / "finetune.json"
-  summary = cli.run(str(workdir), which="target", mode="finetune",
-                    fraction=0.1, steps=3, batch_size=64, eval_batch_size=200,
-                    output=str(out))
+  summary = cli.run(str(workdir), preset="finetune_1pct", which="target",
+                    steps=4, eval_batch_size=200, output=str(out))
+  console = capsys.readouterr().out
   written = json.loads(out.read_text())
   assert written["which"] == "target" and written["mode"] == "finetune"
-  assert written["fraction"] == 0.1
-  assert written["num_train_examples"] == 500  # 50 of each of 10 classes.
-  assert written["num_eval_examples"] == 1000 and written["steps"] == 3
+  assert written["fraction"] == 0.01
+  assert written["num_train_examples"] == 50  # 5 of each of 10 classes.
+  # Fitted to the labels: 48 (a multiple of the 8 devices), said once.
+  assert written["batch_size"] == 48
+  assert console.count("batch 48 instead of 4096, the 50 labelled images") == 1
+  assert written["num_eval_examples"] == 1000 and written["steps"] == 4
   assert np.isfinite(written["train_loss"]) and written["top1"] >= 0.0
   assert summary["dataset"].endswith("cifar10_small.npz")
-  # The same seed takes the same labelled subset; another seed another one.
+  ticks = [l for l in console.splitlines() if l.startswith("fine-tuning: ")]
+  assert [l.split()[1] for l in ticks] == ["2/4", "3/4"], console
+  assert all(" steps/s, eta " in l and " loss " in l for l in ticks), ticks
   with pytest.raises(cli.ConfigError, match="fraction"):
     cli.run(str(workdir), mode="finetune", fraction=1.5, steps=1)
+
+
+def test_batches_fit_the_labelled_data():
+  """Train batches round down to the devices, eval batches up; never 0."""
+  assert linear.fit_to_data(4096, 4096, 50, 30, 8) == (48, 32)
+  assert linear.fit_to_data(64, 200, 1000, 1000, 8) == (64, 200)
+  assert linear.fit_to_data(64, 64, 5, 3, 8) == (8, 8)

@@ -133,6 +133,26 @@ def test_explicit_arguments_join_and_yes_without_a_cluster_is_one_line(plain):
     multihost.initialize("auto")
 
 
+@pytest.mark.parametrize("flags, match", [
+    (dict(num_processes=2, process_id=5), "--process_id=5 with "
+     "--num_processes=2: the ids run from 0 to 1"),
+    (dict(mode="no", num_processes=2, process_id=1), "--multihost=no runs "
+     "one process, but --num_processes=2 --process_id=1"),
+    (dict(mode="no", coordinator_address="h:1234"), "--multihost=no"),
+    (dict(num_processes=0), "--num_processes=0"),
+    (dict(process_id=-1), "--process_id=-1"),
+    (dict(num_processes=2, process_id=1), "nothing names the coordinator"),
+    (dict(process_id=1), "--num_processes"),  # An id alone is not ignored.
+])
+def test_multihost_flags_that_do_not_fit_are_one_line(plain, flags, match):
+  """Checked together before JAX is asked (it would raise a traceback or, for
+  --multihost=no, run one process silently)."""
+  mode = flags.pop("mode", "auto")
+  with pytest.raises(ConfigError, match=match) as e:
+    multihost.initialize(mode, **flags)
+  assert "\n" not in str(e.value)
+
+
 _PROBE = r"""
 import json, os, sys
 import jax  # runs JAX's Cloud TPU set-up (JAX_FORCE_TPU_INIT: no chip check)

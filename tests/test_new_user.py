@@ -179,3 +179,20 @@ def test_classes_that_disagree_with_the_folder_are_one_line(
   with pytest.raises(ConfigError, match="num_classes") as e:
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert "\n" not in str(e.value)
+
+
+def test_single_class_folder_is_a_warning_at_start_up(woof3, tiny_config,
+                                                      tmp_path, capsys):
+  """Every accuracy on one class is 100%: said before anything compiles
+  (the run then stops at a workdir that is a file, before compiling)."""
+  root = tmp_path / "one_class"
+  for split in ("train", "val"):
+    cls = sorted(p.name for p in (woof3 / split).iterdir())[0]
+    shutil.copytree(woof3 / split / cls, root / split / cls)
+  not_a_dir = tmp_path / "file"
+  not_a_dir.write_text("x")
+  with pytest.raises(ConfigError):
+    train.train_and_evaluate(_folder_config(tiny_config, root),
+                             str(not_a_dir))
+  out = capsys.readouterr().out
+  assert out.count("has a single class") == 1, out

@@ -296,6 +296,8 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path, tiny_config):
     ("data__train_split", "nope", "nope"),
     ("method", "moco", "Unknown method"),
     ("batch_size", 12, "not divisible by the 8 devices"),
+    ("batch_size", 0, "batch_size=0: a batch needs at least one image"),
+    ("batch_size", -64, "batch_size=-64: a batch needs at least one image"),
     ("data__num_classes", 5, "num_classes"),
     ("data__canvas_size", 16, "canvas_size=16 is smaller than"),
 ])

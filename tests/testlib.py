@@ -3,6 +3,7 @@ import contextlib
 import importlib.util
 import os
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -64,6 +65,32 @@ def checkpoint_steps(workdir) -> list[int]:
 
 def error_lines(stderr: str) -> list[str]:
   return [l for l in stderr.splitlines() if l.startswith("error:")]
+
+
+# absl's log format ('I1206 20:17:13.123 ...', 'W0000 00:00:...').
+_ABSL_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
+
+
+def noisy_lines(console: str) -> list[str]:
+  """Lines a command's quiet console must not have: absl-format log lines,
+  library INFO, TensorFlow's C++ notices, JAX's backend probing, tracebacks."""
+  return [l for l in console.splitlines()
+          if _ABSL_LINE.match(l) or "INFO" in l or "oneDNN" in l or
+          "tensorflow/core" in l or "local_xla/" in l or "cuda" in l.lower()
+          or "Traceback" in l or
+          "Unable to initialize backend" in l or "xla_bridge" in l]
+
+
+def assert_error_first(proc) -> str:
+  """A failing command: exit 1 or 2, its first line is one `error:` line."""
+  assert proc.returncode in (1, 2), (proc.returncode, proc.stdout,
+                                     proc.stderr[-3000:])
+  lines = (proc.stderr or "").strip().splitlines()
+  assert lines and lines[0].startswith("error:"), proc.stderr[-3000:]
+  assert not proc.stdout.strip(), proc.stdout[-3000:]
+  assert len(error_lines(proc.stderr)) == 1, proc.stderr[-3000:]
+  assert not noisy_lines(proc.stderr), proc.stderr[-3000:]
+  return lines[0]
 
 
 @contextlib.contextmanager

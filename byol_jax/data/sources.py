@@ -26,6 +26,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from byol_jax import progress
 from byol_jax.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -200,7 +201,16 @@ def folder_split(root: str, split: str, skip_corrupt: bool = True) -> Split:
   """
   paths, labels, class_names = list_folder(root, split)
   where = os.path.join(root, split)
-  kinds = map_threads(file_kind, paths)
+  ticker = progress.Ticker(f"checking the files of {where}", len(paths),
+                           "files")
+
+  def kind(path):
+    try:
+      return file_kind(path)
+    finally:
+      ticker.add()
+  kinds = map_threads(kind, paths)
+  ticker.finish()
   ok = np.asarray([k is not None for k in kinds], bool)
   bad = [p for p, k in zip(paths, ok) if not k]
   if bad:

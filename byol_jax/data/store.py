@@ -25,6 +25,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from byol_jax import progress
 from byol_jax.data import sources
 from byol_jax.errors import ConfigError
 
@@ -66,12 +67,17 @@ def _decode_split(data_cfg: Any, split: str, arrays=None
   if s.images is not None:
     return s.images, s.labels
 
+  ticker = progress.Ticker(f"decoding {s.name}", s.num_examples, "images")
+
   def one(i):
     try:
       return s.read(i)
     except (OSError, ValueError, SyntaxError):
       return None
+    finally:
+      ticker.add()
   images = sources.map_threads(one, range(s.num_examples))
+  ticker.finish()
   ok = np.asarray([im is not None for im in images], bool)
   if not ok.all():
     bad = int((~ok).sum())

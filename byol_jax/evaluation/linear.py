@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from byol_jax import data
 from byol_jax import models
+from byol_jax import progress
 from byol_jax import sharding
 from byol_jax.data import augment
 from byol_jax.errors import ConfigError
@@ -195,13 +196,24 @@ class LinearEvaluator:
     eval_batch_size = sharding.fit_batch_size(eval_batch_size or batch_size,
                                               mesh)
     if batch_size != asked:
-      logging.warning("Linear evaluation: batch %d instead of %d (a multiple "
-                      "of the %d devices); the learning rate follows it.",
-                      batch_size, asked, mesh.devices.size)
+      progress.say(f"Linear evaluation: batch {batch_size} instead of {asked} "
+                   f"(a multiple of the {mesh.devices.size} devices); the "
+                   "learning rate follows it.")
     self.train_data = data.build_linear_train(
         config, mesh, batch_size, seed, split=train_split, fraction=fraction)
     self.eval_data = data.build_eval(config, mesh, config.data.eval_split,
                                      eval_batch_size)
+    fitted = fit_to_data(batch_size, eval_batch_size,
+                         self.train_data.num_examples,
+                         self.eval_data.num_examples, mesh.devices.size)
+    if fitted[0] != batch_size:
+      self.train_data = data.build_linear_train(
+          config, mesh, fitted[0], seed, split=train_split,
+          fraction=fraction)
+    if fitted[1] != eval_batch_size:
+      self.eval_data = data.build_eval(config, mesh, config.data.eval_split,
+                                       fitted[1])
+    batch_size, eval_batch_size = fitted
     self.steps_per_epoch = max(1, int(self.train_data.num_examples)
                                // batch_size)
     self.total_steps = int(steps) if steps > 0 else max(
@@ -271,6 +283,9 @@ class LinearEvaluator:
                  self.total_steps, self.steps_per_epoch,
                  self.settings["batch_size"], self.settings["lr"])
     start = time.time()
+    ticker = progress.Ticker(
+        "fine-tuning" if self._finetune else "linear evaluation",
+        self.total_steps, "steps")
     window = []  # Metrics of the steps since the last log, on device.
     last = dict(loss=float("nan"), accuracy=float("nan"))
     throttle = jax.default_backend() == "cpu"
@@ -291,13 +306,18 @@ class LinearEvaluator:
           raise FloatingPointError(
               f"Linear evaluation diverged at step {step + 1} (loss "
               f"{host['loss']}); lower --base_lr.")
+      ticker.tick(step + 1, f"loss {last['loss']:.4f} acc "
+                  f"{last['accuracy']:.3f}")
     train_seconds = time.time() - start
     enc_vars = ({"params": state.params["encoder"],
                  "batch_stats": state.batch_stats}
                 if self._finetune else variables)
     acc = online.evaluate(self._count, {"encoder": enc_vars,
                                         "head": state.params["head"]},
-                          self.eval_data, mesh)
+                          progress.track(self.eval_data, "scoring on "
+                                         f"{self.eval_data.num_examples} "
+                                         "images", len(self.eval_data)),
+                          mesh)
     result = dict(self.settings, top1=acc["top1"], top5=acc["top5"],
                   num_eval_examples=acc["num_examples"],
                   train_loss=last["loss"], train_accuracy=last["accuracy"],
@@ -305,6 +325,31 @@ class LinearEvaluator:
     if self._finetune:
       result["variables"] = enc_vars
     return result
+
+
+def fit_to_data(batch_size: int, eval_batch_size: int, num_train: int,
+                num_eval: int, num_devices: int) -> tuple[int, int]:
+  """Batches no larger than the labelled data (a multiple of the devices).
+
+  A preset's batch (4096 for the 1% fine-tuning) on a few hundred labelled
+  images would repeat each image many times per step; the eval batch is cut
+  to the eval split's size (rounded up to the devices) to pad less. Says
+  what it changed.
+  """
+  def fit(b, n, up):
+    if n >= b:
+      return b
+    n = -(-n // num_devices) * num_devices if up else n // num_devices * (
+        num_devices)
+    return max(n, num_devices)
+  train_b, eval_b = fit(batch_size, num_train, False), fit(
+      eval_batch_size, num_eval, True)
+  if train_b != batch_size:
+    progress.say(f"Linear evaluation: batch {train_b} instead of "
+                 f"{batch_size}, the {num_train} labelled images (a "
+                 f"multiple of the {num_devices} devices); the learning rate "
+                 "follows it.")
+  return train_b, eval_b
 
 
 def linear_eval(config: ml_collections.ConfigDict, encoder: nn.Module,

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from byol_jax import data
 from byol_jax import models
+from byol_jax import progress
 from byol_jax import sharding
 from byol_jax.data import augment
 from byol_jax.evaluation import knn
@@ -62,6 +63,10 @@ class Monitor:
     self._bank = (data.build_eval(config, mesh, config.data.train_split,
                                   batch_size)
                   if self._knn.get("enabled") else None)
+    if self._bank is not None and self._knn["k"] > self._bank.num_examples:
+      progress.say(f"kNN monitor: k={self._bank.num_examples} neighbours "
+                   f"instead of {self._knn['k']}, the size of its bank.")
+      self._knn["k"] = self._bank.num_examples
     encoder = network.make_encoder(config)
     classifier = nn.Dense(self._num_classes, name="classifier")
     normalize = bool(config.augment.get("normalize", True))
@@ -108,7 +113,9 @@ class Monitor:
       classifier_params = self._no_classifier
     totals, query_f, query_y = None, [], []
     previous = None
-    for batch in self._queries:
+    what = prefix.rstrip("/_")
+    for batch in progress.track(self._queries, f"{what} on "
+                                f"{self._queries.num_examples} images"):
       feats, counts = self._forward(encoder_vars, classifier_params, batch)
       if self._throttle and previous is not None:
         jax.block_until_ready(previous)  # XLA:CPU: a shallow queue.
@@ -128,7 +135,8 @@ class Monitor:
     if want_features:
       bank_f, bank_y = self._features(
           (self._forward(encoder_vars, classifier_params, b)[0], b)
-          for b in self._bank)
+          for b in progress.track(self._bank, f"{what}: kNN bank of "
+                                  f"{self._bank.num_examples} images"))
       test_f, test_y = self._features(zip(query_f, query_y))
       scores = knn.knn_scores(
           bank_f, bank_y, test_f, self._num_classes, k=int(self._knn["k"]),
