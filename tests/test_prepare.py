@@ -20,7 +20,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 import tfds_builders  # noqa: E402  (registers the test datasets)
 from byol_jax import prepare  # noqa: E402
 from byol_jax.errors import ConfigError  # noqa: E402
-from testlib import REPO  # noqa: E402
+from testlib import REPO, noisy_lines  # noqa: E402
 
 # Runs `python -m byol_jax.prepare ARGS` with every import of apache_beam
 # refused and recorded; prints the attempts as JSON at exit.
@@ -46,13 +46,13 @@ def _data_cfg(name, data_dir):
                                         data_dir=str(data_dir)))
 
 
-def _prepare_cli(*args):
+def _prepare_cli(*args, stderr=subprocess.PIPE):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(REPO / "tests"), str(REPO)]))
   proc = subprocess.run(
       [sys.executable, "-c", _WITHOUT_BEAM, "--imports=tfds_builders", *args],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-      check=False)
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+      timeout=600, check=False)
   beam = [line for line in proc.stdout.splitlines()
           if line.startswith("BEAM_IMPORTS ")]
   assert beam, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -78,11 +78,24 @@ def test_manual_dataset_without_its_files_prints_the_instructions(
 def test_cli_prepares_from_manual_archives_without_beam(tmp_path,
                                                         imagenette_npz):
   data_dir, manual = tmp_path / "tfds", tmp_path / "archives"
+  # Without the archives: the error line first, then TFDS's instructions.
+  proc = _prepare_cli("--dataset=byol_test_manual", f"--data_dir={data_dir}",
+                      f"--manual_dir={manual}", stderr=subprocess.STDOUT)
+  assert proc.returncode == 1
+  lines = proc.stdout.strip().splitlines()
+  assert lines[0].startswith("error: byol_test_manual needs the files"), (
+      proc.stdout[-3000:])
+  assert (tfds_builders.ByolTestManual.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()
+          in proc.stdout)
+  assert not noisy_lines(proc.stdout), proc.stdout[-3000:]
+
   sizes = tfds_builders.write_manual_archives(imagenette_npz, manual)
   proc = _prepare_cli("--dataset=byol_test_manual", f"--data_dir={data_dir}",
                       f"--manual_dir={manual}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Prepared byol_test_manual" in proc.stdout
+  # A quiet console: no library INFO, TensorFlow notices or absl lines.
+  assert not noisy_lines(proc.stdout + proc.stderr), proc.stderr[-3000:]
 
   builder = tfds.builder("byol_test_manual", data_dir=str(data_dir))
   assert builder.is_prepared()
