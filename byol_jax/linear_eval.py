@@ -218,11 +218,14 @@ def main(argv):
   cli.no_arguments(argv)
   f = flags.FLAGS
   multihost.initialize(**cli.multihost_flags())
-  s = run(f.workdir, f.checkpoint, f.step, f.preset, f.which, f.steps,
-          f.eval_batch_size, f.weight_decay, f.train_split, f.seed,
-          f.output, f.data_source, f.data_path, f.data_dir, mode=f.mode,
-          epochs=f.epochs, batch_size=f.batch_size, base_lr=f.base_lr,
-          fraction=f.fraction)
+  try:
+    s = run(f.workdir, f.checkpoint, f.step, f.preset, f.which, f.steps,
+            f.eval_batch_size, f.weight_decay, f.train_split, f.seed,
+            f.output, f.data_source, f.data_path, f.data_dir, mode=f.mode,
+            epochs=f.epochs, batch_size=f.batch_size, base_lr=f.base_lr,
+            fraction=f.fraction)
+  except FloatingPointError as e:  # Diverged: the message names the fix.
+    cli.exit_error(str(e))
   if jax.process_index() == 0:
     print(summary_line(s), flush=True)
 

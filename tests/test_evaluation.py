@@ -224,9 +224,15 @@ def _features(encoder, variables, images):
   return np.asarray(y, np.float64)
 
 
-def test_monitor_matches_numpy(tiny_setup, cifar_1k):
+def test_monitor_matches_numpy(tiny_setup, cifar_1k, capsys, monkeypatch):
   """Online top-1/5 and kNN top-1/5 of `Monitor` against NumPy on the same
-  real images (500 queries in 4 padded batches of 128, a bank of 1,000)."""
+  real images (500 queries in 4 padded batches of 128, a bank of 1,000).
+
+  With a progress period of 0, each pass reports every batch after its
+  first, with a rate and an ETA.
+  """
+  from byol_jax import progress  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(progress, "PERIOD_S", 0.0)
   config, encoder, variables = tiny_setup
   assert config.data.num_classes == 10 and config.data.eval_split == "test"
   train_x, train_y = _decode_split(cifar_1k, "train")
@@ -243,6 +249,12 @@ def test_monitor_matches_numpy(tiny_setup, cifar_1k):
       variables, classifier)
   assert set(result) == {"eval/online_top1", "eval/online_top5",
                          "eval/knn_top1", "eval/knn_top5"}
+  ticks = [l for l in capsys.readouterr().out.splitlines()
+           if " batches (" in l and ", eta " in l]
+  assert [l.split(": ")[-1].split()[0] for l in ticks] == [
+      "2/4", "3/4", "2/8", "3/8", "4/8", "5/8", "6/8", "7/8"], ticks
+  assert ticks[0].startswith("eval on 500 images: 2/4 batches (")
+  assert ticks[2].startswith("eval: kNN bank of 1000 images: 2/8 batches (")
 
   logits = test_f @ kernel + bias  # [500, 10]
   assert len(set(np.argmax(logits, -1))) >= 5

@@ -162,7 +162,16 @@ def _pack(images, labels, image_size: int, fraction: float) -> Canvas:
     return Canvas(_readonly(stacked), _readonly(sizes),
                   _readonly(np.asarray(labels, np.int32)))
   shorter = math.ceil(image_size / fraction)
-  images = sources.map_threads(lambda im: fit_within(im, shorter), images)
+  ticker = progress.Ticker(f"shrinking images to {shorter} px", len(images),
+                           "images")
+
+  def fit(im):
+    try:
+      return fit_within(im, shorter)
+    finally:
+      ticker.add()
+  images = sources.map_threads(fit, images)
+  ticker.finish()
   sizes = np.asarray([im.shape[:2] for im in images], np.int32)     # [N, 2]
   canvas = np.zeros((len(images), *sizes.max(axis=0), 3), np.uint8)
   for i, im in enumerate(images):
