@@ -63,6 +63,7 @@ def _parse(argv):
 
 def tiny_config(npz: str, steps: int, checkpoint_every: int):
   """configs/tiny.py, narrowed as in tests/test_train.py, host pipeline."""
+  from byol_jax import data  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("tiny_config",
                                                 REPO / "configs" / "tiny.py")
   module = importlib.util.module_from_spec(spec)
@@ -76,7 +77,7 @@ def tiny_config(npz: str, steps: int, checkpoint_every: int):
   c.log_every_steps = 1
   c.checkpoint_every_steps = checkpoint_every
   c.checkpoint_every_minutes = 0
-  return c
+  return data.resolve(c)  # Classes and eval split from the .npz, as train.
 
 
 def _host_copy(tree):

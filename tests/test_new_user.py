@@ -196,3 +196,16 @@ def test_single_class_folder_is_a_warning_at_start_up(woof3, tiny_config,
                              str(not_a_dir))
   out = capsys.readouterr().out
   assert out.count("has a single class") == 1, out
+
+
+def test_a_network_from_an_unresolved_config_says_how_to_resolve_it():
+  """-1 classes mean 'from the data': a library user is told to resolve."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from byol_jax import methods  # pylint: disable=g-import-not-at-top
+  config = load_config("tiny", "source=folder,path=/data/imagewoof2-320")
+  assert config.data.num_classes == -1 and config.data.eval_split == ""
+  model = methods.get("byol").make_network(config)
+  with pytest.raises(ConfigError, match="byol_jax.data.resolve"):
+    jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                      np.zeros((1, 32, 32, 3), np.float32)))

@@ -37,6 +37,10 @@ class Network(nn.Module):
     z = self.projector(y, train=train)
     q = self.predictor(z, train=train) if self.predictor is not None else z
     out = dict(repr=y, proj=z, pred=q)
+    if self.num_classes < 0:
+      raise ConfigError(
+          f"config.data.num_classes={self.num_classes} means 'from the data':"
+          " build the network from byol_jax.data.resolve(config).")
     if self.num_classes:
       # The classifier sees a stop-gradient copy: it never moves the encoder.
       out["logits"] = nn.Dense(self.num_classes, name="classifier")(
