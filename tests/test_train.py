@@ -121,8 +121,6 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, trained_run,
     (["--config=configs/tiny.py", "--config.optimizer.base_lrr=1"],
      "unknown config field 'base_lrr' in a --config.FIELD=VALUE override: "
      "did you mean 'base_lr'?"),
-    (["--config=configs/tiny.py", "--num_processes=2", "--process_id=5"],
-     "--process_id=5 with --num_processes=2: the ids run from 0 to 1"),
     (["--config=configs/tiny.py", "--config.batch_size=abc"],
      "--config.batch_size=abc"),
     (["--config=configs/tiny.py", "--config.total_steps=-5"],
