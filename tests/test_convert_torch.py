@@ -4,6 +4,8 @@ The torchvision tests need torch and torchvision (the 'torch' extra, not in
 CI: several GB) and skip without them; the refusal and naming tests run
 everywhere.
 """
+import os
+import stat
 import subprocess
 import sys
 
@@ -120,3 +122,14 @@ def test_to_torch_loads_strictly_into_torchvision(tmp_path, nette_64, depth,
       features = m(x).numpy()
     assert features.shape == expected.shape
     assert rel_err(features, expected) < 1e-4, out
+
+
+def test_safetensors_file_has_a_new_files_permissions(tmp_path):
+  """safetensors writes 0600; the export is an ordinary file (0644 under a
+  022 umask) that others on the machine can read."""
+  pytest.importorskip("safetensors.numpy")
+  out = tmp_path / "a.safetensors"
+  convert_torch.save({"a": np.zeros(3, np.float32)}, str(out))
+  umask = os.umask(0)
+  os.umask(umask)
+  assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
