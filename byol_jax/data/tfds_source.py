@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from byol_jax import progress
 from byol_jax.data import sources
 from byol_jax.errors import ConfigError
 
@@ -99,13 +100,15 @@ def decoded_split(data_cfg: Any, split: str
                   ) -> tuple[list[np.ndarray], np.ndarray]:
   """A whole TFDS split decoded to numpy (for small sets on the devices)."""
   b = builder(data_cfg)
-  split_size(b, split)
+  n = split_size(b, split)
   ds = records(b, split).map(
       lambda ex: (tf.io.decode_image(ex["data"], channels=3,
                                      expand_animations=False), ex["label"]),
       num_parallel_calls=tf.data.AUTOTUNE)
   images, labels = [], []
-  for image, label in ds.as_numpy_iterator():
+  for image, label in progress.track(
+      ds.as_numpy_iterator(), f"decoding {data_cfg.name} {split}", n,
+      "images"):
     images.append(image)
     labels.append(label)
   return images, np.asarray(labels, np.int32)
