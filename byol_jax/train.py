@@ -242,24 +242,33 @@ def define_flags() -> None:
   cli.define_multihost_flags()
 
 
+# The command line's parsing, errors and console (shared with the other
+# commands).
+_flag_error = cli.flag_error
+_parse_flags = cli.parse_flags
+_exit_error = cli.exit_error
+
+
 def main(argv):
-  cli.no_arguments(argv)
+  if len(argv) > 1:
+    _exit_error(f"unexpected arguments {argv[1:]}; give flags only.", 2)
   f = flags.FLAGS
   try:
     config = f.config
     if config is not None:
       config.get("method")  # A config that failed to load raises here.
-  except cli.FLAG_ERRORS as e:
-    cli.exit_error(cli.flag_error(e), 2)
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError,
+          TypeError) as e:
+    _exit_error(_flag_error(e), 2)
   if config is None or not f.workdir:
-    cli.exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.",
-                   2)
+    _exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.", 2)
   try:
-    multihost.initialize(**cli.multihost_flags())
+    multihost.initialize(f.multihost, f.coordinator_address,
+                         f.num_processes, f.process_id)
     final = train_and_evaluate(config, f.workdir, f.restore_step,
                                f.allow_changes)
   except (ConfigError, NonFiniteError) as e:
-    cli.exit_error(str(e))
+    _exit_error(str(e))
   except checkpoint.StorageError as e:
     # Orbax's threads of the failed save wait for signals that never come;
     # the checkpoints, writers and lock are closed already: leave now.
@@ -268,12 +277,12 @@ def main(argv):
     os._exit(1)  # pylint: disable=protected-access
   except KeyboardInterrupt:
     # The saves in flight were finished on the way out.
-    cli.exit_error("interrupted; the checkpoints saved so far are complete: "
-                   "run the same command to resume.", EXIT_INTERRUPTED)
+    _exit_error("interrupted; the checkpoints saved so far are complete: "
+                "run the same command to resume.", EXIT_INTERRUPTED)
   if final.get("preempted"):
     sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=_parse_flags)
