@@ -334,7 +334,16 @@ def fit_to_data(batch_size: int, eval_batch_size: int, num_train: int,
   A preset's batch (4096 for the 1% fine-tuning) on a few hundred labelled
   images would repeat each image many times per step; the eval batch is cut
   to the eval split's size (rounded up to the devices) to pad less. Says
-  what it changed.
+  what it changed to the train batch.
+
+  Args:
+    batch_size, eval_batch_size: the batches asked for (multiples of the
+      devices).
+    num_train, num_eval: labelled training images and eval images.
+    num_devices: the devices the batches are split over.
+
+  Returns:
+    (train batch, eval batch), each a positive multiple of num_devices.
   """
   def fit(b, n, up):
     if n >= b:
