@@ -12,9 +12,11 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 # The tests' programs are tiny, so compiling is most of their time:
 # testlib.FAST_COMPILE_FLAGS (imported below, after the flags are set).
@@ -187,3 +189,55 @@ def trained_copy(trained_run, tmp_path):
   dst = tmp_path / "run"
   shutil.copytree(trained_run[0], dst)
   return dst
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(tmp_path_factory):
+  """gs://byol-test: a local GCS emulator (gcp-storage-emulator, in memory),
+  one per pytest process, serving this process and the trainers it starts
+  (tests/gcs_emulator.py: the emulator, with the generation header that
+  tensorstore needs).
+
+  Sets STORAGE_EMULATOR_HOST (gcsfs, google-cloud-storage, tensorboardX) and
+  TENSORSTORE_GCS_HTTP_URL (Orbax's arrays) in os.environ. Returns the
+  bucket's URL.
+  """
+  try:
+    import gcp_storage_emulator  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    pytest.fail("gcp-storage-emulator is not installed: pip install -e "
+                "'.[test]' (as .ci/run does).")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  log = tmp_path_factory.mktemp("gcs") / "emulator.log"
+  with open(log, "wb") as f:
+    proc = subprocess.Popen([sys.executable,
+                             str(REPO / "tests" / "gcs_emulator.py"),
+                             "start", "--port", str(port), "--host",
+                             "localhost", "--default-bucket", "byol-test",
+                             "--in-memory", "--quiet"],
+                            stdout=f, stderr=subprocess.STDOUT)
+  deadline = time.monotonic() + 60
+  while True:
+    try:
+      socket.create_connection(("localhost", port), timeout=1).close()
+      break
+    except OSError:
+      assert proc.poll() is None and time.monotonic() < deadline, (
+          log.read_text())
+      time.sleep(0.1)
+  url = f"http://localhost:{port}"
+  env = dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
+             GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+             GOOGLE_CLOUD_PROJECT="byol-test")
+  before = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  yield "gs://byol-test"
+  for k, v in before.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  proc.terminate()
+  proc.wait(timeout=30)

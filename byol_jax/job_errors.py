@@ -1,0 +1,110 @@
+"""A multi-process job that loses a process: one `error:` line, no lock left.
+
+When a process of a `jax.distributed` job dies, JAX's coordination service
+notices it (the heartbeat timeout, or at once when process 0, which hosts
+the service, is gone) and every other process stops itself from a C++ thread:
+a fatal log line, a C++ stack trace and SIGABRT, which no Python code can
+intercept. `guard_stderr()` routes this process's stderr through a small
+child process (this module run as a program) that passes everything through
+except that ending: it prints one `error:` line instead of the fatal block,
+and when the process is gone it removes the workdir lock if it still names
+this job (`announce_lock`), also when process 0, the lock's holder, died.
+The exit code stays non-zero (134, SIGABRT).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+_MAGIC = "\x1fbyol_jax-lock "
+_FATAL = "Terminating process because the JAX distributed service detected"
+_child = None
+_announced = None
+
+
+def guard_stderr() -> None:
+  """Starts the stderr filter (call once, before joining the job)."""
+  global _child
+  if _child is not None:
+    return
+  sys.stderr.flush()
+  _child = subprocess.Popen(
+      [sys.executable, "-m", "byol_jax.job_errors"], stdin=subprocess.PIPE,
+      stdout=subprocess.DEVNULL, stderr=None, start_new_session=True,
+      close_fds=True)
+  os.dup2(_child.stdin.fileno(), 2)  # fd 2 is now the pipe to the filter.
+  _child.stdin.close()
+
+
+def announce_lock(path: str, token: int) -> None:
+  """Tells the filter the job's lock (token 0: no lock to remove)."""
+  global _announced
+  _announced = [path, int(token)]
+  if _child is not None:
+    sys.stderr.write(f"{_MAGIC}{json.dumps([path, int(token)])}\n")
+    sys.stderr.flush()
+
+
+def remove_job_lock() -> None:
+  """Removes the announced lock if it still names this job (a process that
+  stops because the job failed, whichever process held the lock)."""
+  _remove_lock(_announced)
+
+
+def _summary(line: str) -> str:
+  status = line.split("absl::Status:", 1)[-1].strip() if (
+      "absl::Status:" in line) else ""
+  return " ".join(status.split())[:300]
+
+
+def _remove_lock(lock) -> None:
+  if not lock or not lock[1]:
+    return
+  try:
+    os.environ.setdefault("EPATH_USE_TF", "false")
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    path = epath.Path(lock[0])
+    if json.loads(path.read_text()).get("token") == lock[1]:
+      path.unlink(missing_ok=True)
+  except Exception:  # pylint: disable=broad-except
+    pass  # Gone already, or unreadable: the next start decides.
+
+
+def _filter() -> None:
+  """The child: stdin (the trainer's stderr) to stderr, fatal block to one
+  line; at the end, the lock of a lost job is removed."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  out = sys.stderr.buffer
+  lock = None
+  fatal = ""
+  first = True
+  for raw in sys.stdin.buffer:
+    line = raw.decode("utf-8", "replace")
+    if line.startswith(_MAGIC):
+      lock = json.loads(line[len(_MAGIC):])
+      continue
+    if fatal:
+      fatal += line
+      continue
+    if _FATAL in line:
+      fatal = line
+      out.write((
+          "error: the job lost a process "
+          f"({_summary(line) or 'see the other processes'}); this process "
+          "stops too. The checkpoints saved so far are complete: start the "
+          "whole job again to resume.\n").encode())
+      out.flush()
+      continue
+    out.write(raw)
+    if first or raw.endswith(b"\n"):
+      out.flush()
+    first = False
+  out.flush()
+  if fatal:
+    _remove_lock(lock)
+
+
+if __name__ == "__main__":
+  _filter()
