@@ -193,6 +193,8 @@ def test_container_restart_resumes_as_pid_1(tmp_path, trained_run,
   first = _start(cmd)
   try:
     _until(first, "step 8: checkpoint ->")
+    while not checkpoint_steps(workdir):  # Until it is complete on disk.
+      time.sleep(0.02)
     holder = json.loads((workdir / lock_lib.LOCK_NAME).read_text())
     assert holder["pid"] == 1  # The trainer is the namespace's init.
     (init,) = _children(first.pid)
@@ -205,9 +207,10 @@ def test_container_restart_resumes_as_pid_1(tmp_path, trained_run,
   assert saved and saved[-1] < TRAINED_STEPS, saved
   started = time.monotonic()
   second = _start(cmd)
-  _until(second, f"Resuming from step {saved[-1]}.")
+  head = _until(second, f"Resuming from step {saved[-1]}.")
   assert time.monotonic() - started < 60
   out, err = second.communicate(timeout=300)
+  out = "".join(head) + out
   assert second.returncode == 0, err[-3000:]
   assert "Taking over the lock" in out and out.count("Taking over") == 1
   (_, a, sa), (_, b, sb) = (pretrained.load_run(str(ref)),
