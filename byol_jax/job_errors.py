@@ -13,12 +13,18 @@ The exit code stays non-zero (134, SIGABRT).
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 
 _MAGIC = "\x1fbyol_jax-lock "
 _FATAL = "Terminating process because the JAX distributed service detected"
+# C++ log lines (and their continuation lines) of the coordination service
+# that come just before the fatal one: held back, dropped if it follows.
+_COORDINATION = ("coordination_service", "preemption_sync_manager",
+                 "client.h", "client.cc")
+_LOG_LINE = re.compile(r"^[IWEF]\d{4} ")
 _child = None
 _announced = None
 
@@ -79,17 +85,23 @@ def _filter() -> None:
   out = sys.stderr.buffer
   lock = None
   fatal = ""
-  first = True
+  held: list[bytes] = []  # A coordination-service block, not yet shown.
+
+  def show(lines):
+    out.writelines(lines)
+    out.flush()
+    lines.clear()
+
   for raw in sys.stdin.buffer:
     line = raw.decode("utf-8", "replace")
     if line.startswith(_MAGIC):
       lock = json.loads(line[len(_MAGIC):])
       continue
     if fatal:
-      fatal += line
-      continue
+      continue  # The fatal block: its stack trace.
     if _FATAL in line:
       fatal = line
+      held.clear()
       out.write((
           "error: the job lost a process "
           f"({_summary(line) or 'see the other processes'}); this process "
@@ -97,11 +109,17 @@ def _filter() -> None:
           "whole job again to resume.\n").encode())
       out.flush()
       continue
-    out.write(raw)
-    if first or raw.endswith(b"\n"):
-      out.flush()
-    first = False
-  out.flush()
+    is_log = bool(_LOG_LINE.match(line))
+    if is_log and any(f" {name}" in line.split("]")[0] or name in
+                      line.split("]")[0] for name in _COORDINATION):
+      held.append(raw)
+      continue
+    if held and not is_log and not line.startswith(("[Gloo]", "error:")):
+      held.append(raw)  # A continuation line of the held block.
+      continue
+    show(held)
+    show([raw])
+  show(held)
   if fatal:
     _remove_lock(lock)
 

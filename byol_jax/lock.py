@@ -150,7 +150,8 @@ class WorkdirLock:
     """
     refusal = ""
     if jax.process_index() == 0:
-      self.token = random.getrandbits(62) or 1
+      # 31 bits: shared as an int32 (JAX without x64).
+      self.token = random.getrandbits(31) or 1
       refusal = self._try_acquire()
     token = checkpoint.shared_decision(0 if refusal else self.token)
     if not token:
