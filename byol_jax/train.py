@@ -87,6 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   say = progress.say
   storage.check(workdir)
+  storage.check(config.data.get("data_dir") or "", "--config.data.data_dir")
   # --- Config and data: checked before anything is compiled; a TFDS
   # dataset that TFDS can download is downloaded and prepared first.
   mesh = sharding.make_mesh()

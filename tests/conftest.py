@@ -207,13 +207,22 @@ def gcs_bucket(tmp_path_factory):
   except ImportError:
     pytest.fail("gcp-storage-emulator is not installed: pip install -e "
                 "'.[test]' (as .ci/run does).")
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  log = tmp_path_factory.mktemp("gcs") / "emulator.log"
+  port, proxy_port = _free_port(), _free_port()
+  root = tmp_path_factory.mktemp("gcs")
+  log = root / "emulator.log"
+  # TensorFlow's GCS filesystem reaches it through an HTTPS proxy whose
+  # certificate TensorFlow's curl trusts (CURL_CA_BUNDLE): `tf_gcs_env`.
+  cert, key = root / "cert.pem", root / "key.pem"
+  subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                  "-keyout", str(key), "-out", str(cert), "-days", "2",
+                  "-subj", "/CN=googleapis.com", "-addext",
+                  "subjectAltName=DNS:www.googleapis.com,"
+                  "DNS:storage.googleapis.com"],
+                 check=True, capture_output=True)
   with open(log, "wb") as f:
     proc = subprocess.Popen([sys.executable,
                              str(REPO / "tests" / "gcs_emulator.py"),
+                             f"--tf_proxy={proxy_port}:{cert}:{key}",
                              "start", "--port", str(port), "--host",
                              "localhost", "--default-bucket", "byol-test",
                              "--in-memory", "--quiet"],
@@ -233,6 +242,11 @@ def gcs_bucket(tmp_path_factory):
              GOOGLE_CLOUD_PROJECT="byol-test")
   before = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
+  proxy = f"http://localhost:{proxy_port}"
+  _TF_GCS_ENV.update(https_proxy=proxy, HTTPS_PROXY=proxy,
+                     no_proxy="localhost,127.0.0.1",
+                     NO_PROXY="localhost,127.0.0.1", CURL_CA_BUNDLE=str(cert),
+                     GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator")
   yield "gs://byol-test"
   for k, v in before.items():
     if v is None:
@@ -241,3 +255,21 @@ def gcs_bucket(tmp_path_factory):
       os.environ[k] = v
   proc.terminate()
   proc.wait(timeout=30)
+
+
+_TF_GCS_ENV = {}
+
+
+@pytest.fixture(scope="session")
+def tf_gcs_env(gcs_bucket):  # pylint: disable=unused-argument
+  """Environment variables with which a subprocess's TensorFlow GCS
+  filesystem (TFDS's record files) reaches `gcs_bucket`'s emulator: an HTTPS
+  proxy (tests/gcs_emulator.py) and a token instead of credentials. Not set
+  in this process: other tests must not go through the proxy."""
+  return dict(_TF_GCS_ENV)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]

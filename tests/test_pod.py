@@ -170,6 +170,70 @@ def test_missing_gcs_client_is_one_line_before_anything():
   assert "Traceback" not in proc.stderr
 
 
+# ------------------------------------------------------- TFDS in a bucket ----
+def test_prepare_into_a_bucket_and_train_from_it(gcs_bucket, tf_gcs_env,
+                                                  cifar_npz, tmp_path):
+  """`prepare --data_dir=gs://...` writes a TFDS dataset (a builder of the
+  tests over real CIFAR-10 JPEGs) into the bucket, and a run trains from that
+  data_dir: TFDS's record files through TensorFlow's GCS filesystem, its
+  metadata and everything of byol_jax's through gcsfs, both on the emulator."""
+  tfds_builders = pytest.importorskip("tfds_builders")
+  data_dir = f"{gcs_bucket}/tfds-{uuid.uuid4().hex[:6]}"
+  served = tmp_path / "served"
+  served.mkdir()
+  tfds_builders.write_download_archive(cifar_npz, served, n_train=64,
+                                       n_test=32)
+  env = dict(train_env(8), **tf_gcs_env,
+             PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+  with tfds_builders.serve(served) as url:
+    env[tfds_builders.DOWNLOAD_URL_ENV] = (
+        f"{url}/{tfds_builders.DOWNLOAD_ARCHIVE}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "byol_jax.prepare", "--imports=tfds_builders",
+         "--dataset=byol_test_download", f"--data_dir={data_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert "test 32, train 64 examples" in proc.stdout, proc.stdout
+  written = [p.name for p in epath.Path(
+      f"{data_dir}/byol_test_download").iterdir()]
+  assert written, "nothing in the bucket"
+
+  config = tmp_path / "tfds_config.py"
+  config.write_text(_TFDS_CONFIG.format(tests=str(REPO / "tests"),
+                                        tiny=str(REPO / "configs" / "tiny.py"),
+                                        data_dir=data_dir))
+  proc = subprocess.run(
+      [sys.executable, "-m", "byol_jax.train", f"--config={config}",
+       f"--workdir={tmp_path / 'run'}"], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert checkpoint_steps(tmp_path / "run") == [4]
+  assert "byol_test_download" in proc.stdout  # The records name the data.
+  assert "online_top1" in proc.stdout  # Labels and the test split read.
+
+
+_TFDS_CONFIG = """
+import importlib.util, sys
+sys.path.insert(0, {tests!r})
+import tfds_builders  # Registers the builders with TFDS.
+
+def get_config(arg=None):
+  spec = importlib.util.spec_from_file_location("tiny", {tiny!r})
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  c = tiny.get_config("batch=16,steps=4")
+  c.data.source = "tfds"
+  c.data.name = "byol_test_download"
+  c.data.data_dir = {data_dir!r}
+  c.data.num_classes = -1
+  c.data.eval_split = ""
+  c.model.num_filters = 4
+  c.projector.hidden_dim = c.predictor.hidden_dim = 32
+  c.knn.enabled = False
+  return c
+"""
+
+
 # -------------------------------------------------------- container restart ----
 def _children(pid: int) -> list[int]:
   found = []
