@@ -45,7 +45,7 @@ from testlib import load_config, train_env  # noqa: E402
 # The README's command runs test files on two xdist workers, handing out
 # whole files in collection order: the longest (their summed test times on a
 # cold run) go first, so that neither worker is left alone with one at the end.
-_LONGEST_FIRST = ("test_run_safety.py", "test_new_user.py",
+_LONGEST_FIRST = ("test_pod.py", "test_run_safety.py", "test_new_user.py",
                   "test_data_pipeline.py", "test_multihost.py",
                   "test_learning.py", "test_convert.py", "test_train.py",
                   "test_loop.py", "test_evaluation.py", "test_step.py",

@@ -274,12 +274,15 @@ def test_a_lost_process_stops_the_job_cleanly(tmp_path, cifar_npz, victim,
   try:
     deadline = time.monotonic() + 300
     while when not in logs[0].read_text(errors="replace"):
-      assert time.monotonic() < deadline and None in (
-          procs[0].poll(), procs[1].poll()) is not False, (
-              logs[0].read_text(), logs[1].read_text())
+      assert time.monotonic() < deadline, "the job did not start in time"
       assert procs[0].poll() is None and procs[1].poll() is None, (
           logs[0].read_text()[-3000:], logs[1].read_text()[-3000:])
       time.sleep(0.1)
+    # One lock for the job, held by process 0.
+    holder = json.loads((tmp_path / "run" / "trainer.lock").read_text())
+    assert holder["pid"] == procs[0].pid, holder
+    assert [p.name for p in (tmp_path / "run").iterdir()
+            if "lock" in p.name] == ["trainer.lock"]
     os.killpg(procs[victim].pid, signal.SIGKILL)
     killed = time.monotonic()
     code = procs[survivor].wait(timeout=60)

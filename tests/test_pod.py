@@ -234,6 +234,43 @@ def get_config(arg=None):
 """
 
 
+# ------------------------------------------------- SIGTERM while busy ----
+_BUSY = """
+import sys, time
+from byol_jax import preempt
+guard = preempt.Guard().__enter__()
+guard.saves_with(lambda step, state: open(sys.argv[1], "w").write(
+    f"{step} {state}"))
+guard.on_exit(lambda: print("lock released", flush=True))
+newer = (7, "state-7") if sys.argv[2] == "newer" else None
+with guard.busy("evaluating", newer=newer):
+  print("busy", flush=True)
+  time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("newer", ["newer", "saved"])
+def test_sigterm_while_busy_saves_only_a_newer_state(tmp_path, newer):
+  """The watcher ends a process whose main thread is busy: it saves the
+  state the main thread registered as newer than the last checkpoint, and
+  nothing otherwise; then the exit callbacks (the lock), exit 143."""
+  out = tmp_path / "saved.txt"
+  proc = _start([sys.executable, "-c", _BUSY, str(out), newer])
+  _until(proc, "busy")
+  sent = time.monotonic()
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=60)
+  assert proc.returncode == 143, stderr
+  assert time.monotonic() - sent < 10
+  assert "lock released" in stdout
+  if newer == "newer":
+    assert out.read_text() == "7 state-7"
+    assert "Preempted while evaluating: saved step 7" in stdout
+  else:
+    assert not out.exists()
+    assert "nothing newer than the last checkpoint to save" in stdout
+
+
 # -------------------------------------------------------- container restart ----
 def _children(pid: int) -> list[int]:
   found = []
