@@ -19,6 +19,11 @@ Whether a holder is alive is decided without trusting pids alone:
   dead one (taken over). No clocks are compared in that case, so a requeue
   onto another node resumes within about half a minute.
 
+On a bucket the lock is created by writing it and reading it back (the
+last writer wins: GCS's create-if-absent precondition is not reachable
+through gcsfs, nor offered by the emulator the tests use); two trainers
+started within the same second on one gs:// workdir are not told apart.
+
 A takeover is said once. On several hosts process 0 takes the lock and
 shares its token; if process 0 dies, the others remove the lock on their way
 out (`release_for_job`), so a job never leaves it behind.
