@@ -14,7 +14,10 @@ checkpoint, finishes the saves in flight, runs the exit callbacks (the lock)
 and leaves with exit code 143.
 
 On several processes JAX's own preemption notifier owns SIGTERM (Orbax's
-preemption sync point saves); the guard does nothing there.
+preemption sync point saves in the loop). There the watcher asks JAX's
+coordination service once a second, while the main thread is busy, whether
+any process received a preemption notice (the key JAX's notifier sets), and
+then ends this process the same way.
 """
 import contextlib
 import os
@@ -22,6 +25,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 import jax
@@ -29,14 +33,16 @@ import jax
 from byol_jax import progress
 
 EXIT_PREEMPTED = 143
+_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # Set by JAX's notifier (tsl).
+_POLL_SECONDS = 1.0
 
 
 class Guard:
   """The watcher of one run (a context manager; one process only)."""
 
   def __init__(self):
-    self.enabled = (jax.process_count() == 1 and
-                    threading.current_thread() is threading.main_thread())
+    self.enabled = threading.current_thread() is threading.main_thread()
+    self._several = jax.process_count() > 1
     self.requested = False
     self._mutex = threading.Lock()
     self._busy: str | None = None
@@ -49,6 +55,11 @@ class Guard:
   # ------------------------------------------------------------- set-up ----
   def __enter__(self):
     if not self.enabled:
+      return self
+    if self._several:
+      self._sockets = socket.socketpair()  # Closed by __exit__: stops it.
+      threading.Thread(target=self._poll_notice, daemon=True,
+                       name="preemption-notice-watcher").start()
       return self
     self._sockets = socket.socketpair()
     reader, writer = self._sockets
@@ -63,6 +74,10 @@ class Guard:
 
   def __exit__(self, *exc):
     if self._sockets is None:
+      return
+    if self._several:
+      with self._mutex:
+        self._sockets = None
       return
     previous_fd, previous_handler = self._previous
     signal.set_wakeup_fd(previous_fd)
@@ -119,6 +134,21 @@ class Guard:
         self.requested = True
         self._stop()
 
+  def _poll_notice(self) -> None:
+    """Several processes: a preemption notice seen while busy ends it."""
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    client = distributed.global_state.client
+    while self._sockets is not None and client is not None:
+      time.sleep(_POLL_SECONDS)
+      if self._busy is None:
+        continue
+      try:
+        client.key_value_try_get(_NOTICE_KEY)
+      except Exception:  # pylint: disable=broad-except  (not found: no notice)
+        continue
+      self.requested = True
+      self._stop()
+
   def _stop(self) -> None:
     """Ends the run now if the main thread is busy; else leaves it be."""
     if not self._mutex.acquire(blocking=False):
@@ -146,4 +176,8 @@ class Guard:
             f"({type(e).__name__}: {e}); run the same command to resume.",
             file=sys.stderr, flush=True)
     sys.stdout.flush()
+    if self._several and jax.process_index() == 0:
+      # Process 0 hosts the coordination service: the others, which see the
+      # notice within a poll, leave first (else they stop as a lost job).
+      time.sleep(3 * _POLL_SECONDS)
     os._exit(EXIT_PREEMPTED)  # pylint: disable=protected-access

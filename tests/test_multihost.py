@@ -306,3 +306,44 @@ def test_a_lost_process_stops_the_job_cleanly(tmp_path, cifar_npz, victim,
   assert not lock.exists(), report
   print(f"process {survivor} stopped {took:.1f}s after process {victim}: "
         f"{errors[0][:120]}")
+
+
+def test_sigterm_while_the_job_compiles_ends_it(tmp_path, cifar_npz):
+  """SIGTERM to both processes of a job during the first compilation (no
+  compilation cache: it takes seconds): JAX's notifier owns SIGTERM there;
+  the trainers see its notice and both exit 143 within 10 s, lock released."""
+  port = _free_port()
+  env = dict(_env(4), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             JAX_ENABLE_COMPILATION_CACHE="false")
+  procs, logs = [], []
+  for p in range(2):
+    logs.append(tmp_path / f"log{p}.txt")
+    with open(logs[-1], "wb") as f:
+      procs.append(subprocess.Popen(
+          _trainer(tmp_path, cifar_npz, port, p), cwd=REPO, env=env,
+          stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+  try:
+    deadline = time.monotonic() + 300
+    while "Compiling the train step" not in logs[0].read_text():
+      assert time.monotonic() < deadline, "the job did not start in time"
+      assert procs[0].poll() is None and procs[1].poll() is None, (
+          logs[0].read_text()[-3000:], logs[1].read_text()[-3000:])
+      time.sleep(0.1)
+    sent = time.monotonic()
+    for proc in procs:
+      proc.send_signal(signal.SIGTERM)
+    codes = [proc.wait(timeout=60) for proc in procs]
+    took = time.monotonic() - sent
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+  report = f"exit {codes} after {took:.1f}s:\n" + "\n".join(
+      log.read_text(errors="replace")[-2000:] for log in logs)
+  assert codes == [143, 143] and took < 10, report
+  assert "Preempted while compiling the train step" in logs[0].read_text()
+  assert not any(l.startswith("error:") for log in logs
+                 for l in log.read_text().splitlines()), report
+  assert not (tmp_path / "run" / "trainer.lock").exists()
+  print(f"both processes ended {took:.1f}s after SIGTERM")
