@@ -52,6 +52,7 @@ HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 3 * HEARTBEAT_SECONDS   # A heartbeat that long unmoved: dead.
 OLD_SECONDS = 600.0                      # Older than this by the clock: dead.
 _POLL_SECONDS = 1.0
+_RECORD_BYTES = 1024  # A local record, padded (see _write_local).
 
 
 def _read(path: str) -> str | None:
@@ -122,11 +123,19 @@ class WorkdirLock:
     return (bool(holder.get("boot_id")) and holder.get("boot_id") == boot_id()
             and holder.get("pid_ns") == pid_namespace())
 
-  def _alive(self, holder: dict, flock_free: bool) -> bool:
-    """Whether the holder of `holder` runs (may watch it for STALE_SECONDS)."""
+  def _alive(self, holder: dict, flock: str) -> bool:
+    """Whether the lock's holder runs (may watch it for STALE_SECONDS).
+
+    Args:
+      holder: its record ({} if unreadable).
+      flock: 'held' (by another process), 'free' (we hold it now) or ''
+        (a bucket: no flock).
+    """
+    if flock == "held":
+      return True  # The kernel keeps a dead process's flock for no one.
     if not holder:
-      return False
-    if flock_free and holder.get("boot_id") == boot_id():
+      return False  # Unreadable: written by a process that died writing.
+    if flock == "free" and holder.get("boot_id") == boot_id():
       return False  # Its kernel would hold the flock for it.
     if self._same_processes(holder):
       ticks = start_ticks(int(holder.get("pid", -1)))
@@ -141,8 +150,8 @@ class WorkdirLock:
       now = self._holder()
       if now is None:
         return False  # Released meanwhile.
-      if now.get("heartbeat") != beat or now.get("token") != holder.get(
-          "token"):
+      if now and (now.get("heartbeat") != beat or
+                  now.get("token") != holder.get("token")):
         return True
     return False
 
@@ -173,63 +182,71 @@ class WorkdirLock:
       workdir_lib.check_writable(self.path.parent)
     except ConfigError as e:
       return str(e)
-    for _ in range(3):
-      holder, flock_free = self._claim()
-      if holder is None and flock_free:
-        return ""  # Created (and, locally, flocked): ours.
-      if holder is not None and self._alive(holder, flock_free):
+    said = False
+    for _ in range(5):
+      state, holder, flock = self._claim()
+      if state == "ours":
+        return ""
+      if state == "retry":
+        continue
+      if self._alive(holder, flock):
         self._unclaim()
         return (f"{self.path.parent} is in use by another trainer (pid "
                 f"{holder.get('pid')} on host {holder.get('host')}, started "
                 f"{time.ctime(float(holder.get('started', 0)))}); wait for "
                 "it to finish, or pass another --workdir. If that process "
                 f"is gone, delete {self.path}.")
-      if holder is not None:
+      if not said:
         progress.say(f"Taking over the lock of {self.path.parent} left by pid "
                      f"{holder.get('pid')} on host {holder.get('host')}, "
                      "which is no longer running.")
-        if self._take_over(holder):
-          return ""
+        said = True
+      if self._take_over(holder):
+        return ""
     return f"Could not take the lock {self.path}; delete it and try again."
 
-  def _claim(self) -> tuple[dict | None, bool]:
+  def _claim(self) -> tuple[str, dict, str]:
     """Creates the lock if there is none.
 
     Returns:
-      (None, True) when it is now ours; else (the record found, whether the
-      local flock was free, i.e. we hold it now).
+      (state, holder, flock): state 'ours' (created; locally flocked),
+      'retry' (it changed meanwhile) or 'found' (holder: the record found;
+      flock as `_alive` takes it).
     """
     if not self._local:
       holder = self._holder()
       if holder is None:
         self.path.write_text(self._record())  # Then read back: last wins.
-        if (self._holder() or {}).get("token") == self.token:
-          self.held = True
-          return None, True
         holder = self._holder()
-      return (holder if holder is not None else {}), False
+        if holder is not None and holder.get("token") == self.token:
+          self.held = True
+          return "ours", {}, ""
+      return ("retry", {}, "") if holder is None else ("found", holder, "")
     path = os.fspath(self.path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # A live process holds it.
       os.close(fd)
-      return self._holder() or {}, False
-    with contextlib.suppress(OSError):
-      if os.fstat(fd).st_ino != os.stat(path).st_ino:
-        os.close(fd)  # Released and removed meanwhile: try again.
-        return {}, True
+      return "found", self._holder() or {}, "held"
+    try:
+      same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except OSError:
+      same = False
+    if not same:
+      os.close(fd)  # Released and removed meanwhile: try again.
+      return "retry", {}, ""
     self._fd = fd
     text = os.read(fd, 1 << 16).decode("utf-8", "replace").strip()
     if not text:
       self._write_local()
       self.held = True
-      return None, True
+      return "ours", {}, ""
     try:
       holder = json.loads(text)
     except ValueError:
       holder = {}
-    return (holder if isinstance(holder, dict) else {}), True
+    return "found", (holder if isinstance(holder, dict) else {}), "free"
 
   def _unclaim(self) -> None:
     if self._fd is not None:
@@ -247,10 +264,10 @@ class WorkdirLock:
     return False  # Create it afresh (the next round of _try_acquire).
 
   def _write_local(self) -> None:
-    data = self._record().encode()
-    os.lseek(self._fd, 0, os.SEEK_SET)
-    os.ftruncate(self._fd, 0)
-    os.write(self._fd, data)
+    """The record, padded to a fixed size and written over the old one in
+    one write: a reader never sees it empty or half-written."""
+    data = self._record().encode().ljust(_RECORD_BYTES)
+    os.pwrite(self._fd, data, 0)
 
   # -------------------------------------------------------------- heartbeat ----
   def _heartbeat(self) -> None:
