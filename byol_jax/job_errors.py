@@ -35,8 +35,9 @@ def guard_stderr() -> None:
   if _child is not None:
     return
   sys.stderr.flush()
+  # By file, not `-m byol_jax...`: the package would import JAX and Orbax.
   _child = subprocess.Popen(
-      [sys.executable, "-m", "byol_jax.job_errors"], stdin=subprocess.PIPE,
+      [sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
       stdout=subprocess.DEVNULL, stderr=None, start_new_session=True,
       close_fds=True)
   os.dup2(_child.stdin.fileno(), 2)  # fd 2 is now the pipe to the filter.
