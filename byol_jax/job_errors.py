@@ -59,9 +59,11 @@ def remove_job_lock() -> None:
   _remove_lock(_announced)
 
 
-def _summary(line: str) -> str:
-  status = line.split("absl::Status:", 1)[-1].strip() if (
-      "absl::Status:" in line) else ""
+def _summary(text: str) -> str:
+  """The status of JAX's fatal message, on one line."""
+  status = text.split("absl::Status:", 1)[-1].strip() if (
+      "absl::Status:" in text) else ""
+  status = status.split(" [type.googleapis.com", 1)[0]
   return " ".join(status.split())[:300]
 
 
@@ -88,6 +90,16 @@ def _filter() -> None:
   fatal = ""
   held: list[bytes] = []  # A coordination-service block, not yet shown.
 
+  said = False
+
+  def say(text):
+    out.write((
+        "error: the job lost a process "
+        f"({_summary(text) or 'see the other processes'}); this process "
+        "stops too. The checkpoints saved so far are complete: start the "
+        "whole job again to resume.\n").encode())
+    out.flush()
+
   def show(lines):
     out.writelines(lines)
     out.flush()
@@ -98,17 +110,16 @@ def _filter() -> None:
     if line.startswith(_MAGIC):
       lock = json.loads(line[len(_MAGIC):])
       continue
-    if fatal:
-      continue  # The fatal block: its stack trace.
+    if fatal:  # The fatal block: its status (said once), its stack trace.
+      if not said and ("stack trace" in line or line.startswith("RPC:")):
+        say(fatal)
+        said = True
+      elif not said:
+        fatal += line
+      continue
     if _FATAL in line:
       fatal = line
       held.clear()
-      out.write((
-          "error: the job lost a process "
-          f"({_summary(line) or 'see the other processes'}); this process "
-          "stops too. The checkpoints saved so far are complete: start the "
-          "whole job again to resume.\n").encode())
-      out.flush()
       continue
     is_log = bool(_LOG_LINE.match(line))
     if is_log and any(f" {name}" in line.split("]")[0] or name in
@@ -121,6 +132,8 @@ def _filter() -> None:
     show(held)
     show([raw])
   show(held)
+  if fatal and not said:
+    say(fatal)
   if fatal:
     _remove_lock(lock)
 

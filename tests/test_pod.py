@@ -183,7 +183,7 @@ def test_prepare_into_a_bucket_and_train_from_it(gcs_bucket, tf_gcs_env,
   served.mkdir()
   tfds_builders.write_download_archive(cifar_npz, served, n_train=64,
                                        n_test=32)
-  env = dict(train_env(8), **tf_gcs_env,
+  env = dict(train_env(2), **tf_gcs_env,
              PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
   with tfds_builders.serve(served) as url:
     env[tfds_builders.DOWNLOAD_URL_ENV] = (
