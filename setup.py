@@ -18,6 +18,7 @@ setuptools.setup(
         "numpy",
         "pillow",
         "tensorboardX",  # TensorBoard event files, without TensorFlow
+        "fsspec",  # epath's gs:// backend (byol_jax/storage.py)
     ],
     extras_require={
         # tf.data host pipeline, TFDS sources and TensorBoard event files.
@@ -25,11 +26,19 @@ setuptools.setup(
         # but declares it for Python < 3.9 only (tensorflow/datasets#11212).
         "tf": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "tensorboard",
                "importlib_resources"],
+        # gs:// workdirs and data_dirs (byol_jax/storage.py): gcsfs for every
+        # file byol_jax and Orbax write through etils.epath (tensorstore,
+        # Orbax's array writer, is a dependency already), and
+        # google-cloud-storage for tensorboardX's event files.
+        "gcs": ["gcsfs", "google-cloud-storage"],
         # dm-haiku: the official-checkpoint tests build BYOL's Haiku network.
         # tensorboard: the tests read event files back with its own reader.
         # pytest-xdist: the suite runs its test files on two workers.
+        # gcp-storage-emulator (+ the gcs extra): a local GCS for the gs://
+        # tests; safetensors: `convert to-torch` without torch.
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
-                 "dm-haiku", "tensorboard"],
+                 "dm-haiku", "tensorboard", "gcp-storage-emulator", "gcsfs",
+                 "google-cloud-storage", "safetensors"],
         # `python -m byol_jax.convert to-torch`: .pt needs torch, .safetensors
         # only safetensors; torchvision for loading the export (large: CI
         # does not install this extra, and the torch tests skip without it).

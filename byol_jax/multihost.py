@@ -25,6 +25,10 @@ from byol_jax import sharding
 from byol_jax.errors import ConfigError
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed itself
+# When a process dies, the others stop about this long after (JAX: 100 s).
+HEARTBEAT_TIMEOUT_SECONDS = 15
+# How long a finished process waits for the others at exit (JAX: 300 s).
+SHUTDOWN_TIMEOUT_SECONDS = 60
 
 
 def _cluster_env():

@@ -30,6 +30,7 @@ import jax
 from absl import flags
 from etils import epath
 
+from byol_jax import storage
 from byol_jax.errors import ConfigError
 
 _OFFLINE = ("offline, train from local images with --config.data.source=folder "
@@ -136,8 +137,14 @@ def download_and_prepare(builder, manual_dir: Optional[str] = None) -> None:
   tfds = _tfds()
   tfds.display_progress_bar(True)
   config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  # Into a bucket: the downloads and their extraction stay on this machine
+  # (TFDS's local default); only the prepared dataset goes to the bucket.
+  download_dir = (os.path.join(os.path.expanduser("~"), "tensorflow_datasets",
+                               "downloads")
+                  if storage.is_remote(_where(builder)) else None)
   try:
-    builder.download_and_prepare(download_config=config)
+    builder.download_and_prepare(download_dir=download_dir,
+                                 download_config=config)
   except (requests.RequestException, tfds.download.DownloadError) as e:
     raise ConfigError(
         f"Downloading TFDS dataset {builder.name!r} failed ({_one_line(e)}). "
@@ -254,6 +261,7 @@ def main(argv) -> None:
       cli.exit_error(f"--imports: cannot import {module!r} ({e}); put it on "
                      "PYTHONPATH or fix the name.", 2)
   try:
+    storage.check(args.data_dir or "", "--data_dir")
     prepare_dataset(args.dataset, args.data_dir, args.manual_dir)
   except ConfigError as e:
     # The error line first, then TFDS's instructions that it points at.

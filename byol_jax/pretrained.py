@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from byol_jax import storage
 from byol_jax.checkpoint import as_path, config_from_json
 from byol_jax.errors import ConfigError
 from byol_jax.methods import network
@@ -20,6 +21,7 @@ from byol_jax.methods import network
 
 def _find_checkpoint_dir(path: str) -> tuple[epath.Path, int | None]:
   """Resolves a workdir, its checkpoints/ dir or a step dir to (dir, step)."""
+  storage.check(path)  # gs:// without its client: one line.
   path = as_path(path)
   if not path.exists():
     raise ConfigError(f"No checkpoint at {path}: the path does not exist; "

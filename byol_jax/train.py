@@ -29,15 +29,19 @@ from ml_collections import config_flags  # noqa: E402
 
 from byol_jax import checkpoint  # noqa: E402
 from byol_jax import data  # noqa: E402
+from byol_jax import job_errors  # noqa: E402
+from byol_jax import lock as lock_lib  # noqa: E402
 from byol_jax import methods  # noqa: E402
 from byol_jax import metric_writer  # noqa: E402
 from byol_jax import multihost  # noqa: E402
 from byol_jax import optim  # noqa: E402
+from byol_jax import preempt  # noqa: E402
 from byol_jax import prepare  # noqa: E402
 from byol_jax import progress  # noqa: E402
 from byol_jax import resume  # noqa: E402
 from byol_jax import sharding  # noqa: E402
 from byol_jax import step as step_lib  # noqa: E402
+from byol_jax import storage  # noqa: E402
 from byol_jax import train_state  # noqa: E402
 from byol_jax import validate  # noqa: E402
 from byol_jax import workdir as workdir_lib  # noqa: E402
@@ -78,6 +82,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpoint.StorageError: checkpoints cannot be written or read.
   """
   say = progress.say
+  storage.check(workdir)
+  storage.check(config.data.get("data_dir") or "", "--config.data.data_dir")
   # --- Config and data: checked before anything is compiled; a TFDS
   # dataset that TFDS can download is downloaded and prepared first.
   mesh = sharding.make_mesh()
@@ -103,9 +109,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     say(progress.single_class_warning(info.name))
 
   with contextlib.ExitStack() as stack:
-    lock = workdir_lib.WorkdirLock(workdir)
-    lock.acquire()
+    # SIGTERM while the main thread is busy in one long call (waiting for
+    # the lock, restoring, compiling, evaluating) ends the run at once.
+    guard = stack.enter_context(preempt.Guard())
+    lock = lock_lib.WorkdirLock(workdir)
+    with guard.busy("waiting for the workdir lock"):
+      lock.acquire()
     stack.callback(lock.release)  # Released last, after the saves finish.
+    guard.on_exit(lock.release)
+    job_errors.announce_lock(str(lock.path), lock.token)
 
     # --- Optimizer and schedules.
     tx, lr_fn = optim.build_optimizer(config, total_steps, steps_per_epoch)
@@ -114,17 +126,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # --- Restore or initialise: decided once, before the data is built.
     ckpt = stack.enter_context(checkpoint.Checkpointer(workdir, config))
+    guard.on_exit(ckpt.wait)
+    guard.saves_with(lambda s, st: (ckpt.save(s, st), ckpt.wait()))
     abstract = train_state.abstract(config, model, tx, mesh, method.HAS_TARGET)
-    state, step = resume.restore_or_init(
-        ckpt, config, abstract,
-        lambda: train_state.create(config, model, tx, mesh, method.HAS_TARGET),
-        restore_step, say=say, allow=tuple(allow_changes))
+    with guard.busy("restoring"):
+      state, step = resume.restore_or_init(
+          ckpt, config, abstract,
+          lambda: train_state.create(config, model, tx, mesh,
+                                     method.HAS_TARGET),
+          restore_step, say=say, allow=tuple(allow_changes))
+    saved_step = step  # The newest state on disk (the restored one).
     workdir_lib.write_config(workdir, config)
     say(f"Resuming from step {step}." if step else "Starting from step 0.")
 
     # --- Data, built once at the start step; evaluators, built once.
-    pipeline = data.build_pretrain(config, mesh, start_step=step)
-    monitor = monitor_lib.Monitor(config, mesh)
+    with guard.busy("starting the data pipeline"):
+      pipeline = data.build_pretrain(config, mesh, start_step=step)
+      monitor = monitor_lib.Monitor(config, mesh)
     evaluate = monitor.enabled and bool(config.data.eval_split)
 
     # --- The compiled step.
@@ -134,6 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # --- The loop: it steps, logs, saves and evaluates; it reads from the
     # devices only on steps that log, save or evaluate.
     writer = stack.enter_context(metric_writer.MetricWriter(workdir))
+    guard.on_exit(writer.close)
     meter = progress.Progress(step, total_steps, config.batch_size,
                               steps_per_epoch)
     # XLA:CPU's simulated devices can deadlock with a deep queue of
@@ -142,11 +161,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     final: dict[str, Any] = {}
     metrics = previous = None
     while step < total_steps:
-      with jax.transfer_guard("disallow"):
-        state, metrics = train_step(state, pipeline.batch(step))
+      first = not meter.measuring
+      if first:
+        say("Compiling the train step (the first step takes longer).")
+      with (guard.busy("compiling the train step") if first
+            else contextlib.nullcontext()):
+        with jax.transfer_guard("disallow"):
+          state, metrics = train_step(state, pipeline.batch(step))
+        if first:
+          jax.block_until_ready(metrics)  # Once: compilation ends here.
       step += 1
-      if not meter.measuring:
-        jax.block_until_ready(metrics)  # Once: compilation ends here.
+      if first:
         meter.first_step_done(step)
       elif throttle:
         jax.block_until_ready(previous)
@@ -164,6 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if host is None:
           _checked(_fetch(metrics), step, ckpt)
         ckpt.save(step, state)
+        saved_step = step
         say(f"step {step}: checkpoint -> {ckpt.directory}/{step}")
         if ckpt.preempted:
           ckpt.wait()
@@ -172,7 +198,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           return dict(final, step=step, preempted=True)
       if (evaluate and config.eval_every_steps and step < total_steps and
           step % config.eval_every_steps == 0):
-        results = _evaluate(monitor, state)
+        with guard.busy("evaluating", newer=(
+            (step, state) if step > saved_step else None)):
+          results = _evaluate(monitor, state)
         writer.write(step, results)
         say(progress.eval_line(step, results))
 
@@ -182,7 +210,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt.wait()
     say(f"step {step}: checkpoint -> {ckpt.directory}/{step}")
     if evaluate:
-      results = _evaluate(monitor, state)
+      with guard.busy("evaluating"):
+        results = _evaluate(monitor, state)
       writer.write(step, results)
       say(progress.eval_line(step, results))
       final.update(results)
@@ -240,6 +269,13 @@ def define_flags() -> None:
       "resumed run changes on purpose, e.g. a lower learning rate after a NaN "
       "stop; fields that shape the state cannot be changed.")
   cli.define_multihost_flags()
+  flags.DEFINE_integer(
+      "heartbeat_timeout_seconds", multihost.HEARTBEAT_TIMEOUT_SECONDS,
+      "Several processes: how long a silent process counts as alive; when "
+      "one dies the others stop (one error line) about this long after.")
+  flags.DEFINE_integer(
+      "shutdown_timeout_seconds", multihost.SHUTDOWN_TIMEOUT_SECONDS,
+      "Several processes: how long a finished process waits for the others.")
 
 
 # The command line's parsing, errors and console (shared with the other
@@ -263,8 +299,16 @@ def main(argv):
   if config is None or not f.workdir:
     _exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.", 2)
   try:
-    multihost.initialize(f.multihost, f.coordinator_address,
-                         f.num_processes, f.process_id)
+    storage.check(f.workdir)
+    multihost.check_flags(f.multihost, f.coordinator_address,
+                          f.num_processes, f.process_id)
+    if multihost.should_join(f.multihost, f.coordinator_address,
+                             f.num_processes, f.process_id):
+      job_errors.guard_stderr()  # A lost process: one line, not a dump.
+    multihost.initialize(
+        f.multihost, f.coordinator_address, f.num_processes, f.process_id,
+        heartbeat_timeout_seconds=f.heartbeat_timeout_seconds,
+        shutdown_timeout_seconds=f.shutdown_timeout_seconds)
     final = train_and_evaluate(config, f.workdir, f.restore_step,
                                f.allow_changes)
   except (ConfigError, NonFiniteError) as e:
@@ -279,6 +323,16 @@ def main(argv):
     # The saves in flight were finished on the way out.
     _exit_error("interrupted; the checkpoints saved so far are complete: "
                 "run the same command to resume.", EXIT_INTERRUPTED)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    # A collective failed: another process of the job stopped.
+    print(f"error: the job lost a process (a collective failed: "
+          f"{checkpoint.first_line(e)}); this process stops too. The "
+          "checkpoints saved so far are complete: start the whole job again "
+          "to resume.", file=sys.stderr, flush=True)
+    job_errors.remove_job_lock()
+    os._exit(1)  # pylint: disable=protected-access
   if final.get("preempted"):
     sys.exit(EXIT_PREEMPTED)
 

@@ -254,7 +254,7 @@ remote_setup() {  # source dir venv python_version jax_package repo_url repo_ref
     "$HOME/.local/bin/uv" venv -q --python "$py" "$venv"
   fi
   "$HOME/.local/bin/uv" pip install -q --python "$venv/bin/python" \
-    -e "${dir}[tf]" "$jax_pkg"
+    -e "${dir}[tf,gcs]" "$jax_pkg"
   "$venv/bin/python" -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.devices()[0].device_kind)' \
     || true
   echo "$(hostname): byol_jax ready in ~/$dir, venv ~/$venv"

@@ -12,9 +12,11 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 # The tests' programs are tiny, so compiling is most of their time:
 # testlib.FAST_COMPILE_FLAGS (imported below, after the flags are set).
@@ -44,7 +46,7 @@ from testlib import load_config, train_env  # noqa: E402
 # The README's command runs test files on two xdist workers, handing out
 # whole files in collection order: the longest (their summed test times on a
 # cold run) go first, so that neither worker is left alone with one at the end.
-_LONGEST_FIRST = ("test_run_safety.py", "test_new_user.py",
+_LONGEST_FIRST = ("test_pod.py", "test_run_safety.py", "test_new_user.py",
                   "test_data_pipeline.py", "test_multihost.py",
                   "test_learning.py", "test_convert.py", "test_train.py",
                   "test_loop.py", "test_evaluation.py", "test_step.py",
@@ -189,3 +191,87 @@ def trained_copy(trained_run, tmp_path):
   dst = tmp_path / "run"
   shutil.copytree(trained_run[0], dst)
   return dst
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(tmp_path_factory):
+  """gs://byol-test: a local GCS emulator (gcp-storage-emulator, in memory),
+  one per pytest process, serving this process and the trainers it starts
+  (tests/gcs_emulator.py: the emulator, with the generation header that
+  tensorstore needs).
+
+  Sets STORAGE_EMULATOR_HOST (gcsfs, google-cloud-storage, tensorboardX) and
+  TENSORSTORE_GCS_HTTP_URL (Orbax's arrays) in os.environ. Returns the
+  bucket's URL.
+  """
+  try:
+    import gcp_storage_emulator  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    pytest.fail("gcp-storage-emulator is not installed: pip install -e "
+                "'.[test]' (as .ci/run does).")
+  port, proxy_port = _free_port(), _free_port()
+  root = tmp_path_factory.mktemp("gcs")
+  log = root / "emulator.log"
+  # TensorFlow's GCS filesystem reaches it through an HTTPS proxy whose
+  # certificate TensorFlow's curl trusts (CURL_CA_BUNDLE): `tf_gcs_env`.
+  cert, key = root / "cert.pem", root / "key.pem"
+  subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                  "-keyout", str(key), "-out", str(cert), "-days", "2",
+                  "-subj", "/CN=googleapis.com", "-addext",
+                  "subjectAltName=DNS:www.googleapis.com,"
+                  "DNS:storage.googleapis.com"],
+                 check=True, capture_output=True)
+  with open(log, "wb") as f:
+    proc = subprocess.Popen([sys.executable,
+                             str(REPO / "tests" / "gcs_emulator.py"),
+                             f"--tf_proxy={proxy_port}:{cert}:{key}",
+                             "start", "--port", str(port), "--host",
+                             "localhost", "--default-bucket", "byol-test",
+                             "--in-memory", "--quiet"],
+                            stdout=f, stderr=subprocess.STDOUT)
+  deadline = time.monotonic() + 60
+  while True:
+    try:
+      socket.create_connection(("localhost", port), timeout=1).close()
+      break
+    except OSError:
+      assert proc.poll() is None and time.monotonic() < deadline, (
+          log.read_text())
+      time.sleep(0.1)
+  url = f"http://localhost:{port}"
+  env = dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
+             GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+             GOOGLE_CLOUD_PROJECT="byol-test")
+  before = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  proxy = f"http://localhost:{proxy_port}"
+  _TF_GCS_ENV.update(https_proxy=proxy, HTTPS_PROXY=proxy,
+                     no_proxy="localhost,127.0.0.1",
+                     NO_PROXY="localhost,127.0.0.1", CURL_CA_BUNDLE=str(cert),
+                     GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator")
+  yield "gs://byol-test"
+  for k, v in before.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  proc.terminate()
+  proc.wait(timeout=30)
+
+
+_TF_GCS_ENV = {}
+
+
+@pytest.fixture(scope="session")
+def tf_gcs_env(gcs_bucket):  # pylint: disable=unused-argument
+  """Environment variables with which a subprocess's TensorFlow GCS
+  filesystem (TFDS's record files) reaches `gcs_bucket`'s emulator: an HTTPS
+  proxy (tests/gcs_emulator.py) and a token instead of credentials. Not set
+  in this process: other tests must not go through the proxy."""
+  return dict(_TF_GCS_ENV)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]

@@ -17,8 +17,8 @@ equals the state that was saved. It writes the saved states to --out
 and with a one-process run.
 
 Any error ends the process at once (os._exit), non-zero, so that it never
-waits on a job that cannot finish. --exit_after=init|step makes the process
-die on purpose (the test that the others then stop by themselves).
+waits on a job that cannot finish. (A job that loses a process is tested
+through the trainer's command line: test_multihost.py.)
 """
 import argparse
 import importlib.util
@@ -31,8 +31,6 @@ import traceback
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Exit codes the test tells apart.
-EXIT_ON_PURPOSE = 17
 EXIT_ERROR = 1
 _START = time.monotonic()
 
@@ -54,7 +52,6 @@ def _parse(argv):
   p.add_argument("--heartbeat_timeout", type=int, default=10)
   p.add_argument("--init_timeout", type=int, default=60)
   p.add_argument("--shutdown_timeout", type=int, default=30)
-  p.add_argument("--exit_after", choices=["init", "step"], default=None)
   p.add_argument("--load_from", default=None,
                  help="Instead of training: load this job's checkpoints on "
                  "this process's devices and compare with --out's states.")
@@ -123,9 +120,6 @@ def run(args) -> None:
     assert jax.process_index() == args.process_id
   _log(f"worker {jax.process_index()}/{jax.process_count()}: "
        f"{jax.local_device_count()} local, {jax.device_count()} devices")
-  if args.exit_after == "init":
-    _log("exiting on purpose after init")
-    os._exit(EXIT_ON_PURPOSE)
 
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -142,9 +136,6 @@ def run(args) -> None:
     """Keeps a host copy of each state it saves (the trainer's own saves)."""
 
     def save(self, step, state):  # pylint: disable=arguments-differ
-      if args.exit_after == "step":
-        _log(f"exiting on purpose at the save of step {step}")
-        os._exit(EXIT_ON_PURPOSE)
       saved[step] = _flat(_host_copy(state))
       super().save(step, state)
       _log(f"checkpoint of step {step} started")

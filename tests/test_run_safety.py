@@ -3,8 +3,6 @@
 In-process runs of `train.train_and_evaluate` on the tiny config, except
 where the exit code or the absence of a traceback is the point.
 """
-import json
-import os
 import pathlib
 import shutil
 import signal
@@ -20,7 +18,7 @@ from byol_jax import checkpoint
 from byol_jax import checksums
 from byol_jax import pretrained
 from byol_jax import train
-from byol_jax import workdir as workdir_lib
+from byol_jax import lock as lock_lib
 from byol_jax.errors import ConfigError
 from testlib import REPO, checkpoint_steps, error_lines, train_env
 
@@ -69,7 +67,7 @@ def base_run(tmp_path_factory, tiny_config):
 def run_copy(base_run, tmp_path):
   dst = tmp_path / "run"
   shutil.copytree(base_run, dst)
-  (dst / workdir_lib.LOCK_NAME).unlink(missing_ok=True)
+  (dst / lock_lib.LOCK_NAME).unlink(missing_ok=True)
   return dst
 
 
@@ -255,26 +253,7 @@ def test_non_finite_state_is_never_saved(tmp_path, tiny_config):
   assert final["step"] == saved[0] + 2 and np.isfinite(final["loss"])
 
 
-# --------------------------------------------------------------- locks ------
-def test_stale_lock_is_taken_over(run_copy, tiny_config, caplog):
-  dead = subprocess.Popen(["true"])
-  dead.wait()
-  (run_copy / workdir_lib.LOCK_NAME).write_text(json.dumps(dict(
-      host=os.uname().nodename, pid=dead.pid, token="x", started=0,
-      heartbeat=time.time())))
-  train.train_and_evaluate(_config(tiny_config, steps=6), str(run_copy))
-  assert "no longer running" in caplog.text
-  assert not (run_copy / workdir_lib.LOCK_NAME).exists()  # Released.
-
-
-def test_live_lock_is_refused(run_copy, tiny_config):
-  (run_copy / workdir_lib.LOCK_NAME).write_text(json.dumps(dict(
-      host="other-host", pid=1234, token="x", started=time.time(),
-      heartbeat=time.time())))
-  before = _tree(run_copy)
-  with pytest.raises(ConfigError, match="pid 1234 on host other-host"):
-    train.train_and_evaluate(_config(tiny_config, steps=8), str(run_copy))
-  assert _tree(run_copy) == before
+# The lock's liveness rules: tests/test_pod.py.
 
 
 # ------------------------------------------------------ bad workdirs --------
@@ -360,7 +339,7 @@ def test_signals_leave_finished_checkpoints(tmp_path, train_cmd, sig, code):
   saved = checkpoint_steps(workdir)
   assert saved, err[-2000:]
   _no_tmp(workdir)
-  assert not (workdir / workdir_lib.LOCK_NAME).exists()
+  assert not (workdir / lock_lib.LOCK_NAME).exists()
   assert proc.returncode == code, err[-2000:]
   if sig == signal.SIGTERM:  # Preempted: saved the step reached, said so.
     assert f"Preempted: saved step {saved[-1]}" in out

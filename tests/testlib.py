@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 # Small enough for a 2-core CI machine: 4 base filters, 32 px, batch 16.
 NARROW = dict(batch=16, filters=4, hidden=32)
-TRAINED_STEPS = 16  # As test_kill_and_resume's runs: one compiled step.
+TRAINED_STEPS = 16  # As the container-restart and gs:// runs: one compiled step.
 
 
 def load_config(name: str, arg: str | None = None):

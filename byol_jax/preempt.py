@@ -1,0 +1,183 @@
+"""SIGTERM at any moment ends a one-process run within seconds.
+
+Python runs signal handlers only between bytecodes of the main thread, so a
+handler cannot act while XLA compiles, Orbax restores or tf.data starts (one
+C++ call each, up to minutes on a pod). A preemption notice gives about 30 s.
+
+`Guard` routes SIGTERM through `signal.set_wakeup_fd` to a watcher thread,
+which the C-level handler wakes at once. While the trainer's main thread is
+in the loop, SIGTERM is left to the checkpointer (it saves after the next
+step). While it is busy (`busy(...)`: restore, data start-up, the first
+compilation, an evaluation), the watcher ends the process itself: it saves the
+state only when the main thread registered one newer than the last
+checkpoint, finishes the saves in flight, runs the exit callbacks (the lock)
+and leaves with exit code 143.
+
+On several processes JAX's own preemption notifier owns SIGTERM (Orbax's
+preemption sync point saves in the loop). There the watcher asks JAX's
+coordination service once a second, while the main thread is busy, whether
+any process received a preemption notice (the key JAX's notifier sets), and
+then ends this process the same way.
+"""
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+
+from byol_jax import progress
+
+EXIT_PREEMPTED = 143
+_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # Set by JAX's notifier (tsl).
+_POLL_SECONDS = 1.0
+
+
+class Guard:
+  """The watcher of one run (a context manager; one process only)."""
+
+  def __init__(self):
+    self.enabled = threading.current_thread() is threading.main_thread()
+    self._several = jax.process_count() > 1
+    self.requested = False
+    self._mutex = threading.Lock()
+    self._busy: str | None = None
+    self._newer: tuple[int, Any] | None = None
+    self._save: Callable[[int, Any], None] | None = None
+    self._callbacks: list[Callable[[], None]] = []
+    self._sockets = None
+    self._previous = None
+
+  # ------------------------------------------------------------- set-up ----
+  def __enter__(self):
+    if not self.enabled:
+      return self
+    if self._several:
+      self._sockets = socket.socketpair()  # Closed by __exit__: stops it.
+      threading.Thread(target=self._poll_notice, daemon=True,
+                       name="preemption-notice-watcher").start()
+      return self
+    self._sockets = socket.socketpair()
+    reader, writer = self._sockets
+    writer.setblocking(False)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(),
+                                       warn_on_full_buffer=False)
+    self._previous = (previous_fd, signal.signal(signal.SIGTERM,
+                                                 self._on_sigterm))
+    threading.Thread(target=self._watch, args=(reader,), daemon=True,
+                     name="sigterm-watcher").start()
+    return self
+
+  def __exit__(self, *exc):
+    if self._sockets is None:
+      return
+    if self._several:
+      with self._mutex:
+        self._sockets = None
+      return
+    previous_fd, previous_handler = self._previous
+    signal.set_wakeup_fd(previous_fd)
+    signal.signal(signal.SIGTERM, previous_handler)
+    with self._mutex:  # The watcher is not acting: stop it.
+      self._sockets[1].close()
+      self._sockets = None
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def on_exit(self, fn: Callable[[], None]) -> None:
+    """`fn` runs before the watcher ends the process (e.g. lock release)."""
+    self._callbacks.append(fn)
+
+  def saves_with(self, save: Callable[[int, Any], None]) -> None:
+    """How the watcher saves a newer state: save(step, state), finished."""
+    self._save = save
+
+  # ------------------------------------------------------- the main thread ----
+  @contextlib.contextmanager
+  def busy(self, what: str, newer: tuple[int, Any] | None = None):
+    """Marks a long call of the main thread.
+
+    Args:
+      what: what it does, for the console ('compiling the train step').
+      newer: (step, state) when the state is newer than the last checkpoint
+        (saved if SIGTERM comes meanwhile); None when nothing needs saving.
+    """
+    if not self.enabled:
+      yield
+      return
+    with self._mutex:
+      self._busy, self._newer = what, newer
+    if self.requested:  # Already asked to stop: do not start it.
+      self._stop()
+    try:
+      yield
+    finally:
+      with self._mutex:  # Blocks for good if the watcher is ending the run.
+        self._busy = self._newer = None
+
+  # ---------------------------------------------------------- the watcher ----
+  def _watch(self, reader: socket.socket) -> None:
+    while True:
+      try:
+        data = reader.recv(64)
+      except OSError:
+        return
+      if not data:
+        return  # Closed by __exit__.
+      if signal.SIGTERM in data:
+        self.requested = True
+        self._stop()
+
+  def _poll_notice(self) -> None:
+    """Several processes: a preemption notice seen while busy ends it."""
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    client = distributed.global_state.client
+    while self._sockets is not None and client is not None:
+      time.sleep(_POLL_SECONDS)
+      if self._busy is None:
+        continue
+      try:
+        client.key_value_try_get(_NOTICE_KEY)
+      except Exception:  # pylint: disable=broad-except  (not found: no notice)
+        continue
+      self.requested = True
+      self._stop()
+
+  def _stop(self) -> None:
+    """Ends the run now if the main thread is busy; else leaves it be."""
+    if not self._mutex.acquire(blocking=False):
+      if threading.current_thread() is threading.main_thread():
+        return  # The watcher holds it: it ends the process.
+      self._mutex.acquire()
+    if self._busy is None or self._sockets is None:
+      self._mutex.release()
+      return  # In the loop: the checkpointer saves after the next step.
+    # Keeps the mutex: the main thread must not leave its busy call now.
+    saved = ""
+    try:
+      if self._newer is not None and self._save is not None:
+        step, state = self._newer
+        self._save(step, state)
+        saved = f"saved step {step}"
+      else:
+        saved = "nothing newer than the last checkpoint to save"
+      for fn in reversed(self._callbacks):
+        fn()
+      progress.say(f"Preempted while {self._busy}: {saved}; run the same "
+                   "command to resume.")
+    except BaseException as e:  # pylint: disable=broad-except
+      print(f"error: preempted while {self._busy}, and finishing failed "
+            f"({type(e).__name__}: {e}); run the same command to resume.",
+            file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if self._several and jax.process_index() == 0:
+      # Process 0 hosts the coordination service: the others, which see the
+      # notice within a poll, leave first (else they stop as a lost job).
+      time.sleep(3 * _POLL_SECONDS)
+    os._exit(EXIT_PREEMPTED)  # pylint: disable=protected-access
