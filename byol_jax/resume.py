@@ -24,6 +24,7 @@ RESUMABLE = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
              "checkpoint_every_minutes", "keep_checkpoints", "total_steps",
              "num_epochs", "knn.", "data.path", "data.data_dir",
              "data.num_parallel_calls", "data.cache", "data.skip_corrupt",
+             "data.max_undecodable_fraction",
              "data.canvas_size")
 
 

@@ -159,6 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpt.check_for_errors()
         host.update(epoch=step / steps_per_epoch,
                     images_per_sec=meter.rate(step) or 0.0)
+        _check_decoding(config, pipeline, host, step, meter)
         writer.write(step, host)
         final.update(host)
         say(meter.line(step, host))
@@ -203,6 +204,25 @@ def _evaluate(monitor: monitor_lib.Monitor, state) -> dict[str, float]:
               "batch_stats": state.target["batch_stats"]["encoder"]}
     results.update(monitor(target, None, prefix="eval/target_"))
   return results
+
+
+def _check_decoding(config, pipeline, host: dict, step: int,
+                    meter: progress.Progress) -> None:
+  """Adds the count of images that failed to decode (replaced, so that the
+  stream never shifts) to `host`; raises ConfigError past the threshold."""
+  bad = pipeline.failed_images(step)
+  if not bad:
+    return
+  host["undecodable_images"] = bad
+  read = (step - meter.start_step) * config.batch_size
+  limit = config.data.max_undecodable_fraction
+  if bad > limit * read:
+    raise ConfigError(
+        f"{bad} of the {read} images read since step {meter.start_step} "
+        f"failed to decode (more than data.max_undecodable_fraction={limit})"
+        f"; check or replace the files under {config.data.path or 'the data'}"
+        ", or raise --config.data.max_undecodable_fraction, and run the same "
+        "command again to resume.")
 
 
 def _checked(host_metrics: dict, step: int,
