@@ -32,6 +32,7 @@ from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from byol_jax import checkpoint  # noqa: E402
+from byol_jax import checkpoint_facts  # noqa: E402
 from byol_jax import data  # noqa: E402
 from byol_jax import methods  # noqa: E402
 from byol_jax import metric_writer  # noqa: E402
@@ -63,7 +64,8 @@ def _fetch(tree):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        restore_step: int | None = None,
-                       allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
+                       allow_changes: tuple[str, ...] = (),
+                       start_over: bool = False) -> dict[str, Any]:
   """Trains (resuming from WORKDIR's newest checkpoint) and evaluates.
 
   Args:
@@ -71,6 +73,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir: the run's directory.
     restore_step: resume from this checkpoint instead of the newest.
     allow_changes: config fields a resumed run changes on purpose.
+    start_over: train from step 0 although the workdir has checkpoints
+      (they move to WORKDIR/checkpoints_superseded/) or had only damaged
+      ones.
 
   Returns:
     The final metrics (train metrics of the last logged step, eval results,
@@ -120,7 +125,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, step = resume.restore_or_init(
         ckpt, config, abstract,
         lambda: train_state.create(config, model, tx, mesh, method.HAS_TARGET),
-        restore_step, say=say, allow=tuple(allow_changes))
+        restore_step, say=say, allow=tuple(allow_changes),
+        start_over=start_over)
     workdir_lib.write_config(workdir, config)
     say(f"Resuming from step {step}." if step else "Starting from step 0.")
 
@@ -156,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       host = None
       if step % config.log_every_steps == 0 or step == total_steps:
         host = _checked(_fetch(metrics), step, ckpt)
-        ckpt.check_for_errors()
+        ckpt.say_committed(say)
         host.update(epoch=step / steps_per_epoch,
                     images_per_sec=meter.rate(step) or 0.0)
         _check_decoding(config, pipeline, host, step, meter)
@@ -167,9 +173,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if host is None:
           _checked(_fetch(metrics), step, ckpt)
         ckpt.save(step, state)
-        say(f"step {step}: checkpoint -> {ckpt.directory}/{step}")
+        ckpt.say_committed(say)
         if ckpt.preempted:
           ckpt.wait()
+          ckpt.say_committed(say)
           say(f"Preempted: saved step {step}; run the same command to "
               "resume.")
           return dict(final, step=step, preempted=True)
@@ -183,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # logged) and evaluation.
     ckpt.save(step, state)
     ckpt.wait()
-    say(f"step {step}: checkpoint -> {ckpt.directory}/{step}")
+    ckpt.say_committed(say)
     if evaluate:
       results = _evaluate(monitor, state)
       writer.write(step, results)
@@ -261,6 +268,10 @@ def define_flags() -> None:
       "allow_changes", [], "Config fields (or prefixes, e.g. optimizer) a "
       "resumed run changes on purpose, e.g. a lower learning rate after a NaN "
       "stop; fields that shape the state cannot be changed.")
+  flags.DEFINE_bool(
+      "start_over", False, "Train from step 0 on purpose although the "
+      "workdir has checkpoints (they move to WORKDIR/checkpoints_superseded/)"
+      " or only damaged ones.")
   flags.DEFINE_enum(
       "multihost", "auto", ["auto", "yes", "no"],
       "Join jax.distributed: auto = when the environment is a multi-host "
@@ -327,11 +338,12 @@ def main(argv):
     # Orbax logs the tracebacks of failed background saves; the trainer
     # reports the same failure in one line (StorageError).
     logging.get_absl_handler().addFilter(_quiet_orbax)
+  checkpoint_facts.quiet_closed_event_loops()
   try:
     multihost.initialize(f.multihost, f.coordinator_address,
                          f.num_processes, f.process_id)
     final = train_and_evaluate(config, f.workdir, f.restore_step,
-                               f.allow_changes)
+                               f.allow_changes, f.start_over)
   except (ConfigError, NonFiniteError) as e:
     _exit_error(str(e))
   except checkpoint.StorageError as e:

@@ -203,13 +203,60 @@ def test_transient_errors_are_retried_then_stop_without_moving(
 
 
 def test_all_damaged_stops_and_never_restarts_from_zero(run_copy,
-                                                        tiny_config):
+                                                        tiny_config, capsys):
   for step, how in ((2, "delete"), (4, "truncate"), (6, "flip")):
     _damage(run_copy, step, how)
-  with pytest.raises(ConfigError, match="does not start again from step 0"):
-    train.train_and_evaluate(_config(tiny_config), str(run_copy))
-  assert checkpoint_steps(run_copy) == []
+  # The first run quarantines them and stops; the same command again (as
+  # any auto-restart does) stops the same way: nothing trains.
+  for _ in range(2):
+    with pytest.raises(ConfigError, match="does not start again from step 0"
+                       ) as e:
+      train.train_and_evaluate(_config(tiny_config), str(run_copy))
+    msg = str(e.value)
+    assert "\n" not in msg and "steps [2, 4, 6]" in msg
+    assert "--start_over" in msg
+    assert checkpoint_steps(run_copy) == []
+    assert len(list((run_copy / "checkpoints_damaged").iterdir())) == 3
+    assert "Starting from step 0" not in capsys.readouterr().out
+  # Asked for: it starts over, the damaged checkpoints stay where they are.
+  config = _config(tiny_config, steps=2)
+  assert train.train_and_evaluate(config, str(run_copy),
+                                  start_over=True)["step"] == 2
+  assert checkpoint_steps(run_copy) == [2]
   assert len(list((run_copy / "checkpoints_damaged").iterdir())) == 3
+
+
+@pytest.mark.parametrize("change", ["reshaped", "extra"])
+def test_another_layout_is_one_line_and_moves_nothing(tmp_path, tiny_config,
+                                                      change):
+  """A checkpoint whose leaves differ from the state this code builds (a
+  library change that reshapes or adds a leaf) is refused, not damage."""
+  from byol_jax import methods, optim, sharding, train_state  # pylint: disable=g-import-not-at-top
+  config = _config(tiny_config)
+  mesh = sharding.make_mesh()
+  model = methods.get(config.method).make_network(config)
+  tx, _ = optim.build_optimizer(config, 6, 1)
+  state = jax.device_get(train_state.create(config, model, tx, mesh, True))
+  params = jax.tree.map(lambda x: x, state.params)       # A mutable copy.
+  if change == "reshaped":
+    kernel = params["encoder"]["stem_conv"]["kernel"]     # [3, 3, 3, 4]
+    params["encoder"]["stem_conv"]["kernel"] = np.concatenate(
+        [kernel, kernel[..., :1]], axis=-1)
+    expected = "params.encoder.stem_conv.kernel (3, 3, 3, 5) -> (3, 3, 3, 4)"
+  else:
+    params["extra"] = {"scale": np.ones((7,), np.float32)}
+    expected = "does not build: params.extra.scale"
+  workdir = tmp_path / "run"
+  with checkpoint.Checkpointer(str(workdir), config) as ckpt:
+    ckpt.save(2, state)
+    ckpt.save(4, state.replace(params=params))
+  before = _tree(workdir)
+  with pytest.raises(ConfigError, match="another layout") as e:
+    train.train_and_evaluate(config, str(workdir))
+  msg = str(e.value)
+  assert "\n" not in msg and expected in msg and "nothing was moved" in msg
+  assert "tensorstore" not in msg.lower()
+  assert _tree(workdir) == before
 
 
 def test_restore_step_resumes_an_older_checkpoint(run_copy, tiny_config):
