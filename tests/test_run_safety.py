@@ -456,3 +456,34 @@ def test_storage_failure_mid_run_stops_with_one_line(tmp_path, train_cmd):
   first = min(int(p.name) for p in (tmp_path / "moved_away").iterdir()
               if p.name.isdigit())
   assert max(logged) <= first + 2 * 3 + 3, (max(logged), first)
+
+
+def test_full_disk_stops_with_one_line_and_keeps_everything(small_disk,
+                                                            train_cmd):
+  """An 8 MiB workdir that fills up mid-run: one error line, exit 1, every
+  metrics line written before intact, 'checkpoint ->' said only for the
+  saves that committed, and the last of them restores."""
+  disk, fill = small_disk
+  workdir = disk / "run"
+  fill(free_kib=1400)                     # About two checkpoints' worth.
+  cmd = train_cmd(workdir, "steps=10", "--config.log_every_steps=1",
+                  "--config.checkpoint_every_steps=2",
+                  "--config.keep_checkpoints=10", "--config.knn.enabled=False")
+  proc = subprocess.run(cmd, cwd=REPO, env=train_env(2), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = error_lines(proc.stderr)
+  assert len(errors) == 1 and "No space left" in errors[0], proc.stderr[-3000:]
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text()
+          .splitlines()]
+  logged = [int(l.split()[1].split("/")[0]) for l in proc.stdout.splitlines()
+            if l.startswith("step ") and "/" in l.split()[1]]
+  assert logged and [r["step"] for r in rows] == logged
+  said = [int(l.split()[1].rstrip(":")) for l in proc.stdout.splitlines()
+          if "checkpoint ->" in l]
+  assert said and said == checkpoint_steps(workdir), proc.stdout
+  assert said[-1] < 10
+  _, state, step = pretrained.load_run(str(workdir))   # It restores.
+  assert step == said[-1] and int(state["step"]) == step
+  _all_finite(workdir)
