@@ -34,6 +34,7 @@ from ml_collections import config_flags  # noqa: E402
 from byol_jax import checkpoint  # noqa: E402
 from byol_jax import checkpoint_facts  # noqa: E402
 from byol_jax import data  # noqa: E402
+from byol_jax import divergence  # noqa: E402
 from byol_jax import methods  # noqa: E402
 from byol_jax import metric_writer  # noqa: E402
 from byol_jax import multihost  # noqa: E402
@@ -54,7 +55,16 @@ EXIT_INTERRUPTED = 130
 
 
 class NonFiniteError(RuntimeError):
-  """The loss or the state became NaN or infinite; nothing after is saved."""
+  """The loss or the state became NaN or infinite; nothing after is saved.
+
+  Attributes:
+    flags: the trainer flags that resume from a healthy checkpoint (or
+      start over) at a lower learning rate (`divergence.resume_flags`).
+  """
+
+  def __init__(self, message: str, flags: list[str]):
+    super().__init__(message)
+    self.flags = flags
 
 
 def _fetch(tree):
@@ -142,6 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # --- The loop: it steps, logs, saves and evaluates; it reads from the
     # devices only on steps that log, save or evaluate.
     writer = stack.enter_context(metric_writer.MetricWriter(workdir))
+    health = _start_health(workdir, state, step, writer)
     meter = progress.Progress(step, total_steps, config.batch_size,
                               steps_per_epoch)
     # XLA:CPU's simulated devices can deadlock with a deep queue of
@@ -161,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       previous = metrics
       host = None
       if step % config.log_every_steps == 0 or step == total_steps:
-        host = _checked(_fetch(metrics), step, ckpt)
+        host = _checked(_fetch(metrics), step, ckpt, config, health)
         ckpt.say_committed(say)
         host.update(epoch=step / steps_per_epoch,
                     images_per_sec=meter.rate(step) or 0.0)
@@ -170,8 +181,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         final.update(host)
         say(meter.line(step, host))
       if step < total_steps and ckpt.should_save(step):
-        if host is None:
-          _checked(_fetch(metrics), step, ckpt)
+        if host is None:  # Its norm, for the advice after a NaN stop.
+          norm = _checked(_fetch(metrics), step, ckpt, config,
+                          health)["param_norm"]
+          writer.write(step, {"param_norm": norm})
         ckpt.save(step, state)
         ckpt.say_committed(say)
         if ckpt.preempted:
@@ -232,23 +245,33 @@ def _check_decoding(config, pipeline, host: dict, step: int,
         "command again to resume.")
 
 
-def _checked(host_metrics: dict, step: int,
-             ckpt: checkpoint.Checkpointer) -> dict:
+def _start_health(workdir, state, step: int,
+                  writer: metric_writer.MetricWriter) -> divergence.Health:
+  """Parameter norms so far; the norm at step 0 is logged when a run starts
+  (or remembered, for a run that began before it was logged)."""
+  health = divergence.Health(workdir)
+  if 0 not in health.norms:
+    health.record(0, divergence.param_norm(state.params))
+    if step == 0:
+      writer.write(0, {"param_norm": health.norms[0]})
+  return health
+
+
+def _checked(host_metrics: dict, step: int, ckpt: checkpoint.Checkpointer,
+             config: ml_collections.ConfigDict,
+             health: divergence.Health) -> dict:
   """Floats of the fetched metrics; raises NonFiniteError on NaN/Inf."""
   host = {k: float(np.asarray(v)) for k, v in host_metrics.items()}
   finite = host.pop("finite", 1.0) > 0 and np.isfinite(host["loss"])
   if not finite:
     ckpt.wait()
     saved = [s for s in ckpt.all_steps() if s < step]
-    resume_from = (f"every checkpoint kept (steps {saved}) is finite: resume "
-                   f"with --restore_step={saved[-1]} (or an earlier one if it "
-                   "stops again) --config.optimizer.base_lr=LOWER "
-                   "--allow_changes=optimizer.base_lr"
-                   if saved else "no checkpoint was saved before it: lower "
-                   "--config.optimizer.base_lr and start again")
+    flags, why = divergence.resume_flags(config, health, saved)
     raise NonFiniteError(
         f"The state became NaN or infinite by step {step} (loss "
-        f"{host['loss']}); stopping without saving it; {resume_from}.")
+        f"{host['loss']}); stopping without saving it; {why}: go on with "
+        f"{' '.join(flags)}.", flags)
+  health.record(step, host["param_norm"])
   return host
 
 
@@ -344,7 +367,9 @@ def main(argv):
                          f.num_processes, f.process_id)
     final = train_and_evaluate(config, f.workdir, f.restore_step,
                                f.allow_changes, f.start_over)
-  except (ConfigError, NonFiniteError) as e:
+  except NonFiniteError as e:
+    _exit_error(f"{e} The command: {divergence.command(sys.argv, e.flags)}")
+  except ConfigError as e:
     _exit_error(str(e))
   except checkpoint.StorageError as e:
     # Orbax's threads of the failed save wait for signals that never come;

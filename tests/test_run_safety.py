@@ -6,6 +6,7 @@ where the exit code or the absence of a traceback is the point.
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import subprocess
@@ -276,30 +277,74 @@ def test_restore_step_resumes_an_older_checkpoint(run_copy, tiny_config):
 
 
 # ---------------------------------------------------------- NaN / Inf -------
-def test_non_finite_state_is_never_saved(tmp_path, tiny_config):
+def test_non_finite_state_is_never_saved_and_the_advice_runs(tmp_path,
+                                                             train_cmd):
+  """LR 1e5: the state goes NaN within a few steps. No NaN is saved; the
+  error names a checkpoint that is not diverging (or says to start over)
+  and a lower learning rate, in a command that finishes as printed."""
   workdir = tmp_path / "nan"
-  config = _config(tiny_config, steps=30, optimizer__base_lr=1e5,
-                   warmup_epochs=0.0, log_every_steps=5,
-                   checkpoint_every_steps=3, keep_checkpoints=30)
-  with pytest.raises(train.NonFiniteError) as e:
-    train.train_and_evaluate(config, str(workdir))
+  cmd = train_cmd(workdir, "steps=30", "--config.optimizer.base_lr=1e5",
+                  "--config.warmup_epochs=0.0", "--config.log_every_steps=5",
+                  "--config.checkpoint_every_steps=3",
+                  "--config.keep_checkpoints=30", "--config.knn.enabled=False")
+  proc = subprocess.run(cmd, cwd=REPO, env=train_env(2), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
   saved = checkpoint_steps(workdir)
   assert saved, "the state was finite for a few steps at least"
   _all_finite(workdir)
   _no_tmp(workdir)
-  msg = str(e.value)
-  assert "\n" not in msg and f"--restore_step={saved[-1]}" in msg
-  assert f"steps {saved}" in msg
-  # The advice works: a finite checkpoint with a sane learning rate, changed
-  # on purpose (without --allow_changes it is refused). Here the weights grew
-  # for every step of LR 1e5: the earliest checkpoint is the sound one.
-  sane = _config(tiny_config, steps=saved[0] + 2, checkpoint_every_steps=1,
-                 warmup_epochs=0.0, keep_checkpoints=30)
-  with pytest.raises(ConfigError, match="--allow_changes=optimizer.base_lr"):
-    train.train_and_evaluate(sane, str(workdir), restore_step=saved[0])
-  final = train.train_and_evaluate(sane, str(workdir), restore_step=saved[0],
-                                   allow_changes=("optimizer.base_lr",))
-  assert final["step"] == saved[0] + 2 and np.isfinite(final["loss"])
+  errors = error_lines(proc.stderr)
+  assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+  msg = errors[0]
+  assert "NaN or infinite" in msg and "LOWER" not in msg
+  # With LR 1e5 the weights grow ~100x a step: every finite checkpoint is
+  # already diverging, so the advice is to start over, at the method's
+  # published rate (0.2) rather than 1e4.
+  assert "grew past 10x" in msg and "--start_over" in msg, msg
+  assert "--config.optimizer.base_lr=0.2" in msg
+  printed = shlex.split(msg.split("The command: ", 1)[1])
+  again = subprocess.run(printed, cwd=REPO, env=train_env(2),
+                         capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Starting over on purpose" in again.stdout
+  final = [l for l in again.stdout.splitlines() if l.startswith("done:")]
+  assert final and np.isfinite(float(final[0].split("final loss ")[1]
+                                     .split(",")[0]))
+  assert checkpoint_steps(workdir)[-1] == 30
+  _all_finite(workdir)
+  # The diverged checkpoints are kept, out of the way.
+  moved = sorted(int(p.name.split("-")[0])
+                 for p in (workdir / "checkpoints_superseded").iterdir())
+  assert moved == saved
+
+
+def test_nan_advice_names_the_newest_healthy_checkpoint(tmp_path,
+                                                         tiny_config):
+  from byol_jax import divergence  # pylint: disable=g-import-not-at-top
+  rows = [dict(step=0, param_norm=20.0), dict(step=5, param_norm=25.0,
+                                             loss=3.0),
+          dict(step=6, param_norm=31.0), dict(step=9, param_norm=900.0),
+          dict(step=10, param_norm=4e30, loss=9.0)]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 11, "par')
+  health = divergence.Health(checkpoint.as_path(tmp_path))
+  config = _config(tiny_config, optimizer__base_lr=1.0)
+  flags, why = divergence.resume_flags(config, health, [3, 6, 9])
+  # 3: no norm known; 6: 1.55x the initial norm; 9: 45x, diverging.
+  assert flags == ["--restore_step=6", "--config.optimizer.base_lr=0.1",
+                   "--allow_changes=optimizer.base_lr"]
+  assert "newer ones [9]" in why
+  config.optimizer.base_lr = 50.0       # Never above the paper's rate.
+  assert divergence.lower_lr(config) == 0.2
+  argv = ["/x/train.py", "--config=c.py:steps=9", "--restore_step", "3",
+          "--config.optimizer.base_lr=50", "--allow_changes=total_steps",
+          "--workdir=/w"]
+  cmd = shlex.split(divergence.command(argv, flags))
+  assert cmd[1:] == ["-m", "byol_jax.train", "--config=c.py:steps=9",
+                     "--workdir=/w", "--restore_step=6",
+                     "--config.optimizer.base_lr=0.1",
+                     "--allow_changes=total_steps,optimizer.base_lr"]
 
 
 # --------------------------------------------------------------- locks ------
