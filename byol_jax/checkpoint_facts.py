@@ -15,7 +15,9 @@ Damage is decided from facts, never from words in an error message:
 - the checksums written at save time (`checksums.py`, checked by
   `checkpoint.Checkpointer.restore`).
 """
+import errno
 import json
+import os
 import re
 import sys
 from typing import Any
@@ -26,6 +28,8 @@ _DAMAGE_CODES = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE")
 _CODE = re.compile(r"^([A-Z][A-Z_]+): ")
 _LOCAL_FILE = re.compile(r'(?:local )?file "([^"]+)"')
 _SHOWN = 4   # Leaves named per kind of difference.
+_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+           errno.EIO, errno.ENOENT)
 
 
 class DamagedCheckpointError(RuntimeError):
@@ -102,8 +106,11 @@ def describe(e: BaseException) -> str:
     files = _LOCAL_FILE.findall(text)
     what = {"NOT_FOUND": "is missing", "DATA_LOSS": "does not decode",
             "OUT_OF_RANGE": "is truncated",
-            "RESOURCE_EXHAUSTED": "could not be written (no space left?)",
+            "RESOURCE_EXHAUSTED": "could not be written",
             }.get(code, "could not be read or written")
+    # The operating system's own words, where TensorStore passes them on.
+    why = [os.strerror(n) for n in _ERRNOS if os.strerror(n) in text]
+    what += f" ({why[0]})" if why else ""
     return (f"{code}: file {files[-1]} {what}" if files else
             text.split(" [tensorstore_spec")[0].splitlines()[0][:200])
   first = text.splitlines()[0] if text else type(e).__name__

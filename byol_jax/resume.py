@@ -82,10 +82,11 @@ def check_config(saved: ml_collections.ConfigDict,
   """Raises ConfigError for refused changes; returns the allowed ones."""
   refused, allowed = config_changes(saved, current, allow)
   if refused:
-    shown = list(refused.items())[:6]
-    what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in shown)
-    fix = " ".join(f"--config.{k}={_flag_value(a)}" for k, (a, _) in shown)
-    more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
+    # Every field: a fix that names only some is refused again.
+    what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+    fix = " ".join(f"--config.{k}={_flag_value(a)}"
+                   for k, (a, _) in refused.items())
+    more = (f" ({len(refused)} fields)" if len(refused) > 1 else "")
     deliberate = [k for k in refused if not _matches(k, STRUCTURAL)]
     also = (f", or keep the new values on purpose with --allow_changes="
             f"{','.join(deliberate)}" if len(deliberate) == len(refused)
@@ -94,6 +95,23 @@ def check_config(saved: ml_collections.ConfigDict,
         f"{where} was trained with another config: {what}{more}. Start a new "
         f"run with another --workdir, or resume this one with {fix}{also}.")
   return allowed
+
+
+def check_allowed(allow: tuple[str, ...]) -> None:
+  """Raises ConfigError for --allow_changes entries that change nothing a
+  resumed run may change: unknown fields, or fields that shape the state."""
+  fields = list(_flat(config_lib.base_config()))
+  for entry in allow:
+    covered = [k for k in fields if _matches(k, (entry,))]
+    if not covered:
+      raise ConfigError(f"--allow_changes={entry}: no config field is "
+                        f"called {entry!r} (see byol_jax/config_lib.py).")
+    if all(_matches(k, STRUCTURAL) for k in covered):
+      raise ConfigError(
+          f"--allow_changes={entry}: {entry} shapes the train state (or "
+          "what it means), so a resumed run cannot change it; start a new "
+          "run with another --workdir, or resume with the checkpoint's "
+          "value.")
 
 
 def _flag_value(v) -> str:
@@ -133,6 +151,7 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
       workdir can be read.
     checkpoint.StorageError: the storage keeps failing.
   """
+  check_allowed(allow)
   # Process 0's listing decides; every process then walks the same steps.
   steps = ckpt.all_steps()
   newest = checkpoint.shared_decision(steps[-1] if steps else -1)

@@ -1,5 +1,6 @@
 """`python -m byol_jax.train` end to end: console, files, resume, errors."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,8 +100,17 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, trained_run,
   saved = _kill_after_first_checkpoint(train_cmd(killed, arg, *flags), killed)
   assert saved and saved[-1] < TRAINED_STEPS, f"kill came too late: {saved}"
   assert saved[-1] % 8 == 0
+  # A newer checkpoint whose OCDBT manifest is empty (a copy of the last one,
+  # the file emptied): quarantined, with no traceback on the console.
+  damaged = killed / "checkpoints" / str(saved[-1] + 4)
+  shutil.copytree(killed / "checkpoints" / str(saved[-1]), damaged)
+  (damaged / "state" / "manifest.ocdbt").write_bytes(b"")
   # The resumed run takes over the lock the killed process left.
-  run_train(killed, arg, *flags, devices=2)
+  proc = run_train(killed, arg, *flags, devices=2)
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert f"Resuming from step {saved[-1]}." in proc.stdout
+  assert [p.name.split("-")[0] for p in
+          (killed / "checkpoints_damaged").iterdir()] == [damaged.name]
   (_, a, sa), (_, b, sb) = (pretrained.load_run(str(ref)),
                             pretrained.load_run(str(killed)))
   assert sa == sb == TRAINED_STEPS
