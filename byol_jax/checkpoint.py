@@ -44,17 +44,13 @@ from orbax.checkpoint import checkpoint_managers as policies
 from byol_jax import checkpoint_facts
 from byol_jax import checksums
 from byol_jax import config_lib
-from byol_jax.errors import ConfigError
 from byol_jax.errors import StorageError
 
 ITEMS = ("state", "config", "checksums")
 _RESTORE_ATTEMPTS = 3
 _RETRY_SECONDS = 2.0
 DamagedCheckpointError = checkpoint_facts.DamagedCheckpointError
-
-
-class LayoutError(ConfigError):
-  """A checkpoint holds a state of another layout than the expected one."""
+LayoutError = checkpoint_facts.LayoutError
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
@@ -331,29 +327,11 @@ class Checkpointer:
     return state
 
   def check_layout(self, abstract_state: Any, step: int) -> None:
-    """Compares checkpoint `step`'s saved tree, shapes and dtypes (Orbax's
-    metadata) with `abstract_state`.
-
-    Raises:
-      LayoutError: another layout (one line naming the leaves; nothing is
-        moved: the files are sound, the running code builds another state).
-      DamagedCheckpointError: the metadata is missing or unreadable.
-      StorageError: the storage kept failing.
-    """
-    metadata = self._with_retries(
-        lambda: self._manager.item_metadata(step).state)
-    if metadata is None:
-      raise DamagedCheckpointError(
-          f"checkpoint {step}: its state has no metadata file (_METADATA)")
-    differences = checkpoint_facts.layout_differences(metadata,
-                                                      abstract_state)
-    if differences:
-      raise LayoutError(
-          f"{self.directory}/{step} holds a state of another layout than "
-          f"this version of byol_jax builds for the config ("
-          f"{'; '.join(differences)}); nothing was moved. Resume it with the "
-          "byol_jax version that wrote it, or start a new run with another "
-          "--workdir.")
+    """Checkpoint `step`'s saved tree, shapes and dtypes (Orbax's metadata)
+    against `abstract_state` (`checkpoint_facts.check_layout`)."""
+    checkpoint_facts.check_layout(
+        self._with_retries(lambda: self._manager.item_metadata(step).state),
+        abstract_state, f"{self.directory}/{step}")
 
   def _with_retries(self, fn):
     """fn() with retries: damage raises at once, other errors stop the run."""

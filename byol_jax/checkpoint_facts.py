@@ -24,6 +24,8 @@ from typing import Any
 
 import jax
 
+from byol_jax.errors import ConfigError
+
 _DAMAGE_CODES = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE")
 _CODE = re.compile(r"^([A-Z][A-Z_]+): ")
 _LOCAL_FILE = re.compile(r'(?:local )?file "([^"]+)"')
@@ -34,6 +36,10 @@ _ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
 
 class DamagedCheckpointError(RuntimeError):
   """A checkpoint's files or contents are bad (it is quarantined)."""
+
+
+class LayoutError(ConfigError):
+  """A checkpoint holds a state of another layout than the expected one."""
 
 
 def _key_name(k) -> str:
@@ -78,6 +84,26 @@ def layout_differences(metadata: Any, abstract_state: Any) -> list[str]:
                            for k in both if saved[k].dtype is not None and
                            str(saved[k].dtype) != str(want[k].dtype)])
   return out
+
+
+def check_layout(metadata: Any, abstract_state: Any, where: str) -> None:
+  """Raises unless the saved state's layout is the expected one.
+
+  Raises:
+    LayoutError: another layout (one line naming the leaves; nothing is
+      moved: the files are sound, the running code builds another state).
+    DamagedCheckpointError: the metadata is missing.
+  """
+  if metadata is None:
+    raise DamagedCheckpointError(
+        f"{where}: its state has no metadata file (_METADATA)")
+  differences = layout_differences(metadata, abstract_state)
+  if differences:
+    raise LayoutError(
+        f"{where} holds a state of another layout than this version of "
+        f"byol_jax builds for the config ({'; '.join(differences)}); nothing "
+        "was moved. Resume it with the byol_jax version that wrote it, or "
+        "start a new run with another --workdir.")
 
 
 def status_code(e: BaseException) -> str | None:

@@ -180,12 +180,17 @@ def _damage(workdir, step, how):
 
 
 def test_damaged_checkpoints_are_quarantined_and_an_older_one_used(
-    run_copy, tiny_config):
+    run_copy, tiny_config, caplog):
   _damage(run_copy, 6, "truncate")
   _damage(run_copy, 4, "flip")
   config = _config(tiny_config, steps=6)
   final = train.train_and_evaluate(config, str(run_copy))
   assert final["step"] == 6
+  # Each said in one short line: the code and the file, no TensorStore spec.
+  damage = [r.getMessage() for r in caplog.records
+            if "is damaged" in r.getMessage()]
+  assert len(damage) == 2 and "OUT_OF_RANGE: file" in damage[0], damage
+  assert not any("tensorstore_spec" in m or "\n" in m for m in damage)
   moved = sorted(p.name.split("-")[0]
                  for p in (run_copy / "checkpoints_damaged").iterdir())
   assert moved == ["4", "6"]
