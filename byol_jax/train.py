@@ -137,7 +137,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         lambda: train_state.create(config, model, tx, mesh, method.HAS_TARGET),
         restore_step, say=say, allow=tuple(allow_changes),
         start_over=start_over)
-    workdir_lib.write_config(workdir, config)
+    try:
+      workdir_lib.write_config(workdir, config)
+    except OSError as e:  # A full disk: one line, as for any other write.
+      raise checkpoint.StorageError(
+          f"Writing {workdir}/config.json failed ({e}); free space or fix "
+          "the storage, then run the same command again.") from e
     say(f"Resuming from step {step}." if step else "Starting from step 0.")
 
     # --- Data, built once at the start step; evaluators, built once.
