@@ -395,10 +395,15 @@ def test_nan_advice_names_the_newest_healthy_checkpoint(tmp_path,
   health = divergence.Health(checkpoint.as_path(tmp_path))
   config = _config(tiny_config, optimizer__base_lr=1.0)
   flags, why = divergence.resume_flags(config, health, [3, 6, 9])
-  # 3: no norm known; 6: 1.55x the initial norm; 9: 45x, diverging.
+  # 3: no norm known; 6: 1.55x the initial norm; 9: 45x, 29x in 3 steps.
   assert flags == ["--restore_step=6", "--config.optimizer.base_lr=0.1",
                    "--allow_changes=optimizer.base_lr"]
   assert "newer ones [9]" in why
+  # A long run whose norm drifted 15x in small steps is not diverging.
+  health.norms = {0: 20.0, **{100 * i: 20.0 * 1.2 ** i for i in range(1, 16)}}
+  assert health.healthy(1500) and not health.healthy(7)
+  health.norms[1600] = 20.0 * 1.2 ** 15 * 3                  # A jump.
+  assert not health.healthy(1600)
   config.optimizer.base_lr = 50.0       # Never above the paper's rate.
   assert divergence.lower_lr(config) == 0.2
   argv = ["/x/train.py", "--config=c.py:steps=9", "--restore_step", "3",
