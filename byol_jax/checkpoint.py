@@ -14,9 +14,12 @@ decode are caught.
 - Saving is asynchronous and atomic (a step appears only when complete). A
   save that failed in the background is reported at the next log step or
   save (`check_for_errors`), as `StorageError`.
-- Restoring places every array as the restoring run needs (any number of
-  processes and devices). Only real damage (unreadable, truncated or missing
-  files, or a checksum that does not match) moves a checkpoint to
+- Restoring first compares the saved layout (tree, shapes, dtypes) with
+  the expected state: a difference is one error line, nothing moved. It
+  then places every array as the restoring run needs (any number of
+  processes and devices). Only real damage, decided from facts
+  (`checkpoint_facts`: missing, truncated or undecodable files, or a
+  checksum that does not match) moves a checkpoint to
   WORKDIR/checkpoints_damaged/; other errors are retried and then stop the
   run, moving nothing.
 """
@@ -38,25 +41,16 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from byol_jax import checkpoint_facts
 from byol_jax import checksums
 from byol_jax import config_lib
+from byol_jax.errors import StorageError
 
 ITEMS = ("state", "config", "checksums")
 _RESTORE_ATTEMPTS = 3
 _RETRY_SECONDS = 2.0
-# Words of errors that mean the bytes on disk are bad, not the storage.
-_DAMAGE_WORDS = ("DATA_LOSS", "NOT_FOUND", "No such file", "not found",
-                 "corrupt", "truncat", "decod", "Unexpected end",
-                 "unexpected end", "checksum", "Invalid", "invalid",
-                 "Error reading", "Error opening", "parse", "Expecting value")
-
-
-class StorageError(RuntimeError):
-  """Checkpoints cannot be written or read; the run stops (one line)."""
-
-
-class DamagedCheckpointError(RuntimeError):
-  """A checkpoint's files or contents are bad (it is quarantined)."""
+DamagedCheckpointError = checkpoint_facts.DamagedCheckpointError
+LayoutError = checkpoint_facts.LayoutError
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
@@ -176,8 +170,9 @@ class Checkpointer:
             max_to_keep=config.keep_checkpoints, create=not read_only,
             read_only=read_only, enable_async_checkpointing=True,
             save_decision_policy=policies.AnySavePolicy(rules)),
-        item_names=ITEMS)
+        item_handlers=_handlers())
     self._previous_sigterm = None
+    self._said = set(self._manager.all_steps())
 
   # ---------------------------------------------------------- preemption ----
   def __enter__(self):
@@ -199,7 +194,8 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       if exc_type is None:
         raise StorageError(f"Finishing the last checkpoint in "
-                           f"{self.directory} failed ({first_line(e)}).") from e
+                           f"{self.directory} failed "
+                           f"({checkpoint_facts.describe(e)}).") from e
       logging.warning("Finishing the last checkpoint failed too: %s", e)
 
   @property
@@ -218,7 +214,8 @@ class Checkpointer:
       wait_fn()
     except Exception as e:  # pylint: disable=broad-except
       raise StorageError(
-          f"Saving a checkpoint to {self.directory} failed ({first_line(e)});"
+          f"Saving a checkpoint to {self.directory} failed "
+          f"({checkpoint_facts.describe(e)});"
           " check that the workdir is writable and has space, then run the "
           "same command again to resume from the last checkpoint.") from e
 
@@ -252,8 +249,22 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise StorageError(
           f"Cannot save checkpoint {step} to {self.directory} "
-          f"({first_line(e)}); check that the workdir is writable and has "
-          "space, then run the same command again to resume.") from e
+          f"({checkpoint_facts.describe(e)}); check that the workdir is "
+          "writable and has space, then run the same command again to "
+          "resume.") from e
+
+  def say_committed(self, say) -> None:
+    """Says 'step N: checkpoint -> DIR/N' once for each save that committed
+    (none while one is in flight; raises StorageError if one failed)."""
+    self.check_for_errors()
+    if self._manager.is_saving_in_progress():
+      return
+    for step in sorted(set(self._manager.all_steps()) - self._said):
+      # Committed: Orbax writes commit_success.txt last, under the final
+      # name (the manager's list also holds saves that failed).
+      if (self.directory / str(step) / "commit_success.txt").exists():
+        self._said.add(step)
+        say(f"step {step}: checkpoint -> {self.directory}/{step}")
 
   def wait(self) -> None:
     """Blocks until every started save is on disk (raises StorageError)."""
@@ -295,6 +306,8 @@ class Checkpointer:
         whose checksum does not match the one written at save time.
       StorageError: the storage kept failing (nothing was moved).
     """
+    self.check_layout(abstract_state, step)
+
     def read():
       return self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
@@ -313,22 +326,29 @@ class Checkpointer:
             f"at save time ({len(bad)} leaves differ, e.g. {bad[:2]})")
     return state
 
+  def check_layout(self, abstract_state: Any, step: int) -> None:
+    """Checkpoint `step`'s saved tree, shapes and dtypes (Orbax's metadata)
+    against `abstract_state` (`checkpoint_facts.check_layout`)."""
+    checkpoint_facts.check_layout(
+        self._with_retries(lambda: self._manager.item_metadata(step).state),
+        abstract_state, f"{self.directory}/{step}")
+
   def _with_retries(self, fn):
     """fn() with retries: damage raises at once, other errors stop the run."""
     for attempt in range(_RESTORE_ATTEMPTS):
       try:
         return fn()
       except Exception as e:  # pylint: disable=broad-except
-        if is_damage(e):
-          raise DamagedCheckpointError(first_line(e)) from e
+        if checkpoint_facts.is_damage(e):
+          raise DamagedCheckpointError(checkpoint_facts.describe(e)) from e
         if attempt + 1 == _RESTORE_ATTEMPTS:
           raise StorageError(
               f"Cannot read checkpoints in {self.directory} after "
               f"{_RESTORE_ATTEMPTS} attempts ({type(e).__name__}: "
-              f"{first_line(e)}); nothing was moved. Check the storage and "
-              "run the same command again.") from e
+              f"{checkpoint_facts.describe(e)}); nothing was moved. Check the "
+              "storage and run the same command again.") from e
         logging.warning("Reading a checkpoint failed (%s); retrying.",
-                        first_line(e))
+                        checkpoint_facts.describe(e))
         time.sleep(_RETRY_SECONDS * (attempt + 1))
     raise AssertionError("unreachable")
 
@@ -360,20 +380,11 @@ class Checkpointer:
     return str(dst)
 
 
-def is_damage(e: BaseException) -> bool:
-  """Whether a restore error means bad files rather than failing storage."""
-  if isinstance(e, (DamagedCheckpointError, FileNotFoundError, EOFError,
-                    json.JSONDecodeError, KeyError)):
-    return True
-  if isinstance(e, (PermissionError, TimeoutError, ConnectionError,
-                    InterruptedError)):
-    return False
-  text = f"{type(e).__name__}: {e}"
-  if any(w in text for w in ("UNAVAILABLE", "DEADLINE_EXCEEDED",
-                             "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
-                             "Permission denied")):
-    return False
-  return any(w in text for w in _DAMAGE_WORDS)
+def _handlers() -> dict:
+  """The handlers of a checkpoint's items (Orbax reads metadata with them)."""
+  return dict(state=ocp.StandardCheckpointHandler(),
+              config=ocp.JsonCheckpointHandler(),
+              checksums=ocp.JsonCheckpointHandler())
 
 
 def first_line(e: BaseException) -> str:

@@ -150,6 +150,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 10_000
   c.data.cache = False
   c.data.skip_corrupt = True     # corrupt images in folders: skip and count
+  # Host path: an image that fails to decode during training is replaced by
+  # the next one of the stream and counted; the run stops once more than
+  # this fraction of the images read since it started failed.
+  c.data.max_undecodable_fraction = 0.01
   c.data.num_parallel_calls = -1  # tf.data AUTOTUNE
 
   # --- Device-side augmentations, per view (T and T').

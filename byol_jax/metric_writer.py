@@ -5,9 +5,13 @@ dependency that needs no TensorFlow): `tensorboard --logdir WORKDIR`.
 Object stores (gs://) cannot append: there metrics.jsonl is rewritten whole
 (what it held before this start, then this start's rows) at most every
 `REWRITE_SECONDS` and at the end, as tensorboardX does with its event files.
+A failed write (a full disk, a lost mount) is one `StorageError`: a line
+that could not be written whole is removed again, so metrics.jsonl keeps
+every line written before and never ends in half a line.
 """
 import json
 import os
+import threading
 import time
 from typing import Mapping
 
@@ -16,29 +20,42 @@ import tensorboardX
 from etils import epath
 
 from byol_jax import storage
+from byol_jax.errors import StorageError
 
 REWRITE_SECONDS = 30.0
 
 
 class _RewrittenFile:
-  """A text file on an object store, kept whole in memory and rewritten."""
+  """A file on an object store, kept whole in memory and rewritten.
+
+  It offers what `MetricWriter` uses of a local binary file: write, seek to
+  the end, truncate, flush and close.
+  """
 
   def __init__(self, path: epath.Path):
     self._path = path
-    self._text = path.read_text() if path.exists() else ""
-    if self._text and not self._text.endswith("\n"):
-      self._text += "\n"  # A row cut short by a kill ends here.
+    self._data = path.read_bytes() if path.exists() else b""
+    if self._data and not self._data.endswith(b"\n"):
+      self._data += b"\n"  # A row cut short by a kill ends here.
     self._written = time.monotonic()
     self._dirty = False
 
-  def write(self, text: str) -> None:
-    self._text += text
+  def write(self, data) -> int:
+    self._data += bytes(data)
     self._dirty = True
+    return len(data)
+
+  def seek(self, offset: int, whence: int) -> int:
+    del offset, whence  # Only ever used to find the end.
+    return len(self._data)
+
+  def truncate(self, size: int) -> None:
+    self._data = self._data[:size]
 
   def flush(self, force: bool = False) -> None:
     if self._dirty and (force or
                         time.monotonic() - self._written >= REWRITE_SECONDS):
-      self._path.write_text(self._text)
+      self._path.write_bytes(self._data)
       self._written = time.monotonic()
       self._dirty = False
 
@@ -52,33 +69,95 @@ class MetricWriter:
   def __init__(self, workdir: str | os.PathLike):
     self._enabled = jax.process_index() == 0
     self._jsonl = self._tb = None
+    self._failure: BaseException | None = None
+    self._previous_hook = None
     if not self._enabled:
       return
     path = epath.Path(os.fspath(workdir))
+    self._path = path / "metrics.jsonl"
     path.mkdir(parents=True, exist_ok=True)
-    self._jsonl = (_RewrittenFile(path / "metrics.jsonl")
-                   if storage.is_remote(path)
-                   else (path / "metrics.jsonl").open("a"))
-    self._tb = tensorboardX.SummaryWriter(os.fspath(path), flush_secs=30)
+    # Unbuffered: each line is one write, so a failure is seen at once.
+    self._jsonl = (_RewrittenFile(self._path) if storage.is_remote(path) else
+                   open(os.fspath(self._path), "ab", buffering=0))
+    self._size = self._jsonl.seek(0, os.SEEK_END)
+    # tensorboardX writes events on its own thread: a failure there is kept
+    # and reported by the next `write` (instead of a thread's traceback).
+    self._previous_hook = threading.excepthook
+    threading.excepthook = self._thread_failed
+    # A queue that never fills: were the thread to die, `add_scalar` would
+    # otherwise block forever on the full queue.
+    self._tb = tensorboardX.SummaryWriter(os.fspath(path), flush_secs=30,
+                                          max_queue=100_000)
+
+  def _thread_failed(self, args) -> None:
+    if type(args.thread).__module__.startswith("tensorboardX"):
+      self._failure = args.exc_value
+      return
+    self._previous_hook(args)
+
+  def _failed(self, e: BaseException, what: str) -> StorageError:
+    return StorageError(
+        f"Writing {what} in {self._path.parent} failed ({type(e).__name__}: "
+        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); the "
+        "lines and checkpoints written before are intact: free space or fix "
+        "the storage, then run the same command again to resume.")
+
+  def _append(self, line: bytes) -> None:
+    view = memoryview(line)
+    try:
+      while view:
+        view = view[self._jsonl.write(view):]
+    except OSError:
+      try:  # Only the partial line goes; every earlier one stays.
+        self._jsonl.truncate(self._size)
+      except Exception:  # pylint: disable=broad-except
+        pass
+      raise
+    self._size += len(line)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
-    """Records `metrics` (floats) at `step`."""
+    """Records `metrics` (floats) at `step`.
+
+    Raises:
+      StorageError: the line or earlier events could not be written.
+    """
     if not self._enabled:
       return
+    if self._failure is not None:
+      raise self._failed(self._failure, "TensorBoard events")
     values = {k: float(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._jsonl.flush()
+    try:
+      self._append((json.dumps({"step": int(step), **values}) + "\n").encode())
+      self._jsonl.flush()  # A no-op on local files (unbuffered).
+    except OSError as e:
+      raise self._failed(e, "metrics.jsonl") from e
     for k, v in values.items():
       self._tb.add_scalar(k, v, global_step=int(step))
 
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-      self._tb.close()
-      self._jsonl = self._tb = None
+    """Closes the files (raises StorageError if the last events fail)."""
+    if self._jsonl is None:
+      return
+    jsonl, tb = self._jsonl, self._tb
+    self._jsonl = self._tb = None
+    try:
+      jsonl.close()
+      tb.close()
+    except OSError as e:
+      raise self._failed(e, "TensorBoard events") from e
+    finally:
+      threading.excepthook = self._previous_hook
+    if self._failure is not None:
+      raise self._failed(self._failure, "TensorBoard events")
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, exc, tb):
+    try:
+      self.close()
+    except StorageError:
+      if exc_type is None:
+        raise
+      # Another error is on its way out (often the same full disk): it is
+      # the one the user sees.

@@ -3,6 +3,7 @@
     encoder, variables = byol_jax.load_encoder("/tmp/run")
     config, state, step = byol_jax.pretrained.load_run("/tmp/run")
 """
+import json
 from typing import Any
 
 import flax.linen as nn
@@ -19,19 +20,54 @@ from byol_jax.errors import ConfigError
 from byol_jax.methods import network
 
 
-def _find_checkpoint_dir(path: str) -> tuple[epath.Path, int | None]:
-  """Resolves a workdir, its checkpoints/ dir or a step dir to (dir, step)."""
+def _step_of(name: str) -> int | None:
+  """The step of a checkpoint directory's name: '16', or '16-1700000000'
+  (moved to checkpoints_superseded/ or checkpoints_damaged/)."""
+  head = name.split("-")[0]
+  return int(head) if head.isdigit() else None
+
+
+def _step_dirs(folder: epath.Path) -> dict[int, epath.Path]:
+  """{step: directory} of the checkpoints directly in `folder` (the newest
+  directory where one step appears twice)."""
+  found = {}
+  for child in sorted(folder.iterdir(), key=lambda p: p.name):
+    step = _step_of(child.name)
+    if step is not None and (child / "state").is_dir():
+      found[step] = child
+  return found
+
+
+def find_checkpoint(path: str, step: int | None = None
+                    ) -> tuple[epath.Path, int]:
+  """(the step directory, its step) that `path` and `step` name.
+
+  `path` is a workdir, a folder of checkpoints (checkpoints/,
+  checkpoints_superseded/, checkpoints_damaged/) or one checkpoint's
+  directory, wherever it lies and whatever its suffix.
+  """
   storage.check(path)  # gs:// without its client: one line.
   path = as_path(path)
   if not path.exists():
     raise ConfigError(f"No checkpoint at {path}: the path does not exist; "
-                      "pass a workdir of byol_jax.train or its checkpoints/ "
-                      "directory.")
-  if (path / "checkpoints").is_dir():
-    return path / "checkpoints", None
-  if path.name.isdigit() and (path / "state").is_dir():
-    return path.parent, int(path.name)
-  return path, None
+                      "pass a workdir of byol_jax.train, a checkpoints "
+                      "folder or one checkpoint's directory.")
+  if (path / "state").is_dir():
+    named = _step_of(path.name)
+    if step is not None and named is not None and step != named:
+      raise ConfigError(f"{path} is the checkpoint of step {named}, not "
+                        f"{step}; pass its folder to choose a step.")
+    return path, (named if named is not None else -1)
+  folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  steps = _step_dirs(folder) if folder.is_dir() else {}
+  if not steps:
+    raise ConfigError(f"No checkpoint in {folder}; train first with "
+                      "`python -m byol_jax.train --workdir=...`.")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise ConfigError(f"No checkpoint of step {step} in {folder}; "
+                      f"available steps: {sorted(steps)}.")
+  return steps[step], step
 
 
 def load_run(path: str, step: int | None = None
@@ -43,43 +79,28 @@ def load_run(path: str, step: int | None = None
   it where it needs it.
 
   Args:
-    path: a workdir, its checkpoints/ directory or one step's directory.
+    path: a workdir, a folder of checkpoints or one checkpoint's directory
+      (also one moved to checkpoints_superseded/ or checkpoints_damaged/).
     step: which step (default: the newest, or the one `path` names).
 
   Returns:
     (config, state as nested dicts of numpy arrays, step).
   """
-  directory, named_step = _find_checkpoint_dir(path)
-  step = step if step is not None else named_step
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(
-          create=False, save_root_metadata=False),
-      item_handlers=dict(state=ocp.StandardCheckpointHandler(),
-                         config=ocp.JsonCheckpointHandler(),
-                         checksums=ocp.JsonCheckpointHandler()))
-  try:
-    steps = manager.all_steps()
-    if not steps:
-      raise ConfigError(f"No checkpoint in {directory}; train first with "
-                        "`python -m byol_jax.train --workdir=...`.")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise ConfigError(f"No checkpoint of step {step} in {directory}; "
-                        f"available steps: {sorted(steps)}.")
-    # A target on this process's first device: Orbax then ignores the
-    # sharding of the run that saved it (any number of processes/devices).
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    metadata = manager.item_metadata(step).state
+  directory, step = find_checkpoint(path, step)
+  # A target on this process's first device: Orbax then ignores the
+  # sharding of the run that saved it (any number of processes/devices).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as reader:
+    metadata = reader.metadata(directory / "state").item_metadata
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
         metadata, is_leaf=lambda m: hasattr(m, "shape"))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
-        config=ocp.args.JsonRestore()))
-  finally:
-    manager.close()
-  state = jax.tree.map(np.asarray, restored.state)
-  return config_from_json(restored.config), state, step
+    restored = reader.restore(directory / "state", target)
+  config = json.loads((directory / "config" / "metadata").read_text())
+  state = jax.tree.map(np.asarray, restored)
+  if step < 0:
+    step = int(state.get("step", -1))
+  return config_from_json(config), state, step
 
 
 def load_encoder(path: str, step: int | None = None, *, which: str = "online"

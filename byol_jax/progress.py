@@ -58,6 +58,10 @@ class Progress:
     self.compile_seconds = 0.0
 
   @property
+  def start_step(self) -> int:
+    return self._start_step
+
+  @property
   def measuring(self) -> bool:
     return self._t0 is not None
 
@@ -84,7 +88,10 @@ class Progress:
       parts.append(f"tau {m['tau']:.5f}")
     if "classifier_accuracy" in m:
       parts.append(f"cls_acc {m['classifier_accuracy']:.3f}")
-    parts += [f"emb_std {m['embedding_std']:.4f}", speed]
+    parts.append(f"emb_std {m['embedding_std']:.4f}")
+    if m.get("undecodable_images"):
+      parts.append(f"undecodable {int(m['undecodable_images'])}")
+    parts.append(speed)
     return " ".join(parts)
 
   def summary(self, step: int, final: dict) -> str:
@@ -95,6 +102,9 @@ class Progress:
             f"{format_duration(self.compile_seconds)})")
     if "loss" in final:
       text += f", final loss {final['loss']:.4f}"
+    if final.get("undecodable_images"):
+      text += (f", {int(final['undecodable_images'])} undecodable images "
+               "replaced")
     evals = " ".join(f"{k.split('/')[-1]} {100 * v:.2f}%"
                      for k, v in sorted(final.items())
                      if k.startswith("eval/"))

@@ -4,7 +4,8 @@ Decided once, before any state is built: the stored config of the
 checkpoint is compared with the current one (a change that alters the state
 or what the run computes is refused, nothing moved), then the checkpoint is
 restored; only real damage moves it aside, and the next older one is tried.
-A workdir that has checkpoints never silently starts again from step 0.
+A workdir that has checkpoints, or whose checkpoints were all quarantined,
+never starts again from step 0 unless asked to (`start_over`).
 """
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ RESUMABLE = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
              "checkpoint_every_minutes", "keep_checkpoints", "total_steps",
              "num_epochs", "knn.", "data.path", "data.data_dir",
              "data.num_parallel_calls", "data.cache", "data.skip_corrupt",
+             "data.max_undecodable_fraction",
              "data.canvas_size")
 
 
@@ -82,10 +84,11 @@ def check_config(saved: ml_collections.ConfigDict,
   """Raises ConfigError for refused changes; returns the allowed ones."""
   refused, allowed = config_changes(saved, current, allow)
   if refused:
-    shown = list(refused.items())[:6]
-    what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in shown)
-    fix = " ".join(f"--config.{k}={_flag_value(a)}" for k, (a, _) in shown)
-    more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
+    # Every field: a fix that names only some is refused again.
+    what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+    fix = " ".join(f"--config.{k}={_flag_value(a)}"
+                   for k, (a, _) in refused.items())
+    more = (f" ({len(refused)} fields)" if len(refused) > 1 else "")
     deliberate = [k for k in refused if not _matches(k, STRUCTURAL)]
     also = (f", or keep the new values on purpose with --allow_changes="
             f"{','.join(deliberate)}" if len(deliberate) == len(refused)
@@ -94,6 +97,23 @@ def check_config(saved: ml_collections.ConfigDict,
         f"{where} was trained with another config: {what}{more}. Start a new "
         f"run with another --workdir, or resume this one with {fix}{also}.")
   return allowed
+
+
+def check_allowed(allow: tuple[str, ...]) -> None:
+  """Raises ConfigError for --allow_changes entries that change nothing a
+  resumed run may change: unknown fields, or fields that shape the state."""
+  fields = list(_flat(config_lib.base_config()))
+  for entry in allow:
+    covered = [k for k in fields if _matches(k, (entry,))]
+    if not covered:
+      raise ConfigError(f"--allow_changes={entry}: no config field is "
+                        f"called {entry!r} (see byol_jax/config_lib.py).")
+    if all(_matches(k, STRUCTURAL) for k in covered):
+      raise ConfigError(
+          f"--allow_changes={entry}: {entry} shapes the train state (or "
+          "what it means), so a resumed run cannot change it; start a new "
+          "run with another --workdir, or resume with the checkpoint's "
+          "value.")
 
 
 def _flag_value(v) -> str:
@@ -106,7 +126,8 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
                     config: ml_collections.ConfigDict, abstract_state: Any,
                     init: Callable[[], Any], restore_step: int | None = None,
                     say: Callable[[str], None] = print,
-                    allow: tuple[str, ...] = ()) -> tuple[Any, int]:
+                    allow: tuple[str, ...] = (),
+                    start_over: bool = False) -> tuple[Any, int]:
   """The state to start from and its step.
 
   Args:
@@ -119,6 +140,9 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
       to the abandoned trajectory and would collide with the new saves).
     say: where the one-line notices go.
     allow: fields the user changes on purpose (see `config_changes`).
+    start_over: train from step 0 on purpose: the workdir's checkpoints
+      move, whole, to WORKDIR/checkpoints_superseded/; a workdir whose
+      checkpoints were all quarantined starts again only with it.
 
   Returns:
     (state, step).
@@ -129,13 +153,28 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
       workdir can be read.
     checkpoint.StorageError: the storage keeps failing.
   """
+  check_allowed(allow)
   # Process 0's listing decides; every process then walks the same steps.
   steps = ckpt.all_steps()
   newest = checkpoint.shared_decision(steps[-1] if steps else -1)
+  if start_over:
+    if restore_step is not None:
+      raise ConfigError("--start_over trains from step 0: drop "
+                        f"--restore_step={restore_step}.")
+    old = [s for s in steps if s <= newest]
+    for s in old:
+      ckpt.move_aside(s, "checkpoints_superseded")
+    say(f"Starting over on purpose (--start_over): the checkpoints {old} were"
+        f" moved to {ckpt.directory.parent}/checkpoints_superseded/." if old
+        else "Starting over on purpose (--start_over).")
+    return init(), 0
   if newest < 0:
     if restore_step is not None:
       raise ConfigError(f"--restore_step={restore_step}: {ckpt.directory} "
                         "holds no checkpoint.")
+    damaged = quarantined_steps(ckpt)
+    if checkpoint.shared_decision(len(damaged)):
+      raise ConfigError(_all_damaged(ckpt, damaged))
     return init(), 0
   steps = [s for s in steps if s <= newest]
   if restore_step is not None:
@@ -175,8 +214,21 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
       raise ConfigError(
           f"--restore_step={restore_step}: the checkpoint is damaged ({why});"
           " it was moved to checkpoints_damaged/. Pick another step.")
-  raise ConfigError(
-      f"None of the checkpoints in {ckpt.directory} can be read (steps "
-      f"{damaged} were damaged and moved to checkpoints_damaged/); the run "
-      "does not start again from step 0 by itself: use a new --workdir, or "
-      "move the old checkpoints out of this one.")
+  raise ConfigError(_all_damaged(ckpt, quarantined_steps(ckpt)))
+
+
+def quarantined_steps(ckpt: checkpoint.Checkpointer) -> list[int]:
+  """Steps of the checkpoints in WORKDIR/checkpoints_damaged/ (<step>-<t>)."""
+  folder = ckpt.directory.parent / "checkpoints_damaged"
+  if not folder.is_dir():
+    return []
+  names = [p.name.split("-")[0] for p in folder.iterdir()]
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def _all_damaged(ckpt: checkpoint.Checkpointer, damaged: list[int]) -> str:
+  return (f"Every checkpoint of {ckpt.directory.parent} is damaged (steps "
+          f"{damaged}, moved to {ckpt.directory.parent}/checkpoints_damaged/)"
+          "; the run does not start again from step 0 by itself: pass "
+          "--start_over to train this workdir from step 0 on purpose, or use "
+          "another --workdir.")

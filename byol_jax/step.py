@@ -110,6 +110,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: network.Network,
     # Read only where the loop syncs anyway (log and save steps): a state
     # with a NaN or Inf anywhere is never saved.
     metrics["finite"] = all_finite(new_state)
+    # Whether a finite state is diverging (`divergence.py`).
+    metrics["param_norm"] = optax.tree.norm(params)
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
                                    metrics)
 

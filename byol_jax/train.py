@@ -28,7 +28,9 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from byol_jax import checkpoint  # noqa: E402
+from byol_jax import checkpoint_facts  # noqa: E402
 from byol_jax import data  # noqa: E402
+from byol_jax import divergence  # noqa: E402
 from byol_jax import job_errors  # noqa: E402
 from byol_jax import lock as lock_lib  # noqa: E402
 from byol_jax import methods  # noqa: E402
@@ -53,7 +55,16 @@ EXIT_INTERRUPTED = 130
 
 
 class NonFiniteError(RuntimeError):
-  """The loss or the state became NaN or infinite; nothing after is saved."""
+  """The loss or the state became NaN or infinite; nothing after is saved.
+
+  Attributes:
+    flags: the trainer flags that resume from a healthy checkpoint (or
+      start over) at a lower learning rate (`divergence.resume_flags`).
+  """
+
+  def __init__(self, message: str, flags: list[str]):
+    super().__init__(message)
+    self.flags = flags
 
 
 def _fetch(tree):
@@ -63,7 +74,8 @@ def _fetch(tree):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        restore_step: int | None = None,
-                       allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
+                       allow_changes: tuple[str, ...] = (),
+                       start_over: bool = False) -> dict[str, Any]:
   """Trains (resuming from WORKDIR's newest checkpoint) and evaluates.
 
   Args:
@@ -71,6 +83,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir: the run's directory.
     restore_step: resume from this checkpoint instead of the newest.
     allow_changes: config fields a resumed run changes on purpose.
+    start_over: train from step 0 although the workdir has checkpoints
+      (they move to WORKDIR/checkpoints_superseded/) or had only damaged
+      ones.
 
   Returns:
     The final metrics (train metrics of the last logged step, eval results,
@@ -134,9 +149,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           ckpt, config, abstract,
           lambda: train_state.create(config, model, tx, mesh,
                                      method.HAS_TARGET),
-          restore_step, say=say, allow=tuple(allow_changes))
+          restore_step, say=say, allow=tuple(allow_changes),
+          start_over=start_over)
     saved_step = step  # The newest state on disk (the restored one).
-    workdir_lib.write_config(workdir, config)
+    try:
+      workdir_lib.write_config(workdir, config)
+    except OSError as e:  # A full disk: one line, as for any other write.
+      raise checkpoint.StorageError(
+          f"Writing {workdir}/config.json failed ({e}); free space or fix "
+          "the storage, then run the same command again.") from e
     say(f"Resuming from step {step}." if step else "Starting from step 0.")
 
     # --- Data, built once at the start step; evaluators, built once.
@@ -153,6 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # devices only on steps that log, save or evaluate.
     writer = stack.enter_context(metric_writer.MetricWriter(workdir))
     guard.on_exit(writer.close)
+    health = _start_health(workdir, state, step, writer)
     meter = progress.Progress(step, total_steps, config.batch_size,
                               steps_per_epoch)
     # XLA:CPU's simulated devices can deadlock with a deep queue of
@@ -178,21 +200,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       previous = metrics
       host = None
       if step % config.log_every_steps == 0 or step == total_steps:
-        host = _checked(_fetch(metrics), step, ckpt)
-        ckpt.check_for_errors()
+        host = _checked(_fetch(metrics), step, ckpt, config, health)
+        ckpt.say_committed(say)
         host.update(epoch=step / steps_per_epoch,
                     images_per_sec=meter.rate(step) or 0.0)
+        _check_decoding(config, pipeline, host, step, meter)
         writer.write(step, host)
         final.update(host)
         say(meter.line(step, host))
       if step < total_steps and ckpt.should_save(step):
-        if host is None:
-          _checked(_fetch(metrics), step, ckpt)
+        if host is None:  # Its norm, for the advice after a NaN stop.
+          norm = _checked(_fetch(metrics), step, ckpt, config,
+                          health)["param_norm"]
+          writer.write(step, {"param_norm": norm})
         ckpt.save(step, state)
         saved_step = step
-        say(f"step {step}: checkpoint -> {ckpt.directory}/{step}")
+        ckpt.say_committed(say)
         if ckpt.preempted:
           ckpt.wait()
+          ckpt.say_committed(say)
           say(f"Preempted: saved step {step}; run the same command to "
               "resume.")
           return dict(final, step=step, preempted=True)
@@ -208,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # logged) and evaluation.
     ckpt.save(step, state)
     ckpt.wait()
-    say(f"step {step}: checkpoint -> {ckpt.directory}/{step}")
+    ckpt.say_committed(say)
     if evaluate:
       with guard.busy("evaluating"):
         results = _evaluate(monitor, state)
@@ -232,23 +258,52 @@ def _evaluate(monitor: monitor_lib.Monitor, state) -> dict[str, float]:
   return results
 
 
-def _checked(host_metrics: dict, step: int,
-             ckpt: checkpoint.Checkpointer) -> dict:
+def _check_decoding(config, pipeline, host: dict, step: int,
+                    meter: progress.Progress) -> None:
+  """Adds the count of images that failed to decode (replaced, so that the
+  stream never shifts) to `host`; raises ConfigError past the threshold."""
+  bad = pipeline.failed_images(step)
+  if not bad:
+    return
+  host["undecodable_images"] = bad
+  read = (step - meter.start_step) * config.batch_size
+  limit = config.data.max_undecodable_fraction
+  if bad > limit * read:
+    raise ConfigError(
+        f"{bad} of the {read} images read since step {meter.start_step} "
+        f"failed to decode (more than data.max_undecodable_fraction={limit})"
+        f"; check or replace the files under {config.data.path or 'the data'}"
+        ", or raise --config.data.max_undecodable_fraction, and run the same "
+        "command again to resume.")
+
+
+def _start_health(workdir, state, step: int,
+                  writer: metric_writer.MetricWriter) -> divergence.Health:
+  """Parameter norms so far; the norm at step 0 is logged when a run starts
+  (or remembered, for a run that began before it was logged)."""
+  health = divergence.Health(workdir)
+  if 0 not in health.norms:
+    health.record(0, divergence.param_norm(state.params))
+    if step == 0:
+      writer.write(0, {"param_norm": health.norms[0]})
+  return health
+
+
+def _checked(host_metrics: dict, step: int, ckpt: checkpoint.Checkpointer,
+             config: ml_collections.ConfigDict,
+             health: divergence.Health) -> dict:
   """Floats of the fetched metrics; raises NonFiniteError on NaN/Inf."""
   host = {k: float(np.asarray(v)) for k, v in host_metrics.items()}
   finite = host.pop("finite", 1.0) > 0 and np.isfinite(host["loss"])
   if not finite:
     ckpt.wait()
     saved = [s for s in ckpt.all_steps() if s < step]
-    resume_from = (f"every checkpoint kept (steps {saved}) is finite: resume "
-                   f"with --restore_step={saved[-1]} (or an earlier one if it "
-                   "stops again) --config.optimizer.base_lr=LOWER "
-                   "--allow_changes=optimizer.base_lr"
-                   if saved else "no checkpoint was saved before it: lower "
-                   "--config.optimizer.base_lr and start again")
+    flags, why = divergence.resume_flags(config, health, saved)
     raise NonFiniteError(
         f"The state became NaN or infinite by step {step} (loss "
-        f"{host['loss']}); stopping without saving it; {resume_from}.")
+        f"{host['loss']}); stopping without saving it; {why}: go on with "
+        f"{' '.join(flags)}.", flags)
+  health.record(step, host["param_norm"])
   return host
 
 
@@ -268,6 +323,10 @@ def define_flags() -> None:
       "allow_changes", [], "Config fields (or prefixes, e.g. optimizer) a "
       "resumed run changes on purpose, e.g. a lower learning rate after a NaN "
       "stop; fields that shape the state cannot be changed.")
+  flags.DEFINE_bool(
+      "start_over", False, "Train from step 0 on purpose although the "
+      "workdir has checkpoints (they move to WORKDIR/checkpoints_superseded/)"
+      " or only damaged ones.")
   cli.define_multihost_flags()
   flags.DEFINE_integer(
       "heartbeat_timeout_seconds", multihost.HEARTBEAT_TIMEOUT_SECONDS,
@@ -298,6 +357,7 @@ def main(argv):
     _exit_error(_flag_error(e), 2)
   if config is None or not f.workdir:
     _exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.", 2)
+  checkpoint_facts.quiet_closed_event_loops()
   try:
     storage.check(f.workdir)
     multihost.check_flags(f.multihost, f.coordinator_address,
@@ -310,8 +370,10 @@ def main(argv):
         heartbeat_timeout_seconds=f.heartbeat_timeout_seconds,
         shutdown_timeout_seconds=f.shutdown_timeout_seconds)
     final = train_and_evaluate(config, f.workdir, f.restore_step,
-                               f.allow_changes)
-  except (ConfigError, NonFiniteError) as e:
+                               f.allow_changes, f.start_over)
+  except NonFiniteError as e:
+    _exit_error(f"{e} The command: {divergence.command(sys.argv, e.flags)}")
+  except ConfigError as e:
     _exit_error(str(e))
   except checkpoint.StorageError as e:
     # Orbax's threads of the failed save wait for signals that never come;

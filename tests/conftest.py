@@ -275,3 +275,31 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """fill(free_kib): an 8 MiB tmpfs folder filled to leave `free_kib` KiB.
+
+  Yields (folder, fill). Skipped with one line where mounting is not
+  permitted (not root, or a container without CAP_SYS_ADMIN).
+  """
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs",
+                         str(disk)], capture_output=True, text=True)
+  if proc.returncode != 0:
+    pytest.skip("cannot mount a small tmpfs here (needs root): "
+                f"{proc.stderr.strip()[:100]}")
+
+  def fill(free_kib: int) -> pathlib.Path:
+    filler = disk / "filler"
+    stat = os.statvfs(disk)
+    size = stat.f_bavail * stat.f_frsize - free_kib * 1024
+    with open(filler, "ab") as f:
+      f.write(b"\0" * max(size, 0))
+    return filler
+  try:
+    yield disk, fill
+  finally:
+    subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -163,6 +163,40 @@ def test_corrupt_files_are_skipped_and_counted(folder, tmp_path, mesh, caplog,
   assert _one_line(e)
 
 
+def test_undecodable_images_never_shift_the_stream(folder, tmp_path, host):
+  """JPEGs that pass the start-up scan but fail to decode are replaced in
+  place (by the next element that decodes) and counted: a stream started
+  at any step gives the batches of one started at 0."""
+  paths, _, _ = sources.list_folder(folder, "val")
+  cls = tmp_path / "train" / "a"
+  cls.mkdir(parents=True)
+  for p in paths[:21]:
+    os.link(p, cls / os.path.basename(p))
+  for i, p in enumerate(paths[21:24]):  # Real headers, garbage inside.
+    b = bytearray(open(p, "rb").read())
+    b[600:-2] = os.urandom(len(b) - 602)
+    (cls / f"bad{i}.jpg").write_bytes(bytes(b))
+  assert sources.folder_split(str(tmp_path), "train", True).num_skipped == 0
+  c = make_config(path=tmp_path, size=32, batch=8)
+
+  def batches(start, n):
+    ds, _ = host.train_dataset(c, "pretrain", start_step=start,
+                               process_index=0, process_count=1)
+    return list(ds.take(n).as_numpy_iterator())
+  whole = batches(0, 9)                        # 3 epochs of 24 images.
+  failed = np.concatenate([b["failed"] for b in whole])
+  assert failed.sum() == 9                     # Each bad file, every epoch.
+  for start in (2, 5):
+    for a, b in zip(whole[start:], batches(start, 9 - start)):
+      for k in ("view1", "view2", "label", "failed"):
+        np.testing.assert_array_equal(a[k], b[k])
+  # A replacement is the element after it (the next one that decoded).
+  flat = np.concatenate([b["view1"] for b in whole])
+  i = int(np.flatnonzero(failed[:-3])[0])
+  j = i + int(np.argmin(failed[i:]))
+  np.testing.assert_array_equal(flat[i], flat[j])
+
+
 def test_load_arrays(cifar_npz, folder, tmp_path):
   c = make_config("npz", cifar_npz, size=32)
   images, labels = data.load_arrays(c.data, "train")

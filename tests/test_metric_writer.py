@@ -36,3 +36,33 @@ def test_scalars_reach_jsonl_and_tensorboard(tmp_path):
                                                               (7, 0.25)]
   assert [(e.step, e.value) for e in acc.Scalars("lr")] == [
       (1, pytest.approx(0.1))]
+
+
+def test_full_disk_is_one_error_and_keeps_every_line(small_disk):
+  """Writes fail on a full disk: one StorageError line; metrics.jsonl holds
+  exactly the rows written before, whole, and a later writer appends."""
+  from byol_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  from byol_jax.errors import StorageError  # pylint: disable=g-import-not-at-top
+  disk, fill = small_disk
+  run = disk / "run"
+  filler = fill(free_kib=24)
+  row = {f"metric_{i}": i / 7 for i in range(40)}     # ~1 KiB a line.
+  written = 0
+  w = metric_writer.MetricWriter(run)
+  with pytest.raises(StorageError) as e:
+    for step in range(1, 1000):
+      w.write(step, row)
+      written = step
+  assert "\n" not in str(e.value) and "No space left" in str(e.value)
+  assert 5 < written < 100
+  with pytest.raises(StorageError):  # Closing finds the same full disk.
+    w.close()
+  rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text()
+          .splitlines()]
+  assert [r["step"] for r in rows] == list(range(1, written + 1))
+  filler.unlink()
+  with metric_writer.MetricWriter(run) as w:
+    w.write(written + 1, {"loss": 1.0})
+  rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text()
+          .splitlines()]
+  assert [r["step"] for r in rows] == list(range(1, written + 2))

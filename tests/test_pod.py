@@ -306,6 +306,11 @@ def test_container_restart_resumes_as_pid_1(tmp_path, trained_run,
       first.kill()
   saved = checkpoint_steps(workdir)
   assert saved and saved[-1] < TRAINED_STEPS, saved
+  # A newer checkpoint whose OCDBT manifest is empty (a copy of the last one,
+  # the file emptied): quarantined, with no traceback on the console.
+  damaged = workdir / "checkpoints" / str(saved[-1] + 4)
+  shutil.copytree(workdir / "checkpoints" / str(saved[-1]), damaged)
+  (damaged / "state" / "manifest.ocdbt").write_bytes(b"")
   started = time.monotonic()
   second = _start(cmd)
   head = _until(second, f"Resuming from step {saved[-1]}.")
@@ -314,6 +319,9 @@ def test_container_restart_resumes_as_pid_1(tmp_path, trained_run,
   out = "".join(head) + out
   assert second.returncode == 0, err[-3000:]
   assert "Taking over the lock" in out and out.count("Taking over") == 1
+  assert "Traceback" not in err, err[-3000:]
+  assert [p.name.split("-")[0] for p in
+          (workdir / "checkpoints_damaged").iterdir()] == [damaged.name]
   (_, a, sa), (_, b, sb) = (pretrained.load_run(str(ref)),
                             pretrained.load_run(str(workdir)))
   assert sa == sb == TRAINED_STEPS

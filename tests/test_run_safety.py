@@ -3,7 +3,9 @@
 In-process runs of `train.train_and_evaluate` on the tiny config, except
 where the exit code or the absence of a traceback is the point.
 """
+import json
 import pathlib
+import shlex
 import shutil
 import signal
 import subprocess
@@ -85,6 +87,65 @@ def test_changed_model_is_refused_and_nothing_moves(run_copy, tiny_config):
   assert _tree(run_copy) == before  # Nothing moved, renamed or deleted.
 
 
+def test_method_change_lists_every_field_and_its_fix_is_accepted(
+    run_copy, tiny_config):
+  from byol_jax import resume  # pylint: disable=g-import-not-at-top
+  before = _tree(run_copy)
+  config = _config(tiny_config, method="simsiam")
+  with pytest.raises(ConfigError) as e:
+    train.train_and_evaluate(config, str(run_copy))
+  msg = str(e.value)
+  saved = checkpoint.Checkpointer(str(run_copy), config,
+                                  read_only=True).saved_config(6)
+  refused, _ = resume.config_changes(saved, config)
+  assert len(refused) > 6 and "method" in refused
+  for key in refused:                    # Every field, method included.
+    assert f" {key} " in f" {msg}" and f"--config.{key}=" in msg, key
+  assert "\n" not in msg and _tree(run_copy) == before
+  # The suggested overrides, applied as the command line would, resume.
+  fixed = config.copy_and_resolve_references()
+  for flag in msg.split(" resume this one with ")[1].split(" --"):
+    key, _, value = flag.strip(" .-").removeprefix("config.").partition("=")
+    *parents, leaf = key.split(".")
+    node = fixed
+    for p in parents:
+      node = node[p]
+    old = node[leaf]
+    node[leaf] = (tuple(float(x) for x in value.strip("'()").split(","))
+                  if isinstance(old, tuple) else
+                  value == "True" if isinstance(old, bool) else
+                  type(old)(value))
+  assert resume.config_changes(saved, fixed) == ({}, {})
+
+
+@pytest.mark.parametrize("entry,match", [
+    ("model.num_filters", "shapes the train state"),
+    ("model", "shapes the train state"),
+    ("optimiser.base_lr", "no config field"),
+])
+def test_allow_changes_that_cannot_apply_is_one_line(run_copy, tiny_config,
+                                                     entry, match):
+  before = _tree(run_copy)
+  config = _config(tiny_config, model__num_filters=8)
+  with pytest.raises(ConfigError, match=match) as e:
+    train.train_and_evaluate(config, str(run_copy), allow_changes=(entry,))
+  assert "\n" not in str(e.value) and f"--allow_changes={entry}" in str(
+      e.value)
+  assert _tree(run_copy) == before
+
+
+def test_load_run_opens_a_moved_checkpoint_where_it_lies(run_copy):
+  _, kept, _ = pretrained.load_run(str(run_copy), 6)
+  for folder in ("checkpoints_superseded", "checkpoints_damaged"):
+    dst = run_copy / folder / "6-1700000000"
+    dst.parent.mkdir()
+    shutil.copytree(run_copy / "checkpoints" / "6", dst)
+    for where in (dst, dst.parent):
+      config, state, step = pretrained.load_run(str(where))
+      assert step == 6 and config.method == "byol"
+      chex.assert_trees_all_equal(state, kept)
+
+
 def test_allowed_changes_resume_and_are_said_once(run_copy, tiny_config,
                                                   capsys):
   config = _config(tiny_config, steps=8, log_every_steps=4,
@@ -118,12 +179,17 @@ def _damage(workdir, step, how):
 
 
 def test_damaged_checkpoints_are_quarantined_and_an_older_one_used(
-    run_copy, tiny_config):
+    run_copy, tiny_config, caplog):
   _damage(run_copy, 6, "truncate")
   _damage(run_copy, 4, "flip")
   config = _config(tiny_config, steps=6)
   final = train.train_and_evaluate(config, str(run_copy))
   assert final["step"] == 6
+  # Each said in one short line: the code and the file, no TensorStore spec.
+  damage = [r.getMessage() for r in caplog.records
+            if "is damaged" in r.getMessage()]
+  assert len(damage) == 2 and "OUT_OF_RANGE: file" in damage[0], damage
+  assert not any("tensorstore_spec" in m or "\n" in m for m in damage)
   moved = sorted(p.name.split("-")[0]
                  for p in (run_copy / "checkpoints_damaged").iterdir())
   assert moved == ["4", "6"]
@@ -201,13 +267,60 @@ def test_transient_errors_are_retried_then_stop_without_moving(
 
 
 def test_all_damaged_stops_and_never_restarts_from_zero(run_copy,
-                                                        tiny_config):
+                                                        tiny_config, capsys):
   for step, how in ((2, "delete"), (4, "truncate"), (6, "flip")):
     _damage(run_copy, step, how)
-  with pytest.raises(ConfigError, match="does not start again from step 0"):
-    train.train_and_evaluate(_config(tiny_config), str(run_copy))
-  assert checkpoint_steps(run_copy) == []
+  # The first run quarantines them and stops; the same command again (as
+  # any auto-restart does) stops the same way: nothing trains.
+  for _ in range(2):
+    with pytest.raises(ConfigError, match="does not start again from step 0"
+                       ) as e:
+      train.train_and_evaluate(_config(tiny_config), str(run_copy))
+    msg = str(e.value)
+    assert "\n" not in msg and "steps [2, 4, 6]" in msg
+    assert "--start_over" in msg
+    assert checkpoint_steps(run_copy) == []
+    assert len(list((run_copy / "checkpoints_damaged").iterdir())) == 3
+    assert "Starting from step 0" not in capsys.readouterr().out
+  # Asked for: it starts over, the damaged checkpoints stay where they are.
+  config = _config(tiny_config, steps=2)
+  assert train.train_and_evaluate(config, str(run_copy),
+                                  start_over=True)["step"] == 2
+  assert checkpoint_steps(run_copy) == [2]
   assert len(list((run_copy / "checkpoints_damaged").iterdir())) == 3
+
+
+@pytest.mark.parametrize("change", ["reshaped", "extra"])
+def test_another_layout_is_one_line_and_moves_nothing(tmp_path, tiny_config,
+                                                      change):
+  """A checkpoint whose leaves differ from the state this code builds (a
+  library change that reshapes or adds a leaf) is refused, not damage."""
+  from byol_jax import methods, optim, sharding, train_state  # pylint: disable=g-import-not-at-top
+  config = _config(tiny_config)
+  mesh = sharding.make_mesh()
+  model = methods.get(config.method).make_network(config)
+  tx, _ = optim.build_optimizer(config, 6, 1)
+  state = jax.device_get(train_state.create(config, model, tx, mesh, True))
+  params = jax.tree.map(lambda x: x, state.params)       # A mutable copy.
+  if change == "reshaped":
+    kernel = params["encoder"]["stem_conv"]["kernel"]     # [3, 3, 3, 4]
+    params["encoder"]["stem_conv"]["kernel"] = np.concatenate(
+        [kernel, kernel[..., :1]], axis=-1)
+    expected = "params.encoder.stem_conv.kernel (3, 3, 3, 5) -> (3, 3, 3, 4)"
+  else:
+    params["extra"] = {"scale": np.ones((7,), np.float32)}
+    expected = "does not build: params.extra.scale"
+  workdir = tmp_path / "run"
+  with checkpoint.Checkpointer(str(workdir), config) as ckpt:
+    ckpt.save(2, state)
+    ckpt.save(4, state.replace(params=params))
+  before = _tree(workdir)
+  with pytest.raises(ConfigError, match="another layout") as e:
+    train.train_and_evaluate(config, str(workdir))
+  msg = str(e.value)
+  assert "\n" not in msg and expected in msg and "nothing was moved" in msg
+  assert "tensorstore" not in msg.lower()
+  assert _tree(workdir) == before
 
 
 def test_restore_step_resumes_an_older_checkpoint(run_copy, tiny_config):
@@ -227,30 +340,79 @@ def test_restore_step_resumes_an_older_checkpoint(run_copy, tiny_config):
 
 
 # ---------------------------------------------------------- NaN / Inf -------
-def test_non_finite_state_is_never_saved(tmp_path, tiny_config):
+def test_non_finite_state_is_never_saved_and_the_advice_runs(tmp_path,
+                                                             train_cmd):
+  """LR 1e5: the state goes NaN within a few steps. No NaN is saved; the
+  error names a checkpoint that is not diverging (or says to start over)
+  and a lower learning rate, in a command that finishes as printed."""
   workdir = tmp_path / "nan"
-  config = _config(tiny_config, steps=30, optimizer__base_lr=1e5,
-                   warmup_epochs=0.0, log_every_steps=5,
-                   checkpoint_every_steps=3, keep_checkpoints=30)
-  with pytest.raises(train.NonFiniteError) as e:
-    train.train_and_evaluate(config, str(workdir))
+  cmd = train_cmd(workdir, "steps=30", "--config.optimizer.base_lr=1e5",
+                  "--config.warmup_epochs=0.0", "--config.log_every_steps=5",
+                  "--config.checkpoint_every_steps=3",
+                  "--config.keep_checkpoints=30", "--config.knn.enabled=False")
+  proc = subprocess.run(cmd, cwd=REPO, env=train_env(2), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
   saved = checkpoint_steps(workdir)
   assert saved, "the state was finite for a few steps at least"
   _all_finite(workdir)
   _no_tmp(workdir)
-  msg = str(e.value)
-  assert "\n" not in msg and f"--restore_step={saved[-1]}" in msg
-  assert f"steps {saved}" in msg
-  # The advice works: a finite checkpoint with a sane learning rate, changed
-  # on purpose (without --allow_changes it is refused). Here the weights grew
-  # for every step of LR 1e5: the earliest checkpoint is the sound one.
-  sane = _config(tiny_config, steps=saved[0] + 2, checkpoint_every_steps=1,
-                 warmup_epochs=0.0, keep_checkpoints=30)
-  with pytest.raises(ConfigError, match="--allow_changes=optimizer.base_lr"):
-    train.train_and_evaluate(sane, str(workdir), restore_step=saved[0])
-  final = train.train_and_evaluate(sane, str(workdir), restore_step=saved[0],
-                                   allow_changes=("optimizer.base_lr",))
-  assert final["step"] == saved[0] + 2 and np.isfinite(final["loss"])
+  errors = error_lines(proc.stderr)
+  assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+  msg = errors[0]
+  assert "NaN or infinite" in msg and "LOWER" not in msg
+  # With LR 1e5 the weights grow ~100x a step: every finite checkpoint is
+  # already diverging, so the advice is to start over, at the method's
+  # published rate (0.2) rather than 1e4.
+  assert "grew past 10x" in msg and "--start_over" in msg, msg
+  assert "--config.optimizer.base_lr=0.2" in msg
+  printed = shlex.split(msg.split("The command: ", 1)[1])
+  again = subprocess.run(printed, cwd=REPO, env=train_env(2),
+                         capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Starting over on purpose" in again.stdout
+  final = [l for l in again.stdout.splitlines() if l.startswith("done:")]
+  assert final and np.isfinite(float(final[0].split("final loss ")[1]
+                                     .split(",")[0]))
+  assert checkpoint_steps(workdir)[-1] == 30
+  _all_finite(workdir)
+  # The diverged checkpoints are kept, out of the way.
+  moved = sorted(int(p.name.split("-")[0])
+                 for p in (workdir / "checkpoints_superseded").iterdir())
+  assert moved == saved
+
+
+def test_nan_advice_names_the_newest_healthy_checkpoint(tmp_path,
+                                                         tiny_config):
+  from byol_jax import divergence  # pylint: disable=g-import-not-at-top
+  rows = [dict(step=0, param_norm=20.0), dict(step=5, param_norm=25.0,
+                                             loss=3.0),
+          dict(step=6, param_norm=31.0), dict(step=9, param_norm=900.0),
+          dict(step=10, param_norm=4e30, loss=9.0)]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 11, "par')
+  health = divergence.Health(checkpoint.as_path(tmp_path))
+  config = _config(tiny_config, optimizer__base_lr=1.0)
+  flags, why = divergence.resume_flags(config, health, [3, 6, 9])
+  # 3: no norm known; 6: 1.55x the initial norm; 9: 45x, 29x in 3 steps.
+  assert flags == ["--restore_step=6", "--config.optimizer.base_lr=0.1",
+                   "--allow_changes=optimizer.base_lr"]
+  assert "newer ones [9]" in why
+  # A long run whose norm drifted 15x in small steps is not diverging.
+  health.norms = {0: 20.0, **{100 * i: 20.0 * 1.2 ** i for i in range(1, 16)}}
+  assert health.healthy(1500) and not health.healthy(7)
+  health.norms[1600] = 20.0 * 1.2 ** 15 * 3                  # A jump.
+  assert not health.healthy(1600)
+  config.optimizer.base_lr = 50.0       # Never above the paper's rate.
+  assert divergence.lower_lr(config) == 0.2
+  argv = ["/x/train.py", "--config=c.py:steps=9", "--restore_step", "3",
+          "--config.optimizer.base_lr=50", "--allow_changes=total_steps",
+          "--workdir=/w"]
+  cmd = shlex.split(divergence.command(argv, flags))
+  assert cmd[1:] == ["-m", "byol_jax.train", "--config=c.py:steps=9",
+                     "--workdir=/w", "--restore_step=6",
+                     "--config.optimizer.base_lr=0.1",
+                     "--allow_changes=total_steps,optimizer.base_lr"]
 
 
 # The lock's liveness rules: tests/test_pod.py.
@@ -390,3 +552,36 @@ def test_storage_failure_mid_run_stops_with_one_line(tmp_path, train_cmd):
   first = min(int(p.name) for p in (tmp_path / "moved_away").iterdir()
               if p.name.isdigit())
   assert max(logged) <= first + 2 * 3 + 3, (max(logged), first)
+
+
+def test_full_disk_stops_with_one_line_and_keeps_everything(small_disk,
+                                                            train_cmd):
+  """An 8 MiB workdir that fills up mid-run: one error line, exit 1, every
+  metrics line written before intact, 'checkpoint ->' said only for the
+  saves that committed, and the last of them restores."""
+  disk, fill = small_disk
+  workdir = disk / "run"
+  fill(free_kib=1400)                     # About two checkpoints' worth.
+  cmd = train_cmd(workdir, "steps=10", "--config.log_every_steps=1",
+                  "--config.checkpoint_every_steps=2",
+                  "--config.keep_checkpoints=10", "--config.knn.enabled=False")
+  proc = subprocess.run(cmd, cwd=REPO, env=train_env(2), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = error_lines(proc.stderr)
+  assert len(errors) == 1 and ("No space left" in errors[0] or
+                                "RESOURCE_EXHAUSTED" in errors[0]), errors
+  assert "tensorstore_spec" not in errors[0]
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text()
+          .splitlines()]
+  logged = [int(l.split()[1].split("/")[0]) for l in proc.stdout.splitlines()
+            if l.startswith("step ") and "/" in l.split()[1]]
+  assert logged and [r["step"] for r in rows if "loss" in r] == logged
+  said = [int(l.split()[1].rstrip(":")) for l in proc.stdout.splitlines()
+          if "checkpoint ->" in l]
+  assert said and said == checkpoint_steps(workdir), proc.stdout
+  assert said[-1] < 10
+  _, state, step = pretrained.load_run(str(workdir))   # It restores.
+  assert step == said[-1] and int(state["step"]) == step
+  _all_finite(workdir)

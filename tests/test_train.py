@@ -1,8 +1,11 @@
 """`python -m byol_jax.train` end to end: console, files, resume, errors."""
 import json
+import signal
 import subprocess
 import sys
+import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import byol_jax
 from byol_jax import methods
 from byol_jax import pretrained
 from testlib import REPO, TRAINED_STEPS, assert_error_first, checkpoint_steps
+from testlib import error_lines
 from testlib import noisy_lines, train_env
 
 
@@ -85,6 +89,66 @@ def test_continue_a_run_and_load_its_encoders(trained_copy, run_train):
 
 # Killed (SIGKILL, as pid 1 of a container) and resumed, bit for bit the
 # uninterrupted run: tests/test_pod.py::test_container_restart_resumes_as_pid_1.
+# (the empty-manifest checkpoint it meets is quarantined there too).
+
+
+def _kill_after_first_checkpoint(cmd, workdir) -> list[int]:
+  """Starts the trainer, kills it (SIGKILL) once a checkpoint is on disk."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(2),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not checkpoint_steps(workdir) and time.time() < deadline:
+    if proc.poll() is not None:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return checkpoint_steps(workdir)
+
+
+@pytest.mark.slow  # Three trainer runs (about 85 s on a loaded 2-core box).
+def test_undecodable_images_kill_and_resume_matches(tmp_path, nette_folder,
+                                                    run_train, train_cmd):
+  """JPEGs that pass the start-up scan but fail to decode: a run killed
+  after its first checkpoint and resumed equals the uninterrupted one, and
+  the replaced images are counted on the console."""
+  root = tmp_path / "images"
+  for i, p in enumerate(sorted((nette_folder / "val").rglob("*.JPEG"))[:36]):
+    dst = root / "train" / p.parent.name / p.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    b = bytearray(p.read_bytes())
+    if i % 9 == 4:  # 4 of 36: real header and end marker, garbage inside.
+      b[600:-2] = np.random.default_rng(i).bytes(len(b) - 602)
+    dst.write_bytes(bytes(b))
+  arg = f"steps={TRAINED_STEPS},source=folder,path={root}"
+  flags = ["--config.checkpoint_every_steps=8", "--config.log_every_steps=4",
+           "--config.data.on_device=False", "--config.data.num_classes=-1",
+           "--config.knn.enabled=False", "--config.data.eval_split=",
+           "--config.data.max_undecodable_fraction=0.2"]
+  ref = run_train(tmp_path / "ref", arg, *flags, devices=2)
+  steps = [l for l in ref.stdout.splitlines()
+           if l.startswith("step ") and "/" in l.split()[1]]
+  counts = [int(l.split("undecodable ")[1].split()[0]) for l in steps
+            if "undecodable" in l]
+  # 16 x 16 images read, 1 in 9 of them bad: about 28 replaced.
+  assert counts and 10 <= counts[-1] <= 50, ref.stdout
+  assert f"{counts[-1]} undecodable images replaced" in ref.stdout
+  killed = tmp_path / "killed"
+  saved = _kill_after_first_checkpoint(train_cmd(killed, arg, *flags), killed)
+  assert saved and saved[-1] < TRAINED_STEPS, f"kill came too late: {saved}"
+  run_train(killed, arg, *flags, devices=2)
+  (_, a, sa), (_, b, sb) = (pretrained.load_run(str(tmp_path / "ref")),
+                            pretrained.load_run(str(killed)))
+  assert sa == sb == TRAINED_STEPS
+  chex.assert_trees_all_equal(a, b)  # Leaf for leaf, bit for bit.
+  # Past the threshold: one line, at the first log step.
+  strict = run_train(tmp_path / "strict", arg, *flags[:-1], check=False,
+                     devices=2)
+  errors = error_lines(strict.stderr)
+  assert strict.returncode == 1 and len(errors) == 1, strict.stderr[-3000:]
+  assert "failed to decode" in errors[0]
+  assert "max_undecodable_fraction=0.01" in errors[0]
+  assert "Traceback" not in strict.stderr
 
 
 @pytest.mark.parametrize("args,expected", [

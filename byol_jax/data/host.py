@@ -197,11 +197,66 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
     out = dict(view1=v1, hw1=hw1, view2=v2, hw2=hw2, label=label)
     return dict(out, box1=b1, box2=b2) if return_boxes else out
 
-  ds = ds.map(element, num_parallel_calls=_parallel(config),
+  local = batch // pc
+
+  def numbered(data, label, g):
+    # k: the element's place in this process's stream (step * L + row).
+    return dict(element(data, label, g),
+                k=g // batch * local + g % batch - pi * local)
+
+  ds = ds.map(numbered, num_parallel_calls=_parallel(config),
               deterministic=True)
-  ds = ds.ignore_errors(log_warning=True)   # Backstop for corrupt images.
-  ds = ds.batch(batch // pc, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  ds = _replace_failures(ds, first=start_step * local)
+  ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return _options(ds, config), n
+
+
+def _replace_failures(ds, first: int):
+  """Each element that failed (an image that does not decode) replaced by
+  the next one that did, so that no later element shifts.
+
+  `ds` holds dicts with `k`, the element's place in the stream (`first`,
+  first + 1, ...). tf.data drops the failed elements (`ignore_errors`);
+  each survivor then also fills the places of the failures just before it,
+  marked `failed` True. Row r of step s is thus the same element (or the
+  same replacement) however far back the stream started, a pure function
+  of (seed, step) given the files.
+
+  Returns:
+    The dicts without `k`, with `failed`: bool.
+  """
+  ds = ds.ignore_errors(log_warning=False)   # Counted instead (`failed`).
+
+  def gap(previous, e):
+    return e["k"], (e, e["k"] - previous - 1)
+
+  def fill(e, missing):
+    e = {key: v for key, v in e.items() if key != "k"}
+    return tf.data.Dataset.range(missing + 1).map(
+        lambda j: dict(e, failed=j < missing))
+
+  return ds.scan(tf.constant(first - 1, tf.int64), gap).flat_map(fill)
+
+
+class Failures:
+  """Training elements that failed to decode, by step (`failed` rows).
+
+  Counted when a batch leaves tf.data (prefetched batches included);
+  `total(step)` sums the steps up to `step` only, so the figure is the same
+  whatever was prefetched.
+  """
+
+  def __init__(self):
+    self._by_step: dict[int, int] = {}
+
+  def record(self, step: int, failed: np.ndarray) -> None:
+    n = int(np.sum(failed))
+    if n:
+      self._by_step[step] = n
+
+  def total(self, step: int) -> int:
+    """Failures in the steps before `step` (this process's rows)."""
+    return sum(n for s, n in self._by_step.items() if s < step)
 
 
 def eval_dataset(config: ml_collections.ConfigDict, split: str,
@@ -301,10 +356,14 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, mode: str,
   kwargs = dict(split=split, batch_size=batch_size, seed=seed,
                 fraction=fraction, arrays=arrays, return_boxes=return_boxes)
   first, n = train_dataset(config, mode, start_step=start_step, **kwargs)
+  failures = Failures()
 
   def start(step):
     ds = (first if step == start_step else
           train_dataset(config, mode, start_step=step, **kwargs)[0])
-    return ds.as_numpy_iterator()
+    for s, local in enumerate(ds.as_numpy_iterator(), step):
+      failures.record(s, local.pop("failed"))
+      yield local
   return pipeline.Batches(mesh, start, finish, num_examples=n,
-                          batch_size=batch_size, start_step=start_step)
+                          batch_size=batch_size, start_step=start_step,
+                          failures=failures)

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 from absl import logging
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from byol_jax import sharding
@@ -54,7 +55,8 @@ class Batches:
   def __init__(self, mesh: Mesh, start: Callable[[int], Iterator[LocalBatch]],
                finish: Callable[[GlobalBatch], GlobalBatch] | None, *,
                num_examples: int, batch_size: int, start_step: int = 0,
-               num_batches: int | None = None, prefetch: int = 2):
+               num_batches: int | None = None, prefetch: int = 2,
+               failures=None):
     """Sets up the stream; nothing is read before the first batch.
 
     Args:
@@ -67,7 +69,10 @@ class Batches:
       start_step: the step `batch` will first be asked for.
       num_batches: batches per pass (eval mode).
       prefetch: batches kept ready ahead.
+      failures: the host path's count of elements that failed to decode
+        (`host.Failures`; None on the on-device path, which has none).
     """
+    self.failures = failures
     self._mesh, self._start, self._finish = mesh, start, finish
     self.num_examples, self.batch_size = int(num_examples), int(batch_size)
     self.steps_per_epoch = max(1, self.num_examples // self.batch_size)
@@ -85,6 +90,14 @@ class Batches:
       if local is None:
         return
       ready.append(self._global(local))
+
+  def failed_images(self, step: int) -> int:
+    """Elements of the steps before `step` that failed to decode and were
+    replaced, over all processes (a collective: call it on every process)."""
+    n = self.failures.total(step) if self.failures is not None else 0
+    if jax.process_count() > 1:
+      n = int(np.sum(multihost_utils.process_allgather(np.int64(n))))
+    return int(n)
 
   @property
   def ready_steps(self) -> tuple[int, ...]:
