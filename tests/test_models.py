@@ -191,9 +191,13 @@ def test_unknown_depth_raises():
 
 
 @pytest.mark.parametrize("kwargs,in_dim,out_dim,dense_shapes,bn_params", [
-    # BYOL projector: Linear -> BN -> ReLU -> Linear.
+    # BYOL projector: Linear -> BN -> ReLU -> Linear without bias (official).
     (dict(hidden_dim=64, output_dim=16), 32, 16,
-     {"dense1": ((32, 64), True), "dense2": ((64, 16), True)},
+     {"dense1": ((32, 64), True), "dense2": ((64, 16), False)},
+     {"bn1": {"scale", "bias"}}),
+    # SimSiam predictor: its reference's last Linear keeps its bias.
+    (dict(hidden_dim=8, output_dim=32, hidden_bias=False, output_bias=True),
+     32, 32, {"dense1": ((32, 8), False), "dense2": ((8, 32), True)},
      {"bn1": {"scale", "bias"}}),
     # SimSiam projector: last BN without affine parameters.
     (dict(hidden_dim=48, output_dim=24, num_layers=3, hidden_bias=False,
