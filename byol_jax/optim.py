@@ -23,6 +23,10 @@ import optax
 from byol_jax import errors
 
 _OPTIMIZERS = ("lars", "sgd")
+# How the online classifier trains: 'main' in the main optimizer at the main
+# learning rate (official BYOL), 'sgd' with its own SGD at classifier_lr
+# (solo-learn's SimSiam and SimCLR).
+_CLASSIFIER_OPTIMIZERS = ("main", "sgd")
 _LR_SCALINGS = ("linear", "sqrt")
 
 # Top-level parameter keys with their own optimizer (see methods/network.py).
@@ -155,13 +159,13 @@ def tau_schedule(tau_base: float, total_steps: int) -> optax.Schedule:
   return lambda step: 1.0 - decay(step)
 
 
-def _top_level_labels(params: Any,
-                      fixed_lr_predictor: bool) -> Any:
+def _top_level_labels(params: Any, fixed_lr_predictor: bool,
+                      own_classifier: bool) -> Any:
   """Labels each leaf 'main', 'predictor' or 'classifier' by its top key."""
 
   def label(path, _):
     key = getattr(path[0], "key", None) if path else None
-    if key == _CLASSIFIER:
+    if key == _CLASSIFIER and own_classifier:
       return "classifier"
     if key == _PREDICTOR and fixed_lr_predictor:
       return "predictor"
@@ -184,21 +188,45 @@ def check(opt: ml_collections.ConfigDict) -> None:
         f"optimizer.momentum={opt.momentum} must be in [0, 1).")
   if opt.name == "lars" and not opt.eta > 0:
     raise errors.ConfigError(f"optimizer.eta={opt.eta} must be > 0 for LARS.")
+  if opt.get("classifier", "main") not in _CLASSIFIER_OPTIMIZERS:
+    raise errors.ConfigError(
+        f"Unknown optimizer.classifier {opt.classifier!r}; allowed: "
+        f"{list(_CLASSIFIER_OPTIMIZERS)}.")
+
+
+def schedule_steps(num_epochs: float, warmup_epochs: float,
+                   num_examples: int, batch_size: int) -> tuple[int, int]:
+  """Total and warm-up steps as the official BYOL code counts them.
+
+  total = num_epochs * N // B and warm-up = warmup_epochs * N // B (N
+  examples, batch B): the partial batch of each epoch counts toward the
+  total, so 300 ImageNet epochs at 4096 are 93,835 steps, not
+  300 * (N // B) = 93,600.
+
+  Returns:
+    (total_steps, warmup_steps), total at least 1.
+  """
+  total = int(num_epochs * num_examples // batch_size)
+  warmup = int(warmup_epochs * num_examples // batch_size)
+  return max(total, 1), warmup
 
 
 def build_optimizer(
     config: ml_collections.ConfigDict, total_steps: int,
-    steps_per_epoch: int) -> tuple[optax.GradientTransformation,
-                                   optax.Schedule]:
+    steps_per_epoch: int, warmup_steps: int | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The run's optimizer and the learning-rate schedule of its main params.
 
   Reads config.optimizer (name, base_lr, lr_scaling, weight_decay, momentum,
-  eta, nesterov, fixed_lr_predictor, classifier_lr), config.batch_size and
-  config.warmup_epochs.
+  eta, nesterov, fixed_lr_predictor, classifier, classifier_lr),
+  config.batch_size and config.warmup_epochs.
 
   Parameters are split by their top-level key:
-    - 'classifier' (the online linear classifier): SGD momentum 0.9, no weight
-      decay, lr classifier_lr * batch / 256 with the same warm-up and cosine;
+    - 'classifier' (the online linear classifier) when optimizer.classifier
+      is 'sgd' (SimSiam, SimCLR): SGD momentum 0.9, no weight decay, lr
+      classifier_lr * batch / 256 with the same warm-up and cosine; when it
+      is 'main' (BYOL), the main optimizer trains it like any other layer
+      (LARS: weight decay and trust ratio on its kernel, not its bias);
     - 'predictor' when fixed_lr_predictor (SimSiam): the main optimizer at
       the constant peak lr;
     - everything else: the main optimizer ('lars' or 'sgd') on the schedule.
@@ -206,7 +234,10 @@ def build_optimizer(
   Args:
     config: the run's config.
     total_steps: optimizer steps of the whole run.
-    steps_per_epoch: optimizer steps per epoch (for the warm-up).
+    steps_per_epoch: optimizer steps per epoch (for the warm-up when
+      warmup_steps is None).
+    warmup_steps: steps of the warm-up (`schedule_steps`); None:
+      warmup_epochs * steps_per_epoch.
 
   Returns:
     (tx, schedule): the transformation and the main learning-rate schedule.
@@ -216,7 +247,8 @@ def build_optimizer(
   """
   opt = config.optimizer
   check(opt)
-  warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+  if warmup_steps is None:
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
   peak_lr = scaled_lr(opt.base_lr, config.batch_size, opt.lr_scaling)
   schedule = lr_schedule(peak_lr, total_steps, warmup_steps)
 
@@ -227,16 +259,17 @@ def build_optimizer(
     return sgd(learning_rate, weight_decay=opt.weight_decay,
                momentum=opt.momentum, nesterov=opt.nesterov)
 
-  classifier_schedule = lr_schedule(
-      scaled_lr(opt.classifier_lr, config.batch_size, "linear"), total_steps,
-      warmup_steps)
-  transforms = {
-      "main": main_tx(schedule),
-      "classifier": sgd(classifier_schedule, weight_decay=0.0, momentum=0.9),
-  }
+  transforms = {"main": main_tx(schedule)}
+  own_classifier = opt.get("classifier", "main") == "sgd"
+  if own_classifier:
+    classifier_schedule = lr_schedule(
+        scaled_lr(opt.classifier_lr, config.batch_size, "linear"),
+        total_steps, warmup_steps)
+    transforms["classifier"] = sgd(classifier_schedule, weight_decay=0.0,
+                                   momentum=0.9)
   if opt.fixed_lr_predictor:
     transforms["predictor"] = main_tx(peak_lr)
   tx = optax.multi_transform(
-      transforms,
-      lambda params: _top_level_labels(params, opt.fixed_lr_predictor))
+      transforms, lambda params: _top_level_labels(
+          params, opt.fixed_lr_predictor, own_classifier))
   return tx, schedule

@@ -43,7 +43,7 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
 # Fields that shape the state: no flag lets a resumed run change them.
 STRUCTURAL = ("method", "model.", "projector.", "predictor.",
               "data.num_classes", "data.image_size", "optimizer.name",
-              "optimizer.fixed_lr_predictor")
+              "optimizer.fixed_lr_predictor", "optimizer.classifier")
 
 
 def _matches(key: str, prefixes) -> bool:

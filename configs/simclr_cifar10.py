@@ -24,6 +24,7 @@ def get_config(arg=None):
   c.model.stem = "cifar"
   c.projector.update(hidden_dim=2048, output_dim=256, num_layers=2)
   c.optimizer.name = "lars"
+  c.optimizer.classifier = "sgd"  # solo-learn: its own SGD
   c.optimizer.base_lr = 0.4
   c.optimizer.eta = 0.02
   c.optimizer.weight_decay = 1e-4
