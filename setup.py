@@ -28,8 +28,9 @@ setuptools.setup(
         # dm-haiku: the official-checkpoint tests build BYOL's Haiku network.
         # tensorboard: the tests read event files back with its own reader.
         # pytest-xdist: the suite runs its test files on two workers.
+        # dill: the official Checkpointer's own writer (dill protocol 2).
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
-                 "dm-haiku", "tensorboard"],
+                 "dm-haiku", "tensorboard", "dill"],
         # `python -m byol_jax.convert to-torch`: .pt needs torch, .safetensors
         # only safetensors; torchvision for loading the export (large: CI
         # does not install this extra, and the torch tests skip without it).
