@@ -194,21 +194,29 @@ def check(opt: ml_collections.ConfigDict) -> None:
         f"{list(_CLASSIFIER_OPTIMIZERS)}.")
 
 
-def schedule_steps(num_epochs: float, warmup_epochs: float,
-                   num_examples: int, batch_size: int) -> tuple[int, int]:
-  """Total and warm-up steps as the official BYOL code counts them.
+def schedule_steps(config: ml_collections.ConfigDict,
+                   num_examples: int) -> tuple[int, int, int]:
+  """Total, warm-up and per-epoch steps, as the official BYOL code counts.
 
   total = num_epochs * N // B and warm-up = warmup_epochs * N // B (N
   examples, batch B): the partial batch of each epoch counts toward the
   total, so 300 ImageNet epochs at 4096 are 93,835 steps, not
-  300 * (N // B) = 93,600.
+  300 * (N // B) = 93,600. config.total_steps > 0 replaces the total.
+
+  Args:
+    config: the run's config (num_epochs, warmup_epochs, batch_size,
+      total_steps).
+    num_examples: N, the training examples per epoch.
 
   Returns:
-    (total_steps, warmup_steps), total at least 1.
+    (total_steps, warmup_steps, steps_per_epoch), total and per-epoch at
+    least 1.
   """
-  total = int(num_epochs * num_examples // batch_size)
-  warmup = int(warmup_epochs * num_examples // batch_size)
-  return max(total, 1), warmup
+  batch = config.batch_size
+  total = int(config.total_steps or
+              int(config.num_epochs * num_examples // batch))
+  warmup = int(config.warmup_epochs * num_examples // batch)
+  return max(total, 1), warmup, max(num_examples // batch, 1)
 
 
 def build_optimizer(

@@ -298,6 +298,9 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path, tiny_config):
     ("batch_size", 12, "not divisible by the 8 devices"),
     ("data__num_classes", 5, "num_classes"),
     ("data__canvas_size", 16, "canvas_size=16 is smaller than"),
+    # No loss scaling: float16 is refused in one line that names bfloat16.
+    ("model__dtype", "float16", "float16.*--config.model.dtype=bfloat16"),
+    ("optimizer__classifier", "adam", "optimizer.classifier 'adam'"),
 ])
 def test_bad_settings_fail_before_compiling(tmp_path, tiny_config, key, value,
                                             match):
