@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 1e-6
   c.optimizer.momentum = 0.9
   c.optimizer.eta = 1e-3
+  c.optimizer.clip_lr = False       # LARS: solo-learn's LR clipping (CIFAR)
   c.optimizer.nesterov = False
   c.optimizer.fixed_lr_predictor = False  # SimSiam: predictor LR not decayed
   # Online classifier: 'main' trains it in the main optimizer at the main

@@ -11,6 +11,11 @@ LARS follows the official BYOL code (DESIGN section 3):
 `optax.lars` scales by the learning rate *before* the momentum trace, which
 changes the effective step whenever the learning rate moves (warm-up, cosine),
 so it is not used here.
+
+`clip_lr=True` is solo-learn's LARS instead (its CIFAR recipes, eta 0.02):
+trust = eta ||p|| / (||g|| + wd ||p|| + 1e-8), clipped to
+min(trust / lr, 1), multiplies g + wd * p (kernels whose ||p|| and ||g|| are
+both non-zero; g unchanged otherwise), then the momentum trace and lr.
 """
 import math
 from typing import Any
@@ -49,7 +54,8 @@ def exclude_bias_and_bn(params: Any) -> Any:
 
 def lars(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
          momentum: float = 0.9, eta: float = 1e-3, nesterov: bool = False,
-         mask: Any = exclude_bias_and_bn) -> optax.GradientTransformation:
+         mask: Any = exclude_bias_and_bn,
+         clip_lr: bool = False) -> optax.GradientTransformation:
   """LARS with the learning rate applied after the momentum trace.
 
   Args:
@@ -60,10 +66,17 @@ def lars(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
     nesterov: Nesterov momentum (BYOL: False).
     mask: pytree of bools, or a function of the params returning one, that
       selects the leaves getting weight decay and the trust ratio.
+    clip_lr: solo-learn's variant (module docstring) instead of BYOL's.
 
   Returns:
     The optax transformation.
   """
+  if clip_lr:
+    return optax.chain(
+        optax.masked(_clipped_trust(learning_rate, weight_decay, eta), mask),
+        optax.trace(decay=momentum, nesterov=nesterov),
+        optax.scale_by_learning_rate(learning_rate),
+    )
   return optax.chain(
       optax.add_decayed_weights(weight_decay, mask=mask),
       # eps=0: optax then returns trust 1 where ||p|| or ||u|| is 0, exactly
@@ -73,6 +86,34 @@ def lars(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def _clipped_trust(learning_rate: float | optax.Schedule, weight_decay: float,
+                   eta: float, eps: float = 1e-8
+                   ) -> optax.GradientTransformation:
+  """solo-learn's LARS scaling with LR clipping, weight decay included."""
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params):
+    lr = (learning_rate(state.count) if callable(learning_rate)
+          else learning_rate)
+
+    def leaf(g, p):
+      p_norm, g_norm = jnp.linalg.norm(p), jnp.linalg.norm(g)
+      trust = eta * p_norm / (g_norm + p_norm * weight_decay + eps)
+      # min(trust / lr, 1); 1 where lr is 0 (the first warm-up step).
+      factor = jnp.where(trust < lr, trust / lr, 1.0)
+      return jnp.where((p_norm > 0) & (g_norm > 0),
+                       (g + weight_decay * p) * factor, g)
+
+    return (jax.tree.map(leaf, updates, params),
+            optax.ScaleByScheduleState(
+                count=optax.safe_int32_increment(state.count)))
+
+  return optax.GradientTransformation(init, update)
 
 
 def sgd(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
@@ -263,7 +304,8 @@ def build_optimizer(
   def main_tx(learning_rate):
     if opt.name == "lars":
       return lars(learning_rate, weight_decay=opt.weight_decay,
-                  momentum=opt.momentum, eta=opt.eta, nesterov=opt.nesterov)
+                  momentum=opt.momentum, eta=opt.eta, nesterov=opt.nesterov,
+                  clip_lr=opt.get("clip_lr", False))
     return sgd(learning_rate, weight_decay=opt.weight_decay,
                momentum=opt.momentum, nesterov=opt.nesterov)
 

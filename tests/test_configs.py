@@ -242,6 +242,14 @@ def test_byol_cifar10_is_the_imagenet_recipe_without_blur():
                     "predictor.output_dim": 256,
                     **{f"data.{k}": v for k, v in BYOL_CROP.items()}},
                 "byol_cifar10")
+  # DESIGN 5, solo-learn's CIFAR BYOL (the anchor's recipe): LARS eta 0.02
+  # with LR clipping, base LR 1.0, wd 1e-5, batch 256, tau 0.99, classifier
+  # LR 0.1.
+  assert_fields(c, {"optimizer.name": "lars", "optimizer.eta": 0.02,
+                    "optimizer.clip_lr": True, "optimizer.base_lr": 1.0,
+                    "optimizer.weight_decay": 1e-5, "batch_size": 256,
+                    "tau_base": 0.99, "optimizer.classifier": "sgd",
+                    "optimizer.classifier_lr": 0.1}, "byol_cifar10")
 
 
 @pytest.mark.parametrize("name", ["simsiam_cifar10", "simclr_cifar10"])
@@ -250,7 +258,16 @@ def test_cifar_configs_blur_off_and_same_views(name):
   assert c.data.image_size == 32 and c.model.stem == "cifar"
   assert c.augment.view1["blur"] == 0.0
   assert dict(c.augment.view1) == dict(c.augment.view2)
+  assert c.optimizer.classifier == "sgd"
+  assert c.optimizer.classifier_lr == 0.1
   if name == "simclr_cifar10":
-    # DESIGN 4: temperature 0.2 to 0.5 on CIFAR; jitter strength 1.0.
+    # DESIGN 4: temperature 0.2 to 0.5 on CIFAR; jitter strength 1.0; the
+    # head's output 128; solo-learn's LARS (eta 0.02, LR clipping).
     assert 0.2 <= c.temperature <= 0.5
     assert_view(c.augment.view1, dict(SIMCLR_VIEW, blur=0.0), name)
+    assert c.projector.output_dim == 128
+    assert c.optimizer.eta == 0.02 and c.optimizer.clip_lr
+  else:
+    # DESIGN 4, SimSiam: crops from 20%, jitter 0.4/0.4/0.4/0.1.
+    assert tuple(c.data.crop_scale) == (0.2, 1.0)
+    assert_view(c.augment.view1, dict(SIMSIAM_VIEW, blur=0.0), name)

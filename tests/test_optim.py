@@ -76,6 +76,53 @@ def test_lars_matches_reference_over_two_steps():
     params = optax.apply_updates(params, updates)
 
 
+def _reference_solo_learn_lars(params, grads, lrs, wd, eta, momentum):
+  """solo-learn's LARS with clip_lr, leaf by leaf in float64."""
+  flat_p, treedef = jax.tree.flatten(
+      jax.tree.map(lambda x: np.asarray(x, np.float64), params))
+  trace = [np.zeros_like(p) for p in flat_p]
+  all_updates = []
+  for g_tree, lr in zip(grads, lrs):
+    updates = []
+    for i, (p, g) in enumerate(zip(flat_p, map(np.asarray, jax.tree.leaves(
+        g_tree)))):
+      d = g.astype(np.float64)
+      p_norm, g_norm = np.linalg.norm(p), np.linalg.norm(d)
+      if p.ndim > 1 and p_norm != 0 and g_norm != 0:
+        trust = eta * p_norm / (g_norm + p_norm * wd + 1e-8)
+        d = (d + wd * p) * (min(trust / lr, 1.0) if lr else 1.0)
+      trace[i] = momentum * trace[i] + d
+      updates.append(-lr * trace[i])
+    flat_p = [p + u for p, u in zip(flat_p, updates)]
+    all_updates.append(jax.tree.unflatten(treedef, updates))
+  return all_updates
+
+
+def test_lars_clip_lr_matches_solo_learn_over_three_steps():
+  """eta 0.02 with LR clipping (the CIFAR recipes of DESIGN 5): a kernel
+  whose trust exceeds lr is clipped to factor 1 (plain SGD with decay), the
+  others scaled by trust / lr; a zero kernel takes g with no decay; biases
+  and BN neither; lr 0 on the first step."""
+  wd, eta, momentum = 1e-5, 0.02, 0.9
+  lrs = [0.0, 0.5, 2.0]
+  tx = optim.lars(lambda count: jnp.asarray(lrs)[count], weight_decay=wd,
+                  momentum=momentum, eta=eta, clip_lr=True)
+  params = dict(_params(), big_kernel=1e3 * _params()["kernel"])
+  grads = [dict(_grads(s), big_kernel=_grads(s)["kernel"]) for s in range(3)]
+  expected = _reference_solo_learn_lars(params, grads, lrs, wd, eta, momentum)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for step in range(3):
+    updates, state = update(grads[step], state, params)
+    chex.assert_trees_all_close(updates, expected[step], rtol=1e-5, atol=1e-8)
+    params = optax.apply_updates(params, updates)
+  # The clip binds on the big kernel (SGD-like) and not on the other.
+  p = np.asarray(params["big_kernel"])
+  assert eta * np.linalg.norm(p) / np.linalg.norm(grads[2]["kernel"]) > 2.0
+  p = np.asarray(params["kernel"])
+  assert eta * np.linalg.norm(p) / np.linalg.norm(grads[2]["kernel"]) < 0.5
+
+
 def test_lars_first_step_by_hand():
   p = np.array([[3.0, 4.0]])          # ||p|| = 5
   g = np.array([[0.0, 1.0]])
