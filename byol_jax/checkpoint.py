@@ -40,6 +40,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from byol_jax import checksums
 from byol_jax import config_lib
+from byol_jax.errors import ConfigError
 
 ITEMS = ("state", "config", "checksums")
 _RESTORE_ATTEMPTS = 3
@@ -70,6 +71,19 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
+def _leaf_paths(tree: Any, is_leaf=None) -> set[str]:
+  """'a/b/0/c' for each leaf, whatever the containers (dicts, dataclasses,
+  named tuples, sequences: Orbax's metadata has dicts where the state has
+  the others)."""
+  def name(k):
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return {"/".join(name(k) for k in path) for path, _ in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+
 def _fill_missing(d: dict, defaults: dict) -> None:
   for key, value in defaults.items():
     if key not in d:
@@ -85,6 +99,10 @@ def config_from_json(d: dict) -> ml_collections.ConfigDict:
   `model.padding`) take their `config_lib.base_config()` defaults.
   """
   d = copy.deepcopy(dict(d))
+  # Written before optimizer.classifier existed: the classifier had its own
+  # SGD then (so a SimSiam or SimCLR run resumes as it was).
+  if isinstance(d.get("optimizer"), dict):
+    d["optimizer"].setdefault("classifier", "sgd")
   _fill_missing(d, config_to_json(config_lib.base_config()))
   config = ml_collections.ConfigDict(d)
   for key in ("crop_scale", "crop_ratio"):
@@ -279,6 +297,32 @@ class Checkpointer:
     restored = self._with_retries(lambda: self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore())))
     return config_from_json(restored.config)
+
+  def check_layout(self, abstract_state: Any, step: int) -> None:
+    """Raises ConfigError when checkpoint `step` holds another state tree.
+
+    A checkpoint of an older byol_jax whose network or optimizer state was
+    laid out differently (e.g. BYOL's heads with an output bias) is refused
+    in one line, before Orbax fails on it; nothing is moved.
+    """
+    metadata = self._with_retries(
+        lambda: ocp.StandardCheckpointHandler().metadata(
+            self.directory / str(step) / "state"))
+    saved = _leaf_paths(metadata, is_leaf=lambda m: hasattr(m, "shape"))
+    wanted = _leaf_paths(abstract_state)
+    if saved == wanted:
+      return
+    params_first = lambda p: (not p.startswith("params/"), p)  # noqa: E731
+    diff = ([f"{p} is not in this version's state" for p in
+             sorted(saved - wanted, key=params_first)] +
+            [f"{p} is missing" for p in sorted(wanted - saved,
+                                               key=params_first)])
+    raise ConfigError(
+        f"{self.directory}/{step} holds a state laid out differently from "
+        f"the one this byol_jax builds for its config ({len(diff)} "
+        f"differences, e.g. {diff[0]}): an older byol_jax wrote it. Start a "
+        "new run with another --workdir; byol_jax.load_encoder and "
+        "linear_eval still read its encoder.")
 
   def restore(self, abstract_state: Any, step: int) -> Any:
     """Restores checkpoint `step` into the layout of `abstract_state`.

@@ -151,6 +151,7 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
     state = None
     try:
       allowed = check_config(ckpt.saved_config(step), config, where, allow)
+      ckpt.check_layout(abstract_state, step)
       state = ckpt.restore(abstract_state, step)
     except checkpoint.DamagedCheckpointError as e:
       why = str(e)

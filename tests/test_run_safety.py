@@ -87,6 +87,31 @@ def test_changed_model_is_refused_and_nothing_moves(run_copy, tiny_config):
   assert _tree(run_copy) == before  # Nothing moved, renamed or deleted.
 
 
+def test_checkpoint_of_another_layout_is_refused_in_one_line(
+    run_copy, tiny_config, monkeypatch):
+  """A checkpoint whose state tree is not the one this version builds (as
+  an older byol_jax's, whose BYOL heads had an output bias) is refused in
+  one line naming a difference, before anything is compiled or moved."""
+  from byol_jax import models  # pylint: disable=g-import-not-at-top
+  from byol_jax.methods import byol  # pylint: disable=g-import-not-at-top
+  make_network = byol.make_network
+
+  def with_output_bias(config):  # This run's network with biased heads.
+    net = make_network(config)
+    return net.clone(projector=net.projector.clone(output_bias=True),
+                     predictor=net.predictor.clone(output_bias=True))
+  monkeypatch.setattr(byol, "make_network", with_output_bias)
+  assert models.MLP(4, 4).output_bias is False
+  before = _tree(run_copy)
+  with pytest.raises(ConfigError) as e:
+    train.train_and_evaluate(_config(tiny_config, steps=8), str(run_copy))
+  msg = str(e.value)
+  assert "\n" not in msg and "laid out differently" in msg
+  assert "params/predictor/dense2/bias is missing" in msg, msg
+  assert "--workdir" in msg and "load_encoder" in msg
+  assert _tree(run_copy) == before
+
+
 def test_allowed_changes_resume_and_are_said_once(run_copy, tiny_config,
                                                   capsys):
   config = _config(tiny_config, steps=8, log_every_steps=4,
