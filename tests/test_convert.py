@@ -314,10 +314,15 @@ def test_from_official_matches_haiku(official_r50, official_r50_workdir):
     assert set(restored.params[head]["dense2"]) == {"kernel"}
 
 
-def test_from_official_target_network(tmp_path, official_r50):
-  """--which=target: the EMA network in the online slot, fresh momentum."""
+def test_from_official_target_network(tmp_path, official_r50,
+                                      official_r50_dill):
+  """--which=target: the EMA network in the online slot, fresh momentum.
+
+  Converted from the file the official Checkpointer writes today (dill,
+  `rng` a jax.Array).
+  """
   workdir = tmp_path / "target"
-  summary = convert_official.from_official(str(official_r50["pkl"]),
+  summary = convert_official.from_official(str(official_r50_dill),
                                            str(workdir), which="target")
   assert summary["which"] == "target" and not summary["momentum"]
   _, state, _ = pretrained.load_run(str(workdir))
@@ -345,32 +350,55 @@ def _leaves(tree):
           for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _dill_checkpoint(path, official_r50, rng):
+def _dill_checkpoint(path, experiment_state, rng):
   """What the official Checkpointer writes today: dill protocol 2 of
   dict(experiment_state, step, rng), `rng` as the run holds it."""
   dill = pytest.importorskip("dill")
   with open(path, "wb") as f:
-    dill.dump(dict(experiment_state=official_r50["experiment_state"](),
-                   step=12345, rng=rng), f, protocol=2)
+    dill.dump(dict(experiment_state=experiment_state, step=12345, rng=rng),
+              f, protocol=2)
 
 
-def test_from_official_reads_what_dill_writes_today(tmp_path, official_r50,
-                                                     official_r50_workdir):
+@pytest.fixture(scope="module")
+def official_r50_dill(tmp_path_factory, official_r50):
+  """official_r50's state as the official Checkpointer writes it today."""
+  pkl = tmp_path_factory.mktemp("dill") / "pretrain_res50x1.pkl"
+  _dill_checkpoint(pkl, official_r50["experiment_state"](),
+                   jax.random.PRNGKey(42))
+  assert b"jax._src.array\n_reconstruct_array" in pkl.read_bytes()
+  return pkl
+
+
+def test_jax_array_in_a_dill_pickle_is_read_as_numpy(tmp_path, official_r50):
   """`rng` a jax.random.PRNGKey array pickles as jax._src.array.
-  _reconstruct_array(numpy's _reconstruct, ...): it is read as the NumPy
-  array it holds, and the file converts into exactly the run that the
-  numpy-only file gives."""
-  pkl = tmp_path / "pretrain_res50x1.pkl"
+  _reconstruct_array(numpy's _reconstruct, ...): read as the NumPy array
+  it holds, dtype and values, next to a state of today's plain dicts."""
+  pkl = tmp_path / "small.pkl"
   rng = jax.random.PRNGKey(42)
-  _dill_checkpoint(pkl, official_r50, rng)
+  state = official_r50["experiment_state"]()._replace(
+      online_params={"classifier": {"w": np.arange(6.0).reshape(2, 3)}},
+      target_params={}, online_state={}, target_state={}, opt_state=())
+  _dill_checkpoint(pkl, state, rng)
   assert b"jax._src.array\n_reconstruct_array" in pkl.read_bytes()
   loaded = safe_pickle.load(pkl)
   assert type(loaded["rng"]) is np.ndarray  # pylint: disable=unidiomatic-typecheck
-  np.testing.assert_array_equal(loaded["rng"], np.asarray(rng))
   assert loaded["rng"].dtype == np.uint32
+  np.testing.assert_array_equal(loaded["rng"], np.asarray(rng))
+  np.testing.assert_array_equal(
+      loaded["experiment_state"].online_params["classifier"]["w"],
+      np.arange(6.0).reshape(2, 3))
+  assert loaded["step"] == 12345
 
+
+@pytest.mark.slow
+def test_from_official_dill_file_converts_into_the_same_run(
+    tmp_path, official_r50_dill, official_r50_workdir):
+  """The file as the official Checkpointer writes it today converts into
+  exactly the run, leaf by leaf, that the numpy-only file gives (slow:
+  a second ResNet-50 conversion)."""
   workdir = tmp_path / "workdir"
-  summary = convert_official.from_official(str(pkl), str(workdir))
+  summary = convert_official.from_official(str(official_r50_dill),
+                                           str(workdir))
   assert summary["step"] == 12345 and summary["momentum"]
   config_a, state_a, step_a = pretrained.load_run(str(official_r50_workdir))
   config_b, state_b, step_b = pretrained.load_run(str(workdir))
@@ -409,7 +437,10 @@ def test_from_official_refuses_other_functions_in_a_jax_array(
   rng = (_ArrayOf(os.system, (f"touch {marker}",)) if fun == "os.system"
          else _ArrayOf(codecs.encode, ("x", "latin1")))
   pkl = tmp_path / "evil.pkl"
-  _dill_checkpoint(pkl, official_r50, rng)
+  # The Checkpointer's dict with a small state: the refusal comes at rng.
+  _dill_checkpoint(pkl, official_r50["experiment_state"]()._replace(
+      online_params={}, target_params={}, online_state={}, target_state={},
+      opt_state=()), rng)
   with pytest.raises(safe_pickle.PickleRefusedError, match="refused") as e:
     convert_official.from_official(str(pkl), str(tmp_path / "workdir"))
   assert what in str(e.value) and "\n" not in str(e.value)
