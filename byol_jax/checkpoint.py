@@ -79,6 +79,10 @@ def config_from_json(d: dict) -> ml_collections.ConfigDict:
   `model.padding`) take their `config_lib.base_config()` defaults.
   """
   d = copy.deepcopy(dict(d))
+  # Written before optimizer.classifier existed: the classifier had its own
+  # SGD then (so a SimSiam or SimCLR run resumes as it was).
+  if isinstance(d.get("optimizer"), dict):
+    d["optimizer"].setdefault("classifier", "sgd")
   _fill_missing(d, config_to_json(config_lib.base_config()))
   config = ml_collections.ConfigDict(d)
   for key in ("crop_scale", "crop_ratio"):

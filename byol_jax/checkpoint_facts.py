@@ -103,7 +103,8 @@ def check_layout(metadata: Any, abstract_state: Any, where: str) -> None:
         f"{where} holds a state of another layout than this version of "
         f"byol_jax builds for the config ({'; '.join(differences)}); nothing "
         "was moved. Resume it with the byol_jax version that wrote it, or "
-        "start a new run with another --workdir.")
+        "start a new run with another --workdir (byol_jax.load_encoder and "
+        "linear_eval still read its encoder).")
 
 
 def status_code(e: BaseException) -> str | None:

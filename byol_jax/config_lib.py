@@ -123,9 +123,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 1e-6
   c.optimizer.momentum = 0.9
   c.optimizer.eta = 1e-3
+  c.optimizer.clip_lr = False       # LARS: solo-learn's LR clipping (CIFAR)
   c.optimizer.nesterov = False
   c.optimizer.fixed_lr_predictor = False  # SimSiam: predictor LR not decayed
-  c.optimizer.classifier_lr = 0.2    # online classifier (plain SGD-momentum)
+  # Online classifier: 'main' trains it in the main optimizer at the main
+  # LR (official BYOL: LARS on its kernel); 'sgd' with its own SGD-momentum
+  # at classifier_lr * batch / 256, no weight decay (solo-learn's SimSiam and
+  # SimCLR).
+  c.optimizer.classifier = "main"
+  c.optimizer.classifier_lr = 0.1
 
   # --- Data.
   c.data = ml_collections.ConfigDict()

@@ -26,8 +26,10 @@ TF 'SAME' padding, so it maps name by name onto `models.ResNet(padding=
   state .../~/mean_ema, var_ema (average)        batch_stats mean, var
 
 Kernels are HWIO / [in, out] in both; batch-norm vectors lose Haiku's leading
-1-axes. The heads' last linear layer has no bias in the official code; its
-byol_jax bias is zero, which computes the same.
+1-axes. The heads' last linear layer has no bias in either.
+
+Checkpoints the official code writes under today's JAX hold `rng` as a
+jax.Array; `safe_pickle` rebuilds it as a NumPy array (it is not used).
 """
 import json
 import re
@@ -198,10 +200,6 @@ def convert_tree(params: dict, state: dict,
       raise ConfigError(f"Unknown state {name} in the checkpoint.")
     _put(out_stats, _module_path(module, prefix) + (_STATS[kind],),
          np.asarray(ema["average"], np.float32).reshape(-1))
-  for head in _HEADS:  # The official heads' output layer has no bias.
-    dense = out_params.get(head, {}).get("dense2")
-    if dense is not None and "bias" not in dense:
-      dense["bias"] = np.zeros(dense["kernel"].shape[-1], np.float32)
   return out_params, out_stats
 
 
@@ -253,17 +251,20 @@ def _check_like(abstract: Any, tree: Any, what: str) -> None:
                       f"({len(problems)} problems, e.g. {problems[0]}).")
 
 
-def _optimizer_state(tx, params: dict, momentum: dict | None, step: int):
+def _optimizer_state(tx, params: dict, momentum: dict | None, step: int,
+                     own_classifier: bool = False):
   """tx.init(params) with the LARS trace from `momentum` and counts at step.
 
   The official LARS momentum is byol_jax's LARS trace (both accumulate the
-  trust-scaled update before the learning rate). The classifier's official
-  momentum is not carried over: byol_jax trains it with its own SGD.
+  trust-scaled update before the learning rate), the classifier's included
+  since byol_jax trains it in the same LARS chain. With
+  `own_classifier` (optimizer.classifier='sgd') its momentum is not carried
+  over: that SGD's trace means something else.
   """
   flat = {} if momentum is None else {
       tuple(k.key for k in path): v
       for path, v in jax.tree_util.tree_flatten_with_path(momentum)[0]
-      if path[0].key != "classifier"}
+      if not (own_classifier and path[0].key == "classifier")}
   placed = []
 
   def fill(path, leaf):
@@ -305,7 +306,9 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, step: int,
   _check_like(abstract.target, target, "target network")
   state = train_state.TrainState(
       step=np.asarray(step, np.int32), params=params, batch_stats=batch_stats,
-      target=target, opt_state=_optimizer_state(tx, params, momentum, step))
+      target=target, opt_state=_optimizer_state(
+          tx, params, momentum, step,
+          config.optimizer.get("classifier", "main") == "sgd"))
   _check_like(abstract.opt_state, state.opt_state, "optimizer state")
   ckpt = checkpoint.Checkpointer(workdir, config)
   ckpt.save(step, state)

@@ -11,6 +11,11 @@ LARS follows the official BYOL code (DESIGN section 3):
 `optax.lars` scales by the learning rate *before* the momentum trace, which
 changes the effective step whenever the learning rate moves (warm-up, cosine),
 so it is not used here.
+
+`clip_lr=True` is solo-learn's LARS instead (its CIFAR recipes, eta 0.02):
+trust = eta ||p|| / (||g|| + wd ||p|| + 1e-8), clipped to
+min(trust / lr, 1), multiplies g + wd * p (kernels whose ||p|| and ||g|| are
+both non-zero; g unchanged otherwise), then the momentum trace and lr.
 """
 import math
 from typing import Any
@@ -23,6 +28,10 @@ import optax
 from byol_jax import errors
 
 _OPTIMIZERS = ("lars", "sgd")
+# How the online classifier trains: 'main' in the main optimizer at the main
+# learning rate (official BYOL), 'sgd' with its own SGD at classifier_lr
+# (solo-learn's SimSiam and SimCLR).
+_CLASSIFIER_OPTIMIZERS = ("main", "sgd")
 _LR_SCALINGS = ("linear", "sqrt")
 
 # Top-level parameter keys with their own optimizer (see methods/network.py).
@@ -45,7 +54,8 @@ def exclude_bias_and_bn(params: Any) -> Any:
 
 def lars(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
          momentum: float = 0.9, eta: float = 1e-3, nesterov: bool = False,
-         mask: Any = exclude_bias_and_bn) -> optax.GradientTransformation:
+         mask: Any = exclude_bias_and_bn,
+         clip_lr: bool = False) -> optax.GradientTransformation:
   """LARS with the learning rate applied after the momentum trace.
 
   Args:
@@ -56,10 +66,17 @@ def lars(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
     nesterov: Nesterov momentum (BYOL: False).
     mask: pytree of bools, or a function of the params returning one, that
       selects the leaves getting weight decay and the trust ratio.
+    clip_lr: solo-learn's variant (module docstring) instead of BYOL's.
 
   Returns:
     The optax transformation.
   """
+  if clip_lr:
+    return optax.chain(
+        optax.masked(_clipped_trust(learning_rate, weight_decay, eta), mask),
+        optax.trace(decay=momentum, nesterov=nesterov),
+        optax.scale_by_learning_rate(learning_rate),
+    )
   return optax.chain(
       optax.add_decayed_weights(weight_decay, mask=mask),
       # eps=0: optax then returns trust 1 where ||p|| or ||u|| is 0, exactly
@@ -69,6 +86,34 @@ def lars(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def _clipped_trust(learning_rate: float | optax.Schedule, weight_decay: float,
+                   eta: float, eps: float = 1e-8
+                   ) -> optax.GradientTransformation:
+  """solo-learn's LARS scaling with LR clipping, weight decay included."""
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params):
+    lr = (learning_rate(state.count) if callable(learning_rate)
+          else learning_rate)
+
+    def leaf(g, p):
+      p_norm, g_norm = jnp.linalg.norm(p), jnp.linalg.norm(g)
+      trust = eta * p_norm / (g_norm + p_norm * weight_decay + eps)
+      # min(trust / lr, 1); 1 where lr is 0 (the first warm-up step).
+      factor = jnp.where(trust < lr, trust / lr, 1.0)
+      return jnp.where((p_norm > 0) & (g_norm > 0),
+                       (g + weight_decay * p) * factor, g)
+
+    return (jax.tree.map(leaf, updates, params),
+            optax.ScaleByScheduleState(
+                count=optax.safe_int32_increment(state.count)))
+
+  return optax.GradientTransformation(init, update)
 
 
 def sgd(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
@@ -155,13 +200,13 @@ def tau_schedule(tau_base: float, total_steps: int) -> optax.Schedule:
   return lambda step: 1.0 - decay(step)
 
 
-def _top_level_labels(params: Any,
-                      fixed_lr_predictor: bool) -> Any:
+def _top_level_labels(params: Any, fixed_lr_predictor: bool,
+                      own_classifier: bool) -> Any:
   """Labels each leaf 'main', 'predictor' or 'classifier' by its top key."""
 
   def label(path, _):
     key = getattr(path[0], "key", None) if path else None
-    if key == _CLASSIFIER:
+    if key == _CLASSIFIER and own_classifier:
       return "classifier"
     if key == _PREDICTOR and fixed_lr_predictor:
       return "predictor"
@@ -184,21 +229,53 @@ def check(opt: ml_collections.ConfigDict) -> None:
         f"optimizer.momentum={opt.momentum} must be in [0, 1).")
   if opt.name == "lars" and not opt.eta > 0:
     raise errors.ConfigError(f"optimizer.eta={opt.eta} must be > 0 for LARS.")
+  if opt.get("classifier", "main") not in _CLASSIFIER_OPTIMIZERS:
+    raise errors.ConfigError(
+        f"Unknown optimizer.classifier {opt.classifier!r}; allowed: "
+        f"{list(_CLASSIFIER_OPTIMIZERS)}.")
+
+
+def schedule_steps(config: ml_collections.ConfigDict,
+                   num_examples: int) -> tuple[int, int, int]:
+  """Total, warm-up and per-epoch steps, as the official BYOL code counts.
+
+  total = num_epochs * N // B and warm-up = warmup_epochs * N // B (N
+  examples, batch B): the partial batch of each epoch counts toward the
+  total, so 300 ImageNet epochs at 4096 are 93,835 steps, not
+  300 * (N // B) = 93,600. config.total_steps > 0 replaces the total.
+
+  Args:
+    config: the run's config (num_epochs, warmup_epochs, batch_size,
+      total_steps).
+    num_examples: N, the training examples per epoch.
+
+  Returns:
+    (total_steps, warmup_steps, steps_per_epoch), total and per-epoch at
+    least 1.
+  """
+  batch = config.batch_size
+  total = int(config.total_steps or
+              int(config.num_epochs * num_examples // batch))
+  warmup = int(config.warmup_epochs * num_examples // batch)
+  return max(total, 1), warmup, max(num_examples // batch, 1)
 
 
 def build_optimizer(
     config: ml_collections.ConfigDict, total_steps: int,
-    steps_per_epoch: int) -> tuple[optax.GradientTransformation,
-                                   optax.Schedule]:
+    steps_per_epoch: int, warmup_steps: int | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The run's optimizer and the learning-rate schedule of its main params.
 
   Reads config.optimizer (name, base_lr, lr_scaling, weight_decay, momentum,
-  eta, nesterov, fixed_lr_predictor, classifier_lr), config.batch_size and
-  config.warmup_epochs.
+  eta, nesterov, fixed_lr_predictor, classifier, classifier_lr),
+  config.batch_size and config.warmup_epochs.
 
   Parameters are split by their top-level key:
-    - 'classifier' (the online linear classifier): SGD momentum 0.9, no weight
-      decay, lr classifier_lr * batch / 256 with the same warm-up and cosine;
+    - 'classifier' (the online linear classifier) when optimizer.classifier
+      is 'sgd' (SimSiam, SimCLR): SGD momentum 0.9, no weight decay, lr
+      classifier_lr * batch / 256 with the same warm-up and cosine; when it
+      is 'main' (BYOL), the main optimizer trains it like any other layer
+      (LARS: weight decay and trust ratio on its kernel, not its bias);
     - 'predictor' when fixed_lr_predictor (SimSiam): the main optimizer at
       the constant peak lr;
     - everything else: the main optimizer ('lars' or 'sgd') on the schedule.
@@ -206,7 +283,10 @@ def build_optimizer(
   Args:
     config: the run's config.
     total_steps: optimizer steps of the whole run.
-    steps_per_epoch: optimizer steps per epoch (for the warm-up).
+    steps_per_epoch: optimizer steps per epoch (for the warm-up when
+      warmup_steps is None).
+    warmup_steps: steps of the warm-up (`schedule_steps`); None:
+      warmup_epochs * steps_per_epoch.
 
   Returns:
     (tx, schedule): the transformation and the main learning-rate schedule.
@@ -216,27 +296,30 @@ def build_optimizer(
   """
   opt = config.optimizer
   check(opt)
-  warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+  if warmup_steps is None:
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
   peak_lr = scaled_lr(opt.base_lr, config.batch_size, opt.lr_scaling)
   schedule = lr_schedule(peak_lr, total_steps, warmup_steps)
 
   def main_tx(learning_rate):
     if opt.name == "lars":
       return lars(learning_rate, weight_decay=opt.weight_decay,
-                  momentum=opt.momentum, eta=opt.eta, nesterov=opt.nesterov)
+                  momentum=opt.momentum, eta=opt.eta, nesterov=opt.nesterov,
+                  clip_lr=opt.get("clip_lr", False))
     return sgd(learning_rate, weight_decay=opt.weight_decay,
                momentum=opt.momentum, nesterov=opt.nesterov)
 
-  classifier_schedule = lr_schedule(
-      scaled_lr(opt.classifier_lr, config.batch_size, "linear"), total_steps,
-      warmup_steps)
-  transforms = {
-      "main": main_tx(schedule),
-      "classifier": sgd(classifier_schedule, weight_decay=0.0, momentum=0.9),
-  }
+  transforms = {"main": main_tx(schedule)}
+  own_classifier = opt.get("classifier", "main") == "sgd"
+  if own_classifier:
+    classifier_schedule = lr_schedule(
+        scaled_lr(opt.classifier_lr, config.batch_size, "linear"),
+        total_steps, warmup_steps)
+    transforms["classifier"] = sgd(classifier_schedule, weight_decay=0.0,
+                                   momentum=0.9)
   if opt.fixed_lr_predictor:
     transforms["predictor"] = main_tx(peak_lr)
   tx = optax.multi_transform(
-      transforms,
-      lambda params: _top_level_labels(params, opt.fixed_lr_predictor))
+      transforms, lambda params: _top_level_labels(
+          params, opt.fixed_lr_predictor, own_classifier))
   return tx, schedule

@@ -46,7 +46,8 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
 # Fields that shape the state: no flag lets a resumed run change them.
 STRUCTURAL = ("method", "model.", "projector.", "predictor.",
               "data.num_classes", "data.image_size", "optimizer.name",
-              "optimizer.fixed_lr_predictor")
+              "optimizer.fixed_lr_predictor", "optimizer.classifier",
+              "optimizer.clip_lr")
 
 
 def _matches(key: str, prefixes) -> bool:

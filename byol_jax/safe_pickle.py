@@ -19,7 +19,11 @@ protocol=2)` of NumPy arrays in Haiku mappings and NamedTuples):
   - dill's helpers `_create_namedtuple`, `_import_module`, `_get_attr` and
     `_create_array`, reimplemented so that they only produce the above
     (`_import_module` names a module without importing it, and `_get_attr`
-    only reaches names of the allow-list).
+    only reaches names of the allow-list);
+  - JAX's `jax._src.array._reconstruct_array(fun, args, state, aval_state)`,
+    which is how a jax.Array pickles (the official Checkpointer's `rng` under
+    today's JAX): read as the NumPy array it wraps, and only when `fun` is
+    NumPy's `_reconstruct` above; nothing goes to a device.
 """
 import collections
 import os
@@ -162,11 +166,36 @@ def _create_array(f: Callable[..., np.ndarray], args: tuple, state: tuple,
   return array
 
 
+def _reconstruct_array(fun: Callable[..., np.ndarray], args: tuple,
+                       state: tuple, aval_state: Any = None) -> np.ndarray:
+  """A pickled jax.Array, as the NumPy array it holds.
+
+  JAX's own version calls `fun(*args)`, `__setstate__(state)`, then puts the
+  result on a device and updates its abstract value with `aval_state`.
+  """
+  if fun is not _reconstruct:
+    raise PickleRefusedError(
+        "the pickle rebuilds a jax.Array with a function other than "
+        "NumPy's _reconstruct.")
+  if not (aval_state is None or (
+      isinstance(aval_state, dict) and
+      all(k == "weak_type" and isinstance(v, bool)
+          for k, v in aval_state.items()))):
+    raise PickleRefusedError(
+        f"the pickle sets {aval_state!r} on a jax.Array; only weak_type is "
+        "read.")
+  array = fun(*args)
+  array.__setstate__(state)
+  return array
+
+
 def _create_namedtuple(name: str, fieldnames: Any, modulename: str,
                        defaults: Any = None) -> type:
   del defaults  # Every field is present in a pickled instance.
   return _namedtuple(modulename, name, fieldnames)
 
+
+ALLOWED[("jax._src.array", "_reconstruct_array")] = _reconstruct_array
 
 for _dill in ("dill._dill", "dill.dill"):
   ALLOWED.update({

@@ -108,10 +108,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validate.check(config, mesh)
   method = methods.get(config.method)
   model = method.make_network(config)
-  steps_per_epoch = max((config.num_train_examples or info.num_train)
-                        // config.batch_size, 1)
-  total_steps = int(config.total_steps or
-                    round(config.num_epochs * steps_per_epoch))
+  # As the official code counts: epochs * N // B, warm-up likewise.
+  total_steps, warmup_steps, steps_per_epoch = optim.schedule_steps(
+      config, config.num_train_examples or info.num_train)
   workdir = checkpoint.as_path(workdir)
   say(progress.describe_run(config, info.name, total_steps, steps_per_epoch,
                             workdir))
@@ -135,7 +134,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     job_errors.announce_lock(str(lock.path), lock.token)
 
     # --- Optimizer and schedules.
-    tx, lr_fn = optim.build_optimizer(config, total_steps, steps_per_epoch)
+    tx, lr_fn = optim.build_optimizer(config, total_steps, steps_per_epoch,
+                                      warmup_steps)
     tau_fn = (optim.tau_schedule(config.tau_base, total_steps)
               if method.HAS_TARGET else None)
 

@@ -13,7 +13,7 @@ from byol_jax import sharding
 from byol_jax.errors import ConfigError
 
 _DEPTHS = tuple(sorted(models.DEPTHS))
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("float32", "bfloat16")
 _PROBABILITIES = ("flip", "color_jitter", "grayscale", "blur", "solarize")
 
 
@@ -49,6 +49,11 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
            f"depth; use one of {', '.join(map(str, _DEPTHS))}.")
   _require(m.stem in ("imagenet", "cifar"),
            f"model.stem={m.stem!r}; use 'imagenet' or 'cifar'.")
+  # float16 gradients underflow without loss scaling, which the step does
+  # not do; bfloat16 has float32's exponent range and needs none.
+  _require(m.dtype != "float16", "model.dtype='float16' trains without loss "
+           "scaling, so its gradients underflow; use "
+           "--config.model.dtype=bfloat16 (or float32).")
   _require(m.dtype in _DTYPES, f"model.dtype={m.dtype!r}; use one of "
            f"{', '.join(_DTYPES)}.")
   if "padding" in m:

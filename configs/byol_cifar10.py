@@ -1,5 +1,10 @@
 r"""BYOL on CIFAR-10: ResNet-18 with the CIFAR stem, batch 256, 1000 epochs.
 
+solo-learn's recipe (92.58% online linear after 1000 epochs, DESIGN 5): LARS
+with eta 0.02 and LR clipping, base LR 1.0, weight decay 1e-5, tau 0.99 -> 1,
+the online classifier on its own SGD at 0.1 x batch/256. (The paper's eta
+1e-3 was tuned for batch 4096 on ImageNet.)
+
   python -m byol_jax.train --config=configs/byol_cifar10.py --workdir=DIR
   # offline, from a local copy (an image folder or a packed .npz):
   python -m byol_jax.train \
@@ -23,8 +28,12 @@ def get_config(arg=None):
   c.model.depth = 18
   c.model.stem = "cifar"
   c.optimizer.name = "lars"
+  c.optimizer.eta = 0.02
+  c.optimizer.clip_lr = True
   c.optimizer.base_lr = 1.0
   c.optimizer.weight_decay = 1e-5
+  c.optimizer.classifier = "sgd"
+  c.optimizer.classifier_lr = 0.1
   c.tau_base = 0.99
   config_lib.set_cifar10_data(c, arg.source, arg.path)
   # Blur off for 32 px images; solarize only in T'.

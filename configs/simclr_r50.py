@@ -25,6 +25,7 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"
   c.projector.update(hidden_dim=2048, output_dim=128, num_layers=3)
   c.optimizer.name = "lars"
+  c.optimizer.classifier = "sgd"  # solo-learn: its own SGD
   c.optimizer.lr_scaling = arg.lr_scaling
   c.optimizer.base_lr = 0.3 if arg.lr_scaling == "linear" else 0.075
   c.optimizer.weight_decay = 1e-6

@@ -23,6 +23,7 @@ def get_config(arg=None):
   c.projector.update(hidden_dim=2048, output_dim=2048, num_layers=3)
   c.predictor.update(hidden_dim=512, output_dim=2048, num_layers=2)
   c.optimizer.name = "sgd"
+  c.optimizer.classifier = "sgd"  # solo-learn: its own SGD
   c.optimizer.base_lr = 0.05
   c.optimizer.weight_decay = 1e-4
   c.optimizer.momentum = 0.9

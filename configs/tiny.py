@@ -47,6 +47,8 @@ def get_config(arg=None):
     c.optimizer.name = "lars"
     c.optimizer.base_lr = 1.0
     c.optimizer.weight_decay = 1e-5
+  if arg.method != "byol":  # solo-learn: the classifier has its own SGD.
+    c.optimizer.classifier = "sgd"
   c.tau_base = 0.99
   config_lib.set_cifar10_data(c, arg.source, arg.path)
   # Half-strength colour jitter and crops of at least 20% of the image: in a

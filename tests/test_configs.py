@@ -46,6 +46,8 @@ BYOL_COMMON = {
     "optimizer.name": "lars", "optimizer.eta": 1e-3,
     "optimizer.momentum": 0.9, "optimizer.nesterov": False,
     "optimizer.lr_scaling": "linear", "optimizer.fixed_lr_predictor": False,
+    # The online classifier in the LARS chain at the main LR (official code).
+    "optimizer.classifier": "main",
     "data.image_size": 224, "data.eval_crop_fraction": 224 / 256,
     "augment.normalize": True,
 }
@@ -62,6 +64,8 @@ SIMSIAM = {
     "optimizer.lr_scaling": "linear", "optimizer.momentum": 0.9,
     "optimizer.weight_decay": 1e-4, "optimizer.fixed_lr_predictor": True,
     "data.crop_scale": (0.2, 1.0),
+    # DESIGN 3: solo-learn's online classifier, SGD at 0.1 x batch / 256.
+    "optimizer.classifier": "sgd", "optimizer.classifier_lr": 0.1,
 }
 SIMSIAM_VIEW = dict(flip=0.5, color_jitter=0.8, brightness=0.4, contrast=0.4,
                     saturation=0.4, hue=0.1, grayscale=0.2, blur=0.5,
@@ -74,6 +78,7 @@ SIMCLR = {
     "method": "simclr", "temperature": 0.1, "warmup_epochs": 10,
     "model.depth": 50, "projector.output_dim": 128, "projector.num_layers": 3,
     "optimizer.name": "lars", "optimizer.weight_decay": 1e-6,
+    "optimizer.classifier": "sgd", "optimizer.classifier_lr": 0.1,
 }
 SIMCLR_VIEW = dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
                    grayscale=0.2, blur=0.5, solarize=0.0)
@@ -125,6 +130,28 @@ def test_byol_r50_preset_matches_design(epochs):
   assert lr0 == 0.0
   assert peak == pytest.approx(base_lr * 4096 / 256, rel=1e-6)
   assert warmup == 10 * 100
+
+
+# ImageNet's training set (TFDS imagenet2012 'train').
+IMAGENET_TRAIN = 1_281_167
+
+
+@pytest.mark.parametrize("epochs,total", [
+    (100, 31_278), (300, 93_835), (1000, 312_784)])
+def test_byol_r50_step_counts_are_the_official_code_s(epochs, total):
+  """DESIGN 3: total = epochs * N // B and warm-up = 10 * N // B (the
+  official configs' max_steps and warmup_steps), not epochs * (N // B)."""
+  c = load_config("byol_r50", f"epochs={epochs}")
+  assert total == epochs * IMAGENET_TRAIN // 4096
+  got_total, got_warmup, per_epoch = optim.schedule_steps(c, IMAGENET_TRAIN)
+  assert (got_total, got_warmup, per_epoch) == (total, 3_127, 312)
+  assert got_warmup == 10 * IMAGENET_TRAIN // 4096
+  # The schedule the trainer builds from them peaks there and ends at 0.
+  _, schedule = optim.build_optimizer(c, got_total, per_epoch, got_warmup)
+  peak = c.optimizer.base_lr * 16
+  assert float(schedule(3_127)) == pytest.approx(peak, rel=1e-6)
+  assert float(schedule(3_126)) < peak
+  assert float(schedule(total)) == 0.0 < float(schedule(total - 100))
 
 
 def test_byol_r50_has_no_other_presets():
@@ -215,6 +242,14 @@ def test_byol_cifar10_is_the_imagenet_recipe_without_blur():
                     "predictor.output_dim": 256,
                     **{f"data.{k}": v for k, v in BYOL_CROP.items()}},
                 "byol_cifar10")
+  # DESIGN 5, solo-learn's CIFAR BYOL (the anchor's recipe): LARS eta 0.02
+  # with LR clipping, base LR 1.0, wd 1e-5, batch 256, tau 0.99, classifier
+  # LR 0.1.
+  assert_fields(c, {"optimizer.name": "lars", "optimizer.eta": 0.02,
+                    "optimizer.clip_lr": True, "optimizer.base_lr": 1.0,
+                    "optimizer.weight_decay": 1e-5, "batch_size": 256,
+                    "tau_base": 0.99, "optimizer.classifier": "sgd",
+                    "optimizer.classifier_lr": 0.1}, "byol_cifar10")
 
 
 @pytest.mark.parametrize("name", ["simsiam_cifar10", "simclr_cifar10"])
@@ -223,7 +258,16 @@ def test_cifar_configs_blur_off_and_same_views(name):
   assert c.data.image_size == 32 and c.model.stem == "cifar"
   assert c.augment.view1["blur"] == 0.0
   assert dict(c.augment.view1) == dict(c.augment.view2)
+  assert c.optimizer.classifier == "sgd"
+  assert c.optimizer.classifier_lr == 0.1
   if name == "simclr_cifar10":
-    # DESIGN 4: temperature 0.2 to 0.5 on CIFAR; jitter strength 1.0.
+    # DESIGN 4: temperature 0.2 to 0.5 on CIFAR; jitter strength 1.0; the
+    # head's output 128; solo-learn's LARS (eta 0.02, LR clipping).
     assert 0.2 <= c.temperature <= 0.5
     assert_view(c.augment.view1, dict(SIMCLR_VIEW, blur=0.0), name)
+    assert c.projector.output_dim == 128
+    assert c.optimizer.eta == 0.02 and c.optimizer.clip_lr
+  else:
+    # DESIGN 4, SimSiam: crops from 20%, jitter 0.4/0.4/0.4/0.1.
+    assert tuple(c.data.crop_scale) == (0.2, 1.0)
+    assert_view(c.augment.view1, dict(SIMSIAM_VIEW, blur=0.0), name)

@@ -16,6 +16,7 @@ from byol_jax import config_lib
 from byol_jax import convert_official
 from byol_jax import models
 from byol_jax import optim
+from byol_jax import safe_pickle
 from byol_jax import sharding
 from byol_jax import train_state
 from byol_jax.errors import ConfigError
@@ -104,6 +105,15 @@ def test_unknown_padding_is_one_config_error():
   config.model.padding = "reflect"
   with pytest.raises(ConfigError, match="model.padding='reflect'"):
     network.make_encoder(config)
+
+
+def test_config_without_classifier_optimizer_loads_as_its_own_sgd():
+  """Before optimizer.classifier existed every classifier had its own SGD:
+  an old SimSiam or SimCLR checkpoint's config says so, and resumes."""
+  old = checkpoint.config_to_json(config_lib.base_config())
+  del old["optimizer"]["classifier"]
+  assert checkpoint.config_from_json(old).optimizer.classifier == "sgd"
+  assert config_lib.base_config().optimizer.classifier == "main"
 
 
 def test_config_without_padding_loads_as_symmetric():
@@ -216,8 +226,14 @@ def _official_checkpoint(path, width, x):
           tree(online), tree(target), tree(online_state), tree(target_state),
           (decay_cls(), lars_cls(mu=tree(mu)), scale_cls())),
       step=12345, rng=np.array([0, 42], np.uint32)), path)
+
+  def experiment_state():  # As today's Haiku holds it: plain dicts.
+    return state_cls(online, target, online_state, target_state,
+                     (decay_cls(), lars_cls(mu=mu), scale_cls()))
+
   return dict(outputs=jax.tree.map(np.asarray, outputs), online=online,
-              target=target, target_state=target_state, mu=mu)
+              target=target, target_state=target_state, mu=mu,
+              experiment_state=experiment_state)
 
 
 def _run_cli(*args):
@@ -233,22 +249,31 @@ def official_r50(tmp_path_factory, nette_64):
   return dict(pkl=pkl, x=x, **_official_checkpoint(pkl, 1, x))
 
 
-def test_from_official_matches_haiku(tmp_path, official_r50):
-  """An official-layout ResNet-50 converts; byol_jax computes what Haiku does.
-
-  Representations (via load_encoder), projections, predictions and logits
-  agree with Haiku's inference mode on real images; the target network and
-  the LARS momentum land where the trainer restores them.
-  """
-  pkl, x, expected = (official_r50[k] for k in ("pkl", "x", "outputs"))
-  target, mu = official_r50["target"], official_r50["mu"]
-  workdir = tmp_path / "workdir"
-  r = _run_cli("from-official", f"--checkpoint={pkl}", f"--workdir={workdir}")
+@pytest.fixture(scope="module")
+def official_r50_workdir(tmp_path_factory, official_r50):
+  """The CLI's conversion of the numpy-only official-layout file."""
+  workdir = tmp_path_factory.mktemp("converted") / "workdir"
+  r = _run_cli("from-official", f"--checkpoint={official_r50['pkl']}",
+               f"--workdir={workdir}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "ResNet-50 x1, step 12345, LARS momentum kept" in r.stdout
   # A quiet console: its one line, no Orbax INFO, no TensorFlow notices.
   assert len((r.stdout + r.stderr).strip().splitlines()) == 1, r.stderr
   assert not noisy_lines(r.stdout + r.stderr), r.stderr[-3000:]
+  return workdir
+
+
+def test_from_official_matches_haiku(official_r50, official_r50_workdir):
+  """An official-layout ResNet-50 converts; byol_jax computes what Haiku does.
+
+  Representations (via load_encoder), projections, predictions and logits
+  agree with Haiku's inference mode on real images; the target network and
+  the LARS momentum (the classifier's too: it is in the LARS chain) land
+  where the trainer restores them.
+  """
+  x, expected = official_r50["x"], official_r50["outputs"]
+  target, mu = official_r50["target"], official_r50["mu"]
+  workdir = official_r50_workdir
 
   encoder, variables = byol_jax.load_encoder(str(workdir))
   assert encoder.padding == "same"
@@ -281,17 +306,26 @@ def test_from_official_matches_haiku(tmp_path, official_r50):
       main[2].trace["projector"]["bn1"]["scale"],
       mu["projector/batch_norm"]["scale"].reshape(-1))
   assert int(main[3].count) == 12345
+  np.testing.assert_array_equal(main[2].trace["classifier"]["kernel"],
+                                mu["classifier"]["w"])
+  np.testing.assert_array_equal(main[2].trace["classifier"]["bias"],
+                                mu["classifier"]["b"])
   np.testing.assert_array_equal(
       restored.target["params"]["encoder"]["stage4_block3"]["conv3"]["kernel"],
       target["res_net50/~/block_group_3/~/block_2/~/conv_2"]["w"])
-  np.testing.assert_array_equal(
-      restored.params["projector"]["dense2"]["bias"], 0)
+  for head in ("projector", "predictor"):  # No output bias, as Haiku's.
+    assert set(restored.params[head]["dense2"]) == {"kernel"}
 
 
-def test_from_official_target_network(tmp_path, official_r50):
-  """--which=target: the EMA network in the online slot, fresh momentum."""
+def test_from_official_target_network(tmp_path, official_r50,
+                                      official_r50_dill):
+  """--which=target: the EMA network in the online slot, fresh momentum.
+
+  Converted from the file the official Checkpointer writes today (dill,
+  `rng` a jax.Array).
+  """
   workdir = tmp_path / "target"
-  summary = convert_official.from_official(str(official_r50["pkl"]),
+  summary = convert_official.from_official(str(official_r50_dill),
                                            str(workdir), which="target")
   assert summary["which"] == "target" and not summary["momentum"]
   _, state, _ = pretrained.load_run(str(workdir))
@@ -314,6 +348,108 @@ def test_from_official_target_network(tmp_path, official_r50):
   assert traces and all(not np.any(t) for t in traces)
 
 
+def _leaves(tree):
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _dill_checkpoint(path, experiment_state, rng):
+  """What the official Checkpointer writes today: dill protocol 2 of
+  dict(experiment_state, step, rng), `rng` as the run holds it."""
+  dill = pytest.importorskip("dill")
+  with open(path, "wb") as f:
+    dill.dump(dict(experiment_state=experiment_state, step=12345, rng=rng),
+              f, protocol=2)
+
+
+@pytest.fixture(scope="module")
+def official_r50_dill(tmp_path_factory, official_r50):
+  """official_r50's state as the official Checkpointer writes it today."""
+  pkl = tmp_path_factory.mktemp("dill") / "pretrain_res50x1.pkl"
+  _dill_checkpoint(pkl, official_r50["experiment_state"](),
+                   jax.random.PRNGKey(42))
+  assert b"jax._src.array\n_reconstruct_array" in pkl.read_bytes()
+  return pkl
+
+
+def test_jax_array_in_a_dill_pickle_is_read_as_numpy(tmp_path, official_r50):
+  """`rng` a jax.random.PRNGKey array pickles as jax._src.array.
+  _reconstruct_array(numpy's _reconstruct, ...): read as the NumPy array
+  it holds, dtype and values, next to a state of today's plain dicts."""
+  pkl = tmp_path / "small.pkl"
+  rng = jax.random.PRNGKey(42)
+  state = official_r50["experiment_state"]()._replace(
+      online_params={"classifier": {"w": np.arange(6.0).reshape(2, 3)}},
+      target_params={}, online_state={}, target_state={}, opt_state=())
+  _dill_checkpoint(pkl, state, rng)
+  assert b"jax._src.array\n_reconstruct_array" in pkl.read_bytes()
+  loaded = safe_pickle.load(pkl)
+  assert type(loaded["rng"]) is np.ndarray  # pylint: disable=unidiomatic-typecheck
+  assert loaded["rng"].dtype == np.uint32
+  np.testing.assert_array_equal(loaded["rng"], np.asarray(rng))
+  np.testing.assert_array_equal(
+      loaded["experiment_state"].online_params["classifier"]["w"],
+      np.arange(6.0).reshape(2, 3))
+  assert loaded["step"] == 12345
+
+
+@pytest.mark.slow
+def test_from_official_dill_file_converts_into_the_same_run(
+    tmp_path, official_r50_dill, official_r50_workdir):
+  """The file as the official Checkpointer writes it today converts into
+  exactly the run, leaf by leaf, that the numpy-only file gives (slow:
+  a second ResNet-50 conversion)."""
+  workdir = tmp_path / "workdir"
+  summary = convert_official.from_official(str(official_r50_dill),
+                                           str(workdir))
+  assert summary["step"] == 12345 and summary["momentum"]
+  config_a, state_a, step_a = pretrained.load_run(str(official_r50_workdir))
+  config_b, state_b, step_b = pretrained.load_run(str(workdir))
+  assert step_a == step_b == 12345
+  assert config_a.to_dict() == config_b.to_dict()
+  a, b = _leaves(state_a), _leaves(state_b)
+  assert a.keys() == b.keys() and len(a) > 400
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+class _ArrayOf:
+  """Pickles as a jax.Array whose reconstruction calls `fun(*args)`."""
+
+  def __init__(self, fun, args):
+    self.fun, self.args = fun, args
+
+  def __reduce__(self):
+    from jax._src import array  # pylint: disable=g-import-not-at-top
+    state = (1, (2,), np.dtype(np.uint32), False, bytes(8))
+    return array._reconstruct_array, (  # pylint: disable=protected-access
+        self.fun, self.args, state, {"weak_type": False})
+
+
+@pytest.mark.parametrize("fun,what", [
+    ("os.system", "posix.system"),
+    ("codecs.encode", "other than NumPy's _reconstruct"),
+])
+def test_from_official_refuses_other_functions_in_a_jax_array(
+    tmp_path, official_r50, fun, what):
+  """The same file with another function inside _reconstruct_array: one
+  refusal, nothing run, no workdir."""
+  import codecs  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  marker = tmp_path / "ran"
+  rng = (_ArrayOf(os.system, (f"touch {marker}",)) if fun == "os.system"
+         else _ArrayOf(codecs.encode, ("x", "latin1")))
+  pkl = tmp_path / "evil.pkl"
+  # The Checkpointer's dict with a small state: the refusal comes at rng.
+  _dill_checkpoint(pkl, official_r50["experiment_state"]()._replace(
+      online_params={}, target_params={}, online_state={}, target_state={},
+      opt_state=()), rng)
+  with pytest.raises(safe_pickle.PickleRefusedError, match="refused") as e:
+    convert_official.from_official(str(pkl), str(tmp_path / "workdir"))
+  assert what in str(e.value) and "\n" not in str(e.value)
+  assert not marker.exists() and not (tmp_path / "workdir").exists()
+
+
 @pytest.mark.parametrize("depth,width", [(50, 2), (200, 1)])
 def test_from_official_mapping_other_sizes(depth, width):
   """ResNet-50 x2 and ResNet-200 trees map leaf by leaf onto byol_jax's."""
@@ -333,6 +469,17 @@ def test_from_official_mapping_other_sizes(depth, width):
   for got, ref in ((converted, want["params"]), (stats, want["batch_stats"])):
     assert jax.tree.structure(got) == jax.tree.structure(ref)
     assert jax.tree.map(np.shape, got) == jax.tree.map(lambda s: s.shape, ref)
+  # byol_jax's network has exactly the official parameters: the same count,
+  # and a bias on exactly the layers that have one in Haiku (the heads'
+  # hidden layers and the classifier, not the heads' output layers).
+  assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(want["params"])) \
+      == sum(np.size(v) for leaves in params.values() for v in leaves.values())
+  biased = {m for m, leaves in params.items() if "b" in leaves}
+  assert biased == {"projector/linear", "predictor/linear", "classifier"}
+  for head in ("projector", "predictor"):
+    assert "bias" in want["params"][head]["dense1"]
+    assert "bias" not in want["params"][head]["dense2"]
+  assert "bias" in want["params"]["classifier"]
   stem = converted["encoder"]["stem_conv"]["kernel"]
   assert stem.shape == (7, 7, 3, 64 * width)
   np.testing.assert_array_equal(stem, params[prefix + "/~/initial_conv"]["w"])

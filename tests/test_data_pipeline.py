@@ -657,6 +657,28 @@ def test_device_and_host_paths_match(imagenette_npz, mesh, host):
   assert abs(h_mean.std() - d_mean.std()) < 0.03
 
 
+def test_linear_crops_cover_their_own_scale(imagenette_npz, mesh, host):
+  """Linear evaluation and fine-tuning crop areas ~ U[0.08, 1] (the BYOL,
+  SimSiam and SimCLR protocols) on both paths, whatever the pretraining
+  crop scale (here tiny's (0.2, 1), as simsiam_r50's)."""
+  c = make_config("arrays", size=32, batch=64)
+  c.data.crop_scale = (0.2, 1.0)
+  arrays = data.load_arrays(make_config("npz", imagenette_npz).data, "train",
+                            size=96)                  # [300, 96, 96, 3]
+  ref_area, _ = _reference_crops((96, 96))
+  for build in (host.build, device.build):
+    lin = build(c, mesh, "linear", "train", 64, c.seed, arrays=arrays,
+                return_boxes=True)
+    boxes = np.concatenate([_np(lin.batch(s))["box"] for s in range(10)])
+    area = boxes[:, 2] * boxes[:, 3]                  # [640]
+    assert area.min() >= 0.075 and area.max() > 0.9, build
+    # About 13% of U[0.08, 1] lies below the pretraining floor of 0.2.
+    assert 0.07 < np.mean(area < 0.2) < 0.2, (build, np.mean(area < 0.2))
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+      assert abs(np.quantile(area, q) - np.quantile(ref_area, q)) < 0.06, (
+          build, q)
+
+
 def test_device_crop_resize_is_tf_bicubic_and_never_reads_padding(folder,
                                                                  host):
   """The on-device resampling equals TensorFlow's ScaleAndTranslate

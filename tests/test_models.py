@@ -191,9 +191,13 @@ def test_unknown_depth_raises():
 
 
 @pytest.mark.parametrize("kwargs,in_dim,out_dim,dense_shapes,bn_params", [
-    # BYOL projector: Linear -> BN -> ReLU -> Linear.
+    # BYOL projector: Linear -> BN -> ReLU -> Linear without bias (official).
     (dict(hidden_dim=64, output_dim=16), 32, 16,
-     {"dense1": ((32, 64), True), "dense2": ((64, 16), True)},
+     {"dense1": ((32, 64), True), "dense2": ((64, 16), False)},
+     {"bn1": {"scale", "bias"}}),
+    # SimSiam predictor: its reference's last Linear keeps its bias.
+    (dict(hidden_dim=8, output_dim=32, hidden_bias=False, output_bias=True),
+     32, 32, {"dense1": ((32, 8), False), "dense2": ((8, 32), True)},
      {"bn1": {"scale", "bias"}}),
     # SimSiam projector: last BN without affine parameters.
     (dict(hidden_dim=48, output_dim=24, num_layers=3, hidden_bias=False,
@@ -245,3 +249,26 @@ def test_mlp_forward_bfloat16_and_normalised_output():
   # Affine-free output BN in training mode: zero mean, unit variance columns.
   np.testing.assert_allclose(np.mean(np.asarray(y), axis=0), 0.0, atol=0.05)
   np.testing.assert_allclose(np.std(np.asarray(y), axis=0), 1.0, atol=0.05)
+
+
+def test_byol_classifier_init_is_haiku_linear_default(tiny_config):
+  """The official classifier is hk.Linear with its default initialiser: a
+  normal of std 1/sqrt(fan_in) truncated at 2 std (actual std 0.8796 /
+  sqrt(fan_in); Flax's lecun_normal rescales it to 1 / sqrt(fan_in))."""
+  hk = pytest.importorskip("haiku")
+  from byol_jax.methods import byol  # pylint: disable=g-import-not-at-top
+  from byol_jax.methods import network  # pylint: disable=g-import-not-at-top
+  fan_in, classes = 512, 1000
+  ours = np.asarray(network.HAIKU_LINEAR_INIT(
+      jax.random.key(0), (fan_in, classes)), np.float64)
+  theirs = hk.transform(lambda x: hk.Linear(classes)(x)).init(
+      jax.random.key(1), jnp.zeros((1, fan_in)))["linear"]["w"]
+  theirs = np.asarray(theirs, np.float64)
+  tol = 4.0 / np.sqrt(2.0 * ours.size)   # 4 standard errors of a std
+  for w in (ours, theirs):
+    np.testing.assert_allclose(w.std() * np.sqrt(fan_in), 0.87962566,
+                               rtol=tol)
+    assert np.abs(w).max() <= 2.0 / np.sqrt(fan_in) + 1e-7
+  # And the BYOL network uses it (SimSiam and SimCLR keep Flax's default).
+  config = tiny_config("byol")
+  assert byol.make_network(config).classifier_init is network.HAIKU_LINEAR_INIT

@@ -76,6 +76,53 @@ def test_lars_matches_reference_over_two_steps():
     params = optax.apply_updates(params, updates)
 
 
+def _reference_solo_learn_lars(params, grads, lrs, wd, eta, momentum):
+  """solo-learn's LARS with clip_lr, leaf by leaf in float64."""
+  flat_p, treedef = jax.tree.flatten(
+      jax.tree.map(lambda x: np.asarray(x, np.float64), params))
+  trace = [np.zeros_like(p) for p in flat_p]
+  all_updates = []
+  for g_tree, lr in zip(grads, lrs):
+    updates = []
+    for i, (p, g) in enumerate(zip(flat_p, map(np.asarray, jax.tree.leaves(
+        g_tree)))):
+      d = g.astype(np.float64)
+      p_norm, g_norm = np.linalg.norm(p), np.linalg.norm(d)
+      if p.ndim > 1 and p_norm != 0 and g_norm != 0:
+        trust = eta * p_norm / (g_norm + p_norm * wd + 1e-8)
+        d = (d + wd * p) * (min(trust / lr, 1.0) if lr else 1.0)
+      trace[i] = momentum * trace[i] + d
+      updates.append(-lr * trace[i])
+    flat_p = [p + u for p, u in zip(flat_p, updates)]
+    all_updates.append(jax.tree.unflatten(treedef, updates))
+  return all_updates
+
+
+def test_lars_clip_lr_matches_solo_learn_over_three_steps():
+  """eta 0.02 with LR clipping (the CIFAR recipes of DESIGN 5): a kernel
+  whose trust exceeds lr is clipped to factor 1 (plain SGD with decay), the
+  others scaled by trust / lr; a zero kernel takes g with no decay; biases
+  and BN neither; lr 0 on the first step."""
+  wd, eta, momentum = 1e-5, 0.02, 0.9
+  lrs = [0.0, 0.5, 2.0]
+  tx = optim.lars(lambda count: jnp.asarray(lrs)[count], weight_decay=wd,
+                  momentum=momentum, eta=eta, clip_lr=True)
+  params = dict(_params(), big_kernel=1e3 * _params()["kernel"])
+  grads = [dict(_grads(s), big_kernel=_grads(s)["kernel"]) for s in range(3)]
+  expected = _reference_solo_learn_lars(params, grads, lrs, wd, eta, momentum)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for step in range(3):
+    updates, state = update(grads[step], state, params)
+    chex.assert_trees_all_close(updates, expected[step], rtol=1e-5, atol=1e-8)
+    params = optax.apply_updates(params, updates)
+  # The clip binds on the big kernel (SGD-like) and not on the other.
+  p = np.asarray(params["big_kernel"])
+  assert eta * np.linalg.norm(p) / np.linalg.norm(grads[2]["kernel"]) > 2.0
+  p = np.asarray(params["kernel"])
+  assert eta * np.linalg.norm(p) / np.linalg.norm(grads[2]["kernel"]) < 0.5
+
+
 def test_lars_first_step_by_hand():
   p = np.array([[3.0, 4.0]])          # ||p|| = 5
   g = np.array([[0.0, 1.0]])
@@ -155,6 +202,7 @@ def _sgd_config(fixed_lr_predictor):
   c.optimizer.weight_decay = 0.0
   c.optimizer.momentum = 0.9
   c.optimizer.fixed_lr_predictor = fixed_lr_predictor
+  c.optimizer.classifier = "sgd"     # solo-learn's SimSiam: its own SGD
   c.optimizer.classifier_lr = 0.2
   return c
 
@@ -224,6 +272,48 @@ def test_build_optimizer_lars_without_predictor_or_classifier():
   expected = optim.lars(0.3, weight_decay=1e-6).update(
       grads, optim.lars(0.3).init(params), params)[0]
   chex.assert_trees_all_close(updates, expected, rtol=1e-6)
+
+
+def test_byol_classifier_trains_in_the_lars_chain():
+  """BYOL's online classifier as the official code trains it.
+
+  From a zero kernel (trust 1 on the first step, the ratio on the second),
+  over two steps of the main schedule, its kernel gets LARS's weight decay
+  and trust ratio and its bias neither: the update equals the reference
+  LARS on the classifier alone, at the main learning rate.
+  """
+  config = config_lib.base_config()
+  assert config.method == "byol" and config.optimizer.classifier == "main"
+  config.batch_size = 512
+  config.optimizer.weight_decay = 0.1  # large enough to show in the kernel
+  total, warmup = 10, 1
+  tx, schedule = optim.build_optimizer(config, total, 1, warmup_steps=warmup)
+  params = _network_params()
+  params["classifier"] = {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}
+  rng = np.random.default_rng(7)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                              jnp.float32), params)
+           for _ in range(2)]
+  lrs = [float(schedule(1)), float(schedule(2))]
+  assert 0 < lrs[0] and lrs[1] < lrs[0] == pytest.approx(0.6)
+  expected = _reference_lars(
+      params["classifier"], [g["classifier"] for g in grads], lrs,
+      wd=0.1, eta=config.optimizer.eta, momentum=0.9)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  # Step 0 has lr 0 (warm-up); steps 1 and 2 are the two compared.
+  _, state = update(jax.tree.map(jnp.zeros_like, params), state, params)
+  for step in range(2):
+    updates, state = update(grads[step], state, params)
+    chex.assert_trees_all_close(updates["classifier"], expected[step],
+                                rtol=1e-5, atol=1e-9)
+    params = optax.apply_updates(params, updates)
+  # On the second step the kernel is no longer zero and its trust ratio is
+  # about 1e-3: SGD with weight decay (trust 1) would differ by about lr * g.
+  g1, g2 = (np.asarray(g["classifier"]["kernel"]) for g in grads)
+  p1 = -lrs[0] * g1
+  sgd = -lrs[1] * (0.9 * g1 + g2 + 0.1 * p1)
+  assert np.max(np.abs(updates["classifier"]["kernel"] - sgd)) > 0.1
 
 
 def test_build_optimizer_unknown_name():

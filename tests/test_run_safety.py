@@ -146,6 +146,32 @@ def test_load_run_opens_a_moved_checkpoint_where_it_lies(run_copy):
       chex.assert_trees_all_equal(state, kept)
 
 
+def test_checkpoint_of_another_layout_is_refused_in_one_line(
+    run_copy, tiny_config, monkeypatch):
+  """A checkpoint whose state tree is not the one this version builds (as
+  an older byol_jax's, whose BYOL heads had an output bias) is refused in
+  one line naming a difference, before anything is compiled or moved."""
+  from byol_jax import models  # pylint: disable=g-import-not-at-top
+  from byol_jax.methods import byol  # pylint: disable=g-import-not-at-top
+  make_network = byol.make_network
+
+  def with_output_bias(config):  # This run's network with biased heads.
+    net = make_network(config)
+    return net.clone(projector=net.projector.clone(output_bias=True),
+                     predictor=net.predictor.clone(output_bias=True))
+  monkeypatch.setattr(byol, "make_network", with_output_bias)
+  assert models.MLP(4, 4).output_bias is False
+  before = _tree(run_copy)
+  with pytest.raises(ConfigError) as e:
+    train.train_and_evaluate(_config(tiny_config, steps=8), str(run_copy))
+  msg = str(e.value)
+  assert "\n" not in msg and "another layout" in msg
+  assert "leaves the checkpoint lacks:" in msg and "predictor" in msg, msg
+  assert "dense2" in msg and "bias" in msg, msg
+  assert "--workdir" in msg and "load_encoder" in msg
+  assert _tree(run_copy) == before
+
+
 def test_allowed_changes_resume_and_are_said_once(run_copy, tiny_config,
                                                   capsys):
   config = _config(tiny_config, steps=8, log_every_steps=4,
@@ -441,6 +467,9 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path, tiny_config):
     ("batch_size", -64, "batch_size=-64: a batch needs at least one image"),
     ("data__num_classes", 5, "num_classes"),
     ("data__canvas_size", 16, "canvas_size=16 is smaller than"),
+    # No loss scaling: float16 is refused in one line that names bfloat16.
+    ("model__dtype", "float16", "float16.*--config.model.dtype=bfloat16"),
+    ("optimizer__classifier", "adam", "optimizer.classifier 'adam'"),
 ])
 def test_bad_settings_fail_before_compiling(tmp_path, tiny_config, key, value,
                                             match):

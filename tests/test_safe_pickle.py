@@ -97,3 +97,26 @@ def test_restricted_unpickler_reads_dill_checkpoint_layout(tmp_path,
   assert got["step"] == 1234 and got["step"].dtype == np.int64
   np.testing.assert_array_equal(got["rng"], [7, 9])
   assert got["counter"].shape == () and got["counter"] == 5
+
+
+class _JaxArrayWithAval:
+  """Pickles as a jax.Array that also sets `aval` fields other than weak_type."""
+
+  def __reduce__(self):
+    from jax._src import array  # pylint: disable=g-import-not-at-top
+    fun, args, state = np.zeros(2, np.uint32).__reduce__()
+    return array._reconstruct_array, (  # pylint: disable=protected-access
+        fun, args, state, {"weak_type": False, "dtype": "object"})
+
+
+def test_jax_array_reads_as_numpy_and_only_weak_type_is_accepted(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  ok = tmp_path / "ok.pkl"
+  ok.write_bytes(pickle.dumps({"rng": jax.random.PRNGKey(7)}, protocol=2))
+  rng = safe_pickle.load(ok)["rng"]
+  assert type(rng) is np.ndarray  # pylint: disable=unidiomatic-typecheck
+  np.testing.assert_array_equal(rng, np.asarray(jax.random.PRNGKey(7)))
+  bad = tmp_path / "bad.pkl"
+  bad.write_bytes(pickle.dumps(_JaxArrayWithAval(), protocol=2))
+  with pytest.raises(safe_pickle.PickleRefusedError, match="only weak_type"):
+    safe_pickle.load(bad)

@@ -28,6 +28,11 @@ PLAIN_SHRINK_MAX = 3.0
 NUM_UNIFORMS = 2 * MAX_ATTEMPTS + 2   # Area and aspect per attempt, y and x.
 
 
+# Linear evaluation's and fine-tuning's random crops (the BYOL, SimSiam and
+# SimCLR evaluation protocols), whatever data.crop_scale pretraining used.
+LINEAR_CROP_SCALE = (0.08, 1.0)
+
+
 def sample_box(u, height, width, scale: Sequence[float] = (0.08, 1.0),
                ratio: Sequence[float] = (3 / 4, 4 / 3), xp: Any = jnp,
                integer: bool = False):

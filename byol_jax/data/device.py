@@ -95,7 +95,8 @@ def _crop_fn(mesh: Mesh, mode: str, config: ml_collections.ConfigDict,
              seed: int, return_boxes: bool):
   """Jitted (images, sizes, global batch) -> the mode's global batch."""
   size = int(config.data.image_size)
-  scale = tuple(float(s) for s in config.data.crop_scale)
+  scale = tuple(float(s) for s in (crops.LINEAR_CROP_SCALE if mode == "linear"
+                                    else config.data.crop_scale))
   ratio = tuple(float(r) for r in config.data.crop_ratio)
   fraction = float(config.data.eval_crop_fraction)
 
@@ -108,10 +109,11 @@ def _crop_fn(mesh: Mesh, mode: str, config: ml_collections.ConfigDict,
     crop = lambda k: crops.random_resized_crop(k, image, hw, size, scale,
                                                ratio)
     if mode == "linear":
-      image = crop(k1)[0]
+      image, box = crop(k1)
       flipped = augment.flip_left_right(image)
-      return dict(image=jax.numpy.where(jax.random.bernoulli(k2), flipped,
-                                        image))
+      out = dict(image=jax.numpy.where(jax.random.bernoulli(k2), flipped,
+                                       image))
+      return dict(out, box=box) if return_boxes else out
     (v1, b1), (v2, b2) = crop(k1), crop(k2)
     out = dict(view1=v1, view2=v2)
     return dict(out, box1=b1, box2=b2) if return_boxes else out
@@ -145,8 +147,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, mode: str,
     fraction: train on a seeded subset of the split (class-balanced).
     arrays: optional (uint8 images [N, H, W, 3], labels) instead of `split`.
     canvas: optional `store.Canvas` instead of `split` (tests).
-    return_boxes: pretrain: also 'box1', 'box2', f32 [B, 4] crop boxes
-      (y0, x0, h, w) as fractions of the real image (tests).
+    return_boxes: also 'box1', 'box2' (pretrain) or 'box' (linear), f32
+      [B, 4] crop boxes (y0, x0, h, w) as fractions of the real image
+      (tests).
 
   Returns:
     `pipeline.Batches`: `batch(step)` for the training modes, one pass per

@@ -157,8 +157,8 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
     fraction: train on a seeded subset of this fraction of the split.
     process_index, process_count: default JAX's.
     arrays: optional (images, labels) for the 'arrays' source.
-    return_boxes: add 'box1', 'box2' (pretrain): f32 [L, 4] crop windows
-      (y, x, h, w) as fractions of the image (for tests).
+    return_boxes: add 'box1', 'box2' (pretrain) or 'box' (linear): f32
+      [L, 4] crop windows (y, x, h, w) as fractions of the image (for tests).
     device_resize: as `host_decode.fit`.
 
   Returns:
@@ -169,7 +169,8 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
   batch = int(batch_size or config.batch_size)
   seed = int(config.seed if seed is None else seed)
   size = int(config.data.image_size)
-  scale = tuple(float(s) for s in config.data.crop_scale)
+  scale = tuple(float(s) for s in (crops.LINEAR_CROP_SCALE if mode == "linear"
+                                    else config.data.crop_scale))
   ratio = tuple(float(r) for r in config.data.crop_ratio)
   if config.data.source == "tfds" and arrays is None:
     ds, form, n = _tfds_stream(config.data, split, seed, batch, start_step,
@@ -189,9 +190,10 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
     base = tf.stack([tf.constant(seed, tf.int64), g])
     keys = [tf.random.experimental.stateless_fold_in(base, v) for v in (1, 2)]
     if mode == "linear":
-      ((image, hw),), _ = decode(data, window_fns=[window(keys[0])],
-                                 flip_seed=keys[1])
-      return dict(image=image, hw=hw, label=label)
+      ((image, hw),), (box,) = decode(data, window_fns=[window(keys[0])],
+                                      flip_seed=keys[1])
+      out = dict(image=image, hw=hw, label=label)
+      return dict(out, box=box) if return_boxes else out
     ((v1, hw1), (v2, hw2)), (b1, b2) = decode(
         data, window_fns=[window(k) for k in keys])
     out = dict(view1=v1, hw1=hw1, view2=v2, hw2=hw2, label=label)

@@ -16,7 +16,11 @@ HAS_TARGET = True
 
 
 def make_network(config: ml_collections.ConfigDict) -> network.Network:
-  """Online network: ResNet, MLP projector and MLP predictor (4096 -> 256)."""
+  """Online network: ResNet, MLP projector and MLP predictor (4096 -> 256).
+
+  As the official code builds them: the heads' output layers have no bias,
+  and the online classifier starts from Haiku's default initialisation.
+  """
   kw = network.head_kwargs(config)
   return network.Network(
       encoder=network.make_encoder(config),
@@ -26,7 +30,8 @@ def make_network(config: ml_collections.ConfigDict) -> network.Network:
       predictor=models.MLP(config.predictor.hidden_dim,
                            config.predictor.output_dim,
                            num_layers=config.predictor.num_layers, **kw),
-      num_classes=config.data.num_classes)
+      num_classes=config.data.num_classes,
+      classifier_init=network.HAIKU_LINEAR_INIT)
 
 
 def regression_loss(p: jax.Array, z: jax.Array) -> jax.Array:

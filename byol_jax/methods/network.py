@@ -5,7 +5,7 @@ Parameters live under the top-level keys `encoder`, `projector`, `predictor`
 encoder can be cut out of a checkpoint by key and the optimizer can treat the
 predictor and the classifier on their own.
 """
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -24,11 +24,14 @@ class Network(nn.Module):
     projector: maps y to projections z [B, P].
     predictor: maps z to predictions q [B, P]; None for SimCLR.
     num_classes: classes of the online classifier (0: none).
+    classifier_init: the classifier kernel's initialiser (its bias starts
+      at 0).
   """
   encoder: nn.Module
   projector: nn.Module
   predictor: nn.Module | None
   num_classes: int
+  classifier_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> dict[str, jax.Array]:
@@ -43,8 +46,9 @@ class Network(nn.Module):
           " build the network from byol_jax.data.resolve(config).")
     if self.num_classes:
       # The classifier sees a stop-gradient copy: it never moves the encoder.
-      out["logits"] = nn.Dense(self.num_classes, name="classifier")(
-          jax.lax.stop_gradient(y)).astype(jnp.float32)
+      out["logits"] = nn.Dense(
+          self.num_classes, kernel_init=self.classifier_init,
+          name="classifier")(jax.lax.stop_gradient(y)).astype(jnp.float32)
     return out
 
   def project(self, x: jax.Array, train: bool = True) -> dict[str, jax.Array]:
@@ -75,6 +79,14 @@ def head_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(dtype=jnp.dtype(config.model.dtype),
               bn_momentum=config.model.bn_momentum,
               bn_epsilon=config.model.bn_epsilon)
+
+
+# Haiku's default Linear initialiser (the official BYOL classifier's): a
+# normal of std 1/sqrt(fan_in) truncated at 2 std. JAX's "truncated_normal"
+# variance scaling divides the std by 0.8796 (the truncated normal's std), so
+# the scale cancels that.
+HAIKU_LINEAR_INIT = nn.initializers.variance_scaling(
+    0.87962566103423978 ** 2, "fan_in", "truncated_normal")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

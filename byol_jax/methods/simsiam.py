@@ -24,7 +24,8 @@ def make_network(config: ml_collections.ConfigDict) -> network.Network:
           output_bn_bias=False, **kw),
       predictor=models.MLP(
           config.predictor.hidden_dim, config.predictor.output_dim,
-          num_layers=config.predictor.num_layers, hidden_bias=False, **kw),
+          num_layers=config.predictor.num_layers, hidden_bias=False,
+          output_bias=True, **kw),
       num_classes=config.data.num_classes)
 
 

@@ -3,13 +3,14 @@
 One configurable module covers them all:
 
   BYOL projector/predictor: MLP(4096, 256)
-      Linear -> BN -> ReLU -> Linear.
+      Linear (bias) -> BN -> ReLU -> Linear (no bias), as the official MLP.
   SimSiam projector: MLP(2048, 2048, num_layers=3, hidden_bias=False,
-      output_bias=False, output_bn=True, output_bn_scale=False,
-      output_bn_bias=False)   (the last BN has no affine transform).
-  SimSiam predictor: MLP(512, 2048, hidden_bias=False).
+      output_bn=True, output_bn_scale=False, output_bn_bias=False)
+      (the last BN has no affine transform).
+  SimSiam predictor: MLP(512, 2048, hidden_bias=False, output_bias=True)
+      (the reference's last Linear keeps its bias).
   SimCLR v2 head: MLP(2048, 128, num_layers=3, hidden_bias=False,
-      output_bias=False, output_bn=True, output_bn_bias=False)
+      output_bn=True, output_bn_bias=False)
       (the last BN scales but does not centre).
 """
 import functools
@@ -29,7 +30,7 @@ class MLP(nn.Module):
     num_layers: number of Dense layers (>= 1).
     hidden_bias: whether the hidden Dense layers have a bias (redundant before
       BN, but BYOL keeps it).
-    output_bias: whether the last Dense layer has a bias.
+    output_bias: whether the last Dense layer has a bias (BYOL: no).
     output_bn: batch-normalise the output.
     output_bn_scale: whether the output BN learns a scale.
     output_bn_bias: whether the output BN learns an offset.
@@ -41,7 +42,7 @@ class MLP(nn.Module):
   output_dim: int
   num_layers: int = 2
   hidden_bias: bool = True
-  output_bias: bool = True
+  output_bias: bool = False
   output_bn: bool = False
   output_bn_scale: bool = True
   output_bn_bias: bool = True
