@@ -85,6 +85,33 @@ class Monitor:
 
     self._forward = jax.jit(forward, in_shardings=(rep, rep, rows),
                             out_shardings=(rows, rep))
+    if self._bank is None:
+      return
+    # The kNN bank and queries stay on the devices that computed them, as
+    # [batches, B, ...] stacks (each batch's rows split over `data`): a
+    # device holds N / devices rows, and only the hit counts are read back.
+    self._stacks = {name: (len(batches), batches.batch_size)
+                    for name, batches in (("bank", self._bank),
+                                          ("queries", self._queries))}
+    stacked = knn.rows_sharding(mesh)
+
+    def empty(n, b):
+      return (jnp.zeros((n, b, dim), jnp.float32),
+              jnp.zeros((n, b), jnp.int32), jnp.zeros((n, b), bool))
+
+    def store(stack, feats, labels, mask, i):
+      rows = (feats, labels.astype(jnp.int32), mask.astype(bool))
+      return tuple(jax.lax.dynamic_update_index_in_dim(s, r, i, 0)
+                   for s, r in zip(stack, rows))
+
+    self._empty = jax.jit(empty, static_argnums=(0, 1),
+                          out_shardings=(stacked,) * 3)
+    self._store = jax.jit(store, in_shardings=(
+        (stacked,) * 3, rows, rows, rows, None), out_shardings=(stacked,) * 3, donate_argnums=(0,))
+    self._knn_counts = knn.sharded_knn(
+        mesh, self._num_classes,
+        int(min(self._knn["k"], self._bank.num_examples)),
+        float(self._knn["temperature"]), counts=True)
 
   def __call__(self, encoder_vars: Any, classifier_params: Any = None,
                prefix: str = "eval/") -> dict[str, float]:
@@ -106,19 +133,25 @@ class Monitor:
     scored = classifier_params is not None
     if not scored:
       classifier_params = self._no_classifier
-    totals, query_f, query_y = None, [], []
-    previous = None
-    for batch in self._queries:
-      feats, counts = self._forward(encoder_vars, classifier_params, batch)
-      if self._throttle and previous is not None:
-        jax.block_until_ready(previous)  # XLA:CPU: a shallow queue.
-      previous = counts
-      if scored:
-        totals = counts if totals is None else jax.tree.map(jnp.add, totals,
-                                                            counts)
-      if want_features:
-        query_f.append(feats)
-        query_y.append(batch)
+    totals, previous = None, None
+    stacks = ({name: self._empty(*shape) for name, shape in
+               self._stacks.items()} if want_features else {})
+    passes = [("queries", self._queries)]
+    if want_features:
+      passes.append(("bank", self._bank))
+    for name, batches in passes:
+      for i, batch in enumerate(batches):
+        feats, counts = self._forward(encoder_vars, classifier_params, batch)
+        if self._throttle and previous is not None:
+          jax.block_until_ready(previous)  # XLA:CPU: a shallow queue.
+        previous = counts
+        if scored and name == "queries":
+          totals = counts if totals is None else jax.tree.map(
+              jnp.add, totals, counts)
+        if want_features:
+          stacks[name] = self._store(stacks[name], feats, batch["label"],
+                                     batch["mask"], i)
+          previous = stacks[name][0]
     if totals is not None:
       t = {k: int(sharding.to_host(v)) for k, v in totals.items()}
       n = max(t["count"], 1)
@@ -126,23 +159,13 @@ class Monitor:
       if self._num_classes >= 5:
         results[prefix + "online_top5"] = t["correct5"] / n
     if want_features:
-      bank_f, bank_y = self._features(
-          (self._forward(encoder_vars, classifier_params, b)[0], b)
-          for b in self._bank)
-      test_f, test_y = self._features(zip(query_f, query_y))
-      scores = knn.knn_scores(
-          bank_f, bank_y, test_f, self._num_classes, k=int(self._knn["k"]),
-          temperature=float(self._knn["temperature"]), mesh=self._mesh)
-      acc = knn.topk_accuracy(sharding.to_host(scores), test_y)
-      results.update({f"{prefix}knn_{k}": v for k, v in acc.items()})
+      (bank_f, bank_y, bank_m), (query_f, query_y, query_m) = (
+          stacks["bank"], stacks["queries"])
+      hits = self._knn_counts(bank_f, bank_y, bank_m, query_f, query_y,
+                              query_m)
+      t = {k: int(sharding.to_host(v)) for k, v in hits.items()}
+      n = max(t["count"], 1)
+      results[prefix + "knn_top1"] = t["correct1"] / n
+      if self._num_classes >= 5:
+        results[prefix + "knn_top5"] = t["correct5"] / n
     return results
-
-  @staticmethod
-  def _features(pairs) -> tuple[np.ndarray, np.ndarray]:
-    """Host features and labels of the real rows of (features, batch) pairs."""
-    feats, labels = [], []
-    for f, batch in pairs:
-      keep = sharding.to_host(batch["mask"]).astype(bool)
-      feats.append(sharding.to_host(f)[keep])
-      labels.append(sharding.to_host(batch["label"]).astype(np.int32)[keep])
-    return np.concatenate(feats), np.concatenate(labels)
