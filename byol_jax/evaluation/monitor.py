@@ -62,19 +62,7 @@ class Monitor:
     self._bank = (data.build_eval(config, mesh, config.data.train_split,
                                   batch_size)
                   if self._knn.get("enabled") else None)
-    encoder = network.make_encoder(config)
-    classifier = nn.Dense(self._num_classes, name="classifier")
-    normalize = bool(config.augment.get("normalize", True))
-
-    def forward(encoder_vars, classifier_params, batch):
-      x = augment.to_float(batch["image"])             # [B, S, S, 3] in [0, 1]
-      x = augment.normalize(x) if normalize else x
-      y = encoder.apply(encoder_vars, x, train=False)  # [B, D]
-      logits = classifier.apply({"params": classifier_params}, y)  # [B, C]
-      return network.l2_normalize(y), online.correct_counts(
-          logits, batch["label"], batch["mask"])
-
-    rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
     # A stand-in classifier where there is none (a target encoder): one
     # signature, one compilation; its counts are not reported.
     dim = models.representation_dim(config.model.depth, config.model.width,
@@ -82,32 +70,16 @@ class Monitor:
     self._no_classifier = jax.device_put({
         "kernel": np.zeros((dim, self._num_classes), np.float32),
         "bias": np.zeros((self._num_classes,), np.float32)}, rep)
-
-    self._forward = jax.jit(forward, in_shardings=(rep, rep, rows),
-                            out_shardings=(rows, rep))
+    self._forward = forward_fn(config, mesh)
     if self._bank is None:
       return
     # The kNN bank and queries stay on the devices that computed them, as
     # [batches, B, ...] stacks (each batch's rows split over `data`): a
     # device holds N / devices rows, and only the hit counts are read back.
-    self._stacks = {name: (len(batches), batches.batch_size)
+    self._stacks = {name: (len(batches), batches.batch_size, dim)
                     for name, batches in (("bank", self._bank),
                                           ("queries", self._queries))}
-    stacked = knn.rows_sharding(mesh)
-
-    def empty(n, b):
-      return (jnp.zeros((n, b, dim), jnp.float32),
-              jnp.zeros((n, b), jnp.int32), jnp.zeros((n, b), bool))
-
-    def store(stack, feats, labels, mask, i):
-      rows = (feats, labels.astype(jnp.int32), mask.astype(bool))
-      return tuple(jax.lax.dynamic_update_index_in_dim(s, r, i, 0)
-                   for s, r in zip(stack, rows))
-
-    self._empty = jax.jit(empty, static_argnums=(0, 1),
-                          out_shardings=(stacked,) * 3)
-    self._store = jax.jit(store, in_shardings=(
-        (stacked,) * 3, rows, rows, rows, None), out_shardings=(stacked,) * 3, donate_argnums=(0,))
+    self._empty, self._store = stack_fns(mesh)
     self._knn_counts = knn.sharded_knn(
         mesh, self._num_classes,
         int(min(self._knn["k"], self._bank.num_examples)),
@@ -169,3 +141,50 @@ class Monitor:
       if self._num_classes >= 5:
         results[prefix + "knn_top5"] = t["correct5"] / n
     return results
+
+
+def forward_fn(config: ml_collections.ConfigDict, mesh: Mesh):
+  """Jitted `(encoder_vars, classifier_params, batch) -> (features, counts)`.
+
+  The encoder in inference mode: L2-normalised features [B, D] (rows on
+  `data`) and the classifier's `online.correct_counts` (replicated).
+  """
+  encoder = network.make_encoder(config)
+  classifier = nn.Dense(int(config.data.num_classes), name="classifier")
+  normalize = bool(config.augment.get("normalize", True))
+
+  def forward(encoder_vars, classifier_params, batch):
+    x = augment.to_float(batch["image"])             # [B, S, S, 3] in [0, 1]
+    x = augment.normalize(x) if normalize else x
+    y = encoder.apply(encoder_vars, x, train=False)  # [B, D]
+    logits = classifier.apply({"params": classifier_params}, y)  # [B, C]
+    return network.l2_normalize(y), online.correct_counts(
+        logits, batch["label"], batch["mask"])
+
+  rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(forward, in_shardings=(rep, rep, rows),
+                 out_shardings=(rows, rep))
+
+
+def stack_fns(mesh: Mesh):
+  """Jitted `empty(n, B, D)` and `store(stack, feats, labels, mask, i)`.
+
+  A stack is (features f32 [n, B, D], labels int32 [n, B], mask bool
+  [n, B]) on `knn.rows_sharding`; `store` writes batch i in place (the
+  stack is donated), so each device only ever holds its own rows.
+  """
+  stacked, rows = knn.rows_sharding(mesh), sharding.batch_sharding(mesh)
+
+  def empty(n, b, dim):
+    return (jnp.zeros((n, b, dim), jnp.float32),
+            jnp.zeros((n, b), jnp.int32), jnp.zeros((n, b), bool))
+
+  def store(stack, feats, labels, mask, i):
+    new = (feats, labels.astype(jnp.int32), mask.astype(bool))
+    return tuple(jax.lax.dynamic_update_index_in_dim(s, r, i, 0)
+                 for s, r in zip(stack, new))
+
+  return (jax.jit(empty, static_argnums=(0, 1, 2),
+                  out_shardings=(stacked,) * 3),
+          jax.jit(store, in_shardings=((stacked,) * 3, rows, rows, rows, None),
+                  out_shardings=(stacked,) * 3, donate_argnums=(0,)))
