@@ -464,6 +464,27 @@ def table(rows: list[dict], fits: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+GENERATIONS = ("v3", "v4", "v5e", "v5p", "v6e")
+
+
+def fits_on(result: dict) -> str:
+  """README's "Fits on" table: per preset and generation, the largest
+  per-chip batch that fits and the chips the paper's batch 4096 needs."""
+  cells = {(f["preset"], f["generation"]): f for f in result["fits"]}
+  lines = ["| preset | " + " | ".join(GENERATIONS) + " |",
+           "| --- |" + " --- |" * len(GENERATIONS)]
+  for preset in PRESETS:
+    row = []
+    for g in GENERATIONS:
+      f = cells.get((preset, g))
+      row.append("not compiled" if f is None else
+                 f"{f['largest_batch_per_chip']} / {f['chips_for_paper_batch']}"
+                 f" chips")
+    if any(c != "not compiled" for c in row):
+      lines.append(f"| {preset} | " + " | ".join(row) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def libtpu_version() -> str | None:
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   try:
@@ -499,7 +520,13 @@ def main() -> int:
                  help="which train-step batches of BATCHES: 0, 1 or 0,1")
   p.add_argument("--out", default=os.path.join(
       run_info.REPO, "benchmarks", "results", "tpu_aot.json"))
+  p.add_argument("--readme", action="store_true",
+                 help="print README's Fits-on table from --out and stop")
   args = p.parse_args()
+  if args.readme:
+    with open(args.out) as f:
+      print(fits_on(json.load(f)), end="")
+    return 0
   result = {"rows": []}
   if os.path.exists(args.out):
     with open(args.out) as f:
