@@ -132,8 +132,8 @@ def load_preset(name: str):
 
 # --------------------------------------------------------------- analysis --
 _COLLECTIVE = re.compile(
-    r"=\s*(\(?[^=]*?\)?)\s+(all-to-all|all-gather|all-reduce|reduce-scatter|"
-    r"collective-permute)(?:-start)?\(")
+    r"\s(all-to-all|all-gather|all-reduce|reduce-scatter|"
+    r"collective-permute)(-start)?\(")
 _ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16|f8\w*)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "bf16": 2}
 
@@ -146,15 +146,23 @@ def _dtype_bytes(dtype: str) -> int:
 
 
 def collectives(hlo: str) -> list[dict]:
-  """{'kind', 'bytes', 'largest'} of every collective in the compiled HLO
-  (bytes of its result; async pairs counted once, at -start)."""
+  """{'kind', 'bytes', 'largest'} of every collective in the compiled HLO:
+  bytes of its result (of an async -start: its outputs, not its inputs)."""
   found = []
-  for m in _COLLECTIVE.finditer(hlo):
+  for line in hlo.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m or " = " not in line[:m.start()]:
+      continue
+    shape = line[:m.start()].split(" = ", 1)[1]
+    shape = re.sub(r"/\*.*?\*/", "", shape)  # /*index=5*/ comments.
     arrays = [(_dtype_bytes(d), math.prod(int(x) for x in dims.split(",")
                                           if x))
-              for d, dims in _ARRAY.findall(m.group(1))]
-    sizes = [b * n for b, n in arrays]
-    found.append(dict(kind=m.group(2), bytes=sum(sizes),
+              for d, dims in _ARRAY.findall(shape)]
+    if m.group(2) and m.group(1) != "all-reduce":
+      # (inputs, outputs[, context]) of an async start: keep the outputs.
+      arrays = arrays[len(arrays) // 2:] if m.group(1) == "all-gather" else (
+          arrays[1:2] or arrays)
+    found.append(dict(kind=m.group(1), bytes=sum(b * n for b, n in arrays),
                       largest=max((n for _, n in arrays), default=0)))
   return found
 
@@ -418,7 +426,16 @@ def fits_summary(rows: list[dict]) -> list[dict]:
   for (preset, name), rs in sorted(pairs.items()):
     s = SLICES[name]
     rs = sorted(rs, key=lambda r: r["per_device_batch"])
-    if len(rs) < 2:
+    if len(rs) < 2:  # One compile: a lower bound where it fits.
+      r = rs[0]
+      out.append(dict(preset=preset, generation=s.generation,
+                      fits_batch_per_chip=(r["per_device_batch"]
+                                           * s.cores_per_chip
+                                           if r["fits"] else None),
+                      largest_batch_per_chip=None,
+                      chips_for_paper_batch=None,
+                      bound_images_per_sec_per_chip=r.get(
+                          "images_per_sec_per_chip_bound")))
       continue
     (b1, m1), (b2, m2) = [(r["per_device_batch"], r["peak_bytes"])
                           for r in rs[:2]]
@@ -429,6 +446,9 @@ def fits_summary(rows: list[dict]) -> list[dict]:
     chips = (2 ** math.ceil(math.log2(max(1, -(-PAPER_BATCH // per_chip))))
              if per_chip else None)
     out.append(dict(preset=preset, generation=s.generation,
+                    fits_batch_per_chip=max(
+                        (r["per_device_batch"] * s.cores_per_chip
+                         for r in rs if r["fits"]), default=None),
                     fixed_gib=round(fixed / GIB, 2),
                     gib_per_image=round(slope / GIB, 4),
                     largest_batch_per_chip=per_chip,
@@ -457,9 +477,13 @@ def table(rows: list[dict], fits: list[dict]) -> str:
             "per chip | chips for batch 4096 | img/s/chip bound |",
             "|" + " --- |" * 6]
   for f in fits:
-    lines.append(f"| {f['preset']} | {f['generation']} | {f['fixed_gib']} + "
-                 f"{f['gib_per_image']} | {f['largest_batch_per_chip']} | "
-                 f"{f['chips_for_paper_batch']} | "
+    line = (f"{f['fixed_gib']} + {f['gib_per_image']}" if "fixed_gib" in f
+            else "one compile")
+    largest = f["largest_batch_per_chip"] or (
+        f"fits {f['fits_batch_per_chip']}" if f["fits_batch_per_chip"]
+        else "none compiled fits")
+    lines.append(f"| {f['preset']} | {f['generation']} | {line} | {largest}"
+                 f" | {f['chips_for_paper_batch'] or 'n/a'} | "
                  f"{f['bound_images_per_sec_per_chip']} |")
   return "\n".join(lines) + "\n"
 
@@ -477,9 +501,16 @@ def fits_on(result: dict) -> str:
     row = []
     for g in GENERATIONS:
       f = cells.get((preset, g))
-      row.append("not compiled" if f is None else
-                 f"{f['largest_batch_per_chip']} / {f['chips_for_paper_batch']}"
-                 f" chips")
+      if f is None:
+        row.append("not compiled")
+      elif f["largest_batch_per_chip"]:
+        row.append(f"{f['largest_batch_per_chip']} / "
+                   f"{f['chips_for_paper_batch']} chips")
+      elif f["fits_batch_per_chip"]:  # One compile: a lower bound.
+        row.append(f">= {f['fits_batch_per_chip']} / <= "
+                   f"{PAPER_BATCH // f['fits_batch_per_chip']} chips")
+      else:
+        row.append("does not fit")
     if any(c != "not compiled" for c in row):
       lines.append(f"| {preset} | " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
