@@ -7,7 +7,6 @@ cost analyses of the compiled programs are checked.
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 from testlib import REPO
