@@ -59,7 +59,7 @@ IMAGENET_TRAIN, IMAGENET_EVAL = 1_281_167, 50_000
 def slice_mesh(s: Slice, devices: int | None = None):
   """The `data` mesh over the slice's devices (or its first `devices`)."""
   topo = topologies.get_topology_desc(
-      platform="tpu", topology_name=s.topology, chip_config_name="default",
+      platform="tpu", topology_name=s.topology, chip_config_name=s.chip_config,
       chips_per_host_bounds=(2, 2, 1), num_slices=1)
   found = list(topo.devices)
   return sharding.make_mesh(found[:devices] if devices else found)

@@ -23,12 +23,15 @@ class Slice:
       v4 and v5p: one megacore device per chip).
     hbm_gib: HBM per JAX device (Cloud TPU documentation).
     peak_tflops: bf16 peak per JAX device (Cloud TPU documentation).
+    chip_config: 'megacore' where one JAX device spans a chip's two
+      TensorCores (v4; JAX's meshes need one device per chip there).
   """
   topology: str
   hosts: int
   cores_per_chip: int
   hbm_gib: float
   peak_tflops: float
+  chip_config: str = "default"
 
   @property
   def generation(self) -> str:
@@ -39,12 +42,12 @@ class Slice:
 # v5e, v6e: chips).
 SLICES = {
     "v3-8": Slice("v3:2x2", 1, 2, 16.0, 61.5),
-    "v4-8": Slice("v4:2x2x1", 1, 1, 32.0, 275.0),
+    "v4-8": Slice("v4:2x2x1", 1, 1, 32.0, 275.0, "megacore"),
     "v5e-4": Slice("v5e:2x2", 1, 1, 16.0, 197.0),
     "v5p-8": Slice("v5p:2x2x1", 1, 1, 95.0, 459.0),
     "v6e-4": Slice("v6e:2x2", 1, 1, 32.0, 918.0),
     "v3-16": Slice("v3:4x2", 2, 2, 16.0, 61.5),
-    "v4-16": Slice("v4:2x2x2", 2, 1, 32.0, 275.0),
+    "v4-16": Slice("v4:2x2x2", 2, 1, 32.0, 275.0, "megacore"),
     "v5e-8": Slice("v5e:2x4", 2, 1, 16.0, 197.0),
     "v5p-16": Slice("v5p:2x2x2", 2, 1, 95.0, 459.0),
     "v6e-8": Slice("v6e:2x4", 2, 1, 32.0, 918.0),
