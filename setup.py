@@ -44,5 +44,9 @@ setuptools.setup(
         # only safetensors; torchvision for loading the export (large: CI
         # does not install this extra, and the torch tests skip without it).
         "torch": ["torch", "torchvision", "safetensors"],
+        # benchmarks/tpu_aot.py and tests/test_tpu_aot.py: XLA's TPU
+        # compiler (libtpu, about 140 MB), at the version jax[tpu] pins for
+        # the installed jax; nothing runs on a TPU.
+        "tpu-aot": ["jax[tpu]"],
     },
 )

@@ -6,6 +6,7 @@ in T') fails here. Learning rates are checked through the schedule that
 `optim.build_optimizer` makes of the config, so the scaling rule is tested
 too, not only the base value.
 """
+import json
 import math
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from byol_jax import optim
-from testlib import load_config
+from testlib import REPO, load_config
 
 # DESIGN 3, ImageNet presets: epochs -> (base LR, weight decay, tau_base).
 BYOL_PRESETS = {
@@ -271,3 +272,25 @@ def test_cifar_configs_blur_off_and_same_views(name):
     # DESIGN 4, SimSiam: crops from 20%, jitter 0.4/0.4/0.4/0.1.
     assert tuple(c.data.crop_scale) == (0.2, 1.0)
     assert_view(c.augment.view1, dict(SIMSIAM_VIEW, blur=0.0), name)
+
+
+def test_imagenet_presets_use_the_measured_host_path():
+  """The ResNet-50 presets' canvas follows the committed measurements: the
+  2 S canvas where it gave more samples per host CPU-second on 500 x 375
+  JPEGs than C = S, and its resampling on the TPU is under 2% of the
+  step's FLOPs (benchmarks/results/)."""
+  results = REPO / "benchmarks" / "results"
+  pipeline = json.loads((results / "input_pipeline_cpu.json").read_text())
+  big = [r for r in pipeline["host"] if r["jpegs"] == "imagenette_500x375"]
+  assert big and all(r["canvas_size"] == 448 and "ratio_canvas_s" in r
+                     for r in big), big
+  faster = all(r["ratio"] > r["ratio_canvas_s"] for r in big)
+  aot = {(r["slice"], r["program"], r["per_device_batch"]): r
+         for r in json.loads((results / "tpu_aot.json").read_text())["rows"]}
+  finish, step = aot[("v3-8", "finish", 8)], aot[("v3-8", "train_step", 8)]
+  assert finish["canvas"] == 448
+  negligible = finish["flops"] < 0.02 * step["flops"]
+  for name in ("byol_r50", "simsiam_r50", "simclr_r50"):
+    c = load_config(name)
+    assert c.data.canvas_size == (2 * c.data.image_size
+                                  if faster and negligible else 0), name

@@ -817,8 +817,30 @@ def tfds_dir(tmp_path_factory, folder):
       name="tiny_nette", version="1.0.0", features=features,
       split_datasets=dict(train=examples("train", 40),
                           validation=examples("val", 30)),
-      data_dir=str(path))
+      data_dir=str(path),
+      # Several files: TFDS pretraining shuffles their order per epoch.
+      download_config=tfds.download.DownloadConfig(num_shards=5))
   return str(path)
+
+
+def test_tfds_files_shuffled_per_epoch_from_seed_and_epoch(tfds_dir, host):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from byol_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  c = make_config("tfds")
+  c.data.name, c.data.data_dir = "tiny_nette", tfds_dir
+  b = tfds_source.builder(c.data)
+  blocks = tfds_source._file_blocks(b, "train")  # pylint: disable=protected-access
+  assert len(blocks[0]) == 5, blocks
+
+  def read(seed, epoch):
+    return [int(ex["index"]) for ex in tfds_source.epoch_records(
+        b, "train", seed, tf.constant(epoch, tf.int64)).as_numpy_iterator()]
+  orders = {(s, e): read(s, e) for s, e in ((0, 0), (0, 1), (0, 2), (1, 0))}
+  for o in orders.values():  # Every record once per epoch.
+    assert sorted(o) == list(range(40))
+  assert len({tuple(o) for o in orders.values()}) == 4  # Epochs, seeds differ.
+  assert read(0, 1) == orders[(0, 1)]  # A pure function of (seed, epoch).
+  assert orders[(0, 0)] != list(range(40))  # Not the files' order.
 
 
 def test_tfds_source(tfds_dir, mesh, host):

@@ -89,7 +89,8 @@ def test_three_evaluations_compile_once(tiny_config):
   assert n[0] == 0
 
 
-def test_linear_evaluator_compiles_once(tiny_config):
+def test_linear_evaluator_compiles_once_and_reads_at_log_steps(
+    tiny_config, monkeypatch):
   config = data.resolve(tiny_config())
   mesh = sharding.make_mesh()
   encoder = network.make_encoder(config)
@@ -97,12 +98,27 @@ def test_linear_evaluator_compiles_once(tiny_config):
   variables = {"params": state.params["encoder"],
                "batch_stats": state.batch_stats["encoder"]}
   evaluate = linear.LinearEvaluator(config, encoder, mesh, steps=3,
-                                    batch_size=64, eval_batch_size=200)
+                                    batch_size=64, eval_batch_size=200,
+                                    log_every=2)
   first = evaluate(variables)
+  fetched = []
+  fetch = linear._fetch  # pylint: disable=protected-access
+
+  def counted(tree):
+    fetched.append(jax.tree.map(np.asarray, fetch(tree)))
+    return fetched[-1]
+
+  monkeypatch.setattr(linear, "_fetch", counted)
   with count_compiles() as n:
     second = evaluate(variables)
   assert n[0] == 0
   assert first["top1"] == second["top1"]  # Same seed, same result.
+  # Log steps 2 and 3 (the last): one read each, of the window's sums.
+  assert len(fetched) == 2, len(fetched)
+  assert second["train_loss"] == pytest.approx(float(fetched[-1]["loss"]))
+  # The windows' sums of the cosine lr over 3 steps: (1 + 0.75) and 0.25
+  # of the peak.
+  assert float(fetched[0]["lr"]) == pytest.approx(7 * float(fetched[1]["lr"]))
 
 
 _COLLECTIVE = re.compile(

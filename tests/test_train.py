@@ -174,3 +174,60 @@ def test_bad_command_line_gives_one_error_line(tmp_path, cifar_npz, args,
       capture_output=True, text=True, timeout=300)
   assert expected in assert_error_first(proc), proc.stderr[-2000:]
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_kill_and_resume_on_a_tfds_source(tmp_path, cifar_npz, train_cmd,
+                                          run_train):
+  """A TFDS source of 5 files, whose order changes every epoch: a run killed
+  after its first checkpoint and resumed ends bit for bit where the
+  uninterrupted run does."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import importlib.resources  # pylint: disable=g-import-not-at-top
+  sys.modules.setdefault("importlib_resources", importlib.resources)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  d = np.load(cifar_npz)
+
+  def examples(split, n):
+    off, blob = d[f"{split}_offsets"], d[f"{split}_jpeg"]
+    return [(str(i), dict(image=np.asarray(Image.open(io.BytesIO(
+        blob[off[i]:off[i + 1]].tobytes())).convert("RGB")),
+                          label=int(d[f"{split}_labels"][i])))
+            for i in range(n)]
+  data_dir = tmp_path / "tfds"
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name="tiny_cifar", version="1.0.0",
+      features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(32, 32, 3)),
+          "label": tfds.features.ClassLabel(num_classes=10)}),
+      split_datasets=dict(train=examples("train", 64),
+                          test=examples("test", 16)),
+      data_dir=str(data_dir),
+      download_config=tfds.download.DownloadConfig(num_shards=5))
+  steps = 12  # 3 epochs of 4 batches of 16.
+  arg = f"steps={steps},source=tfds"
+  flags = ["--config.data.name=tiny_cifar", f"--config.data.data_dir={data_dir}",
+           "--config.data.on_device=False", "--config.data.shuffle_buffer=8",
+           "--config.checkpoint_every_steps=6", "--config.log_every_steps=6",
+           "--config.knn.enabled=False"]
+  ref = tmp_path / "ref"
+  run_train(ref, arg, *flags, devices=2)
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(train_cmd(killed, arg, *flags), cwd=REPO,
+                          env=train_env(2), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while not checkpoint_steps(killed) and time.time() < deadline:
+    if proc.poll() is not None:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = checkpoint_steps(killed)
+  assert saved and saved[-1] < steps, f"kill came too late: {saved}"
+  run_train(killed, arg, *flags, devices=2)
+  (_, a, sa), (_, b, sb) = (pretrained.load_run(str(ref)),
+                            pretrained.load_run(str(killed)))
+  assert sa == sb == steps
+  chex.assert_trees_all_equal(a, b)  # Bit for bit.

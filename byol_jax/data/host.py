@@ -5,9 +5,10 @@ Every process reads its own rows of each global batch (`order.py`):
   epoch permutations, so a batch is a pure function of (seed, step), the
   same for any number of processes, and resuming at step s starts reading
   there (nothing before it is read or decoded);
-- TFDS: each process reads its `tfds.even_splits` share; epoch e is that
-  share shuffled with a buffer seeded by (seed, e); resuming skips the raw
-  (undecoded) records of at most one epoch.
+- TFDS: each process reads its `tfds.even_splits` share; epoch e reads its
+  files in an order drawn from (seed, e), then shuffles the records with a
+  buffer seeded by (seed, e); resuming skips the raw (undecoded) records of
+  at most one epoch.
 Each element's random choices are stateless ops seeded by (seed, its global
 stream position step * B + row).
 
@@ -85,22 +86,35 @@ def _tfds_stream(data_cfg, split, seed, batch, start_step, pi, pc, fraction):
   b = tfds_source.builder(data_cfg)
   total = tfds_source.split_size(b, split)
   sub, n_local, first = tfds_source.process_split(b, split, pi, pc)
-  base = tfds_source.records(b, sub)
+  mask = None
   if fraction < 1.0:        # A seeded subset of example indices, as a mask.
     keep = np.zeros((total,), bool)
     keep[order.subset(np.full((total,), -1), fraction, seed)] = True
     mask = tf.constant(keep)
-    base = tf.data.Dataset.zip(base, tf.data.Dataset.range(first, _INT64_MAX))
-    base = base.filter(lambda ex, i: tf.gather(mask, i)).map(lambda ex, i: ex)
     total, n_local = int(keep.sum()), int(keep[first:first + n_local].sum())
-  if data_cfg.cache:
-    base = base.cache()
+
+  def subset(records):      # Records with a (split-wide) 'index'.
+    if mask is None:
+      return records
+    return records.filter(lambda ex: tf.gather(mask, first + ex["index"]))
+
+  shuffle_files = not data_cfg.cache and tfds_source.shuffles_files(b)
+  if not shuffle_files:     # In file order (cached, or not TFRecord files).
+    base = tf.data.Dataset.zip(tfds_source.records(b, sub),
+                               tf.data.Dataset.range(_INT64_MAX)).map(
+                                   lambda ex, i: dict(ex, index=i))
+    base = subset(base)
+    base = base.cache() if data_cfg.cache else base
   local = batch // pc
   epoch0, offset = divmod(start_step * local, max(n_local, 1))
   buffer = max(1, int(data_cfg.shuffle_buffer))
-  ds = tf.data.Dataset.range(epoch0, _INT64_MAX).flat_map(
-      lambda e: base.shuffle(buffer, seed=seed * 1_000_003 + e,
-                             reshuffle_each_iteration=False)).skip(offset)
+
+  def epoch(e):             # Epoch e: its file order, then the buffer.
+    records = (subset(tfds_source.epoch_records(b, sub, seed, e))
+               if shuffle_files else base)
+    return records.shuffle(buffer, seed=seed * 1_000_003 + e,
+                           reshuffle_each_iteration=False)
+  ds = tf.data.Dataset.range(epoch0, _INT64_MAX).flat_map(epoch).skip(offset)
   positions = tf.data.Dataset.range(start_step * local, _INT64_MAX).map(
       lambda k: k // local * batch + pi * local + k % local)
   ds = tf.data.Dataset.zip(ds, positions).map(

@@ -96,6 +96,75 @@ def records(b, split: str) -> tf.data.Dataset:
   return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def _file_blocks(b, split: str):
+  """(file names, records to skip, records to take, index of each block's
+  first record within `split`) of the files `split` reads, in order."""
+  names, skips, takes, starts, start = [], [], [], [], 0
+  for f in b.info.splits[split].file_instructions:
+    names.append(str(f.filename))
+    skips.append(int(f.skip))
+    takes.append(int(f.take))
+    starts.append(start)
+    start += int(f.take)
+  return names, skips, takes, starts
+
+
+def shuffles_files(b) -> bool:
+  """Whether `epoch_records` can read `b` (TFRecord files)."""
+  return str(getattr(b.info, "file_format", "tfrecord")).lower().endswith(
+      "tfrecord")
+
+
+def epoch_records(b, split: str, seed: int, epoch: tf.Tensor,
+                  cycle_length: int = 16) -> tf.data.Dataset:
+  """Undecoded records of `split` with their files in the order of epoch e.
+
+  The files (each the block of records `split` takes from it) are permuted
+  by a stateless shuffle seeded by (seed, epoch), then read `cycle_length`
+  at a time, one record from each in turn (deterministic): every record
+  once per epoch, a different file order every epoch, the same for the same
+  (seed, epoch), so a resumed run reads what the uninterrupted one did.
+
+  Args:
+    b: the prepared builder (TFRecord files, see `shuffles_files`).
+    split: a TFDS split spec (e.g. this process's `even_splits` share).
+    seed: the run's seed.
+    epoch: int64 scalar tensor.
+    cycle_length: files read at once.
+
+  Returns:
+    {'data': encoded image, 'label': int32 (-1: none), 'index': int64 the
+    record's position in `split` read in order}.
+  """
+  image_key, label_key = keys(b)
+  names, skips, takes, starts = _file_blocks(b, split)
+  table = [tf.constant(v) for v in (names, skips, takes, starts)]
+  order = tf.random.experimental.stateless_shuffle(
+      tf.range(len(names), dtype=tf.int64),
+      seed=tf.stack([tf.constant(seed, tf.int64),
+                     tf.cast(epoch, tf.int64)]))
+  decoders = {image_key: tfds.decode.SkipDecoding()}
+
+  def read(i):
+    name, skip, take, start = (tf.gather(t, i) for t in table)
+    raw = tf.data.TFRecordDataset(name).skip(tf.cast(skip, tf.int64)).take(
+        tf.cast(take, tf.int64))
+    return tf.data.Dataset.zip(
+        raw, tf.data.Dataset.range(tf.cast(start, tf.int64), tf.int64.max))
+
+  def convert(serialized, index):
+    ex = b.info.features.deserialize_example(serialized, decoders=decoders)
+    label = (tf.cast(ex[label_key], tf.int32) if label_key
+             else tf.constant(-1, tf.int32))
+    return dict(data=ex[image_key], label=label, index=index)
+
+  ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+      read, cycle_length=min(cycle_length, max(len(names), 1)),
+      block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True)
+  return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def decoded_split(data_cfg: Any, split: str
                   ) -> tuple[list[np.ndarray], np.ndarray]:
   """A whole TFDS split decoded to numpy (for small sets on the devices)."""

@@ -147,6 +147,11 @@ def jit_train_step(train_step, mesh: Mesh):
                  out_shardings=(rep, rep), donate_argnums=(0,))
 
 
+def _fetch(tree: Any) -> Any:
+  """The training loop's only device-to-host read (at log steps)."""
+  return jax.device_get(tree)
+
+
 class LinearEvaluator:
   """Trains a linear classifier (or fine-tunes) on an encoder and scores it.
 
@@ -254,6 +259,8 @@ class LinearEvaluator:
       return online.correct_counts(logits, batch["label"], batch["mask"])
 
     self._init = jax.jit(init, out_shardings=rep)
+    self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b),
+                        out_shardings=rep)
     self._step = jit_train_step(
         make_train_step(encoder, head, tx, schedule, finetune=finetune,
                         normalize=normalize), mesh)
@@ -286,19 +293,23 @@ class LinearEvaluator:
     ticker = progress.Ticker(
         "fine-tuning" if self._finetune else "linear evaluation",
         self.total_steps, "steps")
-    window = []  # Metrics of the steps since the last log, on device.
+    # Sums of the metrics since the last log, on device: the loop reads
+    # from the devices only at log steps, once.
+    window, window_steps, previous = None, 0, None
     last = dict(loss=float("nan"), accuracy=float("nan"))
     throttle = jax.default_backend() == "cpu"
     for step in range(self.total_steps):
       state, metrics = self._step(state, frozen, self.train_data.batch(step))
-      if throttle and window:
+      if throttle and previous is not None:
         # XLA:CPU's simulated devices can deadlock with deep queues.
-        jax.block_until_ready(window[-1])
-      window.append(metrics)
+        jax.block_until_ready(previous)
+      previous = metrics
+      window = metrics if window is None else self._add(window, metrics)
+      window_steps += 1
       if (step + 1) % self.log_every == 0 or step + 1 == self.total_steps:
-        host = {k: float(np.mean([sharding.to_host(m[k]) for m in window]))
-                for k in window[0]}
-        last, window = host, []
+        host = {k: float(v) / window_steps
+                for k, v in _fetch(window).items()}
+        last, window, window_steps = host, None, 0
         logging.info("linear step %d/%d: loss %.4f acc %.4f lr %.4g",
                      step + 1, self.total_steps, host["loss"],
                      host["accuracy"], host["lr"])

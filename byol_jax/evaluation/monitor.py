@@ -67,19 +67,7 @@ class Monitor:
       progress.say(f"kNN monitor: k={self._bank.num_examples} neighbours "
                    f"instead of {self._knn['k']}, the size of its bank.")
       self._knn["k"] = self._bank.num_examples
-    encoder = network.make_encoder(config)
-    classifier = nn.Dense(self._num_classes, name="classifier")
-    normalize = bool(config.augment.get("normalize", True))
-
-    def forward(encoder_vars, classifier_params, batch):
-      x = augment.to_float(batch["image"])             # [B, S, S, 3] in [0, 1]
-      x = augment.normalize(x) if normalize else x
-      y = encoder.apply(encoder_vars, x, train=False)  # [B, D]
-      logits = classifier.apply({"params": classifier_params}, y)  # [B, C]
-      return network.l2_normalize(y), online.correct_counts(
-          logits, batch["label"], batch["mask"])
-
-    rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
     # A stand-in classifier where there is none (a target encoder): one
     # signature, one compilation; its counts are not reported.
     dim = models.representation_dim(config.model.depth, config.model.width,
@@ -87,9 +75,20 @@ class Monitor:
     self._no_classifier = jax.device_put({
         "kernel": np.zeros((dim, self._num_classes), np.float32),
         "bias": np.zeros((self._num_classes,), np.float32)}, rep)
-
-    self._forward = jax.jit(forward, in_shardings=(rep, rep, rows),
-                            out_shardings=(rows, rep))
+    self._forward = forward_fn(config, mesh)
+    if self._bank is None:
+      return
+    # The kNN bank and queries stay on the devices that computed them, as
+    # [batches, B, ...] stacks (each batch's rows split over `data`): a
+    # device holds N / devices rows, and only the hit counts are read back.
+    self._stacks = {name: (len(batches), batches.batch_size, dim)
+                    for name, batches in (("bank", self._bank),
+                                          ("queries", self._queries))}
+    self._empty, self._store = stack_fns(mesh)
+    self._knn_counts = knn.sharded_knn(
+        mesh, self._num_classes,
+        int(min(self._knn["k"], self._bank.num_examples)),
+        float(self._knn["temperature"]), counts=True)
 
   def __call__(self, encoder_vars: Any, classifier_params: Any = None,
                prefix: str = "eval/") -> dict[str, float]:
@@ -111,21 +110,28 @@ class Monitor:
     scored = classifier_params is not None
     if not scored:
       classifier_params = self._no_classifier
-    totals, query_f, query_y = None, [], []
-    previous = None
+    totals, previous = None, None
+    stacks = ({name: self._empty(*shape) for name, shape in
+               self._stacks.items()} if want_features else {})
+    passes = [("queries", self._queries)]
+    if want_features:
+      passes.append(("bank", self._bank))
     what = prefix.rstrip("/_")
-    for batch in progress.track(self._queries, f"{what} on "
-                                f"{self._queries.num_examples} images"):
-      feats, counts = self._forward(encoder_vars, classifier_params, batch)
-      if self._throttle and previous is not None:
-        jax.block_until_ready(previous)  # XLA:CPU: a shallow queue.
-      previous = counts
-      if scored:
-        totals = counts if totals is None else jax.tree.map(jnp.add, totals,
-                                                            counts)
-      if want_features:
-        query_f.append(feats)
-        query_y.append(batch)
+    for name, batches in passes:
+      label = (f"{what} on {batches.num_examples} images" if name == "queries"
+               else f"{what}: kNN bank of {batches.num_examples} images")
+      for i, batch in enumerate(progress.track(batches, label)):
+        feats, counts = self._forward(encoder_vars, classifier_params, batch)
+        if self._throttle and previous is not None:
+          jax.block_until_ready(previous)  # XLA:CPU: a shallow queue.
+        previous = counts
+        if scored and name == "queries":
+          totals = counts if totals is None else jax.tree.map(
+              jnp.add, totals, counts)
+        if want_features:
+          stacks[name] = self._store(stacks[name], feats, batch["label"],
+                                     batch["mask"], i)
+          previous = stacks[name][0]
     if totals is not None:
       t = {k: int(sharding.to_host(v)) for k, v in totals.items()}
       n = max(t["count"], 1)
@@ -133,24 +139,60 @@ class Monitor:
       if self._num_classes >= 5:
         results[prefix + "online_top5"] = t["correct5"] / n
     if want_features:
-      bank_f, bank_y = self._features(
-          (self._forward(encoder_vars, classifier_params, b)[0], b)
-          for b in progress.track(self._bank, f"{what}: kNN bank of "
-                                  f"{self._bank.num_examples} images"))
-      test_f, test_y = self._features(zip(query_f, query_y))
-      scores = knn.knn_scores(
-          bank_f, bank_y, test_f, self._num_classes, k=int(self._knn["k"]),
-          temperature=float(self._knn["temperature"]), mesh=self._mesh)
-      acc = knn.topk_accuracy(sharding.to_host(scores), test_y)
-      results.update({f"{prefix}knn_{k}": v for k, v in acc.items()})
+      (bank_f, bank_y, bank_m), (query_f, query_y, query_m) = (
+          stacks["bank"], stacks["queries"])
+      hits = self._knn_counts(bank_f, bank_y, bank_m, query_f, query_y,
+                              query_m)
+      t = {k: int(sharding.to_host(v)) for k, v in hits.items()}
+      n = max(t["count"], 1)
+      results[prefix + "knn_top1"] = t["correct1"] / n
+      if self._num_classes >= 5:
+        results[prefix + "knn_top5"] = t["correct5"] / n
     return results
 
-  @staticmethod
-  def _features(pairs) -> tuple[np.ndarray, np.ndarray]:
-    """Host features and labels of the real rows of (features, batch) pairs."""
-    feats, labels = [], []
-    for f, batch in pairs:
-      keep = sharding.to_host(batch["mask"]).astype(bool)
-      feats.append(sharding.to_host(f)[keep])
-      labels.append(sharding.to_host(batch["label"]).astype(np.int32)[keep])
-    return np.concatenate(feats), np.concatenate(labels)
+
+def forward_fn(config: ml_collections.ConfigDict, mesh: Mesh):
+  """Jitted `(encoder_vars, classifier_params, batch) -> (features, counts)`.
+
+  The encoder in inference mode: L2-normalised features [B, D] (rows on
+  `data`) and the classifier's `online.correct_counts` (replicated).
+  """
+  encoder = network.make_encoder(config)
+  classifier = nn.Dense(int(config.data.num_classes), name="classifier")
+  normalize = bool(config.augment.get("normalize", True))
+
+  def forward(encoder_vars, classifier_params, batch):
+    x = augment.to_float(batch["image"])             # [B, S, S, 3] in [0, 1]
+    x = augment.normalize(x) if normalize else x
+    y = encoder.apply(encoder_vars, x, train=False)  # [B, D]
+    logits = classifier.apply({"params": classifier_params}, y)  # [B, C]
+    return network.l2_normalize(y), online.correct_counts(
+        logits, batch["label"], batch["mask"])
+
+  rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(forward, in_shardings=(rep, rep, rows),
+                 out_shardings=(rows, rep))
+
+
+def stack_fns(mesh: Mesh):
+  """Jitted `empty(n, B, D)` and `store(stack, feats, labels, mask, i)`.
+
+  A stack is (features f32 [n, B, D], labels int32 [n, B], mask bool
+  [n, B]) on `knn.rows_sharding`; `store` writes batch i in place (the
+  stack is donated), so each device only ever holds its own rows.
+  """
+  stacked, rows = knn.rows_sharding(mesh), sharding.batch_sharding(mesh)
+
+  def empty(n, b, dim):
+    return (jnp.zeros((n, b, dim), jnp.float32),
+            jnp.zeros((n, b), jnp.int32), jnp.zeros((n, b), bool))
+
+  def store(stack, feats, labels, mask, i):
+    new = (feats, labels.astype(jnp.int32), mask.astype(bool))
+    return tuple(jax.lax.dynamic_update_index_in_dim(s, r, i, 0)
+                 for s, r in zip(stack, new))
+
+  return (jax.jit(empty, static_argnums=(0, 1, 2),
+                  out_shardings=(stacked,) * 3),
+          jax.jit(store, in_shardings=((stacked,) * 3, rows, rows, rows, None),
+                  out_shardings=(stacked,) * 3, donate_argnums=(0,)))

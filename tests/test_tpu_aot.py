@@ -1,0 +1,67 @@
+"""The tiny config's programs compiled for real TPU slices (no TPU needed).
+
+libtpu's compiler (installed by .ci/run, extra `tpu-aot`) compiles for
+topologies described by jax.experimental.topologies; XLA's own memory and
+cost analyses of the compiled programs are checked.
+"""
+import sys
+
+import jax
+import pytest
+
+from testlib import REPO
+
+pytest.importorskip("libtpu")
+sys.path.insert(0, str(REPO / "benchmarks"))
+import tpu_aot  # noqa: E402  (benchmarks/tpu_aot.py)
+
+BANK, QUERIES = 200_000, 500
+
+
+@pytest.fixture(autouse=True)
+def no_persistent_cache():
+  """TPU executables compiled without a TPU client cannot be read back from
+  JAX's persistent cache: writing them would only cost time."""
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", before)
+
+
+@pytest.mark.parametrize("slice_name", ["v5e-4", "v3-8"])
+def test_tiny_train_step_and_knn_compile_for_tpu(tiny_config, slice_name):
+  s = tpu_aot.SLICES[slice_name]
+  mesh = tpu_aot.slice_mesh(s)
+  n = mesh.devices.size
+  assert n == {"v5e-4": 4, "v3-8": 8}[slice_name]
+  config = tiny_config(batch=n)  # One image per device: the cheapest.
+  config.data.num_classes = 10   # As the trainer resolves it from CIFAR.
+  step, state, _ = tpu_aot.compile_train_step(config, mesh)
+  hbm = s.hbm_gib * tpu_aot.GIB
+  assert 0 < step["peak_bytes"] < hbm
+  assert step["flops"] > 0
+  kinds = step["collectives"]
+  assert "all-reduce" in kinds, kinds  # Gradients and batch statistics.
+  assert "all-to-all" not in kinds, kinds
+  view = config.batch_size * config.data.image_size ** 2 * 3  # One view.
+  assert kinds.get("all-gather", {}).get("largest_elements", 0) < view // 4
+
+  # The kNN vote: every device holds 1/n of the bank, and only query
+  # features ([chunk, D]) and candidate lists ([chunk, k]) move, never the
+  # bank.
+  every = tpu_aot.compile_knn_vote(config, mesh, BANK, QUERIES, 8 * n)
+  assert 0 < every["peak_bytes"] < hbm
+  dim = 8 * config.model.num_filters  # ResNet-10's representation.
+  moved = [v["largest_elements"] for k, v in every["collectives"].items()
+           if k in ("all-gather", "all-to-all")]
+  assert moved and max(moved) <= 256 * max(dim, config.knn.k), (
+      every["collectives"])
+  assert max(moved) < BANK // n * dim / 20
+  if n == 8:
+    # The same bank on one device: a device's memory shrinks with the
+    # devices (arguments 1/8, peak well under half).
+    one = tpu_aot.compile_knn_vote(config, tpu_aot.slice_mesh(s, 1), BANK,
+                                   QUERIES, 8 * n)
+    assert one["peak_bytes"] < hbm
+    assert every["argument_bytes"] * n <= one["argument_bytes"] * 1.05
+    assert every["peak_bytes"] * 4 < one["peak_bytes"], (every, one)
