@@ -48,8 +48,9 @@ from testlib import load_config, train_env  # noqa: E402
 # cold run) go first, so that neither worker is left alone with one at the end.
 _LONGEST_FIRST = ("test_pod.py", "test_run_safety.py", "test_new_user.py",
                   "test_data_pipeline.py", "test_multihost.py",
-                  "test_learning.py", "test_convert.py", "test_train.py",
-                  "test_loop.py", "test_evaluation.py", "test_step.py",
+                  "test_tpu_aot.py", "test_learning.py", "test_convert.py", "test_train.py",
+                  "test_loop.py", "test_evaluation.py", "test_commands.py",
+                  "test_step.py",
                   "test_benchmarks.py", "test_notebook.py",
                   "test_properties.py", "test_models.py",
                   "test_convert_torch.py", "test_data_augment.py")
