@@ -63,6 +63,10 @@ class _RewrittenFile:
     self.flush(force=True)
 
 
+def _is_tensorboardx(thread) -> bool:
+  return type(thread).__module__.startswith("tensorboardX")
+
+
 class MetricWriter:
   """Writes scalar metrics of a run; a context manager that closes itself."""
 
@@ -90,7 +94,7 @@ class MetricWriter:
                                           max_queue=100_000)
 
   def _thread_failed(self, args) -> None:
-    if type(args.thread).__module__.startswith("tensorboardX"):
+    if _is_tensorboardx(args.thread):
       self._failure = args.exc_value
       return
     self._previous_hook(args)
@@ -146,7 +150,11 @@ class MetricWriter:
     except OSError as e:
       raise self._failed(e, "TensorBoard events") from e
     finally:
-      threading.excepthook = self._previous_hook
+      # tensorboardX's thread may still be failing (a full disk): until it
+      # ends, its exception stays ours rather than a traceback on stderr.
+      if not any(_is_tensorboardx(t) and t.is_alive()
+                 for t in threading.enumerate()):
+        threading.excepthook = self._previous_hook
     if self._failure is not None:
       raise self._failed(self._failure, "TensorBoard events")
 
