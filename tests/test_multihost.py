@@ -253,6 +253,28 @@ def _trainer(tmp: pathlib.Path, npz, port: int, p: int) -> list[str]:
           f"--process_id={p}"]
 
 
+def _start_job(tmp_path, cifar_npz, port, env):
+  """Both trainers of a 2-process job, each logging to tmp_path/logP.txt."""
+  procs, logs = [], []
+  for p in range(2):
+    logs.append(tmp_path / f"log{p}.txt")
+    with open(logs[-1], "wb") as f:
+      procs.append(subprocess.Popen(
+          _trainer(tmp_path, cifar_npz, port, p), cwd=REPO, env=env,
+          stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+  return procs, logs
+
+
+def _wait_for(text, procs, logs):
+  """Until process 0's log has `text`; fails if either process ends."""
+  deadline = time.monotonic() + 300
+  while text not in logs[0].read_text(errors="replace"):
+    assert time.monotonic() < deadline, "the job did not start in time"
+    assert procs[0].poll() is None and procs[1].poll() is None, (
+        logs[0].read_text()[-3000:], logs[1].read_text()[-3000:])
+    time.sleep(0.1)
+
+
 @pytest.mark.parametrize("victim,when", [(0, "Starting from step 0."),
                                          (1, "Compiling the train step")])
 def test_a_lost_process_stops_the_job_cleanly(tmp_path, cifar_npz, victim,
@@ -264,21 +286,10 @@ def test_a_lost_process_stops_the_job_cleanly(tmp_path, cifar_npz, victim,
   is left in the workdir."""
   port = _free_port()
   env = dict(_env(4), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-  procs, logs = [], []
-  for p in range(2):
-    logs.append(tmp_path / f"log{p}.txt")
-    with open(logs[-1], "wb") as f:
-      procs.append(subprocess.Popen(
-          _trainer(tmp_path, cifar_npz, port, p), cwd=REPO, env=env,
-          stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+  procs, logs = _start_job(tmp_path, cifar_npz, port, env)
   survivor = 1 - victim
   try:
-    deadline = time.monotonic() + 300
-    while when not in logs[0].read_text(errors="replace"):
-      assert time.monotonic() < deadline, "the job did not start in time"
-      assert procs[0].poll() is None and procs[1].poll() is None, (
-          logs[0].read_text()[-3000:], logs[1].read_text()[-3000:])
-      time.sleep(0.1)
+    _wait_for(when, procs, logs)
     # One lock for the job, held by process 0.
     holder = json.loads((tmp_path / "run" / "trainer.lock").read_text())
     assert holder["pid"] == procs[0].pid, holder
@@ -316,20 +327,9 @@ def test_sigterm_while_the_job_compiles_ends_it(tmp_path, cifar_npz):
   port = _free_port()
   env = dict(_env(4), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
              JAX_ENABLE_COMPILATION_CACHE="false")
-  procs, logs = [], []
-  for p in range(2):
-    logs.append(tmp_path / f"log{p}.txt")
-    with open(logs[-1], "wb") as f:
-      procs.append(subprocess.Popen(
-          _trainer(tmp_path, cifar_npz, port, p), cwd=REPO, env=env,
-          stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+  procs, logs = _start_job(tmp_path, cifar_npz, port, env)
   try:
-    deadline = time.monotonic() + 300
-    while "Compiling the train step" not in logs[0].read_text():
-      assert time.monotonic() < deadline, "the job did not start in time"
-      assert procs[0].poll() is None and procs[1].poll() is None, (
-          logs[0].read_text()[-3000:], logs[1].read_text()[-3000:])
-      time.sleep(0.1)
+    _wait_for("Compiling the train step", procs, logs)
     sent = time.monotonic()
     for proc in procs:
       proc.send_signal(signal.SIGTERM)
