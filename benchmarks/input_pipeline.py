@@ -52,8 +52,8 @@ import PIL  # noqa: E402
 from PIL import Image  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from byol_jax import config_lib  # noqa: E402
-from byol_jax import sharding  # noqa: E402
+from byol_jax.trainer import config_lib  # noqa: E402
+from byol_jax.core import sharding  # noqa: E402
 from byol_jax.data import augment  # noqa: E402
 from byol_jax.data import device  # noqa: E402
 from byol_jax.data import host  # noqa: E402

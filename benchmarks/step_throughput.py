@@ -44,12 +44,12 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from byol_jax import data  # noqa: E402
-from byol_jax import methods  # noqa: E402
-from byol_jax import optim  # noqa: E402
-from byol_jax import sharding  # noqa: E402
-from byol_jax import step as step_lib  # noqa: E402
-from byol_jax import train_state  # noqa: E402
-from byol_jax.methods import network  # noqa: E402
+from byol_jax.core import methods  # noqa: E402
+from byol_jax.core import optim  # noqa: E402
+from byol_jax.core import sharding  # noqa: E402
+from byol_jax.core import step as step_lib  # noqa: E402
+from byol_jax.core import train_state  # noqa: E402
+from byol_jax.core.methods import network  # noqa: E402
 import run_info  # noqa: E402  (benchmarks/run_info.py, beside this file)
 import supervised  # noqa: E402  (benchmarks/supervised.py)
 

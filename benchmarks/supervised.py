@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from byol_jax import sharding
-from byol_jax.methods import network
+from byol_jax.core import sharding
+from byol_jax.core.methods import network
 
 
 def _init_fn(config, tx):

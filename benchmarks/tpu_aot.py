@@ -39,12 +39,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 import run_info  # noqa: E402  (benchmarks/run_info.py)
-from byol_jax import methods  # noqa: E402
-from byol_jax import models  # noqa: E402
-from byol_jax import optim  # noqa: E402
-from byol_jax import sharding  # noqa: E402
-from byol_jax import step as step_lib  # noqa: E402
-from byol_jax import train_state  # noqa: E402
+from byol_jax.core import methods  # noqa: E402
+from byol_jax.core import models  # noqa: E402
+from byol_jax.core import optim  # noqa: E402
+from byol_jax.core import sharding  # noqa: E402
+from byol_jax.core import step as step_lib  # noqa: E402
+from byol_jax.core import train_state  # noqa: E402
 from byol_jax.evaluation import knn  # noqa: E402
 from byol_jax.evaluation import linear  # noqa: E402
 from byol_jax.evaluation import monitor  # noqa: E402

@@ -13,13 +13,13 @@ writes a workdir that `byol_jax.load_encoder`, `byol_jax.linear_eval` and
 official 'same' padding. to-torch writes the online encoder as a torchvision
 ResNet state_dict without `fc` (see README.md, "Pretrained weights").
 """
-from byol_jax import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
+from byol_jax.trainer import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
 
 from absl import flags
 from ml_collections import config_flags
 
-from byol_jax import convert_official
-from byol_jax import convert_torch
+from byol_jax.interop import convert_official
+from byol_jax.interop import convert_torch
 from byol_jax.errors import ConfigError
 
 COMMANDS = ("from-official", "to-torch")
@@ -36,7 +36,7 @@ def define_flags() -> None:
                     "online network.")
   config_flags.DEFINE_config_file(
       "config", None, "from-official: the BYOL config stored with the "
-      "weights (default: byol_jax.config_lib.base_config()); its network "
+      "weights (default: byol_jax.trainer.config_lib.base_config()); its network "
       "fields are set from the checkpoint.", lock_config=False)
   flags.DEFINE_string("out", None,
                       "to-torch: the .pt, .pth or .safetensors file.")

@@ -29,20 +29,20 @@ import json
 import time
 from typing import Any
 
-from byol_jax import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
+from byol_jax.trainer import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
 
 import jax
 from absl import flags
 from etils import epath
 
 from byol_jax import data
-from byol_jax import multihost
-from byol_jax import pretrained
+from byol_jax.trainer import multihost
+from byol_jax.interop import pretrained
 from byol_jax import progress
-from byol_jax import sharding
+from byol_jax.core import sharding
 from byol_jax.errors import ConfigError
 from byol_jax.evaluation import linear
-from byol_jax.methods import network
+from byol_jax.core.methods import network
 
 PRESETS = {
     "linear": dict(mode="linear", epochs=80, batch_size=256, base_lr=0.2,

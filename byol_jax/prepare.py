@@ -24,7 +24,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Optional
 
-from byol_jax import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
+from byol_jax.trainer import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
 
 import jax
 from absl import flags

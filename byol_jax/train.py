@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 # First: it keeps TensorFlow's C++ start-up notices off the console.
-from byol_jax import cli  # noqa: E402  pylint: disable=g-bad-import-order
+from byol_jax.trainer import cli  # noqa: E402  pylint: disable=g-bad-import-order
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -27,26 +27,26 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from byol_jax import checkpoint  # noqa: E402
-from byol_jax import checkpoint_facts  # noqa: E402
+from byol_jax.trainer import checkpoint  # noqa: E402
+from byol_jax.trainer import checkpoint_facts  # noqa: E402
 from byol_jax import data  # noqa: E402
-from byol_jax import divergence  # noqa: E402
-from byol_jax import job_errors  # noqa: E402
-from byol_jax import lock as lock_lib  # noqa: E402
-from byol_jax import methods  # noqa: E402
-from byol_jax import metric_writer  # noqa: E402
-from byol_jax import multihost  # noqa: E402
-from byol_jax import optim  # noqa: E402
-from byol_jax import preempt  # noqa: E402
+from byol_jax.trainer import divergence  # noqa: E402
+from byol_jax.trainer import job_errors  # noqa: E402
+from byol_jax.trainer import lock as lock_lib  # noqa: E402
+from byol_jax.core import methods  # noqa: E402
+from byol_jax.trainer import metric_writer  # noqa: E402
+from byol_jax.trainer import multihost  # noqa: E402
+from byol_jax.core import optim  # noqa: E402
+from byol_jax.trainer import preempt  # noqa: E402
 from byol_jax import prepare  # noqa: E402
 from byol_jax import progress  # noqa: E402
-from byol_jax import resume  # noqa: E402
-from byol_jax import sharding  # noqa: E402
-from byol_jax import step as step_lib  # noqa: E402
+from byol_jax.trainer import resume  # noqa: E402
+from byol_jax.core import sharding  # noqa: E402
+from byol_jax.core import step as step_lib  # noqa: E402
 from byol_jax import storage  # noqa: E402
-from byol_jax import train_state  # noqa: E402
-from byol_jax import validate  # noqa: E402
-from byol_jax import workdir as workdir_lib  # noqa: E402
+from byol_jax.core import train_state  # noqa: E402
+from byol_jax.trainer import validate  # noqa: E402
+from byol_jax.trainer import workdir as workdir_lib  # noqa: E402
 from byol_jax.errors import ConfigError  # noqa: E402
 from byol_jax.evaluation import monitor as monitor_lib  # noqa: E402
 
@@ -79,7 +79,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (resuming from WORKDIR's newest checkpoint) and evaluates.
 
   Args:
-    config: the run's config (see byol_jax.config_lib).
+    config: the run's config (see byol_jax.trainer.config_lib).
     workdir: the run's directory.
     restore_step: resume from this checkpoint instead of the newest.
     allow_changes: config fields a resumed run changes on purpose.

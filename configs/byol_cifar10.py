@@ -13,7 +13,7 @@ the online classifier on its own SGD at 0.1 x batch/256. (The paper's eta
 The dataset (50,000 x 32 x 32 x 3 uint8, 150 MB) lives on the accelerators and
 is cropped and augmented there, so training never waits for the host.
 """
-from byol_jax import config_lib
+from byol_jax.trainer import config_lib
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@ The official small set-up (about 4 h on one V100 for 1000 epochs).
   python -m byol_jax.train \
       --config=configs/byol_imagenette.py:source=folder,path=/data/imagenette ...
 """
-from byol_jax import config_lib
+from byol_jax.trainer import config_lib
 
 
 def get_config(arg=None):

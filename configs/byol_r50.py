@@ -6,7 +6,7 @@ r"""BYOL on ImageNet with ResNet-50, as in the paper (global batch 4096).
 Presets (DESIGN section 3): epochs -> (base LR, weight decay, tau_base).
 On 512 TPU v3 cores the per-device batch is 4096 / 512 = 8.
 """
-from byol_jax import config_lib
+from byol_jax.trainer import config_lib
 
 PRESETS = {
     40: dict(base_lr=0.45, weight_decay=1e-6, tau_base=0.97),

@@ -9,7 +9,7 @@ SGD at 0.1 x batch/256; the head 2048 -> 128 of the SimCLR reference
 (DESIGN 4); colour-jitter strength 1.0, no blur at 32 px, data on the
 accelerator.
 """
-from byol_jax import config_lib
+from byol_jax.trainer import config_lib
 
 
 def get_config(arg=None):

@@ -7,7 +7,7 @@ with lr 0.3 x batch/256 (`:lr_scaling=sqrt` gives 0.075 sqrt(batch)), weight
 decay 1e-6, 10 warm-up epochs; 3-layer head to 128 (SimCLR v2); colour-jitter
 strength 1.0 and blur p 0.5 in both views, no solarize.
 """
-from byol_jax import config_lib
+from byol_jax.trainer import config_lib
 
 
 def get_config(arg=None):

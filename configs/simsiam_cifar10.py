@@ -9,7 +9,7 @@ the SimSiam reference's augmentations (DESIGN 4: crops from 20% of the
 image, jitter 0.4/0.4/0.4/0.1), the same for both views, no blur at 32 px;
 data on the accelerator.
 """
-from byol_jax import config_lib
+from byol_jax.trainer import config_lib
 
 
 def get_config(arg=None):

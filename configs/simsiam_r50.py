@@ -5,7 +5,7 @@ r"""SimSiam on ImageNet: ResNet-50, batch 512, 100 epochs (68.1% linear).
 SGD with momentum, lr 0.05 x batch/256, weight decay 1e-4, cosine decay with
 the predictor's LR held fixed; the same augmentations for both views.
 """
-from byol_jax import config_lib
+from byol_jax.trainer import config_lib
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ augmentations than the paper's (they suit runs of a few hundred steps).
 """
 import os
 
-from byol_jax import config_lib
+from byol_jax.trainer import config_lib
 
 _DEFAULT_NPZ = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                             "datasets", "cifar10_small.npz")

@@ -105,7 +105,7 @@ def _assert_equal(saved: dict, restored: dict, what: str) -> None:
 
 def run(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from byol_jax import multihost  # pylint: disable=g-import-not-at-top
+  from byol_jax.trainer import multihost  # pylint: disable=g-import-not-at-top
   from byol_jax import train  # pylint: disable=g-import-not-at-top
 
   _log("imported")
@@ -123,11 +123,11 @@ def run(args) -> None:
 
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from byol_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from byol_jax import methods  # pylint: disable=g-import-not-at-top
-  from byol_jax import optim  # pylint: disable=g-import-not-at-top
-  from byol_jax import sharding  # pylint: disable=g-import-not-at-top
-  from byol_jax import train_state  # pylint: disable=g-import-not-at-top
+  from byol_jax.trainer import checkpoint  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import methods  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import optim  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import train_state  # pylint: disable=g-import-not-at-top
 
   config = tiny_config(args.npz, args.steps, args.checkpoint_every)
   saved = {}
@@ -197,7 +197,7 @@ def _check_save_decisions(config, workdir) -> None:
   Process 0 decides the time-based ones; every process must agree.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from byol_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from byol_jax.trainer import checkpoint  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.checkpoint_every_steps = 5
   config.checkpoint_every_minutes = 0.005  # 0.3 s, asked at log steps
@@ -223,13 +223,13 @@ def load(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import byol_jax  # pylint: disable=g-import-not-at-top
-  from byol_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from byol_jax import methods  # pylint: disable=g-import-not-at-top
-  from byol_jax import optim  # pylint: disable=g-import-not-at-top
-  from byol_jax import pretrained  # pylint: disable=g-import-not-at-top
-  from byol_jax import resume  # pylint: disable=g-import-not-at-top
-  from byol_jax import sharding  # pylint: disable=g-import-not-at-top
-  from byol_jax import train_state  # pylint: disable=g-import-not-at-top
+  from byol_jax.trainer import checkpoint  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import methods  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import optim  # pylint: disable=g-import-not-at-top
+  from byol_jax.interop import pretrained  # pylint: disable=g-import-not-at-top
+  from byol_jax.trainer import resume  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import train_state  # pylint: disable=g-import-not-at-top
 
   with np.load(args.load_from) as f:
     saved = {k.split("/", 1)[1]: f[k] for k in f.files

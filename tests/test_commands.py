@@ -1,4 +1,4 @@
-"""What every command shares (byol_jax/cli.py): --help exits 0 quietly, and
+"""What every command shares (byol_jax/trainer/cli.py): --help exits 0 quietly, and
 a bad multi-host command line is one `error:` line before anything starts.
 
 The cases run in one Python process that imports the commands' libraries
@@ -16,16 +16,16 @@ import sys
 
 import pytest
 
-from byol_jax import cli
+from byol_jax.trainer import cli
 from testlib import REPO, noisy_lines, train_env
 
 # Runs each argv of a JSON list in a forked child with stdout and stderr
 # in files; prints [[exit code, stdout, stderr], ...] as JSON.
 _FORKED = r"""
 import json, os, runpy, sys, tempfile
-import byol_jax.cli  # First (TensorFlow's notices), then the heavy parts:
-import byol_jax.checkpoint, byol_jax.data, byol_jax.evaluation.linear
-import byol_jax.evaluation.monitor, byol_jax.methods, byol_jax.pretrained
+import byol_jax.trainer.cli  # First (TensorFlow's notices), then the heavy parts:
+import byol_jax.trainer.checkpoint, byol_jax.data, byol_jax.evaluation.linear
+import byol_jax.evaluation.monitor, byol_jax.core.methods, byol_jax.interop.pretrained
 out = []
 for argv in json.loads(sys.argv[1]):
   files = [tempfile.TemporaryFile(mode="w+") for _ in range(2)]
@@ -102,4 +102,4 @@ def test_flag_errors_are_one_plain_line():
   line = cli.flag_error(e.value)
   assert line == ("unknown config field 'base_lrr' in a --config.FIELD=VALUE "
                   "override: did you mean 'base_lr'? (the fields are in the "
-                  "config file and byol_jax/config_lib.py).")
+                  "config file and byol_jax/trainer/config_lib.py).")

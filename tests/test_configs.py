@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax import optim
+from byol_jax.core import optim
 from testlib import REPO, load_config
 
 # DESIGN 3, ImageNet presets: epochs -> (base LR, weight decay, tau_base).

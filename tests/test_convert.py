@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 
 import byol_jax
-from byol_jax import checkpoint
-from byol_jax import pretrained
-from byol_jax import config_lib
-from byol_jax import convert_official
-from byol_jax import models
-from byol_jax import optim
-from byol_jax import safe_pickle
-from byol_jax import sharding
-from byol_jax import train_state
+from byol_jax.trainer import checkpoint
+from byol_jax.interop import pretrained
+from byol_jax.trainer import config_lib
+from byol_jax.interop import convert_official
+from byol_jax.core import models
+from byol_jax.core import optim
+from byol_jax.interop import safe_pickle
+from byol_jax.core import sharding
+from byol_jax.core import train_state
 from byol_jax.errors import ConfigError
-from byol_jax.methods import byol
+from byol_jax.core.methods import byol
 
 import official_pickle
 from testlib import REPO, assert_error_first, noisy_lines, rel_err
@@ -100,7 +100,7 @@ def test_same_padding_is_lax_same(nette_64, size):
 
 
 def test_unknown_padding_is_one_config_error():
-  from byol_jax.methods import network  # pylint: disable=g-import-not-at-top
+  from byol_jax.core.methods import network  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
   config.model.padding = "reflect"
   with pytest.raises(ConfigError, match="model.padding='reflect'"):

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import byol_jax
-from byol_jax import checkpoint
-from byol_jax import pretrained
-from byol_jax import config_lib
-from byol_jax import convert_torch
-from byol_jax.methods import network
+from byol_jax.trainer import checkpoint
+from byol_jax.interop import pretrained
+from byol_jax.trainer import config_lib
+from byol_jax.interop import convert_torch
+from byol_jax.core.methods import network
 
 from testlib import REPO, rel_err
 

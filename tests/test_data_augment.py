@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_jax import config_lib
+from byol_jax.trainer import config_lib
 from byol_jax.data import augment
 
 

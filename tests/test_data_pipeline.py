@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_jax import config_lib
+from byol_jax.trainer import config_lib
 from byol_jax import data
-from byol_jax import sharding
+from byol_jax.core import sharding
 from byol_jax.data import crops
 from byol_jax.data import device
 from byol_jax.data import order
@@ -900,7 +900,9 @@ def test_on_device_path_runs_without_tensorflow(cifar_npz):
       sys.modules["tensorflow"] = None           # Any import of it fails.
       sys.modules["tensorflow_datasets"] = None
       import jax
-      from byol_jax import config_lib, data, sharding
+      from byol_jax.trainer import config_lib
+      from byol_jax import data
+      from byol_jax.core import sharding
       c = config_lib.base_config()
       c.batch_size, c.data.source, c.data.path = 16, "npz", {str(cifar_npz)!r}
       c.data.image_size, c.data.eval_crop_fraction = 32, 1.0

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_jax import sharding
+from byol_jax.core import sharding
 from byol_jax.data import augment
 from byol_jax.evaluation import knn
 from byol_jax.evaluation import linear
 from byol_jax.evaluation import monitor
-from byol_jax.methods import network
+from byol_jax.core.methods import network
 from testlib import REPO, assert_error_first, noisy_lines, train_env
 
 
@@ -355,7 +355,7 @@ def test_linear_evaluator_matches_numpy(tiny_setup, cifar_1k, finetune):
 # ------------------------------------------------------------------ CLI -----
 def test_cli_linear_eval_of_a_random_checkpoint(tiny_setup, tmp_path):
   """A random-init run through the CLI path: above chance, JSON written."""
-  from byol_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from byol_jax.trainer import checkpoint  # pylint: disable=g-import-not-at-top
   from byol_jax import linear_eval as cli  # pylint: disable=g-import-not-at-top
   config, _, variables = tiny_setup
   data_path = config.data.path

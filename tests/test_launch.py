@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from byol_jax import config_lib
+from byol_jax.trainer import config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from byol_jax import data
-from byol_jax import methods
-from byol_jax import optim
-from byol_jax import pretrained
-from byol_jax import sharding
-from byol_jax import train_state
+from byol_jax.core import methods
+from byol_jax.core import optim
+from byol_jax.interop import pretrained
+from byol_jax.core import sharding
+from byol_jax.core import train_state
 from byol_jax.evaluation import knn
-from byol_jax.methods import network
+from byol_jax.core.methods import network
 
 # The linear protocol's runs (slow); the default test's SimCLR run is shorter.
 STEPS = {"byol": 300, "simclr": 300, "simsiam": 1000}

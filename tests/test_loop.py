@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from byol_jax import data
-from byol_jax import sharding
-from byol_jax import step as step_lib
+from byol_jax.core import sharding
+from byol_jax.core import step as step_lib
 from byol_jax import train
 from byol_jax.evaluation import linear
 from byol_jax.evaluation import monitor as monitor_lib
-from byol_jax.methods import network
+from byol_jax.core.methods import network
 from testlib import build_step, count_compiles
 
 

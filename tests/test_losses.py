@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax import sharding
-from byol_jax.methods import byol, simclr, simsiam
+from byol_jax.core import sharding
+from byol_jax.core.methods import byol, simclr, simsiam
 
 
 def _rand(seed, shape):

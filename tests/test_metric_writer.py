@@ -7,7 +7,7 @@ import pytest
 
 _WRITE = """
 import sys
-from byol_jax import metric_writer
+from byol_jax.trainer import metric_writer
 w = metric_writer.MetricWriter(sys.argv[1])
 w.write(1, {"loss": 2.5, "lr": 0.1})
 w.write(7, {"loss": 0.25})
@@ -41,7 +41,7 @@ def test_scalars_reach_jsonl_and_tensorboard(tmp_path):
 def test_full_disk_is_one_error_and_keeps_every_line(small_disk):
   """Writes fail on a full disk: one StorageError line; metrics.jsonl holds
   exactly the rows written before, whole, and a later writer appends."""
-  from byol_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  from byol_jax.trainer import metric_writer  # pylint: disable=g-import-not-at-top
   from byol_jax.errors import StorageError  # pylint: disable=g-import-not-at-top
   disk, fill = small_disk
   run = disk / "run"

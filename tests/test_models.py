@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax import models
+from byol_jax.core import models
 
 
 def _abstract_variables(model, size, dtype=jnp.float32):
@@ -256,8 +256,8 @@ def test_byol_classifier_init_is_haiku_linear_default(tiny_config):
   normal of std 1/sqrt(fan_in) truncated at 2 std (actual std 0.8796 /
   sqrt(fan_in); Flax's lecun_normal rescales it to 1 / sqrt(fan_in))."""
   hk = pytest.importorskip("haiku")
-  from byol_jax.methods import byol  # pylint: disable=g-import-not-at-top
-  from byol_jax.methods import network  # pylint: disable=g-import-not-at-top
+  from byol_jax.core.methods import byol  # pylint: disable=g-import-not-at-top
+  from byol_jax.core.methods import network  # pylint: disable=g-import-not-at-top
   fan_in, classes = 512, 1000
   ours = np.asarray(network.HAIKU_LINEAR_INIT(
       jax.random.key(0), (fan_in, classes)), np.float64)

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from byol_jax import multihost
+from byol_jax.trainer import multihost
 from byol_jax.errors import ConfigError
 from testlib import REPO
 
@@ -160,7 +160,7 @@ from jax._src import cloud_tpu_init
 assert cloud_tpu_init.running_in_cloud_tpu_vm
 # JAX sets this at import when no TPU chip is on the PCI bus; a TPU VM has them.
 os.environ.pop("TPU_SKIP_MDS_QUERY", None)
-from byol_jax import multihost
+from byol_jax.trainer import multihost
 out = {}
 for case, address in json.loads(sys.argv[1]).items():
   os.environ["GCE_METADATA_IP"] = address

@@ -202,7 +202,7 @@ def test_a_network_from_an_unresolved_config_says_how_to_resolve_it():
   """-1 classes mean 'from the data': a library user is told to resolve."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from byol_jax import methods  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import methods  # pylint: disable=g-import-not-at-top
   config = load_config("tiny", "source=folder,path=/data/imagewoof2-320")
   assert config.data.num_classes == -1 and config.data.eval_split == ""
   model = methods.get("byol").make_network(config)

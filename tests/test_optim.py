@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from byol_jax import config_lib
+from byol_jax.trainer import config_lib
 from byol_jax import errors
-from byol_jax import optim
+from byol_jax.core import optim
 
 
 def _params():

@@ -21,8 +21,8 @@ import pytest
 from etils import epath
 
 import byol_jax
-from byol_jax import lock as lock_lib
-from byol_jax import pretrained
+from byol_jax.trainer import lock as lock_lib
+from byol_jax.interop import pretrained
 from byol_jax.errors import ConfigError
 from testlib import REPO, TRAINED_STEPS, checkpoint_steps, train_env
 
@@ -132,7 +132,7 @@ def test_gcs_run_survives_sigterm_anywhere_and_is_read_back(
   _, local_vars = byol_jax.load_encoder(str(ref))
   _, gcs_vars = byol_jax.load_encoder(url, which="online")
   chex.assert_trees_all_equal(local_vars, gcs_vars)
-  from byol_jax import convert_torch  # pylint: disable=g-import-not-at-top
+  from byol_jax.interop import convert_torch  # pylint: disable=g-import-not-at-top
   from byol_jax import linear_eval  # pylint: disable=g-import-not-at-top
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   for name, source in (("local", str(ref)), ("gcs", url)):
@@ -241,7 +241,7 @@ def get_config(arg=None):
 # ------------------------------------------------- SIGTERM while busy ----
 _BUSY = """
 import sys, time
-from byol_jax import preempt
+from byol_jax.trainer import preempt
 guard = preempt.Guard().__enter__()
 guard.saves_with(lambda step, state: open(sys.argv[1], "w").write(
     f"{step} {state}"))

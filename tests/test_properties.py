@@ -16,10 +16,10 @@ import optax
 import pytest
 from PIL import Image
 
-from byol_jax import methods
-from byol_jax import sharding
-from byol_jax import step as step_lib
-from byol_jax import train_state
+from byol_jax.core import methods
+from byol_jax.core import sharding
+from byol_jax.core import step as step_lib
+from byol_jax.core import train_state
 from byol_jax.data import augment
 
 

@@ -16,11 +16,11 @@ import jax
 import numpy as np
 import pytest
 
-from byol_jax import checkpoint
-from byol_jax import checksums
-from byol_jax import pretrained
+from byol_jax.trainer import checkpoint
+from byol_jax.trainer import checksums
+from byol_jax.interop import pretrained
 from byol_jax import train
-from byol_jax import lock as lock_lib
+from byol_jax.trainer import lock as lock_lib
 from byol_jax.errors import ConfigError
 from testlib import REPO, checkpoint_steps, error_lines, train_env
 
@@ -89,7 +89,7 @@ def test_changed_model_is_refused_and_nothing_moves(run_copy, tiny_config):
 
 def test_method_change_lists_every_field_and_its_fix_is_accepted(
     run_copy, tiny_config):
-  from byol_jax import resume  # pylint: disable=g-import-not-at-top
+  from byol_jax.trainer import resume  # pylint: disable=g-import-not-at-top
   before = _tree(run_copy)
   config = _config(tiny_config, method="simsiam")
   with pytest.raises(ConfigError) as e:
@@ -151,8 +151,8 @@ def test_checkpoint_of_another_layout_is_refused_in_one_line(
   """A checkpoint whose state tree is not the one this version builds (as
   an older byol_jax's, whose BYOL heads had an output bias) is refused in
   one line naming a difference, before anything is compiled or moved."""
-  from byol_jax import models  # pylint: disable=g-import-not-at-top
-  from byol_jax.methods import byol  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import models  # pylint: disable=g-import-not-at-top
+  from byol_jax.core.methods import byol  # pylint: disable=g-import-not-at-top
   make_network = byol.make_network
 
   def with_output_bias(config):  # This run's network with biased heads.
@@ -228,7 +228,7 @@ def _state_at(workdir, step):
 
 
 def test_checksums_see_one_ulp_and_swaps_but_not_the_layout():
-  from byol_jax import sharding  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import sharding  # pylint: disable=g-import-not-at-top
   x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
   tree = {"a": x, "n": np.arange(5, dtype=np.int32)}
   base = checksums.compute(tree)
@@ -245,7 +245,7 @@ def test_checksums_see_one_ulp_and_swaps_but_not_the_layout():
 
 def test_checksum_mismatch_is_damage(tmp_path, tiny_config, monkeypatch):
   """Contents that decode but differ from what was saved are damage."""
-  from byol_jax import methods, optim, sharding, train_state  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import methods, optim, sharding, train_state  # pylint: disable=g-import-not-at-top
   config = _config(tiny_config)
   mesh = sharding.make_mesh()
   model = methods.get(config.method).make_network(config)
@@ -321,7 +321,7 @@ def test_another_layout_is_one_line_and_moves_nothing(tmp_path, tiny_config,
                                                       change):
   """A checkpoint whose leaves differ from the state this code builds (a
   library change that reshapes or adds a leaf) is refused, not damage."""
-  from byol_jax import methods, optim, sharding, train_state  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import methods, optim, sharding, train_state  # pylint: disable=g-import-not-at-top
   config = _config(tiny_config)
   mesh = sharding.make_mesh()
   model = methods.get(config.method).make_network(config)
@@ -410,7 +410,7 @@ def test_non_finite_state_is_never_saved_and_the_advice_runs(tmp_path,
 
 def test_nan_advice_names_the_newest_healthy_checkpoint(tmp_path,
                                                          tiny_config):
-  from byol_jax import divergence  # pylint: disable=g-import-not-at-top
+  from byol_jax.trainer import divergence  # pylint: disable=g-import-not-at-top
   rows = [dict(step=0, param_norm=20.0), dict(step=5, param_norm=25.0,
                                              loss=3.0),
           dict(step=6, param_norm=31.0), dict(step=9, param_norm=900.0),

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from byol_jax import safe_pickle
+from byol_jax.interop import safe_pickle
 from byol_jax.errors import ConfigError
 
 import official_pickle

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_jax import methods
-from byol_jax import optim
-from byol_jax import sharding
-from byol_jax import step as step_lib
-from byol_jax import train_state
+from byol_jax.core import methods
+from byol_jax.core import optim
+from byol_jax.core import sharding
+from byol_jax.core import step as step_lib
+from byol_jax.core import train_state
 from byol_jax.data import augment
 from testlib import build_step
 from testlib import count_compiles

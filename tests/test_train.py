@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import byol_jax
-from byol_jax import methods
-from byol_jax import pretrained
+from byol_jax.core import methods
+from byol_jax.interop import pretrained
 from testlib import REPO, TRAINED_STEPS, assert_error_first, checkpoint_steps
 from testlib import error_lines
 from testlib import noisy_lines, train_env

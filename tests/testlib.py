@@ -8,10 +8,10 @@ import re
 import jax
 import numpy as np
 
-from byol_jax import methods
-from byol_jax import optim
-from byol_jax import step as step_lib
-from byol_jax import train_state
+from byol_jax.core import methods
+from byol_jax.core import optim
+from byol_jax.core import step as step_lib
+from byol_jax.core import train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from byol_jax import sharding
+from byol_jax.core import sharding
 from byol_jax.data import augment
 from byol_jax.data import crops
 from byol_jax.data import order

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
-from byol_jax import sharding
+from byol_jax.core import sharding
 
 LocalBatch = dict[str, np.ndarray]
 GlobalBatch = dict[str, jax.Array]

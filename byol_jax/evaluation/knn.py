@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from byol_jax import sharding
+from byol_jax.core import sharding
 from byol_jax.data import augment
-from byol_jax.methods import network
+from byol_jax.core.methods import network
 
 # Test rows (over all devices) whose similarities to the bank are held at
 # once; with N bank rows a device's similarity block is [chunk, N / devices].

@@ -25,9 +25,9 @@ from absl import logging
 from jax.sharding import Mesh
 
 from byol_jax import data
-from byol_jax import models
+from byol_jax.core import models
 from byol_jax import progress
-from byol_jax import sharding
+from byol_jax.core import sharding
 from byol_jax.data import augment
 from byol_jax.errors import ConfigError
 from byol_jax.evaluation import online

@@ -21,13 +21,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from byol_jax import data
-from byol_jax import models
+from byol_jax.core import models
 from byol_jax import progress
-from byol_jax import sharding
+from byol_jax.core import sharding
 from byol_jax.data import augment
 from byol_jax.evaluation import knn
 from byol_jax.evaluation import online
-from byol_jax.methods import network
+from byol_jax.core.methods import network
 
 
 class Monitor:

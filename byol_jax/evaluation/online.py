@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from byol_jax import sharding
+from byol_jax.core import sharding
 from byol_jax.evaluation import knn
 
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from byol_jax import models
-from byol_jax.methods import network
+from byol_jax.core import models
+from byol_jax.core.methods import network
 
 HAS_TARGET = True
 

@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from byol_jax import pretrained
+from byol_jax.interop import pretrained
 from byol_jax.errors import ConfigError
 
 _BN_LEAVES = (("scale", "params", "weight"), ("bias", "params", "bias"),

@@ -41,10 +41,10 @@ import jax
 from absl import logging
 from etils import epath
 
-from byol_jax import checkpoint
+from byol_jax.trainer import checkpoint
 from byol_jax import progress
 from byol_jax import storage
-from byol_jax import workdir as workdir_lib
+from byol_jax.trainer import workdir as workdir_lib
 from byol_jax.errors import ConfigError
 
 LOCK_NAME = "trainer.lock"

@@ -6,7 +6,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from byol_jax import checkpoint
+from byol_jax.trainer import checkpoint
 from byol_jax.errors import ConfigError
 
 

@@ -69,12 +69,12 @@ def flag_error(e: BaseException) -> str:
     hint = f": did you mean {guess.group(1)!r}?" if guess else ""
     return (f"unknown config field {field!r} in a --config.FIELD=VALUE "
             f"override{hint} (the fields are in the config file and "
-            "byol_jax/config_lib.py).")
+            "byol_jax/trainer/config_lib.py).")
   if isinstance(e, flags.UnrecognizedFlagError) and "config." in str(e):
     name = str(e).split("'")[1] if "'" in str(e) else str(e)
     return (f"unknown config field {name.removeprefix('config.')!r} in a "
             "--config.FIELD=VALUE override; see the config file and "
-            "byol_jax/config_lib.py for the fields.")
+            "byol_jax/trainer/config_lib.py for the fields.")
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
   if len(lines) > 1:  # A traceback inside the message: its last line says it.
     flag = lines[0].split(":")[0] if lines[0].startswith("flag --") else ""

@@ -6,10 +6,10 @@ classes are checked by `data.describe`, and the workdir by `workdir`.
 import ml_collections
 from jax.sharding import Mesh
 
-from byol_jax import methods
-from byol_jax import models
-from byol_jax import optim
-from byol_jax import sharding
+from byol_jax.core import methods
+from byol_jax.core import models
+from byol_jax.core import optim
+from byol_jax.core import sharding
 from byol_jax.errors import ConfigError
 
 _DEPTHS = tuple(sorted(models.DEPTHS))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from byol_jax import models
+from byol_jax.core import models
 from byol_jax.errors import ConfigError
 
 

@@ -13,8 +13,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from byol_jax import checkpoint
-from byol_jax import config_lib
+from byol_jax.trainer import checkpoint
+from byol_jax.trainer import config_lib
 from byol_jax.errors import ConfigError
 
 # Fields a resumed run may change: cadences, evaluation settings, the length
@@ -108,7 +108,7 @@ def check_allowed(allow: tuple[str, ...]) -> None:
     covered = [k for k in fields if _matches(k, (entry,))]
     if not covered:
       raise ConfigError(f"--allow_changes={entry}: no config field is "
-                        f"called {entry!r} (see byol_jax/config_lib.py).")
+                        f"called {entry!r} (see byol_jax/trainer/config_lib.py).")
     if all(_matches(k, STRUCTURAL) for k in covered):
       raise ConfigError(
           f"--allow_changes={entry}: {entry} shapes the train state (or "

@@ -12,8 +12,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from byol_jax import sharding
-from byol_jax.methods import network
+from byol_jax.core import sharding
+from byol_jax.core.methods import network
 
 
 @flax.struct.dataclass

@@ -41,14 +41,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from byol_jax import checkpoint
-from byol_jax import config_lib
-from byol_jax import methods
-from byol_jax import models
-from byol_jax import optim
-from byol_jax import safe_pickle
-from byol_jax import sharding
-from byol_jax import train_state
+from byol_jax.trainer import checkpoint
+from byol_jax.trainer import config_lib
+from byol_jax.core import methods
+from byol_jax.core import models
+from byol_jax.core import optim
+from byol_jax.interop import safe_pickle
+from byol_jax.core import sharding
+from byol_jax.core import train_state
 from byol_jax.errors import ConfigError
 
 _STATE_FIELDS = ("online_params", "target_params", "online_state",

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax._src import clusters as jax_clusters
 
-from byol_jax import sharding
+from byol_jax.core import sharding
 from byol_jax.errors import ConfigError
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed itself

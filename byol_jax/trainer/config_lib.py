@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup_epochs = 10.0
   c.num_train_examples = 0     # 0: take it from the dataset
 
-  # --- Encoder: getattr(byol_jax.models, model.name)(**model_kwargs).
+  # --- Encoder: getattr(byol_jax.core.models, model.name)(**model_kwargs).
   c.model = ml_collections.ConfigDict()
   c.model.depth = 50                # 10, 18, 34, 50, 101, 152, 200
   c.model.width = 1                 # width multiplier 1..4

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from byol_jax import models
-from byol_jax.methods import network
+from byol_jax.core import models
+from byol_jax.core.methods import network
 
 HAS_TARGET = False
 

@@ -18,12 +18,12 @@ import optax
 import optax.losses
 from jax.sharding import Mesh
 
-from byol_jax import methods
-from byol_jax import sharding
+from byol_jax.core import methods
+from byol_jax.core import sharding
 from byol_jax.data import augment
-from byol_jax.methods import byol
-from byol_jax.methods import network
-from byol_jax.train_state import TrainState
+from byol_jax.core.methods import byol
+from byol_jax.core.methods import network
+from byol_jax.core.train_state import TrainState
 
 
 def classifier_metrics(logits: jax.Array, labels: jax.Array):

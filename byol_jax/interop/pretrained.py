@@ -1,7 +1,7 @@
 """Pretrained networks out of byol_jax checkpoints, on any device layout.
 
     encoder, variables = byol_jax.load_encoder("/tmp/run")
-    config, state, step = byol_jax.pretrained.load_run("/tmp/run")
+    config, state, step = byol_jax.interop.pretrained.load_run("/tmp/run")
 """
 import json
 from typing import Any
@@ -15,9 +15,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from byol_jax import storage
-from byol_jax.checkpoint import as_path, config_from_json
+from byol_jax.trainer.checkpoint import as_path, config_from_json
 from byol_jax.errors import ConfigError
-from byol_jax.methods import network
+from byol_jax.core.methods import network
 
 
 def _step_of(name: str) -> int | None:

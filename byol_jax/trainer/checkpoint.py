@@ -41,9 +41,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from byol_jax import checkpoint_facts
-from byol_jax import checksums
-from byol_jax import config_lib
+from byol_jax.trainer import checkpoint_facts
+from byol_jax.trainer import checksums
+from byol_jax.trainer import config_lib
 from byol_jax.errors import StorageError
 
 ITEMS = ("state", "config", "checksums")

@@ -6,9 +6,9 @@ Each method module has `HAS_TARGET`, `make_network(config)` and
 from types import ModuleType
 
 from byol_jax.errors import ConfigError
-from byol_jax.methods import byol
-from byol_jax.methods import simclr
-from byol_jax.methods import simsiam
+from byol_jax.core.methods import byol
+from byol_jax.core.methods import simclr
+from byol_jax.core.methods import simsiam
 
 METHODS: dict[str, ModuleType] = {
     "byol": byol, "simsiam": simsiam, "simclr": simclr}
