@@ -27,28 +27,18 @@ import optax
 
 from byol_jax import errors
 
-_OPTIMIZERS = ("lars", "sgd")
-# How the online classifier trains: 'main' in the main optimizer at the main
-# learning rate (official BYOL), 'sgd' with its own SGD at classifier_lr
-# (solo-learn's SimSiam and SimCLR).
-_CLASSIFIER_OPTIMIZERS = ("main", "sgd")
 _LR_SCALINGS = ("linear", "sqrt")
-
-# Top-level parameter keys with their own optimizer (see methods/network.py).
-_PREDICTOR = "predictor"
-_CLASSIFIER = "classifier"
+# The allowed values of config.optimizer's choices, the first the default.
+# classifier: 'main' trains the online classifier in the main optimizer at the
+# main learning rate (official BYOL), 'sgd' with its own SGD at classifier_lr
+# (solo-learn's SimSiam and SimCLR).
+_CHOICES = {"name": ("lars", "sgd"), "lr_scaling": _LR_SCALINGS,
+            "classifier": ("main", "sgd")}
 
 
 def exclude_bias_and_bn(params: Any) -> Any:
-  """Mask of the leaves that get weight decay and the trust ratio.
-
-  Args:
-    params: a parameter pytree (or an updates pytree of the same shapes).
-
-  Returns:
-    The same structure with True for kernels (ndim > 1) and False for biases
-    and batch-norm scales and offsets (ndim <= 1).
-  """
+  """True for kernels (ndim > 1), which get weight decay and the trust ratio;
+  False for biases and batch-norm scales and offsets."""
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
@@ -67,25 +57,18 @@ def lars(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
     mask: pytree of bools, or a function of the params returning one, that
       selects the leaves getting weight decay and the trust ratio.
     clip_lr: solo-learn's variant (module docstring) instead of BYOL's.
-
-  Returns:
-    The optax transformation.
   """
   if clip_lr:
-    return optax.chain(
-        optax.masked(_clipped_trust(learning_rate, weight_decay, eta), mask),
-        optax.trace(decay=momentum, nesterov=nesterov),
-        optax.scale_by_learning_rate(learning_rate),
-    )
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=mask),
-      # eps=0: optax then returns trust 1 where ||p|| or ||u|| is 0, exactly
-      # the reference behaviour (and no NaN for zero-initialised leaves).
-      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=eta, eps=0.0),
-                   mask),
-      optax.trace(decay=momentum, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+    scale = [optax.masked(_clipped_trust(learning_rate, weight_decay, eta),
+                          mask)]
+  else:
+    scale = [optax.add_decayed_weights(weight_decay, mask=mask),
+             # eps=0: optax then returns trust 1 where ||p|| or ||u|| is 0,
+             # the reference behaviour (no NaN for zero-initialised leaves).
+             optax.masked(optax.scale_by_trust_ratio(trust_coefficient=eta,
+                                                     eps=0.0), mask)]
+  return optax.chain(*scale, optax.trace(decay=momentum, nesterov=nesterov),
+                     optax.scale_by_learning_rate(learning_rate))
 
 
 def _clipped_trust(learning_rate: float | optax.Schedule, weight_decay: float,
@@ -119,17 +102,7 @@ def _clipped_trust(learning_rate: float | optax.Schedule, weight_decay: float,
 def sgd(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
         momentum: float = 0.9,
         nesterov: bool = False) -> optax.GradientTransformation:
-  """SGD with momentum and weight decay on every parameter (as SimSiam).
-
-  Args:
-    learning_rate: a constant or a schedule of the step count.
-    weight_decay: decay coefficient, added to the gradient as wd * p.
-    momentum: momentum of the trace.
-    nesterov: Nesterov momentum.
-
-  Returns:
-    The optax transformation.
-  """
+  """SGD with momentum and weight decay wd * p on every parameter (SimSiam)."""
   return optax.chain(
       optax.add_decayed_weights(weight_decay),
       optax.trace(decay=momentum, nesterov=nesterov),
@@ -146,12 +119,6 @@ def scaled_lr(base_lr: float, batch_size: int,
     batch_size: global batch size.
     scaling: 'linear' (base_lr * batch / 256, BYOL and SimSiam) or 'sqrt'
       (base_lr * sqrt(batch), SimCLR's 0.075 * sqrt(batch)).
-
-  Returns:
-    The peak learning rate.
-
-  Raises:
-    ValueError: for an unknown scaling.
   """
   if scaling == "linear":
     return base_lr * batch_size / 256
@@ -165,16 +132,8 @@ def lr_schedule(peak_lr: float, total_steps: int,
                 warmup_steps: int) -> optax.Schedule:
   """Linear warm-up from 0 to `peak_lr`, then cosine decay to 0.
 
-  lr(0) = 0, lr(warmup_steps) = peak_lr, lr(total_steps) = 0, constant 0
-  after that. With no warm-up the schedule starts at the peak.
-
-  Args:
-    peak_lr: learning rate at the end of the warm-up.
-    total_steps: steps of the whole run, warm-up included.
-    warmup_steps: steps of the linear warm-up.
-
-  Returns:
-    An optax schedule of the (possibly traced) step count.
+  lr(0) = 0 (the peak without warm-up), lr(warmup_steps) = peak_lr,
+  lr(total_steps) = 0 and 0 after that.
   """
   total_steps = max(int(total_steps), 1)
   warmup_steps = min(max(int(warmup_steps), 0), total_steps)
@@ -186,53 +145,24 @@ def lr_schedule(peak_lr: float, total_steps: int,
 def tau_schedule(tau_base: float, total_steps: int) -> optax.Schedule:
   """BYOL's target decay: tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2.
 
-  That is 1 minus a cosine decay of (1 - tau_base) to 0 over K steps; tau
+  1 minus a cosine decay of (1 - tau_base) to 0 over K = `total_steps`; tau
   stays 1 after step K.
-
-  Args:
-    tau_base: decay at step 0.
-    total_steps: K; tau reaches 1 there.
-
-  Returns:
-    A function of the (possibly traced) step k returning float32 tau.
   """
   decay = optax.cosine_decay_schedule(1.0 - tau_base, max(int(total_steps), 1))
   return lambda step: 1.0 - decay(step)
 
 
-def _top_level_labels(params: Any, fixed_lr_predictor: bool,
-                      own_classifier: bool) -> Any:
-  """Labels each leaf 'main', 'predictor' or 'classifier' by its top key."""
-
-  def label(path, _):
-    key = getattr(path[0], "key", None) if path else None
-    if key == _CLASSIFIER and own_classifier:
-      return "classifier"
-    if key == _PREDICTOR and fixed_lr_predictor:
-      return "predictor"
-    return "main"
-
-  return jax.tree_util.tree_map_with_path(label, params)
-
-
 def check(opt: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for an optimizer config that cannot work."""
-  if opt.name not in _OPTIMIZERS:
-    raise errors.ConfigError(
-        f"Unknown optimizer.name {opt.name!r}; allowed: {list(_OPTIMIZERS)}.")
-  if opt.lr_scaling not in _LR_SCALINGS:
-    raise errors.ConfigError(
-        f"Unknown optimizer.lr_scaling {opt.lr_scaling!r}; allowed: "
-        f"{list(_LR_SCALINGS)}.")
+  for key, allowed in _CHOICES.items():
+    if opt.get(key, allowed[0]) not in allowed:
+      raise errors.ConfigError(f"Unknown optimizer.{key} {opt[key]!r}; "
+                               f"allowed: {list(allowed)}.")
   if not 0.0 <= opt.momentum < 1.0:
     raise errors.ConfigError(
         f"optimizer.momentum={opt.momentum} must be in [0, 1).")
   if opt.name == "lars" and not opt.eta > 0:
     raise errors.ConfigError(f"optimizer.eta={opt.eta} must be > 0 for LARS.")
-  if opt.get("classifier", "main") not in _CLASSIFIER_OPTIMIZERS:
-    raise errors.ConfigError(
-        f"Unknown optimizer.classifier {opt.classifier!r}; allowed: "
-        f"{list(_CLASSIFIER_OPTIMIZERS)}.")
 
 
 def schedule_steps(config: ml_collections.ConfigDict,
@@ -242,16 +172,8 @@ def schedule_steps(config: ml_collections.ConfigDict,
   total = num_epochs * N // B and warm-up = warmup_epochs * N // B (N
   examples, batch B): the partial batch of each epoch counts toward the
   total, so 300 ImageNet epochs at 4096 are 93,835 steps, not
-  300 * (N // B) = 93,600. config.total_steps > 0 replaces the total.
-
-  Args:
-    config: the run's config (num_epochs, warmup_epochs, batch_size,
-      total_steps).
-    num_examples: N, the training examples per epoch.
-
-  Returns:
-    (total_steps, warmup_steps, steps_per_epoch), total and per-epoch at
-    least 1.
+  300 * (N // B) = 93,600. config.total_steps > 0 replaces the total; total
+  and per-epoch are at least 1.
   """
   batch = config.batch_size
   total = int(config.total_steps or
@@ -266,33 +188,24 @@ def build_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The run's optimizer and the learning-rate schedule of its main params.
 
-  Reads config.optimizer (name, base_lr, lr_scaling, weight_decay, momentum,
-  eta, nesterov, fixed_lr_predictor, classifier, classifier_lr),
-  config.batch_size and config.warmup_epochs.
-
   Parameters are split by their top-level key:
-    - 'classifier' (the online linear classifier) when optimizer.classifier
-      is 'sgd' (SimSiam, SimCLR): SGD momentum 0.9, no weight decay, lr
-      classifier_lr * batch / 256 with the same warm-up and cosine; when it
-      is 'main' (BYOL), the main optimizer trains it like any other layer
-      (LARS: weight decay and trust ratio on its kernel, not its bias);
+    - 'classifier' when optimizer.classifier is 'sgd' (SimSiam, SimCLR): SGD
+      momentum 0.9, no weight decay, lr classifier_lr * batch / 256 with the
+      same warm-up and cosine; when it is 'main' (BYOL), the main optimizer
+      trains it like any other layer;
     - 'predictor' when fixed_lr_predictor (SimSiam): the main optimizer at
       the constant peak lr;
     - everything else: the main optimizer ('lars' or 'sgd') on the schedule.
 
   Args:
-    config: the run's config.
+    config: the run's config (optimizer, batch_size, warmup_epochs).
     total_steps: optimizer steps of the whole run.
-    steps_per_epoch: optimizer steps per epoch (for the warm-up when
-      warmup_steps is None).
+    steps_per_epoch: optimizer steps per epoch.
     warmup_steps: steps of the warm-up (`schedule_steps`); None:
       warmup_epochs * steps_per_epoch.
 
   Returns:
     (tx, schedule): the transformation and the main learning-rate schedule.
-
-  Raises:
-    errors.ConfigError: for an unknown optimizer name or lr scaling.
   """
   opt = config.optimizer
   check(opt)
@@ -310,16 +223,19 @@ def build_optimizer(
                momentum=opt.momentum, nesterov=opt.nesterov)
 
   transforms = {"main": main_tx(schedule)}
-  own_classifier = opt.get("classifier", "main") == "sgd"
-  if own_classifier:
-    classifier_schedule = lr_schedule(
+  own = {"predictor": opt.fixed_lr_predictor,
+         "classifier": opt.get("classifier", "main") == "sgd"}
+  if own["classifier"]:
+    transforms["classifier"] = sgd(lr_schedule(
         scaled_lr(opt.classifier_lr, config.batch_size, "linear"),
-        total_steps, warmup_steps)
-    transforms["classifier"] = sgd(classifier_schedule, weight_decay=0.0,
-                                   momentum=0.9)
-  if opt.fixed_lr_predictor:
+        total_steps, warmup_steps), weight_decay=0.0, momentum=0.9)
+  if own["predictor"]:
     transforms["predictor"] = main_tx(peak_lr)
-  tx = optax.multi_transform(
-      transforms, lambda params: _top_level_labels(
-          params, opt.fixed_lr_predictor, own_classifier))
-  return tx, schedule
+
+  def label(path, _):  # By the leaf's top-level key (see methods/network.py).
+    key = getattr(path[0], "key", None) if path else None
+    return key if own.get(key) else "main"
+
+  return optax.multi_transform(
+      transforms,
+      lambda params: jax.tree_util.tree_map_with_path(label, params)), schedule

@@ -37,12 +37,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-  """Returns the per-process batch size, or raises ConfigError.
-
-  Args:
-    global_batch_size: the batch over all devices and processes.
-    mesh: the mesh the batch is sharded over.
-  """
+  """The per-process share of the global batch, or a ConfigError."""
   n = mesh.devices.size
   if global_batch_size <= 0:
     raise ConfigError(
@@ -67,18 +62,16 @@ def fit_batch_size(batch_size: int, mesh: Mesh) -> int:
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
-  """Forms global arrays from this process's slice of the batch.
+  """Global arrays sharded on `data` from this process's slice of the batch.
 
-  Args:
-    local: a pytree of numpy arrays, leading dim = per-process batch.
-    mesh: the mesh; the result is sharded over its `data` axis.
+  `local` is a pytree of NumPy arrays whose leading dim is the per-process
+  batch.
   """
-  sharding = batch_sharding(mesh)
   # A deliberate host-to-device copy: allowed under the trainer's guard
   # against implicit transfers.
   with jax.transfer_guard("allow"):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        sharding, np.asarray(x)), local)
+        batch_sharding(mesh), np.asarray(x)), local)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -39,17 +39,10 @@ class TrainState:
 def create(config: ml_collections.ConfigDict, model: network.Network,
            tx: optax.GradientTransformation, mesh: Mesh,
            has_target: bool) -> TrainState:
-  """Initialises the state directly on the mesh, replicated.
+  """Initialises the state from config.seed, replicated over `mesh`.
 
   The target network is initialised from its own key (the paper reports no
   difference from copying the online network).
-
-  Args:
-    config: the run's config (seed, data.image_size).
-    model: the network to initialise.
-    tx: the optimizer.
-    mesh: the device mesh; the state is replicated over it.
-    has_target: whether to create a target network.
   """
   size = config.data.image_size
   rep = sharding.replicated(mesh)
@@ -60,9 +53,6 @@ def create(config: ml_collections.ConfigDict, model: network.Network,
     dummy = jnp.zeros((2, size, size, 3), jnp.float32)
     return model.init(jax.random.split(key)[which], dummy, train=True)
 
-  def init_optimizer(params):
-    return jnp.zeros((), jnp.int32), tx.init(params)
-
   # The 'rbg' generator compiles a ResNet's init far faster than threefry
   # (seconds instead of tens of seconds on CPU); init needs no more.
   key = jax.random.key(config.seed, impl="rbg")
@@ -70,8 +60,8 @@ def create(config: ml_collections.ConfigDict, model: network.Network,
   variables = init_network(key, 0)
   target = (network.split_target(init_network(key, 1)) if has_target
             else None)
-  step, opt_state = jax.jit(init_optimizer, out_shardings=rep)(
-      variables["params"])
+  step, opt_state = jax.jit(lambda p: (jnp.zeros((), jnp.int32), tx.init(p)),
+                            out_shardings=rep)(variables["params"])
   return TrainState(step=step, params=variables["params"],
                     batch_stats=variables["batch_stats"], target=target,
                     opt_state=opt_state)

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from byol_jax.core import models
 from byol_jax.core.methods import network
 
 HAS_TARGET = True
@@ -21,29 +20,16 @@ def make_network(config: ml_collections.ConfigDict) -> network.Network:
   As the official code builds them: the heads' output layers have no bias,
   and the online classifier starts from Haiku's default initialisation.
   """
-  kw = network.head_kwargs(config)
   return network.Network(
       encoder=network.make_encoder(config),
-      projector=models.MLP(config.projector.hidden_dim,
-                           config.projector.output_dim,
-                           num_layers=config.projector.num_layers, **kw),
-      predictor=models.MLP(config.predictor.hidden_dim,
-                           config.predictor.output_dim,
-                           num_layers=config.predictor.num_layers, **kw),
+      projector=network.make_head(config, "projector"),
+      predictor=network.make_head(config, "predictor"),
       num_classes=config.data.num_classes,
       classifier_init=network.HAIKU_LINEAR_INIT)
 
 
 def regression_loss(p: jax.Array, z: jax.Array) -> jax.Array:
-  """Normalised regression || p/|p| - z/|z| ||^2 = 2 - 2 cos(p, z), per row.
-
-  Args:
-    p: online predictions [B, P].
-    z: target projections [B, P] (the caller stops their gradient).
-
-  Returns:
-    The loss of each example [B], in [0, 4].
-  """
+  """|| p/|p| - z/|z| ||^2 = 2 - 2 cos(p, z) per row [B] of p, z [B, P]."""
   p, z = network.l2_normalize(p), network.l2_normalize(z)
   return 2.0 - 2.0 * jnp.sum(p * z, axis=-1)
 
@@ -53,7 +39,7 @@ def symmetric_loss(p1, p2, z1, z2) -> jax.Array:
 
   Args:
     p1, p2: online predictions of views 1 and 2 [B, P].
-    z1, z2: target projections of views 1 and 2 [B, P].
+    z1, z2: target projections of views 1 and 2 [B, P] (no gradient).
   """
   return jnp.mean(regression_loss(p1, jax.lax.stop_gradient(z2)) +
                   regression_loss(p2, jax.lax.stop_gradient(z1)))
@@ -62,11 +48,7 @@ def symmetric_loss(p1, p2, z1, z2) -> jax.Array:
 def update_target(target_params, online_params, tau):
   """EMA xi <- tau xi + (1 - tau) theta over every target leaf.
 
-  Args:
-    target_params: the target's params (encoder and projector subtrees).
-    online_params: the online params after the optimizer step; subtrees the
-      target lacks (predictor, classifier) are ignored.
-    tau: the decay of this step.
+  Online subtrees the target lacks (predictor, classifier) are ignored.
   """
   online = {k: online_params[k] for k in target_params}
   return optax.incremental_update(online, target_params, step_size=1.0 - tau)

@@ -5,7 +5,7 @@ Parameters live under the top-level keys `encoder`, `projector`, `predictor`
 encoder can be cut out of a checkpoint by key and the optimizer can treat the
 predictor and the classifier on their own.
 """
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -14,6 +14,13 @@ import ml_collections
 
 from byol_jax.core import models
 from byol_jax.errors import ConfigError
+
+# Haiku's default Linear initialiser (the official BYOL classifier's): a
+# normal of std 1/sqrt(fan_in) truncated at 2 std. JAX's "truncated_normal"
+# variance scaling divides the std by 0.8796 (the truncated normal's std), so
+# the scale cancels that.
+HAIKU_LINEAR_INIT = nn.initializers.variance_scaling(
+    0.87962566103423978 ** 2, "fan_in", "truncated_normal")
 
 
 class Network(nn.Module):
@@ -74,19 +81,17 @@ def make_encoder(config: ml_collections.ConfigDict) -> nn.Module:
       bn_epsilon=m.bn_epsilon)
 
 
-def head_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Keyword arguments every head shares: dtype and batch-norm settings."""
-  return dict(dtype=jnp.dtype(config.model.dtype),
-              bn_momentum=config.model.bn_momentum,
-              bn_epsilon=config.model.bn_epsilon)
+def make_head(config: ml_collections.ConfigDict, name: str,
+              **kwargs) -> models.MLP:
+  """The MLP sized by `config[name]` ('projector' or 'predictor').
 
-
-# Haiku's default Linear initialiser (the official BYOL classifier's): a
-# normal of std 1/sqrt(fan_in) truncated at 2 std. JAX's "truncated_normal"
-# variance scaling divides the std by 0.8796 (the truncated normal's std), so
-# the scale cancels that.
-HAIKU_LINEAR_INIT = nn.initializers.variance_scaling(
-    0.87962566103423978 ** 2, "fan_in", "truncated_normal")
+  kwargs: the method's other `models.MLP` fields (biases, output BN).
+  """
+  return models.MLP(
+      config[name].hidden_dim, config[name].output_dim,
+      num_layers=config[name].num_layers, dtype=jnp.dtype(config.model.dtype),
+      bn_momentum=config.model.bn_momentum,
+      bn_epsilon=config.model.bn_epsilon, **kwargs)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from byol_jax.core import models
 from byol_jax.core.methods import network
 
 HAS_TARGET = False
@@ -16,14 +15,10 @@ HAS_TARGET = False
 
 def make_network(config: ml_collections.ConfigDict) -> network.Network:
   """ResNet and a projection head with BN after each dense layer, no predictor."""
-  kw = network.head_kwargs(config)
   return network.Network(
       encoder=network.make_encoder(config),
-      projector=models.MLP(
-          config.projector.hidden_dim, config.projector.output_dim,
-          num_layers=config.projector.num_layers, hidden_bias=False,
-          output_bias=False, output_bn=True, output_bn_scale=True,
-          output_bn_bias=False, **kw),
+      projector=network.make_head(config, "projector", hidden_bias=False,
+                                  output_bn=True, output_bn_bias=False),
       predictor=None,
       num_classes=config.data.num_classes)
 

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from byol_jax.core import models
 from byol_jax.core.methods import network
 
 HAS_TARGET = False
@@ -14,18 +13,13 @@ HAS_TARGET = False
 
 def make_network(config: ml_collections.ConfigDict) -> network.Network:
   """ResNet, 3-layer projector (last BN without affine), 2048-512-2048 predictor."""
-  kw = network.head_kwargs(config)
   return network.Network(
       encoder=network.make_encoder(config),
-      projector=models.MLP(
-          config.projector.hidden_dim, config.projector.output_dim,
-          num_layers=config.projector.num_layers, hidden_bias=False,
-          output_bias=False, output_bn=True, output_bn_scale=False,
-          output_bn_bias=False, **kw),
-      predictor=models.MLP(
-          config.predictor.hidden_dim, config.predictor.output_dim,
-          num_layers=config.predictor.num_layers, hidden_bias=False,
-          output_bias=True, **kw),
+      projector=network.make_head(
+          config, "projector", hidden_bias=False, output_bn=True,
+          output_bn_scale=False, output_bn_bias=False),
+      predictor=network.make_head(config, "predictor", hidden_bias=False,
+                                  output_bias=True),
       num_classes=config.data.num_classes)
 
 

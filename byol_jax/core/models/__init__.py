@@ -1,20 +1,13 @@
 """Encoders (ResNet v1) and MLP heads."""
 from byol_jax.core.models.heads import MLP
-from byol_jax.core.models.resnet import depth_of
 from byol_jax.core.models.resnet import DEPTHS
+from byol_jax.core.models.resnet import depth_of
 from byol_jax.core.models.resnet import PADDINGS
 from byol_jax.core.models.resnet import representation_dim
 from byol_jax.core.models.resnet import resnet
 from byol_jax.core.models.resnet import ResNet
-from byol_jax.core.models.resnet import ResNet101
-from byol_jax.core.models.resnet import ResNet152
 from byol_jax.core.models.resnet import ResNet18
-from byol_jax.core.models.resnet import ResNet200
 from byol_jax.core.models.resnet import ResNet34
-from byol_jax.core.models.resnet import ResNet50
 
-__all__ = [
-    "MLP", "DEPTHS", "PADDINGS", "ResNet", "depth_of", "resnet",
-    "representation_dim",
-    "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152", "ResNet200",
-]
+__all__ = ["MLP", "DEPTHS", "PADDINGS", "ResNet", "ResNet18", "ResNet34",
+           "depth_of", "representation_dim", "resnet"]

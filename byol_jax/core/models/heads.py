@@ -25,18 +25,14 @@ class MLP(nn.Module):
   """(num_layers - 1) x [Dense -> BN -> ReLU], Dense, optional BN.
 
   Attributes:
-    hidden_dim: width of the hidden layers.
-    output_dim: width of the output.
+    hidden_dim, output_dim: widths of the hidden layers and of the output.
     num_layers: number of Dense layers (>= 1).
     hidden_bias: whether the hidden Dense layers have a bias (redundant before
       BN, but BYOL keeps it).
     output_bias: whether the last Dense layer has a bias (BYOL: no).
-    output_bn: batch-normalise the output.
-    output_bn_scale: whether the output BN learns a scale.
-    output_bn_bias: whether the output BN learns an offset.
+    output_bn, output_bn_scale, output_bn_bias: batch-normalise the output,
+      with a learnt scale and offset.
     dtype: computation dtype; parameters and the output stay float32.
-    bn_momentum: batch-norm moving-average decay.
-    bn_epsilon: batch-norm epsilon.
   """
   hidden_dim: int
   output_dim: int
@@ -52,12 +48,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Maps [B, D_in] to [B, output_dim] float32.
-
-    Args:
-      x: inputs [B, D_in], any float dtype.
-      train: batch statistics if True, moving averages otherwise.
-    """
+    """Maps [B, D_in] (any float dtype) to [B, output_dim] float32."""
     if self.num_layers < 1:
       raise ValueError(f"MLP needs num_layers >= 1, got {self.num_layers}.")
     dense = functools.partial(nn.Dense, dtype=self.dtype,

@@ -1,20 +1,17 @@
 """ResNet v1 encoders (He et al., 2016) in the torchvision layout.
 
-The layout follows torchvision so that converted PyTorch weights behave the
-same: the bottleneck's stride sits on its 3x3 convolution, shortcuts become a
-1x1 convolution plus batch norm when the shape changes, and convolutions carry
-no bias. Haiku's `hk.nets.ResNet` (the official BYOL checkpoints) has the same
-layout; only the padding differs, so it is a choice:
+As torchvision (so converted PyTorch weights behave the same): the
+bottleneck's stride sits on its 3x3 convolution, shortcuts become a 1x1
+convolution plus batch norm when the shape changes, convolutions carry no
+bias. Haiku's `hk.nets.ResNet` (the official BYOL checkpoints) differs only in
+padding, so it is a choice:
 
   'symmetric' (default, PyTorch): k // 2 zeros on every side.
-  'same' (TF/Haiku): the total padding of lax's 'SAME', with the odd pixel at
-      the bottom/right; for a stride-2 layer on an even input that is one pixel
-      less at the top/left than 'symmetric', which shifts the sampling grid.
+  'same' (TF/Haiku): lax's 'SAME', the odd pixel at the bottom/right; for a
+      stride-2 layer on an even input that is one pixel less at the top/left.
 
-1x1 convolutions need no padding in either case.
-
-The encoder returns the global-average-pooled representation; there is no
-classification layer (the online classifier lives in `methods.network`).
+The encoder returns the global-average-pooled representation; the online
+classifier lives in `methods.network`.
 """
 import functools
 from typing import Any, Callable, Sequence
@@ -27,7 +24,7 @@ import jax.numpy as jnp
 # untruncated normal with variance 2 / (kh * kw * out_channels).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-# Blocks per stage and block type for each supported depth. 10 is the
+# Blocks per stage and whether they are bottlenecks, per depth. 10 is the
 # smallest of the family (one basic block per stage), for tests and CPUs.
 DEPTHS: dict[int, tuple[tuple[int, ...], bool]] = {
     10: ((1, 1, 1, 1), False),
@@ -38,31 +35,21 @@ DEPTHS: dict[int, tuple[tuple[int, ...], bool]] = {
     152: ((3, 8, 36, 3), True),
     200: ((3, 24, 36, 3), True),
 }
-
-_BOTTLENECK_EXPANSION = 4
-_STEMS = ("imagenet", "cifar")
 PADDINGS = ("symmetric", "same")
-
-Padding = str | tuple[tuple[int, int], tuple[int, int]]
-
-
-def _pad(k: int, padding: str) -> Padding:
-  """The padding of a k x k window (convolution or pooling) in `padding` mode.
-
-  Args:
-    k: the window size.
-    padding: 'symmetric' (PyTorch: k // 2 on both sides of both spatial axes)
-      or 'same' (lax/TF 'SAME', which depends on the input size and stride).
-  """
-  if padding == "same":
-    return "SAME"
-  return ((k // 2, k // 2), (k // 2, k // 2))
+_STEMS = ("imagenet", "cifar")
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions (ResNet-18/34); output has `filters` channels."""
+def _pad(k: int, padding: str) -> str | tuple[tuple[int, int], ...]:
+  """The padding of a k x k window (convolution or pooling)."""
+  return "SAME" if padding == "same" else ((k // 2, k // 2),) * 2
+
+
+class Block(nn.Module):
+  """A basic block (two 3x3 convolutions, output `filters` channels) or a
+  bottleneck (1x1 -> 3x3 strided -> 1x1, output 4 * `filters`)."""
   filters: int
   strides: int
+  bottleneck: bool
   conv: Callable[..., nn.Module]
   norm: Callable[..., nn.Module]
   zero_init_residual: bool = False
@@ -70,51 +57,31 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    residual = x
-    y = self.conv(self.filters, (3, 3), (self.strides, self.strides),
-                  padding=_pad(3, self.padding), name="conv1")(x)
-    y = nn.relu(self.norm(name="bn1")(y))
-    y = self.conv(self.filters, (3, 3), padding=_pad(3, self.padding),
-                  name="conv2")(y)
+    strides = (self.strides, self.strides)
+    conv3x3 = functools.partial(self.conv, kernel_size=(3, 3),
+                                padding=_pad(3, self.padding))
+    if self.bottleneck:
+      out_filters = 4 * self.filters
+      y = self.conv(self.filters, (1, 1), padding="VALID", name="conv1")(x)
+      y = nn.relu(self.norm(name="bn1")(y))
+      # ResNet v1.5 / torchvision: the stride is on the 3x3 convolution.
+      y = conv3x3(self.filters, strides=strides, name="conv2")(y)
+      y = nn.relu(self.norm(name="bn2")(y))
+      y = self.conv(out_filters, (1, 1), padding="VALID", name="conv3")(y)
+    else:
+      out_filters = self.filters
+      y = conv3x3(self.filters, strides=strides, name="conv1")(x)
+      y = nn.relu(self.norm(name="bn1")(y))
+      y = conv3x3(self.filters, name="conv2")(y)
     # Zero-initialising the last scale makes each block start as the identity.
-    y = self.norm(name="bn2", scale_init=(
+    y = self.norm(name="bn3" if self.bottleneck else "bn2", scale_init=(
         nn.initializers.zeros if self.zero_init_residual
         else nn.initializers.ones))(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
-                           padding="VALID", name="downsample_conv")(residual)
-      residual = self.norm(name="downsample_bn")(residual)
-    return nn.relu(y + residual)
-
-
-class BottleneckBlock(nn.Module):
-  """1x1 -> 3x3 (strided) -> 1x1 convolutions; output has 4 * `filters`."""
-  filters: int
-  strides: int
-  conv: Callable[..., nn.Module]
-  norm: Callable[..., nn.Module]
-  zero_init_residual: bool = False
-  padding: str = "symmetric"
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    residual = x
-    out_filters = self.filters * _BOTTLENECK_EXPANSION
-    y = self.conv(self.filters, (1, 1), padding="VALID", name="conv1")(x)
-    y = nn.relu(self.norm(name="bn1")(y))
-    # ResNet v1.5 / torchvision: the stride is on the 3x3 convolution.
-    y = self.conv(self.filters, (3, 3), (self.strides, self.strides),
-                  padding=_pad(3, self.padding), name="conv2")(y)
-    y = nn.relu(self.norm(name="bn2")(y))
-    y = self.conv(out_filters, (1, 1), padding="VALID", name="conv3")(y)
-    y = self.norm(name="bn3", scale_init=(
-        nn.initializers.zeros if self.zero_init_residual
-        else nn.initializers.ones))(y)
-    if residual.shape != y.shape:
-      residual = self.conv(out_filters, (1, 1), (self.strides, self.strides),
-                           padding="VALID", name="downsample_conv")(residual)
-      residual = self.norm(name="downsample_bn")(residual)
-    return nn.relu(y + residual)
+    if x.shape != y.shape:
+      x = self.conv(out_filters, (1, 1), strides, padding="VALID",
+                    name="downsample_conv")(x)
+      x = self.norm(name="downsample_bn")(x)
+    return nn.relu(y + x)
 
 
 class ResNet(nn.Module):
@@ -123,15 +90,13 @@ class ResNet(nn.Module):
   Attributes:
     stage_sizes: blocks in each of the (usually four) stages.
     bottleneck: bottleneck blocks (ResNet-50 and deeper) or basic blocks.
-    width: channel multiplier applied to every layer, the stem included.
+    width: channel multiplier of every layer, the stem included.
     stem: 'imagenet' (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or 'cifar'
       (3x3/1 conv, BN, ReLU, no pooling) for 32 px images.
-    num_filters: stem channels at width 1 (64 for the standard networks;
-      smaller values give the narrow networks of CPU tests).
+    num_filters: stem channels at width 1 (64 for the standard networks).
     dtype: computation dtype; parameters and the output stay float32.
     zero_init_residual: zero-initialise the last BN scale of every block.
-    padding: 'symmetric' (PyTorch, torchvision-exportable) or 'same'
-      (TF/Haiku, for the official BYOL checkpoints); see the module docstring.
+    padding: 'symmetric' or 'same'; see the module docstring.
     bn_momentum: batch-norm moving-average decay.
     bn_epsilon: batch-norm epsilon.
   """
@@ -148,16 +113,9 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Encodes images.
+    """Maps images [B, H, W, C] to [B, 512 or 2048 * width] float32.
 
-    Args:
-      x: images [B, H, W, C], any float dtype.
-      train: batch statistics (and moving-average updates; make
-        'batch_stats' mutable) if True, moving averages otherwise.
-
-    Returns:
-      The representation [B, 512 * width] for basic blocks or
-      [B, 2048 * width] for bottleneck blocks, float32.
+    `train`: batch statistics (make 'batch_stats' mutable) or moving averages.
     """
     if self.stem not in _STEMS:
       raise ValueError(f"Unknown stem {self.stem!r}; allowed: {_STEMS}.")
@@ -173,35 +131,30 @@ class ResNet(nn.Module):
                              momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=self.dtype,
                              param_dtype=jnp.float32)
-    block_cls = BottleneckBlock if self.bottleneck else BasicBlock
-
     x = jnp.asarray(x).astype(self.dtype)
-    stem_filters = self.num_filters * self.width
+    filters = self.num_filters * self.width
     if self.stem == "imagenet":
-      x = conv(stem_filters, (7, 7), (2, 2), padding=_pad(7, self.padding),
+      x = conv(filters, (7, 7), (2, 2), padding=_pad(7, self.padding),
                name="stem_conv")(x)                       # [B, H/2, W/2, F]
       x = nn.relu(norm(name="stem_bn")(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2),
                       padding=_pad(3, self.padding))      # [B, H/4, W/4, F]
     else:
-      x = conv(stem_filters, (3, 3), padding=_pad(3, self.padding),
+      x = conv(filters, (3, 3), padding=_pad(3, self.padding),
                name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))                # [B, H, W, F]
-
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         # Stage i halves the resolution (except stage 0) on its first block.
-        strides = 2 if i > 0 and j == 0 else 1
-        x = block_cls(filters=stem_filters * 2**i, strides=strides, conv=conv,
-                      norm=norm, zero_init_residual=self.zero_init_residual,
-                      padding=self.padding,
-                      name=f"stage{i + 1}_block{j + 1}")(x)
-
+        x = Block(filters * 2**i, strides=2 if i > 0 and j == 0 else 1,
+                  bottleneck=self.bottleneck, conv=conv, norm=norm,
+                  zero_init_residual=self.zero_init_residual,
+                  padding=self.padding, name=f"stage{i + 1}_block{j + 1}")(x)
     # Global average pool in float32: [B, h, w, D] -> [B, D].
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-def _check_depth(depth: int) -> tuple[tuple[int, ...], bool]:
+def _layout(depth: int) -> tuple[tuple[int, ...], bool]:
   if depth not in DEPTHS:
     raise ValueError(
         f"Unsupported ResNet depth {depth}; allowed: {sorted(DEPTHS)}.")
@@ -210,46 +163,23 @@ def _check_depth(depth: int) -> tuple[tuple[int, ...], bool]:
 
 def depth_of(stage_sizes: Sequence[int], bottleneck: bool) -> int | None:
   """The depth whose blocks per stage are `stage_sizes`, or None."""
-  for depth, layout in DEPTHS.items():
-    if layout == (tuple(stage_sizes), bool(bottleneck)):
-      return depth
-  return None
+  layouts = {layout: depth for depth, layout in DEPTHS.items()}
+  return layouts.get((tuple(stage_sizes), bool(bottleneck)))
 
 
 def resnet(depth: int, **kwargs: Any) -> ResNet:
-  """The ResNet of the given depth (10, 18, 34, 50, 101, 152 or 200).
-
-  Args:
-    depth: network depth.
-    **kwargs: other `ResNet` fields (width, stem, dtype, ...).
-
-  Returns:
-    An unbound `ResNet` module.
-
-  Raises:
-    ValueError: for an unsupported depth.
-  """
-  stage_sizes, bottleneck = _check_depth(depth)
+  """The unbound ResNet of `depth` (a key of DEPTHS); kwargs: other fields."""
+  stage_sizes, bottleneck = _layout(depth)
   return ResNet(stage_sizes=stage_sizes, bottleneck=bottleneck, **kwargs)
 
 
 def representation_dim(depth: int, width: int = 1,
                        num_filters: int = 64) -> int:
   """Size of the pooled representation of `resnet(depth, width=width)`."""
-  stage_sizes, bottleneck = _check_depth(depth)
-  expansion = _BOTTLENECK_EXPANSION if bottleneck else 1
-  return num_filters * width * 2**(len(stage_sizes) - 1) * expansion
+  stage_sizes, bottleneck = _layout(depth)
+  return num_filters * width * 2**(len(stage_sizes) - 1) * (
+      4 if bottleneck else 1)
 
 
-ResNet18 = functools.partial(ResNet, stage_sizes=DEPTHS[18][0],
-                             bottleneck=False)
-ResNet34 = functools.partial(ResNet, stage_sizes=DEPTHS[34][0],
-                             bottleneck=False)
-ResNet50 = functools.partial(ResNet, stage_sizes=DEPTHS[50][0],
-                             bottleneck=True)
-ResNet101 = functools.partial(ResNet, stage_sizes=DEPTHS[101][0],
-                              bottleneck=True)
-ResNet152 = functools.partial(ResNet, stage_sizes=DEPTHS[152][0],
-                              bottleneck=True)
-ResNet200 = functools.partial(ResNet, stage_sizes=DEPTHS[200][0],
-                              bottleneck=True)
+ResNet18 = functools.partial(resnet, 18)
+ResNet34 = functools.partial(resnet, 34)
