@@ -51,9 +51,8 @@ def lars(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
   Args:
     learning_rate: a constant or a schedule of the step count.
     weight_decay: decay coefficient wd (added to the gradient as wd * p).
-    momentum: momentum of the trace.
+    momentum, nesterov: of the trace (BYOL: 0.9, no Nesterov).
     eta: trust coefficient.
-    nesterov: Nesterov momentum (BYOL: False).
     mask: pytree of bools, or a function of the params returning one, that
       selects the leaves getting weight decay and the trust ratio.
     clip_lr: solo-learn's variant (module docstring) instead of BYOL's.
@@ -112,13 +111,10 @@ def sgd(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
 
 def scaled_lr(base_lr: float, batch_size: int,
               scaling: str = "linear") -> float:
-  """The peak learning rate for a global batch.
+  """The peak learning rate for a global batch of `batch_size`.
 
-  Args:
-    base_lr: base learning rate.
-    batch_size: global batch size.
-    scaling: 'linear' (base_lr * batch / 256, BYOL and SimSiam) or 'sqrt'
-      (base_lr * sqrt(batch), SimCLR's 0.075 * sqrt(batch)).
+  `scaling`: 'linear' (base_lr * batch / 256, BYOL and SimSiam) or 'sqrt'
+  (base_lr * sqrt(batch), SimCLR's 0.075 * sqrt(batch)).
   """
   if scaling == "linear":
     return base_lr * batch_size / 256
@@ -197,15 +193,8 @@ def build_optimizer(
       the constant peak lr;
     - everything else: the main optimizer ('lars' or 'sgd') on the schedule.
 
-  Args:
-    config: the run's config (optimizer, batch_size, warmup_epochs).
-    total_steps: optimizer steps of the whole run.
-    steps_per_epoch: optimizer steps per epoch.
-    warmup_steps: steps of the warm-up (`schedule_steps`); None:
-      warmup_epochs * steps_per_epoch.
-
-  Returns:
-    (tx, schedule): the transformation and the main learning-rate schedule.
+  `warmup_steps` (from `schedule_steps`) defaults to warmup_epochs *
+  steps_per_epoch. Returns (tx, the main learning-rate schedule).
   """
   opt = config.optimizer
   check(opt)

@@ -1,8 +1,5 @@
-"""The train state: online network, target network and optimizer state.
-
-All of it is one pytree (a `flax.struct` dataclass), replicated over the mesh
-and donated to the train step, so the step is a pure function of pytrees.
-"""
+"""The train state: one pytree, replicated over the mesh and donated to the
+step, so the step is a pure function of pytrees."""
 from typing import Any
 
 import flax

@@ -31,8 +31,7 @@ class Network(nn.Module):
     projector: maps y to projections z [B, P].
     predictor: maps z to predictions q [B, P]; None for SimCLR.
     num_classes: classes of the online classifier (0: none).
-    classifier_init: the classifier kernel's initialiser (its bias starts
-      at 0).
+    classifier_init: the classifier kernel's initialiser (bias: zeros).
   """
   encoder: nn.Module
   projector: nn.Module
@@ -83,10 +82,7 @@ def make_encoder(config: ml_collections.ConfigDict) -> nn.Module:
 
 def make_head(config: ml_collections.ConfigDict, name: str,
               **kwargs) -> models.MLP:
-  """The MLP sized by `config[name]` ('projector' or 'predictor').
-
-  kwargs: the method's other `models.MLP` fields (biases, output BN).
-  """
+  """The MLP sized by `config[name]`; kwargs: its other `models.MLP` fields."""
   return models.MLP(
       config[name].hidden_dim, config[name].output_dim,
       num_layers=config[name].num_layers, dtype=jnp.dtype(config.model.dtype),

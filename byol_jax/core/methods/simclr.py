@@ -14,7 +14,10 @@ HAS_TARGET = False
 
 
 def make_network(config: ml_collections.ConfigDict) -> network.Network:
-  """ResNet and a projection head with BN after each dense layer, no predictor."""
+  """ResNet and a projection head with BN after each dense layer, no predictor.
+
+  As SimCLR v2's head, the output BN scales but does not centre.
+  """
   return network.Network(
       encoder=network.make_encoder(config),
       projector=network.make_head(config, "projector", hidden_bias=False,

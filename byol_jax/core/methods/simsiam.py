@@ -18,6 +18,7 @@ def make_network(config: ml_collections.ConfigDict) -> network.Network:
       projector=network.make_head(
           config, "projector", hidden_bias=False, output_bn=True,
           output_bn_scale=False, output_bn_bias=False),
+      # The reference's last predictor Linear keeps its bias.
       predictor=network.make_head(config, "predictor", hidden_bias=False,
                                   output_bias=True),
       num_classes=config.data.num_classes)

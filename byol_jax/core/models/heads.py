@@ -1,17 +1,7 @@
-"""MLP heads: projectors and predictors of BYOL, SimSiam and SimCLR.
+"""MLP heads: the projectors and predictors of BYOL, SimSiam and SimCLR.
 
-One configurable module covers them all:
-
-  BYOL projector/predictor: MLP(4096, 256)
-      Linear (bias) -> BN -> ReLU -> Linear (no bias), as the official MLP.
-  SimSiam projector: MLP(2048, 2048, num_layers=3, hidden_bias=False,
-      output_bn=True, output_bn_scale=False, output_bn_bias=False)
-      (the last BN has no affine transform).
-  SimSiam predictor: MLP(512, 2048, hidden_bias=False, output_bias=True)
-      (the reference's last Linear keeps its bias).
-  SimCLR v2 head: MLP(2048, 128, num_layers=3, hidden_bias=False,
-      output_bn=True, output_bn_bias=False)
-      (the last BN scales but does not centre).
+One configurable module covers them all; each method's `make_network` sets
+the biases and the output batch norm its reference uses.
 """
 import functools
 from typing import Any

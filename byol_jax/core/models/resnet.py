@@ -97,8 +97,7 @@ class ResNet(nn.Module):
     dtype: computation dtype; parameters and the output stay float32.
     zero_init_residual: zero-initialise the last BN scale of every block.
     padding: 'symmetric' or 'same'; see the module docstring.
-    bn_momentum: batch-norm moving-average decay.
-    bn_epsilon: batch-norm epsilon.
+    bn_momentum, bn_epsilon: batch-norm moving-average decay and epsilon.
   """
   stage_sizes: Sequence[int]
   bottleneck: bool
@@ -133,16 +132,13 @@ class ResNet(nn.Module):
                              param_dtype=jnp.float32)
     x = jnp.asarray(x).astype(self.dtype)
     filters = self.num_filters * self.width
+    k, stride = (7, 2) if self.stem == "imagenet" else (3, 1)
+    x = conv(filters, (k, k), (stride, stride), padding=_pad(k, self.padding),
+             name="stem_conv")(x)                 # [B, H/stride, W/stride, F]
+    x = nn.relu(norm(name="stem_bn")(x))
     if self.stem == "imagenet":
-      x = conv(filters, (7, 7), (2, 2), padding=_pad(7, self.padding),
-               name="stem_conv")(x)                       # [B, H/2, W/2, F]
-      x = nn.relu(norm(name="stem_bn")(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2),
                       padding=_pad(3, self.padding))      # [B, H/4, W/4, F]
-    else:
-      x = conv(filters, (3, 3), padding=_pad(3, self.padding),
-               name="stem_conv")(x)
-      x = nn.relu(norm(name="stem_bn")(x))                # [B, H, W, F]
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         # Stage i halves the resolution (except stage 0) on its first block.
