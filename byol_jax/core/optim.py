@@ -37,8 +37,7 @@ _CHOICES = {"name": ("lars", "sgd"), "lr_scaling": _LR_SCALINGS,
 
 
 def exclude_bias_and_bn(params: Any) -> Any:
-  """True for kernels (ndim > 1), which get weight decay and the trust ratio;
-  False for biases and batch-norm scales and offsets."""
+  """True for kernels (ndim > 1): biases and BN get no decay and no trust."""
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 

@@ -1,5 +1,4 @@
-"""The train state: one pytree, replicated over the mesh and donated to the
-step, so the step is a pure function of pytrees."""
+"""The train state: one pytree, replicated over the mesh and donated."""
 from typing import Any
 
 import flax

@@ -45,8 +45,7 @@ def _pad(k: int, padding: str) -> str | tuple[tuple[int, int], ...]:
 
 
 class Block(nn.Module):
-  """A basic block (two 3x3 convolutions, output `filters` channels) or a
-  bottleneck (1x1 -> 3x3 strided -> 1x1, output 4 * `filters`)."""
+  """Basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1 to 4 * filters) block."""
   filters: int
   strides: int
   bottleneck: bool
