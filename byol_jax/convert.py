@@ -13,13 +13,12 @@ writes a workdir that `byol_jax.load_encoder`, `byol_jax.linear_eval` and
 official 'same' padding. to-torch writes the online encoder as a torchvision
 ResNet state_dict without `fc` (see README.md, "Pretrained weights").
 """
-from byol_jax.trainer import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
-
 from absl import flags
 from ml_collections import config_flags
 
 from byol_jax.interop import convert_official
 from byol_jax.interop import convert_torch
+from byol_jax.trainer import cli
 from byol_jax.errors import ConfigError
 
 COMMANDS = ("from-official", "to-torch")
@@ -52,7 +51,7 @@ def run(command: str) -> str:
       raise ConfigError("from-official needs --checkpoint=FILE.pkl and "
                         "--workdir=DIR.")
     s = convert_official.from_official(f.checkpoint, f.workdir,
-                                       f.which, f.config)
+                                       f.which, cli.config())
     return (f"Converted the {s['which']} network of {f.checkpoint} "
             f"(ResNet-{s['depth']} x{s['width']}, step {s['step']}, LARS "
             f"momentum {'kept' if s['momentum'] else 'fresh'}) -> "
@@ -65,12 +64,9 @@ def run(command: str) -> str:
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in COMMANDS:
-    cli.exit_error(f"give one command, {' or '.join(COMMANDS)}; got "
-                   f"{argv[1:]}.", 2)
   print(run(argv[1]), flush=True)
 
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main)
+  cli.run(main, commands=COMMANDS)

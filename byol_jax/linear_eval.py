@@ -29,14 +29,12 @@ import json
 import time
 from typing import Any
 
-from byol_jax.trainer import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
-
 import jax
 from absl import flags
 from etils import epath
 
 from byol_jax import data
-from byol_jax.trainer import multihost
+from byol_jax.trainer import cli
 from byol_jax.interop import pretrained
 from byol_jax import progress
 from byol_jax.core import sharding
@@ -215,9 +213,9 @@ def summary_line(s: dict[str, Any]) -> str:
 
 
 def main(argv):
-  cli.no_arguments(argv)
+  del argv  # Flags only (cli.run).
   f = flags.FLAGS
-  multihost.initialize(**cli.multihost_flags())
+  cli.join_job()
   try:
     s = run(f.workdir, f.checkpoint, f.step, f.preset, f.which, f.steps,
             f.eval_batch_size, f.weight_decay, f.train_split, f.seed,

@@ -24,14 +24,13 @@ import urllib.parse
 import urllib.request
 from typing import Any, Optional
 
-from byol_jax.trainer import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
-
 import jax
 from absl import flags
 from etils import epath
 
 from byol_jax import storage
 from byol_jax.errors import ConfigError
+from byol_jax.trainer import cli
 
 _OFFLINE = ("offline, train from local images with --config.data.source=folder "
             "(or npz) and --config.data.path=PATH, or point "
@@ -250,25 +249,19 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None,
 
 
 def main(argv) -> None:
-  cli.no_arguments(argv)
+  del argv  # Flags only (cli.run).
   args = flags.FLAGS
   if not args.dataset:
-    cli.exit_error("give --dataset=NAME (a TFDS name, e.g. cifar10).", 2)
+    cli.exit_error("give --dataset=NAME (a TFDS name, e.g. cifar10).",
+                   cli.EXIT_USAGE)
   for module in args.imports:
     try:
       importlib.import_module(module)
     except ImportError as e:
       cli.exit_error(f"--imports: cannot import {module!r} ({e}); put it on "
-                     "PYTHONPATH or fix the name.", 2)
-  try:
-    storage.check(args.data_dir or "", "--data_dir")
-    prepare_dataset(args.dataset, args.data_dir, args.manual_dir)
-  except ConfigError as e:
-    # The error line first, then TFDS's instructions that it points at.
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    if getattr(e, "instructions", ""):
-      print(e.instructions, flush=True)
-    sys.exit(1)
+                     "PYTHONPATH or fix the name.", cli.EXIT_USAGE)
+  storage.check(args.data_dir or "", "--data_dir")
+  prepare_dataset(args.dataset, args.data_dir, args.manual_dir)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Bucket paths (gs://): which client reads and writes them.
 
 Every file operation of byol_jax on a bucket goes through `etils.epath`,
-which this module points at gcsfs (fsspec) instead of TensorFlow's own GCS
-filesystem: `EPATH_USE_TF=false` unless the user set it. Orbax uses the same
+pointed at gcsfs (fsspec) instead of TensorFlow's own GCS filesystem by
+`EPATH_USE_TF=false` (byol_jax/environ.py) unless the user set it. Orbax uses the same
 epath for its directories and tensorstore for the arrays; tensorboardX uses
 google-cloud-storage. All three talk to real GCS with the machine's
 credentials (a TPU VM's service account), and all three follow one emulator:
@@ -21,8 +21,6 @@ import fsspec
 
 from byol_jax.errors import ConfigError
 
-# Before any epath gs:// path is used (epath caches its choice).
-os.environ.setdefault("EPATH_USE_TF", "false")
 # No cached listings: checkpoints appear while a run writes them (a reader
 # that listed the bucket once would not see the newer steps).
 for _protocol in ("gs", "gcs"):
