@@ -3,23 +3,27 @@
 `jax.distributed.initialize()` without arguments asks JAX's cluster
 environments (Open MPI, SLURM, GKE TPU, Cloud TPU VM through the GCE metadata
 server, Kubernetes) for the coordinator, the number of processes and this
-process's index. `--multihost=auto` asks the same environments, in the same
-order, and joins only when the one JAX would use says more than one process:
-a single-host TPU VM (v3-8, v5e-8 ...) or a SLURM job of one task runs alone,
-as does a plain machine, where JAX finds nothing and would raise.
+process's index. `--multihost=auto` joins only when that environment says
+more than one process: a single-host TPU VM (v3-8, v5e-8 ...) or a SLURM job
+of one task runs alone, as does a plain machine, where JAX would raise.
 
-Detection reads `jax._src.clusters`, JAX's own (private) registry, so that it
-follows JAX's rules exactly; tests/test_multihost_detect.py pins the
-behaviour for each environment.
+JAX has no public API that names the cluster environment and its process
+count without joining it (`jax.distributed` has only `initialize`,
+`is_initialized` and `shutdown`; the registry is the private
+`jax._src.clusters`). `detect` and `should_join` therefore read the same
+variables and metadata as JAX 0.7 to 0.10 do, in JAX's order;
+tests/test_multihost_detect.py pins that for each environment.
 """
+import importlib.util
 import os
+import pathlib
+import urllib.request
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax._src import clusters as jax_clusters
 
 from byol_jax.core import sharding
 from byol_jax.errors import ConfigError
@@ -29,19 +33,73 @@ COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed itself
 HEARTBEAT_TIMEOUT_SECONDS = 15
 # How long a finished process waits for the others at exit (JAX: 300 s).
 SHUTDOWN_TIMEOUT_SECONDS = 60
+_SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
+          "SLURM_PROCID", "SLURM_LOCALID")
+# JAX's TPU chips on the PCI bus: Google's vendor id, v3 ... TPU7x device ids.
+_TPU_PCI = ("0x1ae0", ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063",
+                       "0x006f", "0x0076"))
 
 
-def _cluster_env():
-  """The cluster environment `jax.distributed.initialize()` would use.
+def _metadata(key: str) -> Optional[str]:
+  """A Cloud TPU VM's attribute from the GCE metadata server, as JAX asks."""
+  host = os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
+  request = urllib.request.Request(
+      f"http://{host}/computeMetadata/v1/instance/attributes/{key}",
+      headers={"Metadata-Flavor": "Google"})
+  try:
+    with urllib.request.urlopen(request, timeout=10) as answer:
+      return answer.read().decode()
+  except OSError:  # Not found (HTTPError), or no server.
+    return None
 
-  Same rule as `ClusterEnv.auto_detect_unset_distributed_params`: the first
-  registered environment that is not opt-in only (mpi4py) and is present.
-  Returns the ClusterEnv subclass, or None.
+
+def _on_cloud_tpu_vm() -> bool:
+  """JAX's test (cloud_tpu_init): libtpu and a TPU chip on the PCI bus, or
+  JAX_FORCE_TPU_INIT."""
+  if "JAX_FORCE_TPU_INIT" in os.environ:
+    return True
+  if importlib.util.find_spec("libtpu") is None:
+    return False
+  for device in pathlib.Path("/sys/bus/pci/devices").iterdir():
+    ids = [(device / f).read_text().strip() for f in ("vendor", "device")]
+    if ids[0] == _TPU_PCI[0] and ids[1] in _TPU_PCI[1]:
+      return True
+  return False
+
+
+def _num_slices() -> int:
+  """Multislice TPU jobs: slices, from the environment or the metadata."""
+  value = os.environ.get("MEGASCALE_NUM_SLICES")
+  for line in ("" if value else _metadata("tpu-env") or "").splitlines():
+    key, _, v = line.partition(":")
+    if key.strip() == "MEGASCALE_NUM_SLICES":
+      value = v.strip().strip("'")
+  return int(value or 1)
+
+
+def _cluster() -> Optional[tuple[str, Optional[int]]]:
+  """(name, process count) of the environment `jax.distributed.initialize()`
+  would use, or None; the count is None where only JAX can ask (Kubernetes).
+
+  JAX's order: Open MPI, SLURM, (mpi4py: opt-in only), GKE TPU, Cloud TPU
+  VM, Kubernetes with its Python client installed.
   """
-  # pylint: disable-next=protected-access
-  for env in jax_clusters.ClusterEnv._cluster_types:
-    if not env.opt_in_only_method and env.is_env_present():
-      return env
+  env = os.environ
+  if "OMPI_MCA_orte_hnp_uri" in env:
+    return "OmpiCluster", int(env["OMPI_COMM_WORLD_SIZE"])
+  if all(k in env for k in _SLURM):
+    return "SlurmCluster", int(env["SLURM_NTASKS"])
+  tpu_vm = _on_cloud_tpu_vm()
+  workers = env.get("TPU_PROCESS_ADDRESSES", env.get("TPU_WORKER_HOSTNAMES"))
+  if tpu_vm and workers is not None:
+    return "GkeTpuCluster", len(workers.split(",")) * _num_slices()
+  if (tpu_vm and "TPU_SKIP_MDS_QUERY" not in env and
+      _metadata("agent-worker-number") is not None):
+    endpoints = (_metadata("worker-network-endpoints") or "").split(",")
+    return "GceTpuCluster", len(endpoints) * _num_slices()
+  if ("KUBERNETES_SERVICE_HOST" in env and
+      importlib.util.find_spec("kubernetes") is not None):
+    return "K8sCluster", None
   return None
 
 
@@ -49,15 +107,15 @@ def detect() -> Optional[str]:
   """Names the multi-process environment this process runs in.
 
   Returns:
-    'JAX_COORDINATOR_ADDRESS' when that variable is set; else the class name
-    of the JAX cluster environment found ('OmpiCluster', 'SlurmCluster',
+    'JAX_COORDINATOR_ADDRESS' when that variable is set; else the name of
+    JAX's cluster environment found ('OmpiCluster', 'SlurmCluster',
     'GkeTpuCluster', 'GceTpuCluster', 'K8sCluster'), whatever its number of
     processes; None on a plain machine.
   """
   if os.environ.get(COORDINATOR_ENV):
     return COORDINATOR_ENV
-  env = _cluster_env()
-  return None if env is None else env.__name__
+  cluster = _cluster()
+  return cluster and cluster[0]
 
 
 def check_flags(mode: str = "auto", coordinator_address: Optional[str] = None,
@@ -97,8 +155,7 @@ def check_flags(mode: str = "auto", coordinator_address: Optional[str] = None,
         "several: drop them to run alone, or use --multihost=auto (or yes) "
         "to join the job.")
   if (mode != "no" and (num_processes or 1) > 1 and
-      coordinator_address is None and not os.environ.get(COORDINATOR_ENV)
-      and _cluster_env() is None):
+      coordinator_address is None and detect() is None):
     raise ConfigError(
         f"--num_processes={num_processes} but nothing names the coordinator: "
         "give --coordinator_address=HOST:PORT (process 0's address) to every "
@@ -127,8 +184,9 @@ def should_join(mode: str = "auto", coordinator_address: Optional[str] = None,
     return True
   if os.environ.get(COORDINATOR_ENV):
     return True
-  env = _cluster_env()
-  return env is not None and env.get_process_count() > 1
+  cluster = _cluster()
+  # Kubernetes: JAX asks the job's parallelism itself.
+  return cluster is not None and (cluster[1] or 2) > 1
 
 
 def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
@@ -158,7 +216,7 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
   if not should_join(mode, coordinator_address, num_processes, process_id):
     return False
   if (num_processes is None and not options.get("cluster_detection_method")
-      and _cluster_env() is None):
+      and _cluster() is None):
     raise ConfigError(
         f"--multihost={mode} but no cluster environment (SLURM, Open MPI, "
         "Cloud TPU, Kubernetes) says how many processes run: give "
