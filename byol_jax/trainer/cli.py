@@ -1,16 +1,11 @@
 """The command line shared by train, linear_eval, convert and prepare.
 
-`run(main)` gives every command the same behaviour:
-- a quiet console: the command's own lines; libraries' warnings (Python's
-  too) are one `warning: ...` line each. `--verbosity=0` (or higher) shows
-  the libraries' logs in absl's format again.
-- a mistake in the flags, the config file or an override: one `error:` line
-  and exit code 2, before anything is compiled; `--help` (`-h`,
-  `--helpfull` ...) prints the usage and exits 0.
-- from `main`: a ConfigError or StorageError is one `error:` line and exit
-  code 1 (a ConfigError's `instructions`, if any, follow on stdout); Ctrl-C
-  is one line and exit code 130; a collective that fails because another
-  process of the job stopped is one line and exit code 1.
+`run(main)` gives every command: a quiet console (libraries' warnings as one
+`warning: ...` line each; `--verbosity=0` brings absl's logs back); `--help`
+exits 0; a bad flag, config file or override is one `error:` line, exit 2,
+before anything is compiled. From `main`, a ConfigError or StorageError is
+one `error:` line, exit 1 (a ConfigError's `instructions` follow on stdout);
+Ctrl-C exit 130; a collective failed by a lost process, one line, exit 1.
 """
 import logging as std_logging
 import os
@@ -77,13 +72,11 @@ class _PlainFormatter(std_logging.Formatter):
 
 
 def _quiet_console() -> None:
-  """The libraries' warnings only, one plain line each (see the module)."""
   if flags.FLAGS["verbosity"].present:
     return
   logging.set_verbosity(logging.WARNING)
   handler = logging.get_absl_handler()
-  # Orbax logs the tracebacks of failed background saves, which the commands
-  # report in one line.
+  # Orbax logs the tracebacks of failed background saves: said in one line.
   handler.addFilter(lambda r: "/orbax/" not in r.pathname or r.levelno >= 50)
   handler.python_handler.setFormatter(_PlainFormatter())
   std_logging.captureWarnings(True)
@@ -118,13 +111,11 @@ def config(name: str = "config"):
 
 
 def define_multihost_flags() -> None:
-  """--multihost, --coordinator_address, --num_processes, --process_id and
-  the job's timeouts (`join_job` reads them)."""
+  """The flags that `join_job` reads."""
   flags.DEFINE_enum(
       "multihost", "auto", ["auto", "yes", "no"],
-      "Join jax.distributed: auto = when the environment is a multi-host "
-      "cluster (Cloud TPU pod, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) or "
-      "a process count, id or coordinator is given.")
+      "Join jax.distributed: auto = when the cluster (Cloud TPU pod, SLURM, "
+      "Open MPI ...) has several processes or flags describe a job.")
   flags.DEFINE_string("coordinator_address", None,
                       "host:port of process 0 (else auto-detect).")
   flags.DEFINE_integer("num_processes", None,
@@ -141,29 +132,20 @@ def define_multihost_flags() -> None:
 
 
 def join_job() -> bool:
-  """Joins the multi-host job that the flags or the cluster describe.
-
-  Returns:
-    Whether it joined (see `multihost.initialize`).
-  """
+  """Joins the multi-host job that the flags or the cluster describe."""
   f = flags.FLAGS
-  args = (f.multihost, f.coordinator_address, f.num_processes, f.process_id)
-  multihost.check_flags(*args)
-  if multihost.should_join(*args):
-    job_errors.guard_stderr()  # A lost process: one line, not a C++ dump.
   return multihost.initialize(
-      *args, heartbeat_timeout_seconds=f.heartbeat_timeout_seconds,
+      f.multihost, f.coordinator_address, f.num_processes, f.process_id,
+      # A lost process: one line, not JAX's C++ dump.
+      before_join=job_errors.guard_stderr,
+      heartbeat_timeout_seconds=f.heartbeat_timeout_seconds,
       shutdown_timeout_seconds=f.shutdown_timeout_seconds)
 
 
 def run(main: Callable[[list[str]], None],
         commands: tuple[str, ...] = ()) -> None:
-  """`app.run(main)` with the shared flag parsing and error lines.
-
-  Args:
-    main: the command; it gets argv (with one of `commands`, if any).
-    commands: the subcommands, of which argv must name one; () for none.
-  """
+  """`app.run(main)` with the shared parsing and error lines (the module);
+  argv must name one of `commands`, or give no arguments if there are none."""
   def checked(argv):
     rest = argv[1:]
     if commands and (len(rest) != 1 or rest[0] not in commands):
@@ -173,18 +155,16 @@ def run(main: Callable[[list[str]], None],
       exit_error(f"unexpected arguments {rest}; give flags only.", EXIT_USAGE)
     try:
       return main(argv)
-    except ConfigError as e:
+    except (ConfigError, StorageError) as e:
       sys.stdout.flush()
       print(f"error: {e}", file=sys.stderr, flush=True)
       if getattr(e, "instructions", ""):  # What the line points at.
         print(e.instructions, flush=True)
+      if isinstance(e, StorageError):
+        # Orbax's threads of a failed save wait for signals that never come;
+        # the checkpoints, writers and lock are closed already: leave now.
+        os._exit(EXIT_ERROR)  # pylint: disable=protected-access
       sys.exit(EXIT_ERROR)
-    except StorageError as e:
-      # Orbax's threads of a failed save wait for signals that never come;
-      # the checkpoints, writers and lock are closed already: leave now.
-      sys.stdout.flush()
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      os._exit(EXIT_ERROR)  # pylint: disable=protected-access
     except KeyboardInterrupt:  # The saves in flight were finished.
       exit_error("interrupted; everything saved so far is complete: run the "
                  "same command to resume.", EXIT_INTERRUPTED)
