@@ -58,13 +58,8 @@ def run(workdir: str, checkpoint: str | None = None, step: int | None = None,
         **given) -> dict[str, Any]:
   """Loads the checkpoint, trains and scores the head, writes the JSON.
 
-  Args:
-    workdir: where the JSON goes (and the checkpoint, by default).
-    checkpoint ... data_dir: as the flags of the same names.
-    **given: mode, epochs, batch_size, base_lr, fraction (None: preset).
-
-  Returns:
-    The JSON-able result (also written to `output`).
+  The arguments are the flags' (`given`: mode, epochs, batch_size, base_lr,
+  fraction; None: the preset's); returns the JSON-able result.
   """
   start = time.time()
   if not workdir:

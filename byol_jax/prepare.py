@@ -81,8 +81,9 @@ def _unreachable_url(builder) -> Optional[str]:
   return None
 
 
-def _download_and_prepare(builder, manual_dir: Optional[str]) -> str:
-  """Downloads and prepares, with TFDS's progress bars; returns the splits.
+def _download_and_prepare(builder, name: str,
+                          manual_dir: Optional[str]) -> None:
+  """Downloads and prepares dataset `name`, with TFDS's progress bars.
 
   Raises:
     ConfigError: the download failed (one line with the offline options).
@@ -94,10 +95,11 @@ def _download_and_prepare(builder, manual_dir: Optional[str]) -> str:
     raise ConfigError(
         f"Cannot download TFDS dataset {builder.name!r}: {url} is unreachable "
         f"(no network?). If {_OFFLINE}.")
+  where = os.fspath(builder.data_dir_root)
+  print(f"Preparing TFDS dataset {name} in {where}.", flush=True)
   tfds.display_progress_bar(True)
   # Into a bucket: the downloads and their extraction stay on this machine
   # (TFDS's local default); only the prepared dataset goes to the bucket.
-  where = os.fspath(builder.data_dir_root)
   download_dir = (os.path.expanduser("~/tensorflow_datasets/downloads")
                   if storage.is_remote(where) else None)
   try:
@@ -109,8 +111,9 @@ def _download_and_prepare(builder, manual_dir: Optional[str]) -> str:
     raise ConfigError(
         f"Downloading TFDS dataset {builder.name!r} failed "
         f"({type(e).__name__}: {text}). If {_OFFLINE}.") from e
-  return ", ".join(f"{name} {split.num_examples}"
-                   for name, split in sorted(builder.info.splits.items()))
+  splits = ", ".join(f"{name} {split.num_examples}"
+                     for name, split in sorted(builder.info.splits.items()))
+  print(f"Prepared {name} in {where}: {splits} examples.", flush=True)
 
 
 def ensure_prepared(data_cfg: Any) -> None:
@@ -142,10 +145,7 @@ def ensure_prepared(data_cfg: Any) -> None:
         f"TFDS dataset {name!r} is not prepared in {where}; prepare it once "
         f"with `{command}` (one host; a gs:// data_dir serves all hosts), "
         "then start the run again.")
-  print(f"Preparing TFDS dataset {name} in {where} (first use only).",
-        flush=True)
-  print(f"Prepared {name}: {_download_and_prepare(builder, None)} examples.",
-        flush=True)
+  _download_and_prepare(builder, name, None)
 
 
 def prepare_dataset(name: str, data_dir: Optional[str] = None,
@@ -169,10 +169,8 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None,
         "there (or give --manual_dir=DIR) and run this command again.")
     error.instructions = builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()
     raise error
-  print(f"Preparing {name} in {where}.", flush=True)
-  splits = _download_and_prepare(builder, manual)
-  print(f"Prepared {name} in {where}: {splits} examples. Train with "
-        f"--config.data.name={name} --config.data.data_dir={where}")
+  _download_and_prepare(builder, name, manual)
+  print(f"Train with --config.data.name={name} --config.data.data_dir={where}")
 
 
 def _define_flags() -> None:

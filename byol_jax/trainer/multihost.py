@@ -6,11 +6,10 @@ coordinator, the process count and index. `--multihost=auto` joins only when
 that environment says more than one process: a single-host TPU VM or a SLURM
 job of one task runs alone, as does a plain machine.
 
-JAX has no public API that names the cluster environment and its process
-count without joining it (`jax.distributed` has only `initialize`,
-`is_initialized` and `shutdown`; the registry is the private
-`jax._src.clusters`). `detect` and `should_join` therefore read the same
-variables and metadata as JAX 0.7 to 0.10 do, in JAX's order;
+JAX has no public API that names the cluster and its process count without
+joining (`jax.distributed` has only `initialize`, `is_initialized` and
+`shutdown`; the registry is the private `jax._src.clusters`), so `_cluster`
+reads the variables and metadata that JAX 0.7 to 0.10 read, in JAX's order;
 tests/test_multihost_detect.py pins that for each environment.
 """
 import importlib.util
@@ -163,20 +162,12 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
                process_id: Optional[int] = None,
                before_join: Optional[Callable[[], None]] = None,
                **options) -> bool:
-  """Joins `jax.distributed` when `should_join`; before the devices are used.
+  """Joins `jax.distributed` if `should_join` (before the devices are used).
 
-  Args:
-    mode, coordinator_address, num_processes, process_id: the flags; None
-      lets JAX detect a value.
-    before_join: called just before joining.
-    **options: more arguments of `jax.distributed.initialize`.
-
-  Returns:
-    Whether it joined.
-
-  Raises:
-    ConfigError: flags that do not fit (`check_flags`), or nothing says how
-      many processes there are.
+  The flags' None lets JAX detect a value; `before_join` runs just before
+  joining; `options` go to `jax.distributed.initialize`. Returns whether it
+  joined; raises ConfigError for flags that do not fit (`check_flags`) or
+  when nothing says how many processes there are.
   """
   check_flags(mode, coordinator_address, num_processes, process_id)
   if not should_join(mode, coordinator_address, num_processes, process_id):
