@@ -31,10 +31,8 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
 def view_augment(*, flip=0.5, color_jitter=0.8, brightness=0.4, contrast=0.4,
                  saturation=0.2, hue=0.1, grayscale=0.2, blur=1.0,
                  solarize=0.0) -> dict[str, float]:
-  """Probabilities and strengths of the device-side augmentations of one view.
-
-  Defaults are BYOL's T (DESIGN section 3); `byol_view2()` gives T'.
-  """
+  """One view's augmentation probabilities and strengths (default: BYOL's T,
+  DESIGN section 3; base_config's view2 is T')."""
   return dict(flip=flip, color_jitter=color_jitter, brightness=brightness,
               contrast=contrast, saturation=saturation, hue=hue,
               grayscale=grayscale, blur=blur, solarize=solarize)
