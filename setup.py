@@ -11,21 +11,22 @@ setuptools.setup(
         "jax>=0.7",
         "flax>=0.10",
         "optax>=0.2.4",
-        "chex>=0.1.88",
         "orbax-checkpoint>=0.11",
         "ml_collections>=1.0",
         "absl-py",
         "numpy",
         "pillow",
         "tensorboardX",  # TensorBoard event files, without TensorFlow
+        "etils[epath]",  # epath: every file byol_jax reads or writes
         "fsspec",  # epath's gs:// backend (byol_jax/storage.py)
     ],
     extras_require={
         # tf.data host pipeline, TFDS sources and TensorBoard event files.
         # TFDS 4.9.10 imports importlib_resources when it prepares a dataset
         # but declares it for Python < 3.9 only (tensorflow/datasets#11212).
+        # requests: byol_jax.prepare catches TFDS's download errors.
         "tf": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "tensorboard",
-               "importlib_resources"],
+               "importlib_resources", "requests"],
         # gs:// workdirs and data_dirs (byol_jax/storage.py): gcsfs for every
         # file byol_jax and Orbax write through etils.epath (tensorstore,
         # Orbax's array writer, is a dependency already), and
@@ -37,8 +38,9 @@ setuptools.setup(
         # gcp-storage-emulator (+ the gcs extra): a local GCS for the gs://
         # tests; safetensors: `convert to-torch` without torch.
         # dill: the official Checkpointer's own writer (dill protocol 2).
-        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
-                 "dm-haiku", "tensorboard", "gcp-storage-emulator", "gcsfs",
+        # chex: the tests' tree assertions (the library does not use it).
+        "test": ["chex>=0.1.88", "pytest", "pytest-xdist", "nbclient",
+                 "nbformat", "ipykernel", "dm-haiku", "tensorboard", "gcp-storage-emulator", "gcsfs",
                  "google-cloud-storage", "safetensors", "dill"],
         # `python -m byol_jax.convert to-torch`: .pt needs torch, .safetensors
         # only safetensors; torchvision for loading the export (large: CI

@@ -6,23 +6,21 @@ r"""Checkpoint conversion: official BYOL weights in, torchvision weights out.
   python -m byol_jax.convert to-torch --workdir=/tmp/run --out=r50.pt
   python -m byol_jax.convert to-torch --workdir=/tmp/run --out=r50.safetensors
 
-from-official reads DeepMind's pretraining pickle with a restricted
-unpickler (`safe_pickle`: it builds only arrays, scalars and containers) and
-writes a workdir that `byol_jax.load_encoder`, `byol_jax.linear_eval` and
-`byol_jax.train` (with the same BYOL config) read; the encoder keeps the
-official 'same' padding. to-torch writes the online encoder as a torchvision
-ResNet state_dict without `fc` (see README.md, "Pretrained weights").
+from-official reads DeepMind's pickle with a restricted unpickler (arrays,
+scalars and containers only) into a workdir that load_encoder, linear_eval
+and train read (the encoder keeps the official 'same' padding). to-torch
+writes the online encoder as a torchvision ResNet state_dict without `fc`.
 """
-from byol_jax.trainer import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
-
 from absl import flags
 from ml_collections import config_flags
 
 from byol_jax.interop import convert_official
 from byol_jax.interop import convert_torch
+from byol_jax.trainer import cli
 from byol_jax.errors import ConfigError
 
 COMMANDS = ("from-official", "to-torch")
+
 
 def define_flags() -> None:
   """The command line's flags (defined only when run as a program)."""
@@ -36,41 +34,35 @@ def define_flags() -> None:
                     "online network.")
   config_flags.DEFINE_config_file(
       "config", None, "from-official: the BYOL config stored with the "
-      "weights (default: byol_jax.trainer.config_lib.base_config()); its network "
-      "fields are set from the checkpoint.", lock_config=False)
+      "weights (default: config_lib.base_config()); its network fields are "
+      "set from the checkpoint.", lock_config=False)
   flags.DEFINE_string("out", None,
                       "to-torch: the .pt, .pth or .safetensors file.")
   flags.DEFINE_integer("step", None,
                        "to-torch: checkpoint step (default: newest).")
 
 
-def run(command: str) -> str:
-  """Runs one subcommand; returns the line to print."""
+def main(argv):
   f = flags.FLAGS
-  if command == "from-official":
+  if argv[1] == "from-official":
     if not f.checkpoint or not f.workdir:
       raise ConfigError("from-official needs --checkpoint=FILE.pkl and "
                         "--workdir=DIR.")
     s = convert_official.from_official(f.checkpoint, f.workdir,
-                                       f.which, f.config)
-    return (f"Converted the {s['which']} network of {f.checkpoint} "
+                                       f.which, cli.config())
+    line = (f"Converted the {s['which']} network of {f.checkpoint} "
             f"(ResNet-{s['depth']} x{s['width']}, step {s['step']}, LARS "
             f"momentum {'kept' if s['momentum'] else 'fresh'}) -> "
             f"{s['workdir']}")
-  if not f.workdir or not f.out:
-    raise ConfigError("to-torch needs --workdir=DIR and --out=FILE.")
-  s = convert_torch.export(f.workdir, f.out, f.step)
-  return (f"Exported the encoder of step {s['step']} (ResNet-{s['depth']} "
-          f"x{s['width']}, {s['tensors']} tensors) -> {s['out']}")
-
-
-def main(argv):
-  if len(argv) != 2 or argv[1] not in COMMANDS:
-    cli.exit_error(f"give one command, {' or '.join(COMMANDS)}; got "
-                   f"{argv[1:]}.", 2)
-  print(run(argv[1]), flush=True)
+  else:
+    if not f.workdir or not f.out:
+      raise ConfigError("to-torch needs --workdir=DIR and --out=FILE.")
+    s = convert_torch.export(f.workdir, f.out, f.step)
+    line = (f"Exported the encoder of step {s['step']} (ResNet-{s['depth']} "
+            f"x{s['width']}, {s['tensors']} tensors) -> {s['out']}")
+  print(line, flush=True)
 
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main)
+  cli.run(main, commands=COMMANDS)

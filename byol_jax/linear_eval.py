@@ -1,42 +1,34 @@
 r"""Linear evaluation, fine-tuning and semi-supervised fine-tuning.
 
-  python -m byol_jax.linear_eval --workdir=/tmp/byol_cifar10
-  python -m byol_jax.linear_eval --workdir=/tmp/run --which=target
+  python -m byol_jax.linear_eval --workdir=/tmp/byol_cifar10 [--which=target]
   python -m byol_jax.linear_eval --workdir=/tmp/run --preset=finetune_10pct
-  python -m byol_jax.linear_eval --workdir=/tmp/run --mode=finetune \
-      --train_split=train --fraction=0.1 --seed=1
   python -m byol_jax.linear_eval --workdir=/tmp/run --checkpoint=/ckpts/run \
       --step=20000 --data_source=npz --data_path=/data/cifar10.npz
 
-Presets (`PRESETS`; any flag given explicitly overrides them):
-- linear: the linear protocol (frozen encoder, 80 epochs, base LR 0.2,
-  Nesterov SGD, cosine, no weight decay, crop + flip).
-- finetune_1pct / finetune_10pct: semi-supervised fine-tuning of the whole
-  encoder on 1% / 10% of the labels, the SimCLR protocol that BYOL's paper
-  follows (Nesterov SGD, base LR 0.05 per 256 images, batch 4096, no warm-up
-  or weight decay, crop + flip; 60 / 30 epochs). On ImageNet from TFDS the
-  labelled subsets are TFDS's `imagenet2012_subset/1pct` and `/10pct` (the
-  SimCLR subsets); elsewhere a class-balanced fraction of the train split,
-  deterministic per --seed.
+Presets (`PRESETS`; flags given explicitly override them): `linear`, the
+linear protocol (frozen encoder, 80 epochs, base LR 0.2, Nesterov SGD,
+cosine, no weight decay, crop + flip); `finetune_1pct` / `finetune_10pct`,
+the SimCLR semi-supervised protocol that BYOL's paper follows (the whole
+encoder on 1% / 10% of the labels, base LR 0.05, batch 4096, 60 / 30
+epochs): TFDS's `imagenet2012_subset` on ImageNet from TFDS, elsewhere a
+class-balanced fraction of the train split, deterministic per --seed.
 
-The run's config (saved in every checkpoint) names the data and the encoder;
-`--data_source`/`--data_path`/`--data_dir` point the evaluation at another
-copy of the same data. Batch sizes are rounded up to a multiple of the device
-count (the learning rate follows). Top-1/top-5 are printed and written as
-JSON to WORKDIR/linear_eval.json (finetune.json for fine-tuning) or --output.
+The checkpoint's config names the data and the encoder; `--data_*` point at
+another copy of the same data. Batch sizes round up to a multiple of the
+device count (the learning rate follows). Top-1/top-5 go to
+WORKDIR/linear_eval.json (finetune.json for fine-tuning) or --output.
 """
+import inspect
 import json
 import time
 from typing import Any
-
-from byol_jax.trainer import cli  # First: TensorFlow's C++ notices off.  # pylint: disable=g-bad-import-order
 
 import jax
 from absl import flags
 from etils import epath
 
 from byol_jax import data
-from byol_jax.trainer import multihost
+from byol_jax.trainer import cli
 from byol_jax.interop import pretrained
 from byol_jax import progress
 from byol_jax.core import sharding
@@ -56,38 +48,9 @@ PRESETS = {
 }
 DEFAULT_BASE_LR = {"linear": 0.2, "finetune": 0.01}
 
-def override_data(config, source: str | None, path: str | None,
-                  data_dir: str | None):
-  """Points config.data at another copy of the data; checks local paths."""
-  with config.unlocked():
-    if source:
-      config.data.source = source
-    if path:
-      config.data.path = path
-    if data_dir:
-      config.data.data_dir = data_dir
-  if config.data.source in ("npz", "folder") and config.data.path:
-    p = config.data.path
-    if "://" not in p and not epath.Path(p).exists():
-      raise ConfigError(f"The evaluation data {p} does not exist; point "
-                        "--data_path at a local copy.")
-  return config
 
-
-def settings(preset: str | None = None, **given) -> dict[str, Any]:
-  """The evaluation's settings: the preset's values, then the given ones."""
-  out = dict(mode="linear", epochs=80.0, batch_size=256, base_lr=None,
-             fraction=1.0, tfds_subset=None)
-  out.update(PRESETS[preset] if preset else {})
-  out.update({k: v for k, v in given.items() if v is not None})
-  if out["base_lr"] is None:
-    out["base_lr"] = DEFAULT_BASE_LR[out["mode"]]
-  return out
-
-
-def run(workdir: str, checkpoint_path: str | None = None,
-        step: int | None = None, preset: str | None = None,
-        which: str = "online", steps: int = 0,
+def run(workdir: str, checkpoint: str | None = None, step: int | None = None,
+        preset: str | None = None, which: str = "online", steps: int = 0,
         eval_batch_size: int | None = None, weight_decay: float = 0.0,
         train_split: str | None = None, seed: int = 0,
         output: str | None = None, data_source: str | None = None,
@@ -95,65 +58,61 @@ def run(workdir: str, checkpoint_path: str | None = None,
         **given) -> dict[str, Any]:
   """Loads the checkpoint, trains and scores the head, writes the JSON.
 
-  Args:
-    workdir: where the JSON goes (and the checkpoint, by default).
-    checkpoint_path, step: which checkpoint (default: workdir's newest).
-    preset: a key of PRESETS.
-    which: 'online' or 'target'.
-    steps: when > 0, steps instead of epochs.
-    eval_batch_size, weight_decay, train_split, seed: see the flags.
-    output: the JSON path (default: WORKDIR/linear_eval.json or
-      finetune.json).
-    data_source, data_path, data_dir: another copy of the same data.
-    **given: mode, epochs, batch_size, base_lr, fraction (None: preset).
-
-  Returns:
-    The JSON-able result (also written to `output`).
+  The arguments are the flags' (`given`: mode, epochs, batch_size, base_lr,
+  fraction; None: the preset's); returns the JSON-able result.
   """
   start = time.time()
   if not workdir:
     raise ConfigError("Give --workdir=DIR (the pretraining run's workdir).")
-  s = settings(preset, **given)
+  s = dict(mode="linear", epochs=80.0, batch_size=256, base_lr=None,
+           fraction=1.0, tfds_subset=None)
+  s.update(PRESETS.get(preset, {}))
+  s.update({k: v for k, v in given.items() if v is not None})
+  s["base_lr"] = s["base_lr"] or DEFAULT_BASE_LR[s["mode"]]
   if steps <= 0 and not s["epochs"] > 0:
     raise ConfigError(f"--epochs={s['epochs']}: give a positive number of "
                       "epochs (or --steps).")
-  for name in ("batch_size", "eval_batch_size"):
-    value = s["batch_size"] if name == "batch_size" else eval_batch_size
+  for name, value in (("batch_size", s["batch_size"]),
+                      ("eval_batch_size", eval_batch_size)):
     if value is not None and value <= 0:
       raise ConfigError(f"--{name}={value} must be positive.")
   if not 0.0 < s["fraction"] <= 1.0:
     raise ConfigError(f"--fraction={s['fraction']} must be in (0, 1].")
-  config, state, ckpt_step = pretrained.load_run(checkpoint_path or workdir,
-                                                 step)
-  variables = pretrained.encoder_variables(state, which,
-                                           checkpoint_path or workdir)
-  config = override_data(config, data_source, data_path, data_dir)
-  fraction = s["fraction"]
-  if (s["tfds_subset"] and config.data.source == "tfds" and
-      config.data.name == "imagenet2012" and train_split is None):
-    # The published subsets, as a dataset of their own.
-    with config.unlocked():
-      config.data.name = s["tfds_subset"]
-    fraction = 1.0
+  source = checkpoint or workdir
+  config, state, ckpt_step = pretrained.load_run(source, step)
+  variables = pretrained.encoder_variables(state, which, source)
+  with config.unlocked():  # Another copy of the same data.
+    for field, value in (("source", data_source), ("path", data_path),
+                         ("data_dir", data_dir)):
+      if value:
+        config.data[field] = value
+    path = config.data.path
+    if (config.data.source in ("npz", "folder") and path and
+        "://" not in path and not epath.Path(path).exists()):
+      raise ConfigError(f"The evaluation data {path} does not exist; point "
+                        "--data_path at a local copy.")
+    fraction = s["fraction"]
+    if (s["tfds_subset"] and config.data.source == "tfds" and
+        config.data.name == "imagenet2012" and train_split is None):
+      config.data.name = s["tfds_subset"]  # The published subsets.
+      fraction = 1.0
   info = data.describe(config)
   if info.num_classes == 1:
     progress.say(progress.single_class_warning(info.name))
-  mesh = sharding.make_mesh()
   evaluate = linear.LinearEvaluator(
-      config, network.make_encoder(config), mesh, epochs=s["epochs"],
-      steps=steps, batch_size=s["batch_size"],
+      config, network.make_encoder(config), sharding.make_mesh(),
+      epochs=s["epochs"], steps=steps, batch_size=s["batch_size"],
       eval_batch_size=eval_batch_size, base_lr=s["base_lr"],
       finetune=(s["mode"] == "finetune"), weight_decay=weight_decay,
       seed=seed, train_split=train_split, fraction=fraction)
-  result = evaluate(variables)
-  summary = {k: v for k, v in result.items()
+  summary = {k: v for k, v in evaluate(variables).items()
              if isinstance(v, (int, float, bool, str))}
   summary.update(
       mode=s["mode"], preset=preset or "", which=which,
-      checkpoint=str(checkpoint_path or workdir),
-      checkpoint_step=int(ckpt_step), method=config.method,
-      depth=config.model.depth, width=config.model.width,
-      dataset=info.name, eval_split=config.data.eval_split,
+      checkpoint=str(source), checkpoint_step=int(ckpt_step),
+      method=config.method, depth=config.model.depth,
+      width=config.model.width, dataset=info.name,
+      eval_split=config.data.eval_split,
       device_kind=jax.devices()[0].device_kind,
       device_count=jax.device_count(), process_count=jax.process_count(),
       wall_seconds=time.time() - start)
@@ -203,31 +162,25 @@ def define_flags() -> None:
   cli.define_multihost_flags()
 
 
-def summary_line(s: dict[str, Any]) -> str:
-  """The one line that sums up an evaluation (its JSON has the rest)."""
-  top5 = (f" top-5 {100 * s['top5']:.2f}%" if s.get("top5") is not None
-          else "")
-  return (f"{s['mode']} eval of the {s['which']} encoder at step "
-          f"{s['checkpoint_step']}: top-1 {100 * s['top1']:.2f}%{top5} "
-          f"({s['epochs']:g} epochs of {s['num_train_examples']} images, "
-          f"batch {s['batch_size']}, {s['wall_seconds']:.0f} s on "
-          f"{s['device_count']} x {s['device_kind']}) -> {s['output']}")
-
-
 def main(argv):
-  cli.no_arguments(argv)
+  del argv  # Flags only (cli.run).
+  cli.join_job()
+  names = inspect.signature(run).parameters.keys() - {"given"}
   f = flags.FLAGS
-  multihost.initialize(**cli.multihost_flags())
   try:
-    s = run(f.workdir, f.checkpoint, f.step, f.preset, f.which, f.steps,
-            f.eval_batch_size, f.weight_decay, f.train_split, f.seed,
-            f.output, f.data_source, f.data_path, f.data_dir, mode=f.mode,
-            epochs=f.epochs, batch_size=f.batch_size, base_lr=f.base_lr,
-            fraction=f.fraction)
+    s = run(**{n: f[n].value for n in names}, mode=f.mode, epochs=f.epochs,
+            batch_size=f.batch_size, base_lr=f.base_lr, fraction=f.fraction)
   except FloatingPointError as e:  # Diverged: the message names the fix.
     cli.exit_error(str(e))
   if jax.process_index() == 0:
-    print(summary_line(s), flush=True)
+    top5 = (f" top-5 {100 * s['top5']:.2f}%" if s.get("top5") is not None
+            else "")
+    print(f"{s['mode']} eval of the {s['which']} encoder at step "
+          f"{s['checkpoint_step']}: top-1 {100 * s['top1']:.2f}%{top5} "
+          f"({s['epochs']:g} epochs of {s['num_train_examples']} images, "
+          f"batch {s['batch_size']}, {s['wall_seconds']:.0f} s on "
+          f"{s['device_count']} x {s['device_kind']}) -> {s['output']}",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,11 @@
 """Bucket paths (gs://): which client reads and writes them.
 
-Every file operation of byol_jax on a bucket goes through `etils.epath`,
-which this module points at gcsfs (fsspec) instead of TensorFlow's own GCS
-filesystem: `EPATH_USE_TF=false` unless the user set it. Orbax uses the same
-epath for its directories and tensorstore for the arrays; tensorboardX uses
-google-cloud-storage. All three talk to real GCS with the machine's
-credentials (a TPU VM's service account), and all three follow one emulator:
-`STORAGE_EMULATOR_HOST=http://HOST:PORT` (read by gcsfs and
-google-cloud-storage; copied here to `TENSORSTORE_GCS_HTTP_URL` for
-tensorstore), which is how tests/ rehearses a pod's gs:// workdir.
-
-TensorFlow's GCS filesystem (hard-wired to googleapis.com) is left to what
-only TensorFlow can read: TFDS's record files (`prepare --data_dir=gs://` and
-training from that data_dir). README.md says which path uses which.
+byol_jax reaches buckets through `etils.epath` on gcsfs (`EPATH_USE_TF=false`,
+set in environ.py), Orbax through the same epath plus tensorstore for the
+arrays, tensorboardX through google-cloud-storage. All three use the
+machine's credentials and follow one emulator, `STORAGE_EMULATOR_HOST`
+(copied here for tensorstore): how tests/ rehearses a pod's gs:// workdir.
+TensorFlow's own GCS filesystem reads only TFDS's records (README.md).
 """
 import importlib.util
 import os
@@ -21,8 +14,6 @@ import fsspec
 
 from byol_jax.errors import ConfigError
 
-# Before any epath gs:// path is used (epath caches its choice).
-os.environ.setdefault("EPATH_USE_TF", "false")
 # No cached listings: checkpoints appear while a run writes them (a reader
 # that listed the bucket once would not see the newer steps).
 for _protocol in ("gs", "gcs"):
@@ -49,16 +40,8 @@ def _installed(module: str) -> bool:
 
 
 def check(path, flag: str = "--workdir") -> None:
-  """Makes sure a bucket path can be used, before anything starts.
-
-  Args:
-    path: a local path (nothing to check) or gs://BUCKET/...
-    flag: the flag that gave it, for the message.
-
-  Raises:
-    ConfigError: another scheme, or the GCS client is not installed (one
-      line naming the install command).
-  """
+  """Raises ConfigError (one line) if `path`, given by `flag`, is a bucket
+  path this machine cannot use: another scheme, or no GCS client."""
   path = os.fspath(path)
   if not is_remote(path):
     return

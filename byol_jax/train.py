@@ -13,45 +13,39 @@ command line, 130 interrupted (Ctrl-C), 143 (128 + SIGTERM) preempted after savi
 a checkpoint: run the same command again to resume.
 """
 import contextlib
-import os
 import sys
 from typing import Any
 
-# First: it keeps TensorFlow's C++ start-up notices off the console.
-from byol_jax.trainer import cli  # noqa: E402  pylint: disable=g-bad-import-order
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from byol_jax.trainer import checkpoint
+from byol_jax.trainer import checkpoint_facts
+from byol_jax.trainer import cli
+from byol_jax import data
+from byol_jax.trainer import divergence
+from byol_jax.trainer import job_errors
+from byol_jax.trainer import lock as lock_lib
+from byol_jax.core import methods
+from byol_jax.trainer import metric_writer
+from byol_jax.core import optim
+from byol_jax.trainer import preempt
+from byol_jax import prepare
+from byol_jax import progress
+from byol_jax.trainer import resume
+from byol_jax.core import sharding
+from byol_jax.core import step as step_lib
+from byol_jax import storage
+from byol_jax.core import train_state
+from byol_jax.trainer import validate
+from byol_jax.trainer import workdir as workdir_lib
+from byol_jax.errors import ConfigError
+from byol_jax.evaluation import monitor as monitor_lib
 
-from byol_jax.trainer import checkpoint  # noqa: E402
-from byol_jax.trainer import checkpoint_facts  # noqa: E402
-from byol_jax import data  # noqa: E402
-from byol_jax.trainer import divergence  # noqa: E402
-from byol_jax.trainer import job_errors  # noqa: E402
-from byol_jax.trainer import lock as lock_lib  # noqa: E402
-from byol_jax.core import methods  # noqa: E402
-from byol_jax.trainer import metric_writer  # noqa: E402
-from byol_jax.trainer import multihost  # noqa: E402
-from byol_jax.core import optim  # noqa: E402
-from byol_jax.trainer import preempt  # noqa: E402
-from byol_jax import prepare  # noqa: E402
-from byol_jax import progress  # noqa: E402
-from byol_jax.trainer import resume  # noqa: E402
-from byol_jax.core import sharding  # noqa: E402
-from byol_jax.core import step as step_lib  # noqa: E402
-from byol_jax import storage  # noqa: E402
-from byol_jax.core import train_state  # noqa: E402
-from byol_jax.trainer import validate  # noqa: E402
-from byol_jax.trainer import workdir as workdir_lib  # noqa: E402
-from byol_jax.errors import ConfigError  # noqa: E402
-from byol_jax.evaluation import monitor as monitor_lib  # noqa: E402
-
-EXIT_PREEMPTED = 143
-EXIT_INTERRUPTED = 130
+EXIT_PREEMPTED = preempt.EXIT_PREEMPTED
 
 
 class NonFiniteError(RuntimeError):
@@ -328,77 +322,27 @@ def define_flags() -> None:
       "workdir has checkpoints (they move to WORKDIR/checkpoints_superseded/)"
       " or only damaged ones.")
   cli.define_multihost_flags()
-  flags.DEFINE_integer(
-      "heartbeat_timeout_seconds", multihost.HEARTBEAT_TIMEOUT_SECONDS,
-      "Several processes: how long a silent process counts as alive; when "
-      "one dies the others stop (one error line) about this long after.")
-  flags.DEFINE_integer(
-      "shutdown_timeout_seconds", multihost.SHUTDOWN_TIMEOUT_SECONDS,
-      "Several processes: how long a finished process waits for the others.")
-
-
-# The command line's parsing, errors and console (shared with the other
-# commands).
-_flag_error = cli.flag_error
-_parse_flags = cli.parse_flags
-_exit_error = cli.exit_error
 
 
 def main(argv):
-  if len(argv) > 1:
-    _exit_error(f"unexpected arguments {argv[1:]}; give flags only.", 2)
+  del argv  # Flags only (cli.run).
   f = flags.FLAGS
-  try:
-    config = f.config
-    if config is not None:
-      config.get("method")  # A config that failed to load raises here.
-  except (flags.Error, AttributeError, KeyError, OSError, ValueError,
-          TypeError) as e:
-    _exit_error(_flag_error(e), 2)
+  config = cli.config()
   if config is None or not f.workdir:
-    _exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.", 2)
+    cli.exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.",
+                   cli.EXIT_USAGE)
   checkpoint_facts.quiet_closed_event_loops()
+  storage.check(f.workdir)
+  cli.join_job()
   try:
-    storage.check(f.workdir)
-    multihost.check_flags(f.multihost, f.coordinator_address,
-                          f.num_processes, f.process_id)
-    if multihost.should_join(f.multihost, f.coordinator_address,
-                             f.num_processes, f.process_id):
-      job_errors.guard_stderr()  # A lost process: one line, not a dump.
-    multihost.initialize(
-        f.multihost, f.coordinator_address, f.num_processes, f.process_id,
-        heartbeat_timeout_seconds=f.heartbeat_timeout_seconds,
-        shutdown_timeout_seconds=f.shutdown_timeout_seconds)
     final = train_and_evaluate(config, f.workdir, f.restore_step,
                                f.allow_changes, f.start_over)
   except NonFiniteError as e:
-    _exit_error(f"{e} The command: {divergence.command(sys.argv, e.flags)}")
-  except ConfigError as e:
-    _exit_error(str(e))
-  except checkpoint.StorageError as e:
-    # Orbax's threads of the failed save wait for signals that never come;
-    # the checkpoints, writers and lock are closed already: leave now.
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(1)  # pylint: disable=protected-access
-  except KeyboardInterrupt:
-    # The saves in flight were finished on the way out.
-    _exit_error("interrupted; the checkpoints saved so far are complete: "
-                "run the same command to resume.", EXIT_INTERRUPTED)
-  except jax.errors.JaxRuntimeError as e:
-    if jax.process_count() == 1:
-      raise
-    # A collective failed: another process of the job stopped.
-    print(f"error: the job lost a process (a collective failed: "
-          f"{checkpoint.first_line(e)}); this process stops too. The "
-          "checkpoints saved so far are complete: start the whole job again "
-          "to resume.", file=sys.stderr, flush=True)
-    job_errors.remove_job_lock()
-    os._exit(1)  # pylint: disable=protected-access
+    cli.exit_error(f"{e} The command: {divergence.command(sys.argv, e.flags)}")
   if final.get("preempted"):
     sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main)

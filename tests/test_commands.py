@@ -65,10 +65,27 @@ _ERRORS = [
      "--process_id=1 describe a job of several"),
 ]
 
+# Usage mistakes: one line and exit code 2 from the shared cli.run.
+_USAGE = [
+    (["byol_jax.train", "stray", "--workdir=/nonexistent"],
+     "error: unexpected arguments ['stray']; give flags only."),
+    (["byol_jax.linear_eval", "--workdir=/nonexistent", "stray"],
+     "error: unexpected arguments ['stray']; give flags only."),
+    (["byol_jax.prepare", "--dataset=cifar10", "stray"],
+     "error: unexpected arguments ['stray']; give flags only."),
+    (["byol_jax.convert", "to-tourch", "--workdir=/nonexistent"],
+     "error: give one command, from-official or to-torch; got ['to-tourch']"),
+    (["byol_jax.convert", "from-official", "--checkpoint=x.pkl",
+      "--workdir=/nonexistent", "--config=configs/no_such_config.py"],
+     "error: [Errno 2] No such file or directory: "
+     "'configs/no_such_config.py'"),
+]
+
 
 @pytest.fixture(scope="module")
 def results():
-  cases = [[f"byol_jax.{c}", "-h"] for c in _HELP] + [a for a, _ in _ERRORS]
+  cases = ([[f"byol_jax.{c}", "-h"] for c in _HELP] + [a for a, _ in _ERRORS]
+           + [a for a, _ in _USAGE])
   proc = subprocess.run(
       [sys.executable, "-c", _FORKED, json.dumps(cases)], cwd=REPO,
       env=train_env(1), capture_output=True, text=True, timeout=300)
@@ -91,6 +108,14 @@ def test_multihost_flags_are_one_line_before_anything_starts(results, i):
   assert code == 1 and not out.strip(), (code, out, err)
   assert err.strip().splitlines() == [err.strip()], err
   assert err.startswith(_ERRORS[i][1]), err
+
+
+@pytest.mark.parametrize("i", range(len(_USAGE)))
+def test_usage_mistakes_are_one_line_in_every_command(results, i):
+  code, out, err = results[len(_HELP) + len(_ERRORS) + i]
+  assert code == 2 and not out.strip(), (code, out, err)
+  assert err.strip().splitlines() == [err.strip()], err
+  assert err.startswith(_USAGE[i][1]), err
 
 
 def test_flag_errors_are_one_plain_line():

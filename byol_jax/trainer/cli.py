@@ -1,18 +1,11 @@
 """The command line shared by train, linear_eval, convert and prepare.
 
-Every command gets the same behaviour from `run(main)`:
-- a quiet console: the command's own lines only. Libraries' INFO logs are
-  off and their warnings are one plain `warning: ...` line each (Python
-  warnings included); TensorFlow's C++ start-up notices are off (set here,
-  before anything imports TensorFlow). `--verbosity=0` (or higher) shows
-  the libraries' logs in absl's format again.
-- mistakes in the flags or the config are one `error: ...` line and exit
-  code 2, before anything is compiled; `ConfigError`s from `main` are one
-  `error:` line and exit code 1.
-- `--help` (also `-h`, `--helpshort`, `--helpfull`) prints the usage and
-  exits 0.
-- the multi-host flags (`define_multihost_flags`), checked together by
-  `multihost.initialize` before anything starts.
+`run(main)` gives every command: a quiet console (libraries' warnings as one
+`warning: ...` line each; `--verbosity=0` brings absl's logs back); `--help`
+exits 0; a bad flag, config file or override is one `error:` line, exit 2,
+before anything is compiled. From `main`, a ConfigError or StorageError is
+one `error:` line, exit 1 (a ConfigError's `instructions` follow on stdout);
+Ctrl-C exit 130; a collective failed by a lost process, one line, exit 1.
 """
 import logging as std_logging
 import os
@@ -20,21 +13,19 @@ import re
 import sys
 from typing import Callable, NoReturn
 
-# Before TensorFlow can be imported: no C++ start-up notices on the console
-# (TensorFlow only decodes, crops and writes datasets here, so its oneDNN
-# kernels for matrix products are not needed).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+import jax
+from absl import app
+from absl import flags
+from absl import logging
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-
-from byol_jax.errors import ConfigError  # noqa: E402
+from byol_jax.errors import ConfigError
+from byol_jax.errors import StorageError
+from byol_jax.trainer import job_errors
+from byol_jax.trainer import multihost
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-_HELP = ("--help", "-h", "--helpshort", "--helpfull", "-?")
+EXIT_INTERRUPTED = 130
 # Exceptions that loading flags and config files raise for a user's mistake.
 FLAG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, ValueError,
                TypeError)
@@ -47,46 +38,29 @@ def exit_error(message: str, code: int = EXIT_ERROR) -> NoReturn:
   sys.exit(code)
 
 
-def _innermost_text(e: BaseException) -> str:
-  """The message of `e`, unwrapping exceptions that wrap exceptions.
-
-  ml_collections raises AttributeError(KeyError("'x'\\nDid you mean ...")):
-  str() of it is the repr of the repr; the innermost string is the text.
-  """
-  value = e
-  while isinstance(value, BaseException) and value.args:
-    value = value.args[0]
-  return str(value)
-
-
 def flag_error(e: BaseException) -> str:
   """One line for an error in the command line or in loading the config."""
-  if isinstance(e, (AttributeError, KeyError)):  # --config.<unknown>=...
-    text = _innermost_text(e)
-    field, _, hint = text.partition("\n")
-    field = field.strip().strip("'\"")
+  unknown = isinstance(e, (AttributeError, KeyError)) or (
+      isinstance(e, flags.UnrecognizedFlagError) and "config." in str(e))
+  if unknown:  # --config.<unknown field>=...
+    # ml_collections raises AttributeError(KeyError("'x'\nDid you mean ...")):
+    # the innermost argument is the text.
+    while isinstance(e, BaseException) and e.args:
+      e = e.args[0]
+    field, _, hint = str(e).partition("\n")
+    field = field.strip().strip("'\"").removeprefix("config.")
+    if "'config." in field:  # absl: "Unknown command line flag 'config.x'"
+      field = field.split("'")[1].removeprefix("config.")
     guess = re.search(r'Did you mean "([^"]+)"', hint)
     hint = f": did you mean {guess.group(1)!r}?" if guess else ""
     return (f"unknown config field {field!r} in a --config.FIELD=VALUE "
             f"override{hint} (the fields are in the config file and "
             "byol_jax/trainer/config_lib.py).")
-  if isinstance(e, flags.UnrecognizedFlagError) and "config." in str(e):
-    name = str(e).split("'")[1] if "'" in str(e) else str(e)
-    return (f"unknown config field {name.removeprefix('config.')!r} in a "
-            "--config.FIELD=VALUE override; see the config file and "
-            "byol_jax/trainer/config_lib.py for the fields.")
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
   if len(lines) > 1:  # A traceback inside the message: its last line says it.
     flag = lines[0].split(":")[0] if lines[0].startswith("flag --") else ""
     return f"{flag}: {lines[-1]}" if flag else lines[-1]
   return lines[0] if lines else type(e).__name__
-
-
-def _quiet_orbax(record) -> bool:
-  """Drops Orbax's log records below CRITICAL (a logging filter): Orbax logs
-  the tracebacks of failed background saves, which the commands report in
-  one line."""
-  return "/orbax/" not in record.pathname or record.levelno >= 50
 
 
 class _PlainFormatter(std_logging.Formatter):
@@ -97,75 +71,114 @@ class _PlainFormatter(std_logging.Formatter):
     return f"{level}: {record.getMessage()}"
 
 
-def quiet_console() -> None:
-  """The commands' console, unless --verbosity was given (see the module)."""
+def _quiet_console() -> None:
   if flags.FLAGS["verbosity"].present:
     return
   logging.set_verbosity(logging.WARNING)
   handler = logging.get_absl_handler()
-  handler.addFilter(_quiet_orbax)
+  # Orbax logs the tracebacks of failed background saves: said in one line.
+  handler.addFilter(lambda r: "/orbax/" not in r.pathname or r.levelno >= 50)
   handler.python_handler.setFormatter(_PlainFormatter())
-  # Python warnings (e.g. a library's DeprecationWarning or UserWarning)
-  # become one 'warning:' line each through the same handler.
   std_logging.captureWarnings(True)
-
-
-def _asks_help(argv: list[str]) -> bool:
-  return any(a in _HELP or a.startswith("--help") for a in argv[1:])
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing: errors as one line, --help exit 0, quiet console."""
-  argv = ["--help" if a == "-h" else a for a in argv]
+  argv = ["--help" if a in ("-h", "-?") else a for a in argv]
   try:
     rest = flags.FLAGS(argv)
   except SystemExit as e:  # --help printed the usage.
-    if _asks_help(argv) and e.code in (0, 1):
+    if any(a.startswith("--help") for a in argv[1:]) and e.code in (0, 1):
       sys.stdout.flush()
       sys.exit(0)
     raise
   except FLAG_ERRORS as e:
     exit_error(flag_error(e), EXIT_USAGE)
-  quiet_console()
+  _quiet_console()
   return rest
 
 
-def no_arguments(argv: list[str], usage: str = "give flags only") -> None:
-  """One error line for positional arguments a command does not take."""
-  if len(argv) > 1:
-    exit_error(f"unexpected arguments {argv[1:]}; {usage}.", EXIT_USAGE)
-
-
-def run(main: Callable[[list[str]], None]) -> None:
-  """`app.run(main)` with the shared flag parsing and error lines.
-
-  `main` may raise ConfigError: it becomes one `error:` line and exit 1.
-  """
-  def checked(argv):
-    try:
-      return main(argv)
-    except ConfigError as e:
-      exit_error(str(e))
-  app.run(checked, flags_parser=parse_flags)
+def config(name: str = "config"):
+  """The config file flag's ConfigDict (or None); a file that fails to load
+  or an override that does not fit is one `error:` line (exit 2)."""
+  try:
+    value = flags.FLAGS[name].value
+    if value is not None:
+      value.get("method")  # A config that failed to load raises here.
+  except FLAG_ERRORS as e:
+    exit_error(flag_error(e), EXIT_USAGE)
+  return value
 
 
 def define_multihost_flags() -> None:
-  """--multihost, --coordinator_address, --num_processes, --process_id."""
+  """The flags that `join_job` reads."""
   flags.DEFINE_enum(
       "multihost", "auto", ["auto", "yes", "no"],
-      "Join jax.distributed: auto = when the environment is a multi-host "
-      "cluster (Cloud TPU pod, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) or "
-      "a process count, id or coordinator is given.")
+      "Join jax.distributed: auto = when the cluster (Cloud TPU pod, SLURM, "
+      "Open MPI ...) has several processes or flags describe a job.")
   flags.DEFINE_string("coordinator_address", None,
                       "host:port of process 0 (else auto-detect).")
   flags.DEFINE_integer("num_processes", None,
                        "Processes in the job (else detected).")
   flags.DEFINE_integer("process_id", None,
                        "This process's index (else detected).")
+  flags.DEFINE_integer(
+      "heartbeat_timeout_seconds", multihost.HEARTBEAT_TIMEOUT_SECONDS,
+      "Several processes: how long a silent process counts as alive; when "
+      "one dies the others stop (one error line) about this long after.")
+  flags.DEFINE_integer(
+      "shutdown_timeout_seconds", multihost.SHUTDOWN_TIMEOUT_SECONDS,
+      "Several processes: how long a finished process waits for the others.")
 
 
-def multihost_flags() -> dict:
-  """The multi-host flags' values, as `multihost.initialize` takes them."""
+def join_job() -> bool:
+  """Joins the multi-host job that the flags or the cluster describe."""
   f = flags.FLAGS
-  return dict(mode=f.multihost, coordinator_address=f.coordinator_address,
-              num_processes=f.num_processes, process_id=f.process_id)
+  return multihost.initialize(
+      f.multihost, f.coordinator_address, f.num_processes, f.process_id,
+      # A lost process: one line, not JAX's C++ dump.
+      before_join=job_errors.guard_stderr,
+      heartbeat_timeout_seconds=f.heartbeat_timeout_seconds,
+      shutdown_timeout_seconds=f.shutdown_timeout_seconds)
+
+
+def run(main: Callable[[list[str]], None],
+        commands: tuple[str, ...] = ()) -> None:
+  """`app.run(main)` with the shared parsing and error lines (the module);
+  argv must name one of `commands`, or give no arguments if there are none."""
+  def checked(argv):
+    rest = argv[1:]
+    if commands and (len(rest) != 1 or rest[0] not in commands):
+      exit_error(f"give one command, {' or '.join(commands)}; got {rest}.",
+                 EXIT_USAGE)
+    if not commands and rest:
+      exit_error(f"unexpected arguments {rest}; give flags only.", EXIT_USAGE)
+    try:
+      return main(argv)
+    except (ConfigError, StorageError) as e:
+      sys.stdout.flush()
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      if getattr(e, "instructions", ""):  # What the line points at.
+        print(e.instructions, flush=True)
+      if isinstance(e, StorageError):
+        # Orbax's threads of a failed save wait for signals that never come;
+        # the checkpoints, writers and lock are closed already: leave now.
+        os._exit(EXIT_ERROR)  # pylint: disable=protected-access
+      sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:  # The saves in flight were finished.
+      exit_error("interrupted; everything saved so far is complete: run the "
+                 "same command to resume.", EXIT_INTERRUPTED)
+    except jax.errors.JaxRuntimeError as e:
+      if jax.process_count() == 1:
+        raise
+      # A collective failed: another process of the job stopped.
+      sys.stdout.flush()
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      print(f"error: the job lost a process (a collective failed: {first}); "
+            "this process stops too. The checkpoints saved so far are "
+            "complete: start the whole job again to resume.",
+            file=sys.stderr, flush=True)
+      job_errors.remove_job_lock()
+      os._exit(EXIT_ERROR)  # pylint: disable=protected-access
+
+  app.run(checked, flags_parser=parse_flags)

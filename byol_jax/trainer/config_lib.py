@@ -12,47 +12,27 @@ import ml_collections
 def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
   """Parses 'k1=v1,k2=v2' into a ConfigDict whose defaults and types are `spec`.
 
-  Args:
-    arg: the string after ':' in `--config=file.py:ARG`, or None.
-    **spec: the allowed keys with their default values (their types coerce).
-
-  Returns:
-    A ConfigDict with every key of `spec`.
-
-  Raises:
-    ValueError: for an unknown key or a value of the wrong type.
+  A bare key sets a boolean to True. Raises ValueError for an unknown key or
+  a value of the wrong type.
   """
   result = ml_collections.ConfigDict(spec)
-  if not arg:
-    return result
-  for item in arg.split(","):
-    if not item:
-      continue
+  for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if key not in spec:
       raise ValueError(
           f"Unknown config argument {key!r}; allowed: {sorted(spec)}.")
-    default = spec[key]
-    if not sep:  # A bare key is a boolean flag.
-      result[key] = True
-    elif isinstance(default, bool):
-      result[key] = value.lower() in ("1", "true", "yes", "y")
-    elif isinstance(default, int):
-      result[key] = int(value)
-    elif isinstance(default, float):
-      result[key] = float(value)
+    if not sep or isinstance(spec[key], bool):
+      result[key] = not sep or value.lower() in ("1", "true", "yes", "y")
     else:
-      result[key] = value
+      result[key] = type(spec[key])(value)
   return result
 
 
 def view_augment(*, flip=0.5, color_jitter=0.8, brightness=0.4, contrast=0.4,
                  saturation=0.2, hue=0.1, grayscale=0.2, blur=1.0,
                  solarize=0.0) -> dict[str, float]:
-  """Probabilities and strengths of the device-side augmentations of one view.
-
-  Defaults are BYOL's T (DESIGN section 3); `byol_view2()` gives T'.
-  """
+  """One view's augmentation probabilities and strengths (default: BYOL's T,
+  DESIGN section 3; base_config's view2 is T')."""
   return dict(flip=flip, color_jitter=color_jitter, brightness=brightness,
               contrast=contrast, saturation=saturation, hue=hue,
               grayscale=grayscale, blur=blur, solarize=solarize)
@@ -60,17 +40,11 @@ def view_augment(*, flip=0.5, color_jitter=0.8, brightness=0.4, contrast=0.4,
 
 def set_cifar10_data(c: ml_collections.ConfigDict, source: str,
                      path: str) -> None:
-  """CIFAR-10's recipe at 32 px, kept on the accelerators, kNN monitor on.
+  """CIFAR-10's recipe at 32 px on the accelerators, kNN monitor on.
 
-  The recipe, not the data: with `source='tfds'` the data is TFDS's cifar10
-  (10 classes, eval split 'test'); any other source's classes, their number
-  and eval split come from the data (`data.describe`), so that
-  `source=folder|npz` trains on any folder or file with this recipe.
-
-  Args:
-    c: the config to update in place.
-    source: 'tfds', 'folder', 'npz' or 'arrays'.
-    path: the folder or file for the non-TFDS sources.
+  With `source='tfds'` the data is TFDS's cifar10; any other source
+  ('folder', 'npz', 'arrays' at `path`) brings its own classes and eval
+  split (`data.describe`), so that this recipe trains on any such data.
   """
   tfds = source == "tfds"
   c.data.update(dict(source=source, name="cifar10", path=path,
@@ -126,10 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.clip_lr = False       # LARS: solo-learn's LR clipping (CIFAR)
   c.optimizer.nesterov = False
   c.optimizer.fixed_lr_predictor = False  # SimSiam: predictor LR not decayed
-  # Online classifier: 'main' trains it in the main optimizer at the main
-  # LR (official BYOL: LARS on its kernel); 'sgd' with its own SGD-momentum
-  # at classifier_lr * batch / 256, no weight decay (solo-learn's SimSiam and
-  # SimCLR).
+  # Online classifier: 'main' in the main optimizer (official BYOL); 'sgd':
+  # its own SGD-momentum at classifier_lr * batch / 256 (solo-learn).
   c.optimizer.classifier = "main"
   c.optimizer.classifier_lr = 0.1
 
@@ -143,11 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = ""         # "": the first of val, validation, test
   c.data.num_classes = -1        # -1: from the data; 0: no labels; N: check
   c.data.image_size = 224
-  # Host path: training crops up to C x C go to the accelerators unresized,
-  # which resample them; 0: C = image_size. 2 x image_size where the host's
-  # CPUs limit the input on images much larger than image_size (ImageNet on
-  # a GPU box or Colab): the host then rarely resizes, for 4x the bytes per
-  # view and about 3x the accelerators' resampling work (README, Speed).
+  # Host path: crops up to C x C go to the accelerators unresized, which
+  # resample them; 0: C = image_size. 2 x image_size where the host's CPUs
+  # limit the input (ImageNet on a GPU box or Colab; README, Speed).
   c.data.canvas_size = 0
   c.data.crop_scale = (0.08, 1.0)
   c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
@@ -156,9 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 10_000
   c.data.cache = False
   c.data.skip_corrupt = True     # corrupt images in folders: skip and count
-  # Host path: an image that fails to decode during training is replaced by
-  # the next one of the stream and counted; the run stops once more than
-  # this fraction of the images read since it started failed.
+  # Host path: undecodable images are replaced and counted; the run stops
+  # past this fraction of the images read since it started.
   c.data.max_undecodable_fraction = 0.01
   c.data.num_parallel_calls = -1  # tf.data AUTOTUNE
 

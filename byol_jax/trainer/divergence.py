@@ -1,16 +1,13 @@
 """After a NaN/Inf stop: which checkpoint is healthy, and how to go on.
 
-A checkpoint is never saved with a NaN or Inf in it, but a finite state
-can already be diverging (weights grown by orders of magnitude one step
-before the NaN): resuming it at a lower learning rate goes non-finite
-again. The trainer logs `param_norm` (the L2 norm of every parameter) at
-log and save steps, and the norm at step 0 when a run starts
-(metrics.jsonl). A checkpoint is healthy when its norm is known, finite
-and at most `MAX_GROWTH` times the norm at step 0, or, in a long run whose
-norm drifted further, when no logged norm up to it jumped by more than
-`MAX_JUMP` times the one logged before: a healthy run's norm drifts slowly,
-a diverging one grows by orders of magnitude within a few steps (LR 1e5 on
-the tiny config: 45x in 3 steps).
+No checkpoint holds a NaN, but a finite state can already be diverging
+(weights grown by orders of magnitude a step before the NaN): resumed at a
+lower learning rate it goes non-finite again. The trainer logs `param_norm`
+(the L2 norm of all parameters) at log and save steps and at step 0
+(metrics.jsonl). A checkpoint is healthy when its norm is finite and at most
+`MAX_GROWTH` times step 0's, or, in a long run whose norm drifted further,
+when no logged norm up to it jumped more than `MAX_JUMP` times the one
+before: a diverging run grows by orders of magnitude within a few steps.
 """
 import json
 import math
@@ -38,9 +35,8 @@ _REPLACED = ("--restore_step", "--config.optimizer.base_lr", "--start_over",
 
 def param_norm(params) -> float:
   """L2 norm of every parameter (host copy; once, at start-up)."""
-  leaves = jax.tree.leaves(jax.device_get(params))
-  return float(math.sqrt(sum(float(np.sum(np.square(np.asarray(
-      x, np.float64)))) for x in leaves)))
+  return math.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                       for x in jax.tree.leaves(jax.device_get(params))))
 
 
 class Health:
@@ -57,19 +53,15 @@ class Health:
     for line in lines:
       try:
         row = json.loads(line)
-      except ValueError:
-        continue
-      if "param_norm" in row:
         self.norms[int(row["step"])] = float(row["param_norm"])
+      except (ValueError, KeyError, TypeError):  # Cut line; no norm.
+        continue
 
   def record(self, step: int, norm: float) -> None:
     self.norms[int(step)] = float(norm)
 
   def healthy(self, step: int) -> bool:
-    """Whether checkpoint `step` is known not to be diverging: its norm is
-    within MAX_GROWTH of step 0's, or (a long run, whose norm may drift
-    further) no record up to it jumped by more than MAX_JUMP over the one
-    before."""
+    """Whether checkpoint `step` is known not to be diverging (module doc)."""
     norm = self.norms.get(step)
     if norm is None or not math.isfinite(norm) or 0 not in self.norms:
       return False
@@ -82,11 +74,8 @@ class Health:
 def lower_lr(config: ml_collections.ConfigDict) -> float:
   """A tenth of config's base_lr, at most the method's published one."""
   published = _PUBLISHED_LR.get(
-      (config.method, config.optimizer.get("lr_scaling", "linear")))
-  lr = config.optimizer.base_lr / 10
-  if published is not None:
-    lr = min(lr, published)
-  return float(f"{lr:.3g}")
+      (config.method, config.optimizer.get("lr_scaling", "linear")), np.inf)
+  return float(f"{min(config.optimizer.base_lr / 10, published):.3g}")
 
 
 def resume_flags(config: ml_collections.ConfigDict, health: Health,
@@ -133,11 +122,10 @@ def command(argv: list[str], flags: list[str]) -> str:
       value = args.pop(0) if args else ""    # '--flag VALUE'.
     if name == "--allow_changes" and value:
       allow += value.split(",")
-  out = []
+  new = []
   for flag in flags:
-    if flag.startswith("--allow_changes="):
-      fields = allow + [f for f in flag.split("=", 1)[1].split(",")
-                        if f not in allow]
-      flag = "--allow_changes=" + ",".join(fields)
-    out.append(flag)
-  return shlex.join([python, "-m", "byol_jax.train", *kept, *out])
+    name, _, value = flag.partition("=")
+    if name == "--allow_changes":  # Both lists, each field once.
+      flag = f"{name}={','.join(dict.fromkeys(allow + value.split(',')))}"
+    new.append(flag)
+  return shlex.join([python, "-m", "byol_jax.train", *kept, *new])

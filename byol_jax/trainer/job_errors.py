@@ -1,15 +1,12 @@
 """A multi-process job that loses a process: one `error:` line, no lock left.
 
-When a process of a `jax.distributed` job dies, JAX's coordination service
-notices it (the heartbeat timeout, or at once when process 0, which hosts
-the service, is gone) and every other process stops itself from a C++ thread:
-a fatal log line, a C++ stack trace and SIGABRT, which no Python code can
-intercept. `guard_stderr()` routes this process's stderr through a small
-child process (this module run as a program) that passes everything through
-except that ending: it prints one `error:` line instead of the fatal block,
-and when the process is gone it removes the workdir lock if it still names
-this job (`announce_lock`), also when process 0, the lock's holder, died.
-The exit code stays non-zero (134, SIGABRT).
+When a process of a `jax.distributed` job dies, every other process stops
+itself from a C++ thread of JAX's coordination service: a fatal log line, a
+C++ stack trace and SIGABRT (exit 134), which no Python code can intercept.
+`guard_stderr()` routes stderr through a child process (this file run as a
+program) that passes everything through but prints one `error:` line for
+that block, and then removes the workdir lock if it still names this job
+(`announce_lock`), also when process 0, the lock's holder, died.
 """
 import json
 import os
@@ -53,21 +50,17 @@ def announce_lock(path: str, token: int) -> None:
     sys.stderr.flush()
 
 
-def remove_job_lock() -> None:
-  """Removes the announced lock if it still names this job (a process that
-  stops because the job failed, whichever process held the lock)."""
-  _remove_lock(_announced)
-
-
 def _summary(text: str) -> str:
   """The status of JAX's fatal message, on one line."""
-  status = text.split("absl::Status:", 1)[-1].strip() if (
-      "absl::Status:" in text) else ""
-  status = status.split(" [type.googleapis.com", 1)[0]
+  _, found, status = text.partition("absl::Status:")
+  status = status.split(" [type.googleapis.com", 1)[0] if found else ""
   return " ".join(status.split())[:300]
 
 
-def _remove_lock(lock) -> None:
+def remove_job_lock(lock=None) -> None:
+  """Removes the job's lock (default: the announced one) if it still names
+  this job: any process that stops because the job failed does it."""
+  lock = lock or _announced
   if not lock or not lock[1]:
     return
   try:
@@ -89,7 +82,6 @@ def _filter() -> None:
   lock = None
   fatal = ""
   held: list[bytes] = []  # A coordination-service block, not yet shown.
-
   said = False
 
   def say(text):
@@ -122,8 +114,7 @@ def _filter() -> None:
       held.clear()
       continue
     is_log = bool(_LOG_LINE.match(line))
-    if is_log and any(f" {name}" in line.split("]")[0] or name in
-                      line.split("]")[0] for name in _COORDINATION):
+    if is_log and any(name in line.split("]")[0] for name in _COORDINATION):
       held.append(raw)
       continue
     if held and not is_log and not line.startswith(("[Gloo]", "error:")):
@@ -135,7 +126,7 @@ def _filter() -> None:
   if fatal and not said:
     say(fatal)
   if fatal:
-    _remove_lock(lock)
+    remove_job_lock(lock)
 
 
 if __name__ == "__main__":

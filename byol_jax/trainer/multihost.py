@@ -1,76 +1,115 @@
 """Multi-host start-up: join `jax.distributed` when the cluster says so.
 
 `jax.distributed.initialize()` without arguments asks JAX's cluster
-environments (Open MPI, SLURM, GKE TPU, Cloud TPU VM through the GCE metadata
-server, Kubernetes) for the coordinator, the number of processes and this
-process's index. `--multihost=auto` asks the same environments, in the same
-order, and joins only when the one JAX would use says more than one process:
-a single-host TPU VM (v3-8, v5e-8 ...) or a SLURM job of one task runs alone,
-as does a plain machine, where JAX finds nothing and would raise.
+environments (Open MPI, SLURM, GKE TPU, Cloud TPU VM, Kubernetes) for the
+coordinator, the process count and index. `--multihost=auto` joins only when
+that environment says more than one process: a single-host TPU VM or a SLURM
+job of one task runs alone, as does a plain machine.
 
-Detection reads `jax._src.clusters`, JAX's own (private) registry, so that it
-follows JAX's rules exactly; tests/test_multihost_detect.py pins the
-behaviour for each environment.
+JAX has no public API that names the cluster and its process count without
+joining (`jax.distributed` has only `initialize`, `is_initialized` and
+`shutdown`; the registry is the private `jax._src.clusters`), so `_cluster`
+reads the variables and metadata that JAX 0.7 to 0.10 read, in JAX's order;
+tests/test_multihost_detect.py pins that for each environment.
 """
+import importlib.util
 import os
-from typing import Optional
+import pathlib
+import urllib.request
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax._src import clusters as jax_clusters
 
 from byol_jax.core import sharding
 from byol_jax.errors import ConfigError
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed itself
-# When a process dies, the others stop about this long after (JAX: 100 s).
-HEARTBEAT_TIMEOUT_SECONDS = 15
-# How long a finished process waits for the others at exit (JAX: 300 s).
-SHUTDOWN_TIMEOUT_SECONDS = 60
+HEARTBEAT_TIMEOUT_SECONDS = 15  # A lost process stops the others (JAX: 100).
+SHUTDOWN_TIMEOUT_SECONDS = 60  # Waiting for the others at exit (JAX: 300).
+_SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
+          "SLURM_PROCID", "SLURM_LOCALID")
+# JAX's TPU chips on the PCI bus: Google's vendor id, v3 ... TPU7x device ids.
+_TPU_PCI = ("0x1ae0", ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063",
+                       "0x006f", "0x0076"))
 
 
-def _cluster_env():
-  """The cluster environment `jax.distributed.initialize()` would use.
+def _metadata(key: str) -> Optional[str]:
+  """A Cloud TPU VM's attribute from the GCE metadata server, as JAX asks."""
+  host = os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
+  request = urllib.request.Request(
+      f"http://{host}/computeMetadata/v1/instance/attributes/{key}",
+      headers={"Metadata-Flavor": "Google"})
+  try:
+    with urllib.request.urlopen(request, timeout=10) as answer:
+      return answer.read().decode()
+  except OSError:  # Not found (HTTPError), or no server.
+    return None
 
-  Same rule as `ClusterEnv.auto_detect_unset_distributed_params`: the first
-  registered environment that is not opt-in only (mpi4py) and is present.
-  Returns the ClusterEnv subclass, or None.
+
+def _on_cloud_tpu_vm() -> bool:
+  """JAX's test (cloud_tpu_init): libtpu and a TPU chip on the PCI bus, or
+  JAX_FORCE_TPU_INIT."""
+  if "JAX_FORCE_TPU_INIT" in os.environ:
+    return True
+  if importlib.util.find_spec("libtpu") is None:
+    return False
+  return any(v.read_text().strip() == _TPU_PCI[0] and
+             (v.parent / "device").read_text().strip() in _TPU_PCI[1]
+             for v in pathlib.Path("/sys/bus/pci/devices").glob("*/vendor"))
+
+
+def _num_slices() -> int:
+  """Multislice TPU jobs: slices, from the environment or the metadata."""
+  value = os.environ.get("MEGASCALE_NUM_SLICES")
+  for line in ("" if value else _metadata("tpu-env") or "").splitlines():
+    key, _, v = line.partition(":")
+    if key.strip() == "MEGASCALE_NUM_SLICES":
+      value = v.strip().strip("'")
+  return int(value or 1)
+
+
+def _cluster() -> Optional[tuple[str, Optional[int]]]:
+  """(name, process count) of the environment JAX's initialize() would use.
+
+  JAX's order: Open MPI, SLURM, (mpi4py: opt-in only), GKE TPU, Cloud TPU
+  VM, Kubernetes with its client installed (count None: JAX asks the job).
   """
-  # pylint: disable-next=protected-access
-  for env in jax_clusters.ClusterEnv._cluster_types:
-    if not env.opt_in_only_method and env.is_env_present():
-      return env
+  env = os.environ
+  if "OMPI_MCA_orte_hnp_uri" in env:
+    return "OmpiCluster", int(env["OMPI_COMM_WORLD_SIZE"])
+  if all(k in env for k in _SLURM):
+    return "SlurmCluster", int(env["SLURM_NTASKS"])
+  tpu_vm = _on_cloud_tpu_vm()
+  workers = env.get("TPU_PROCESS_ADDRESSES", env.get("TPU_WORKER_HOSTNAMES"))
+  if tpu_vm and workers is not None:
+    return "GkeTpuCluster", len(workers.split(",")) * _num_slices()
+  if (tpu_vm and "TPU_SKIP_MDS_QUERY" not in env and
+      _metadata("agent-worker-number") is not None):
+    endpoints = (_metadata("worker-network-endpoints") or "").split(",")
+    return "GceTpuCluster", len(endpoints) * _num_slices()
+  if ("KUBERNETES_SERVICE_HOST" in env and
+      importlib.util.find_spec("kubernetes") is not None):
+    return "K8sCluster", None
   return None
 
 
 def detect() -> Optional[str]:
-  """Names the multi-process environment this process runs in.
-
-  Returns:
-    'JAX_COORDINATOR_ADDRESS' when that variable is set; else the class name
-    of the JAX cluster environment found ('OmpiCluster', 'SlurmCluster',
-    'GkeTpuCluster', 'GceTpuCluster', 'K8sCluster'), whatever its number of
-    processes; None on a plain machine.
-  """
+  """'JAX_COORDINATOR_ADDRESS' when that is set, else the name of JAX's
+  cluster environment found ('SlurmCluster', 'GceTpuCluster' ...), whatever
+  its number of processes; None on a plain machine."""
   if os.environ.get(COORDINATOR_ENV):
     return COORDINATOR_ENV
-  env = _cluster_env()
-  return None if env is None else env.__name__
+  cluster = _cluster()
+  return cluster and cluster[0]
 
 
 def check_flags(mode: str = "auto", coordinator_address: Optional[str] = None,
                 num_processes: Optional[int] = None,
                 process_id: Optional[int] = None) -> None:
-  """Checks the multi-host flags together, before anything starts.
-
-  Raises:
-    ConfigError: one line for a combination that cannot work: an unknown
-      mode, a count below 1, an id outside 0..count-1, several processes
-      asked for with --multihost=no, or several processes given without
-      a coordinator that anything names.
-  """
+  """Raises ConfigError (one line) for multi-host flags that cannot work."""
   if mode not in ("auto", "yes", "no"):
     raise ConfigError(f"--multihost={mode}: use auto, yes or no.")
   if num_processes is not None and num_processes < 1:
@@ -85,20 +124,18 @@ def check_flags(mode: str = "auto", coordinator_address: Optional[str] = None,
         f"--process_id={process_id} with --num_processes={num_processes}: "
         f"the ids run from 0 to {num_processes - 1}; give each process its "
         "own id in that range.")
+  given = {"coordinator_address": coordinator_address,
+           "num_processes": num_processes, "process_id": process_id}
   several = ((num_processes or 1) > 1 or (process_id or 0) > 0 or
              coordinator_address is not None)
   if mode == "no" and several:
-    given = " ".join(f"--{k}={v}" for k, v in (
-        ("coordinator_address", coordinator_address),
-        ("num_processes", num_processes), ("process_id", process_id))
-                     if v is not None)
     raise ConfigError(
-        f"--multihost=no runs one process, but {given} describe a job of "
-        "several: drop them to run alone, or use --multihost=auto (or yes) "
-        "to join the job.")
+        "--multihost=no runs one process, but " + " ".join(
+            f"--{k}={v}" for k, v in given.items() if v is not None) +
+        " describe a job of several: drop them to run alone, or use "
+        "--multihost=auto (or yes) to join the job.")
   if (mode != "no" and (num_processes or 1) > 1 and
-      coordinator_address is None and not os.environ.get(COORDINATOR_ENV)
-      and _cluster_env() is None):
+      coordinator_address is None and detect() is None):
     raise ConfigError(
         f"--num_processes={num_processes} but nothing names the coordinator: "
         "give --coordinator_address=HOST:PORT (process 0's address) to every "
@@ -108,67 +145,46 @@ def check_flags(mode: str = "auto", coordinator_address: Optional[str] = None,
 def should_join(mode: str = "auto", coordinator_address: Optional[str] = None,
                 num_processes: Optional[int] = None,
                 process_id: Optional[int] = None) -> bool:
-  """Whether `initialize` joins `jax.distributed` (decides, joins nothing).
-
-  Args:
-    mode: 'yes', 'no', or 'auto': join when an explicit coordinator address,
-      process count or process id is given, when JAX_COORDINATOR_ADDRESS is
-      set, or when the cluster environment JAX finds says more than one
-      process.
-    coordinator_address, num_processes, process_id: as given on the command
-      line.
-  """
-  if mode not in ("auto", "yes", "no"):
-    raise ConfigError(f"--multihost={mode}: use auto, yes or no.")
+  """Whether `initialize` joins: 'yes', 'no', or for 'auto' when any of the
+  arguments or JAX_COORDINATOR_ADDRESS is given, or the cluster JAX finds
+  has more than one process."""
   if mode != "auto":
     return mode == "yes"
   if (coordinator_address is not None or num_processes is not None or
-      process_id is not None):
+      process_id is not None or os.environ.get(COORDINATOR_ENV)):
     return True
-  if os.environ.get(COORDINATOR_ENV):
-    return True
-  env = _cluster_env()
-  return env is not None and env.get_process_count() > 1
+  cluster = _cluster()
+  return cluster is not None and (cluster[1] or 2) > 1
 
 
 def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
                num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, **options) -> bool:
-  """Joins JAX's multi-controller runtime when running on several hosts.
+               process_id: Optional[int] = None,
+               before_join: Optional[Callable[[], None]] = None,
+               **options) -> bool:
+  """Joins `jax.distributed` if `should_join` (before the devices are used).
 
-  Call it before anything touches the devices.
-
-  Args:
-    mode: 'yes', 'no' or 'auto' (see `should_join`).
-    coordinator_address, num_processes, process_id: passed through; None
-      lets JAX detect them (Cloud TPU, SLURM, Open MPI, Kubernetes).
-    **options: more arguments of `jax.distributed.initialize`, e.g.
-      initialization_timeout, heartbeat_timeout_seconds (how soon the others
-      stop when a process dies), shutdown_timeout_seconds,
-      cluster_detection_method='mpi4py'.
-
-  Returns:
-    Whether it joined.
-
-  Raises:
-    ConfigError: flags that do not fit together (`check_flags`), or it
-      should join but nothing says how many processes there are.
+  The flags' None lets JAX detect a value; `before_join` runs just before
+  joining; `options` go to `jax.distributed.initialize`. Returns whether it
+  joined; raises ConfigError for flags that do not fit (`check_flags`) or
+  when nothing says how many processes there are.
   """
   check_flags(mode, coordinator_address, num_processes, process_id)
   if not should_join(mode, coordinator_address, num_processes, process_id):
     return False
   if (num_processes is None and not options.get("cluster_detection_method")
-      and _cluster_env() is None):
+      and _cluster() is None):
     raise ConfigError(
         f"--multihost={mode} but no cluster environment (SLURM, Open MPI, "
         "Cloud TPU, Kubernetes) says how many processes run: give "
         "--coordinator_address=HOST:PORT, --num_processes and --process_id "
         "on every process, or --multihost=no.")
-  kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
-                                  num_processes=num_processes,
-                                  process_id=process_id).items()
-            if v is not None}
-  jax.distributed.initialize(**kwargs, **options)
+  if before_join is not None:
+    before_join()
+  given = dict(coordinator_address=coordinator_address,
+               num_processes=num_processes, process_id=process_id)
+  jax.distributed.initialize(
+      **{k: v for k, v in given.items() if v is not None}, **options)
   logging.info("Process %d of %d (%s); %d local and %d global devices.",
                jax.process_index(), jax.process_count(),
                detect() or "explicit arguments", jax.local_device_count(),
@@ -184,7 +200,6 @@ def _connect_cpu_collectives() -> None:
   Gloo connects the processes at their first collective over all devices
   and gives up if one arrives more than 30 s after another: on a loaded
   machine one process can finish compiling the train step that much later.
-  Once connected, collectives wait for the slowest process.
   """
   mesh = sharding.make_mesh()
   ones = jax.make_array_from_process_local_data(

@@ -1,23 +1,20 @@
-"""SIGTERM at any moment ends a one-process run within seconds.
+"""SIGTERM at any moment ends a run within seconds (a notice gives ~30 s).
 
 Python runs signal handlers only between bytecodes of the main thread, so a
 handler cannot act while XLA compiles, Orbax restores or tf.data starts (one
-C++ call each, up to minutes on a pod). A preemption notice gives about 30 s.
-
-`Guard` routes SIGTERM through `signal.set_wakeup_fd` to a watcher thread,
-which the C-level handler wakes at once. While the trainer's main thread is
-in the loop, SIGTERM is left to the checkpointer (it saves after the next
-step). While it is busy (`busy(...)`: restore, data start-up, the first
-compilation, an evaluation), the watcher ends the process itself: it saves the
+C++ call each, up to minutes on a pod). `Guard` routes SIGTERM through
+`signal.set_wakeup_fd` to a watcher thread. While the main thread is in the
+loop, SIGTERM is left to the checkpointer (it saves after the next step);
+while it is `busy(...)`, the watcher ends the process itself: it saves the
 state only when the main thread registered one newer than the last
 checkpoint, finishes the saves in flight, runs the exit callbacks (the lock)
 and leaves with exit code 143.
 
-On several processes JAX's own preemption notifier owns SIGTERM (Orbax's
-preemption sync point saves in the loop). There the watcher asks JAX's
-coordination service once a second, while the main thread is busy, whether
-any process received a preemption notice (the key JAX's notifier sets), and
-then ends this process the same way.
+On several processes JAX's preemption notifier owns SIGTERM; there the
+watcher asks JAX's coordination service once a second, while the main thread
+is busy, whether any process received a notice (the key JAX's notifier
+sets). JAX has no public accessor for that client: it is read from
+`jax._src.distributed`.
 """
 import contextlib
 import os
@@ -52,22 +49,19 @@ class Guard:
     self._sockets = None
     self._previous = None
 
-  # ------------------------------------------------------------- set-up ----
   def __enter__(self):
     if not self.enabled:
       return self
+    self._sockets = socket.socketpair()  # Closed by __exit__: stops it.
     if self._several:
-      self._sockets = socket.socketpair()  # Closed by __exit__: stops it.
       threading.Thread(target=self._poll_notice, daemon=True,
                        name="preemption-notice-watcher").start()
       return self
-    self._sockets = socket.socketpair()
     reader, writer = self._sockets
     writer.setblocking(False)
-    previous_fd = signal.set_wakeup_fd(writer.fileno(),
-                                       warn_on_full_buffer=False)
-    self._previous = (previous_fd, signal.signal(signal.SIGTERM,
-                                                 self._on_sigterm))
+    self._previous = (
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False),
+        signal.signal(signal.SIGTERM, self._on_sigterm))
     threading.Thread(target=self._watch, args=(reader,), daemon=True,
                      name="sigterm-watcher").start()
     return self
@@ -75,13 +69,9 @@ class Guard:
   def __exit__(self, *exc):
     if self._sockets is None:
       return
-    if self._several:
-      with self._mutex:
-        self._sockets = None
-      return
-    previous_fd, previous_handler = self._previous
-    signal.set_wakeup_fd(previous_fd)
-    signal.signal(signal.SIGTERM, previous_handler)
+    if not self._several:
+      signal.set_wakeup_fd(self._previous[0])
+      signal.signal(signal.SIGTERM, self._previous[1])
     with self._mutex:  # The watcher is not acting: stop it.
       self._sockets[1].close()
       self._sockets = None
@@ -98,16 +88,10 @@ class Guard:
     """How the watcher saves a newer state: save(step, state), finished."""
     self._save = save
 
-  # ------------------------------------------------------- the main thread ----
   @contextlib.contextmanager
   def busy(self, what: str, newer: tuple[int, Any] | None = None):
-    """Marks a long call of the main thread.
-
-    Args:
-      what: what it does, for the console ('compiling the train step').
-      newer: (step, state) when the state is newer than the last checkpoint
-        (saved if SIGTERM comes meanwhile); None when nothing needs saving.
-    """
+    """Marks a long call of the main thread, `what` it does for the console;
+    `newer`: (step, state) newer than the last checkpoint, saved on SIGTERM."""
     if not self.enabled:
       yield
       return
@@ -121,15 +105,13 @@ class Guard:
       with self._mutex:  # Blocks for good if the watcher is ending the run.
         self._busy = self._newer = None
 
-  # ---------------------------------------------------------- the watcher ----
   def _watch(self, reader: socket.socket) -> None:
-    while True:
+    data = b"start"
+    while data:  # b"": closed by __exit__.
       try:
         data = reader.recv(64)
       except OSError:
         return
-      if not data:
-        return  # Closed by __exit__.
       if signal.SIGTERM in data:
         self.requested = True
         self._stop()
@@ -159,7 +141,6 @@ class Guard:
       self._mutex.release()
       return  # In the loop: the checkpointer saves after the next step.
     # Keeps the mutex: the main thread must not leave its busy call now.
-    saved = ""
     try:
       if self._newer is not None and self._save is not None:
         step, state = self._newer
