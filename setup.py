@@ -37,9 +37,12 @@ setuptools.setup(
         # gcp-storage-emulator (+ the gcs extra): a local GCS for the gs://
         # tests; safetensors: `convert to-torch` without torch.
         # dill: the official Checkpointer's own writer (dill protocol 2).
+        # tensorboard-plugin-profile: its own code lists --profile_steps'
+        # traces.
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
                  "dm-haiku", "tensorboard", "gcp-storage-emulator", "gcsfs",
-                 "google-cloud-storage", "safetensors", "dill"],
+                 "google-cloud-storage", "safetensors", "dill",
+                 "tensorboard-plugin-profile"],
         # `python -m byol_jax.convert to-torch`: .pt needs torch, .safetensors
         # only safetensors; torchvision for loading the export (large: CI
         # does not install this extra, and the torch tests skip without it).

@@ -65,10 +65,17 @@ _ERRORS = [
      "--process_id=1 describe a job of several"),
 ]
 
+# A bad --profile_steps: one line and exit 2, as any bad flag.
+_USAGE = [(["byol_jax.train", "--config=configs/tiny.py",
+            "--workdir=/nonexistent", f"--profile_steps={v}"],
+           f"error: flag --profile_steps={v}: give A:B with 0 <= A < B, "
+           "e.g. 10:15.") for v in ("5:3", "2-4")]
+
 
 @pytest.fixture(scope="module")
 def results():
-  cases = [[f"byol_jax.{c}", "-h"] for c in _HELP] + [a for a, _ in _ERRORS]
+  cases = ([[f"byol_jax.{c}", "-h"] for c in _HELP] +
+           [a for a, _ in _ERRORS + _USAGE])
   proc = subprocess.run(
       [sys.executable, "-c", _FORKED, json.dumps(cases)], cwd=REPO,
       env=train_env(1), capture_output=True, text=True, timeout=300)
@@ -91,6 +98,13 @@ def test_multihost_flags_are_one_line_before_anything_starts(results, i):
   assert code == 1 and not out.strip(), (code, out, err)
   assert err.strip().splitlines() == [err.strip()], err
   assert err.startswith(_ERRORS[i][1]), err
+
+
+@pytest.mark.parametrize("i", range(len(_USAGE)))
+def test_bad_profile_steps_is_one_line_before_anything_starts(results, i):
+  code, out, err = results[len(_HELP) + len(_ERRORS) + i]
+  assert code == 2 and not out.strip(), (code, out, err)
+  assert err.strip() == _USAGE[i][1], err
 
 
 def test_flag_errors_are_one_plain_line():
