@@ -56,9 +56,8 @@ class Progress:
 
   def __init__(self, start_step: int, total_steps: int, batch_size: int,
                elapsed_before: float = 0.0):
-    self.start_step, self._total, self._batch = (start_step, total_steps,
-                                                 batch_size)
-    self._before = elapsed_before
+    self.start_step, self._total = start_step, total_steps
+    self._batch, self._before = batch_size, elapsed_before
     self._start = time.monotonic()
     self._t0 = self._s0 = None
     self.compile_seconds = 0.0

@@ -204,10 +204,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           state, metrics = train_step(state, pipeline.batch(step))
         if first:
           jax.block_until_ready(metrics)  # Once: compilation ends here.
+          meter.first_step_done(step + 1)
       step += 1
-      if first:
-        meter.first_step_done(step)
-      elif throttle:
+      if throttle:  # At the first step previous is None: a no-op.
         jax.block_until_ready(previous)
       previous = metrics
       if tracing is not None and step == profile_steps[1]:
@@ -240,7 +239,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           step % config.eval_every_steps == 0):
         with guard.busy("evaluating", newer=(
             (step, state) if step > saved_step else None)):
-          _evaluate(monitor, state, step, writer)
+          results = _evaluate(monitor, state)
+        writer.write(step, results)
+        say(progress.eval_line(step, results))
 
     # --- The end: a final checkpoint (the last step was checked where it
     # logged) and evaluation.
@@ -249,15 +250,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt.say_committed(say)
     if evaluate:
       with guard.busy("evaluating"):
-        final.update(_evaluate(monitor, state, step, writer))
+        results = _evaluate(monitor, state)
+      writer.write(step, results)
+      say(progress.eval_line(step, results))
+      final.update(results)
     final["step"] = step
     say(meter.summary(step, final))
     return final
 
 
-def _evaluate(monitor: monitor_lib.Monitor, state, step: int,
-              writer: metric_writer.MetricWriter) -> dict[str, float]:
-  """Evaluates the online network (and BYOL's target, kNN) and logs it."""
+def _evaluate(monitor: monitor_lib.Monitor, state) -> dict[str, float]:
+  """The monitor on the online network (and BYOL's target, for kNN)."""
   variables = {"params": state.params["encoder"],
                "batch_stats": state.batch_stats["encoder"]}
   results = monitor(variables, state.params.get("classifier"))
@@ -265,8 +268,6 @@ def _evaluate(monitor: monitor_lib.Monitor, state, step: int,
     target = {"params": state.target["params"]["encoder"],
               "batch_stats": state.target["batch_stats"]["encoder"]}
     results.update(monitor(target, None, prefix="eval/target_"))
-  writer.write(step, results)
-  progress.say(progress.eval_line(step, results))
   return results
 
 
