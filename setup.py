@@ -39,9 +39,12 @@ setuptools.setup(
         # tests; safetensors: `convert to-torch` without torch.
         # dill: the official Checkpointer's own writer (dill protocol 2).
         # chex: the tests' tree assertions (the library does not use it).
+        # tensorboard-plugin-profile: its own code lists --profile_steps'
+        # traces.
         "test": ["chex>=0.1.88", "pytest", "pytest-xdist", "nbclient",
-                 "nbformat", "ipykernel", "dm-haiku", "tensorboard", "gcp-storage-emulator", "gcsfs",
-                 "google-cloud-storage", "safetensors", "dill"],
+                 "nbformat", "ipykernel", "dm-haiku", "tensorboard",
+                 "gcp-storage-emulator", "gcsfs", "google-cloud-storage",
+                 "safetensors", "dill", "tensorboard-plugin-profile"],
         # `python -m byol_jax.convert to-torch`: .pt needs torch, .safetensors
         # only safetensors; torchvision for loading the export (large: CI
         # does not install this extra, and the torch tests skip without it).

@@ -1,9 +1,8 @@
 """The commands' console: one line per event, rates measured after compiling.
 
-Only process 0 prints. The first step of a run includes compiling the train
-step, so images/s and the ETA count from the end of the first step. Long
-phases (decoding a dataset, an evaluation's passes and steps) print a line
-with their rate and ETA at most every PERIOD_S seconds (`Ticker`, `track`).
+Only process 0 prints. Long phases (decoding a dataset, an evaluation's
+passes and steps) print a line with their rate and ETA at most every
+PERIOD_S seconds (`Ticker`, `track`).
 """
 import threading
 import time
@@ -16,6 +15,12 @@ import ml_collections
 # evaluations): no phase runs longer than this without a line.
 PERIOD_S = 10.0
 _T = TypeVar("_T")
+# What a progress line shows of the metrics, when they are there.
+_SHOWN = (("epoch", "ep", ".2f"), ("loss", "loss", ".4f"), ("lr", "lr", ".4g"),
+          ("tau", "tau", ".5f"),
+          ("classifier_accuracy", "cls_acc", ".3f"),
+          ("embedding_std", "emb_std", ".4f"),
+          ("undecodable_images", "undecodable", ".0f"))
 
 
 def format_duration(seconds: float) -> str:
@@ -46,68 +51,58 @@ def describe_run(config: ml_collections.ConfigDict, dataset: str,
 
 
 class Progress:
-  """Images per second and ETA of the steps after the first one."""
+  """Images/s and ETA of this start's steps after its first (compiling)
+  one; the elapsed time goes on from `elapsed_before` (earlier starts')."""
 
   def __init__(self, start_step: int, total_steps: int, batch_size: int,
-               steps_per_epoch: int):
-    self._total, self._batch = total_steps, batch_size
-    self._per_epoch = max(steps_per_epoch, 1)
+               elapsed_before: float = 0.0):
+    self.start_step, self._total = start_step, total_steps
+    self._batch, self._before = batch_size, elapsed_before
     self._start = time.monotonic()
     self._t0 = self._s0 = None
-    self._start_step = start_step
     self.compile_seconds = 0.0
-
-  @property
-  def start_step(self) -> int:
-    return self._start_step
-
-  @property
-  def measuring(self) -> bool:
-    return self._t0 is not None
 
   def first_step_done(self, step: int) -> None:
     """Call once, after the first step's outputs are ready."""
     self._t0, self._s0 = time.monotonic(), step
     self.compile_seconds = self._t0 - self._start
 
-  def rate(self, step: int) -> float | None:
-    """Images per second since the first step (None: nothing measured yet)."""
-    if self._t0 is None or step <= self._s0:
-      return None
-    return (step - self._s0) * self._batch / (time.monotonic() - self._t0)
+  def times(self, step: int) -> dict[str, float]:
+    """images_per_sec (0 until measured), elapsed_seconds, eta_seconds."""
+    now = time.monotonic()
+    out = dict(images_per_sec=0.0,
+               elapsed_seconds=self._before + now - self._start)
+    if self._t0 is not None and step > self._s0:
+      steps_per_sec = (step - self._s0) / (now - self._t0)
+      out.update(images_per_sec=steps_per_sec * self._batch,
+                 eta_seconds=(self._total - step) / steps_per_sec)
+    return out
 
   def line(self, step: int, m: dict) -> str:
-    """'step 10/60 ep 0.83 loss ... img/s ... eta ...'."""
-    rate = self.rate(step)
-    speed = (f"img/s {rate:.1f} eta "
-             f"{format_duration((self._total - step) * self._batch / rate)}"
-             if rate else "img/s - eta -")
-    parts = [f"step {step}/{self._total}", f"ep {step / self._per_epoch:.2f}",
-             f"loss {m['loss']:.4f}", f"lr {m['lr']:.4g}"]
-    if "tau" in m:
-      parts.append(f"tau {m['tau']:.5f}")
-    if "classifier_accuracy" in m:
-      parts.append(f"cls_acc {m['classifier_accuracy']:.3f}")
-    parts.append(f"emb_std {m['embedding_std']:.4f}")
-    if m.get("undecodable_images"):
-      parts.append(f"undecodable {int(m['undecodable_images'])}")
-    parts.append(speed)
+    """'step 10/60 ep 0.83 loss ... img/s ... elapsed ... eta ...'."""
+    parts = [f"step {step}/{self._total}"] + [
+        f"{name} {m[key]:{spec}}" for key, name, spec in _SHOWN if key in m]
+    measured = "eta_seconds" in m
+    parts += ["img/s", f"{m['images_per_sec']:.1f}" if measured else "-",
+              "elapsed", format_duration(m["elapsed_seconds"]), "eta",
+              format_duration(m["eta_seconds"]) if measured else "-"]
     return " ".join(parts)
 
   def summary(self, step: int, final: dict) -> str:
     """The last line of a run."""
     elapsed = time.monotonic() - self._start
-    text = (f"done: steps {self._start_step}-{step} in "
+    text = (f"done: steps {self.start_step}-{step} in "
             f"{format_duration(elapsed)} (compiling "
             f"{format_duration(self.compile_seconds)})")
+    if self._before:
+      text += f", {format_duration(self._before + elapsed)} in all"
     if "loss" in final:
       text += f", final loss {final['loss']:.4f}"
     if final.get("undecodable_images"):
       text += (f", {int(final['undecodable_images'])} undecodable images "
                "replaced")
-    evals = " ".join(f"{k.split('/')[-1]} {100 * v:.2f}%"
-                     for k, v in sorted(final.items())
-                     if k.startswith("eval/"))
+    evals = _percentages({k: v for k, v in final.items()
+                          if k.startswith("eval/")})
     return text + (f", {evals}" if evals else "")
 
 
@@ -118,10 +113,13 @@ def single_class_warning(dataset: str) -> str:
           "the data two or more classes to measure anything.")
 
 
-def eval_line(step: int, results: dict) -> str:
-  text = " ".join(f"{k.split('/')[-1]} {100 * v:.2f}%"
+def _percentages(results: dict) -> str:
+  return " ".join(f"{k.split('/')[-1]} {100 * v:.2f}%"
                   for k, v in sorted(results.items()))
-  return f"step {step} eval: {text}"
+
+
+def eval_line(step: int, results: dict) -> str:
+  return f"step {step} eval: {_percentages(results)}"
 
 
 class Ticker:

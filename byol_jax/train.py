@@ -13,6 +13,7 @@ command line, 130 interrupted (Ctrl-C), 143 (128 + SIGTERM) preempted after savi
 a checkpoint: run the same command again to resume.
 """
 import contextlib
+import re
 import sys
 from typing import Any
 
@@ -69,17 +70,16 @@ def _fetch(tree):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        restore_step: int | None = None,
                        allow_changes: tuple[str, ...] = (),
-                       start_over: bool = False) -> dict[str, Any]:
+                       start_over: bool = False,
+                       profile_steps: tuple[int, int] | None = None
+                       ) -> dict[str, Any]:
   """Trains (resuming from WORKDIR's newest checkpoint) and evaluates.
 
   Args:
     config: the run's config (see byol_jax.trainer.config_lib).
     workdir: the run's directory.
-    restore_step: resume from this checkpoint instead of the newest.
-    allow_changes: config fields a resumed run changes on purpose.
-    start_over: train from step 0 although the workdir has checkpoints
-      (they move to WORKDIR/checkpoints_superseded/) or had only damaged
-      ones.
+    restore_step, allow_changes, start_over: as the flags of the same names.
+    profile_steps: (A, B): a jax.profiler trace of steps A to B - 1.
 
   Returns:
     The final metrics (train metrics of the last logged step, eval results,
@@ -106,6 +106,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   total_steps, warmup_steps, steps_per_epoch = optim.schedule_steps(
       config, config.num_train_examples or info.num_train)
   workdir = checkpoint.as_path(workdir)
+  if profile_steps and profile_steps[1] > total_steps:
+    raise ConfigError(f"--profile_steps={profile_steps[0]}:{profile_steps[1]}"
+                      f" ends past the run's {total_steps} steps.")
   say(progress.describe_run(config, info.name, total_steps, steps_per_epoch,
                             workdir))
   if not config.data.num_classes:
@@ -168,45 +171,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # devices only on steps that log, save or evaluate.
     writer = stack.enter_context(metric_writer.MetricWriter(workdir))
     guard.on_exit(writer.close)
-    health = _start_health(workdir, state, step, writer)
-    meter = progress.Progress(step, total_steps, config.batch_size,
-                              steps_per_epoch)
+    health = divergence.Health(workdir)  # Norms, for advice after a NaN.
+    if 0 not in health.norms:  # Logged at the start (or recalled, if not).
+      health.record(0, divergence.param_norm(state.params))
+      if step == 0:
+        writer.write(0, {"param_norm": health.norms[0]})
+    meter = progress.Progress(  # Elapsed time goes on from earlier starts.
+        step, total_steps, config.batch_size,
+        metric_writer.last_logged(workdir, "elapsed_seconds") if step else 0)
     # XLA:CPU's simulated devices can deadlock with a deep queue of
     # collectives: there, run at most one step ahead.
     throttle = jax.default_backend() == "cpu"
     final: dict[str, Any] = {}
-    metrics = previous = None
+    metrics = previous = tracing = None  # tracing: the first step traced.
     while step < total_steps:
-      first = not meter.measuring
+      first = metrics is None
       if first:
         say("Compiling the train step (the first step takes longer).")
+      if profile_steps and (step == max(profile_steps[0], meter.start_step)
+                            < profile_steps[1]):
+        jax.profiler.start_trace(str(workdir))  # In plugins/profile/.
+        tracing = step
       with (guard.busy("compiling the train step") if first
             else contextlib.nullcontext()):
         with jax.transfer_guard("disallow"):
           state, metrics = train_step(state, pipeline.batch(step))
         if first:
           jax.block_until_ready(metrics)  # Once: compilation ends here.
+          meter.first_step_done(step + 1)
       step += 1
-      if first:
-        meter.first_step_done(step)
-      elif throttle:
+      if throttle:  # At the first step previous is None: a no-op.
         jax.block_until_ready(previous)
       previous = metrics
+      if tracing is not None and step == profile_steps[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        say(f"Profiled steps {tracing}-{step - 1}: {workdir}/plugins/profile")
       host = None
       if step % config.log_every_steps == 0 or step == total_steps:
         host = _checked(_fetch(metrics), step, ckpt, config, health)
         ckpt.say_committed(say)
-        host.update(epoch=step / steps_per_epoch,
-                    images_per_sec=meter.rate(step) or 0.0)
+        host.update(epoch=step / steps_per_epoch, **meter.times(step))
         _check_decoding(config, pipeline, host, step, meter)
         writer.write(step, host)
         final.update(host)
         say(meter.line(step, host))
       if step < total_steps and ckpt.should_save(step):
         if host is None:  # Its norm, for the advice after a NaN stop.
-          norm = _checked(_fetch(metrics), step, ckpt, config,
-                          health)["param_norm"]
-          writer.write(step, {"param_norm": norm})
+          host = _checked(_fetch(metrics), step, ckpt, config, health)
+          writer.write(step, {"param_norm": host["param_norm"]})
         ckpt.save(step, state)
         saved_step = step
         ckpt.say_committed(say)
@@ -254,8 +267,7 @@ def _evaluate(monitor: monitor_lib.Monitor, state) -> dict[str, float]:
 
 def _check_decoding(config, pipeline, host: dict, step: int,
                     meter: progress.Progress) -> None:
-  """Adds the count of images that failed to decode (replaced, so that the
-  stream never shifts) to `host`; raises ConfigError past the threshold."""
+  """Counts images that failed to decode (and were replaced) in `host`."""
   bad = pipeline.failed_images(step)
   if not bad:
     return
@@ -269,18 +281,6 @@ def _check_decoding(config, pipeline, host: dict, step: int,
         f"; check or replace the files under {config.data.path or 'the data'}"
         ", or raise --config.data.max_undecodable_fraction, and run the same "
         "command again to resume.")
-
-
-def _start_health(workdir, state, step: int,
-                  writer: metric_writer.MetricWriter) -> divergence.Health:
-  """Parameter norms so far; the norm at step 0 is logged when a run starts
-  (or remembered, for a run that began before it was logged)."""
-  health = divergence.Health(workdir)
-  if 0 not in health.norms:
-    health.record(0, divergence.param_norm(state.params))
-    if step == 0:
-      writer.write(0, {"param_norm": health.norms[0]})
-  return health
 
 
 def _checked(host_metrics: dict, step: int, ckpt: checkpoint.Checkpointer,
@@ -322,6 +322,16 @@ def define_flags() -> None:
       "workdir has checkpoints (they move to WORKDIR/checkpoints_superseded/)"
       " or only damaged ones.")
   cli.define_multihost_flags()
+  flags.DEFINE_string(
+      "profile_steps", None, "A:B writes a jax.profiler trace of steps A to "
+      "B - 1 in WORKDIR/plugins/profile/ (TensorBoard's Profile tab).")
+  flags.register_validator("profile_steps", lambda v: v is None or bool(
+      _profile_steps(v)), "give A:B with 0 <= A < B, e.g. 10:15.")
+
+
+def _profile_steps(text: str | None) -> tuple[int, int] | None:
+  m = re.fullmatch(r"(\d+):(\d+)", text or "")
+  return (int(m[1]), int(m[2])) if m and int(m[1]) < int(m[2]) else None
 
 
 def main(argv):
@@ -336,7 +346,8 @@ def main(argv):
   cli.join_job()
   try:
     final = train_and_evaluate(config, f.workdir, f.restore_step,
-                               f.allow_changes, f.start_over)
+                               f.allow_changes, f.start_over,
+                               _profile_steps(f.profile_steps))
   except NonFiniteError as e:
     cli.exit_error(f"{e} The command: {divergence.command(sys.argv, e.flags)}")
   if final.get("preempted"):

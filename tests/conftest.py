@@ -178,7 +178,8 @@ def trained_run(tmp_path_factory, run_train):
     if not record.exists():
       proc = run_train(root / "run", f"steps={TRAINED_STEPS}",
                        "--config.checkpoint_every_steps=8",
-                       "--config.log_every_steps=4", devices=2)
+                       "--config.log_every_steps=4", "--profile_steps=2:4",
+                       devices=2)
       record.write_text(json.dumps(dict(
           args=proc.args, returncode=proc.returncode, stdout=proc.stdout,
           stderr=proc.stderr)))

@@ -81,11 +81,17 @@ _USAGE = [
      "'configs/no_such_config.py'"),
 ]
 
+# A bad --profile_steps: one line and exit 2, as any bad flag.
+_PROFILE = [(["byol_jax.train", "--config=configs/tiny.py",
+              "--workdir=/nonexistent", f"--profile_steps={v}"],
+             f"error: flag --profile_steps={v}: give A:B with 0 <= A < B, "
+             "e.g. 10:15.") for v in ("5:3", "2-4")]
+
 
 @pytest.fixture(scope="module")
 def results():
-  cases = ([[f"byol_jax.{c}", "-h"] for c in _HELP] + [a for a, _ in _ERRORS]
-           + [a for a, _ in _USAGE])
+  cases = ([[f"byol_jax.{c}", "-h"] for c in _HELP] +
+           [a for a, _ in _ERRORS + _USAGE + _PROFILE])
   proc = subprocess.run(
       [sys.executable, "-c", _FORKED, json.dumps(cases)], cwd=REPO,
       env=train_env(1), capture_output=True, text=True, timeout=300)
@@ -116,6 +122,13 @@ def test_usage_mistakes_are_one_line_in_every_command(results, i):
   assert code == 2 and not out.strip(), (code, out, err)
   assert err.strip().splitlines() == [err.strip()], err
   assert err.startswith(_USAGE[i][1]), err
+
+
+@pytest.mark.parametrize("i", range(len(_PROFILE)))
+def test_bad_profile_steps_is_one_line_before_anything_starts(results, i):
+  code, out, err = results[len(_HELP) + len(_ERRORS) + len(_USAGE) + i]
+  assert code == 2 and not out.strip(), (code, out, err)
+  assert err.strip() == _PROFILE[i][1], err
 
 
 def test_flag_errors_are_one_plain_line():

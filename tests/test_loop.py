@@ -13,6 +13,7 @@ from byol_jax import train
 from byol_jax.evaluation import linear
 from byol_jax.evaluation import monitor as monitor_lib
 from byol_jax.core.methods import network
+from byol_jax.errors import ConfigError
 from testlib import build_step, count_compiles
 
 
@@ -61,6 +62,17 @@ def test_loop_reads_from_devices_only_when_it_logs_or_saves(
   # Log steps 3 and 6 (6 is also the final check); saves at 2 and 4; none at
   # 1 and 5.
   assert len(reads) == 4, reads
+
+
+def test_profile_steps_past_the_run_is_one_line_before_compiling(
+    tmp_path, tiny_config):
+  config = tiny_config(total_steps=STEPS)
+  with count_compiles() as n:
+    with pytest.raises(ConfigError) as e:
+      train.train_and_evaluate(config, str(tmp_path / "run"),
+                               profile_steps=(2, STEPS + 1))
+  assert str(e.value) == "--profile_steps=2:7 ends past the run's 6 steps."
+  assert n[0] == 0 and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_three_evaluations_compile_once(tiny_config):

@@ -313,6 +313,8 @@ def test_container_restart_resumes_as_pid_1(tmp_path, trained_run,
       first.kill()
   saved = checkpoint_steps(workdir)
   assert saved and saved[-1] < TRAINED_STEPS, saved
+  rows = (workdir / "metrics.jsonl").read_text().splitlines()
+  was = [json.loads(l)["elapsed_seconds"] for l in rows if "elapsed" in l]
   # A newer checkpoint whose OCDBT manifest is empty (a copy of the last one,
   # the file emptied): quarantined, with no traceback on the console.
   damaged = workdir / "checkpoints" / str(saved[-1] + 4)
@@ -327,6 +329,11 @@ def test_container_restart_resumes_as_pid_1(tmp_path, trained_run,
   assert second.returncode == 0, err[-3000:]
   assert "Taking over the lock" in out and out.count("Taking over") == 1
   assert "Traceback" not in err, err[-3000:]
+  # The elapsed time went on from the killed run's.
+  now = [json.loads(l)["elapsed_seconds"] for l in (
+      workdir / "metrics.jsonl").read_text().splitlines()[len(rows):]
+         if "elapsed" in l]
+  assert was and now and was[-1] < now[0] < was[-1] + time.monotonic() - started
   assert [p.name.split("-")[0] for p in
           (workdir / "checkpoints_damaged").iterdir()] == [damaged.name]
   (_, a, sa), (_, b, sb) = (pretrained.load_run(str(ref)),

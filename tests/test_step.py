@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -254,6 +255,37 @@ def test_classifier_gives_the_rest_exactly_zero_gradient(byol_step):
       s0.params["classifier"]["kernel"] * (1 - lr * eta), rtol=1e-6)
   np.testing.assert_array_equal(without.params["classifier"]["bias"],
                                 s0.params["classifier"]["bias"])
+
+
+def _norm(tree) -> float:
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                           for x in jax.tree.leaves(tree))))
+
+
+def test_logged_norms_are_the_gradient_update_and_parameters(byol_step):
+  """grad_norm, update_norm and param_norm are global L2 norms of this
+  step's gradient, the optimizer's update and the new parameters."""
+  s0 = byol_step.state0
+  s1, m = byol_step.labelled
+  assert float(m["param_norm"]) == pytest.approx(_norm(s1.params), rel=1e-5)
+  moved = jax.tree.map(np.subtract, s1.params, s0.params)
+  assert float(m["update_norm"]) == pytest.approx(_norm(moved), rel=1e-3)
+  # With SGD at learning rate 1 the update is minus the gradient, and the
+  # gradient is LARS's step's (same state, same batch).
+  sgd = optax.sgd(1.0)
+  fn = step_lib.make_train_step(
+      byol_step.config, byol_step.model, sgd, optax.constant_schedule(1.0),
+      optim.tau_schedule(TAU_BASE, 100))
+  s, m_sgd = jax.device_get(jax.jit(fn)(
+      s0.replace(opt_state=sgd.init(s0.params)), byol_step.batch))
+  grads = jax.tree.map(np.subtract, s0.params, s.params)
+  assert float(m_sgd["grad_norm"]) == pytest.approx(_norm(grads), rel=1e-3)
+  assert float(m_sgd["update_norm"]) == float(m_sgd["grad_norm"])
+  assert float(m["grad_norm"]) == pytest.approx(float(m_sgd["grad_norm"]),
+                                                rel=1e-4)
+  # LARS's update is not the gradient's size.
+  assert float(m["update_norm"]) != pytest.approx(float(m["grad_norm"]),
+                                                  rel=0.1)
 
 
 def test_bfloat16_step_is_finite_and_close_to_float32(byol_step, tiny_config):

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import chex
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import byol_jax
+from byol_jax import progress
 from byol_jax.core import methods
 from byol_jax.interop import pretrained
 from testlib import REPO, TRAINED_STEPS, assert_error_first, checkpoint_steps
@@ -37,6 +39,19 @@ def test_a_run_writes_what_it_promises(trained_run):
           .splitlines()]
   assert [r["step"] for r in rows if "loss" in r] == [4, 8, 12, 16]
   assert any("eval/knn_top1" in r for r in rows)
+  # Global L2 norms at every logged step; elapsed time and ETA.
+  logged = [r for r in rows if "loss" in r]
+  for r in logged:
+    assert all(0 < r[k] < 1e4 for k in ("grad_norm", "update_norm",
+                                         "param_norm")), r
+  elapsed = [r["elapsed_seconds"] for r in logged]
+  assert elapsed == sorted(elapsed) and elapsed[0] > 0
+  assert logged[-1]["eta_seconds"] == 0 < logged[0]["eta_seconds"]
+  lines = [l for l in out.splitlines()
+           if l.startswith("step ") and "/" in l.split()[1]]
+  assert len(lines) == 4 and all(" elapsed " in l and " eta " in l
+                                 for l in lines), lines
+  assert f"Profiled steps 2-3: {workdir}/plugins/profile\n" in out
   # A readable console: the trainer's own lines only, no library INFO logs,
   # no TensorFlow start-up notices.
   lines = (out + err).strip().splitlines()
@@ -49,21 +64,55 @@ def test_tensorboard_reads_the_event_files(trained_run):
   workdir, _ = trained_run
   acc = event_accumulator.EventAccumulator(str(workdir))
   acc.Reload()
-  assert {"loss", "lr", "eval/knn_top1"} <= set(acc.Tags()["scalars"])
+  assert {"loss", "lr", "eval/knn_top1", "grad_norm", "update_norm",
+          "param_norm", "elapsed_seconds"} <= set(acc.Tags()["scalars"])
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text()
           .splitlines() if '"loss"' in l]
   assert [(e.step, pytest.approx(e.value)) for e in acc.Scalars("loss")] == [
       (r["step"], r["loss"]) for r in rows]
 
 
+def test_the_profile_plugin_lists_the_trace(trained_run):
+  """--profile_steps=2:4 left a trace where TensorBoard's profile plugin
+  (its own code) finds a run with the trace viewer."""
+  from xprof import profile_plugin  # pylint: disable=g-import-not-at-top
+  from xprof.standalone.tensorboard_shim import base_plugin  # pylint: disable=g-import-not-at-top
+  workdir, _ = trained_run
+  traces = list(workdir.glob("plugins/profile/*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
+  plugin = profile_plugin.ProfilePlugin(base_plugin.TBContext(
+      logdir=str(workdir),
+      flags=types.SimpleNamespace(master_tpu_unsecure_channel="")))
+  assert plugin.runs_imp() == [traces[0].parent.name]
+  # The tools it offers for the run come from reading the trace.
+  assert "trace_viewer@" in plugin.generate_tools_of_run(
+      traces[0].parent.name, str(traces[0].parent))
+
+
 def test_continue_a_run_and_load_its_encoders(trained_copy, run_train):
+  before = [json.loads(l) for l in (trained_copy / "metrics.jsonl")
+            .read_text().splitlines()]
+  start = time.monotonic()
   proc = run_train(trained_copy, f"steps={TRAINED_STEPS + 4}",
                    "--config.checkpoint_every_steps=4",
                    "--config.log_every_steps=2", "--config.knn.enabled=False")
+  wall = time.monotonic() - start
   assert "Resuming from step 16." in proc.stdout
   assert proc.stdout.count("Resuming with changed settings") == 1
   assert _progress_steps(proc.stdout) == [18, 20]
   assert checkpoint_steps(trained_copy) == [8, 16, 20]
+  # The elapsed time goes on from the first run's; the ETA counts this
+  # run's steps per second (images/s x ETA = the images left).
+  was = [r["elapsed_seconds"] for r in before if "elapsed_seconds" in r][-1]
+  rows = [json.loads(l) for l in (trained_copy / "metrics.jsonl").read_text()
+          .splitlines()[len(before):] if '"loss"' in l]
+  assert [r["step"] for r in rows] == [18, 20]
+  assert was < rows[0]["elapsed_seconds"] < rows[1]["elapsed_seconds"]
+  assert rows[1]["elapsed_seconds"] - was < wall
+  batch = json.loads((trained_copy / "config.json").read_text())["batch_size"]
+  assert rows[0]["eta_seconds"] * rows[0]["images_per_sec"] == pytest.approx(
+      2 * batch)
+  assert " in all" in proc.stdout.strip().splitlines()[-1]
 
   # load_encoder gives the features the trainer's own network computes, for
   # the online and the target (EMA) encoder.
@@ -85,6 +134,30 @@ def test_continue_a_run_and_load_its_encoders(trained_copy, run_train):
   target = byol_jax.load_encoder(str(trained_copy), which="target")[1]
   assert not np.array_equal(online["params"]["stem_conv"]["kernel"],
                             target["params"]["stem_conv"]["kernel"])
+
+
+def test_elapsed_time_and_eta_across_restarts(monkeypatch):
+  """A start at step 10 of a run that had run 500 s: the elapsed time goes
+  on from 500 s; images/s and the ETA count from the end of its first step
+  (60 s of compiling)."""
+  clock = [1000.0]
+  monkeypatch.setattr(progress, "time",
+                      types.SimpleNamespace(monotonic=lambda: clock[0]))
+  meter = progress.Progress(10, 30, batch_size=8, elapsed_before=500.0)
+  clock[0] += 60
+  meter.first_step_done(11)
+  m = dict(loss=1.0, lr=0.1, embedding_std=0.1)
+  assert meter.times(11) == dict(images_per_sec=0.0, elapsed_seconds=560.0)
+  assert meter.line(11, dict(m, **meter.times(11))).endswith(
+      "img/s - elapsed 9m20s eta -")
+  clock[0] += 10  # 2 steps in 10 s: 0.2 steps/s, 17 steps left.
+  assert meter.times(13) == dict(images_per_sec=pytest.approx(1.6),
+                                 elapsed_seconds=570.0,
+                                 eta_seconds=pytest.approx(85.0))
+  assert meter.line(13, dict(m, **meter.times(13))).endswith(
+      "img/s 1.6 elapsed 9m30s eta 1m25s")
+  assert meter.summary(13, {}) == (
+      "done: steps 10-13 in 1m10s (compiling 1m00s), 9m30s in all")
 
 
 # Killed (SIGKILL, as pid 1 of a container) and resumed, bit for bit the

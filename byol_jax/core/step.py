@@ -2,8 +2,9 @@
 
     train_step(state, batch) -> (state, metrics)
 
-`metrics` holds the scalars to log and `finite` (1.0 when every parameter,
-batch statistic, target and optimizer leaf of the new state is finite).
+`metrics` holds the scalars to log (with the global L2 norms of the
+gradient, the optimizer's update and the new parameters) and `finite` (1.0
+when every leaf of the new state is finite).
 `batch` is the global batch {'view1', 'view2': [B, S, S, 3] crops (uint8, or
 float in [0, 1]), 'label': int32 [B] (-1 where unknown)}, sharded over the
 `data` axis; the state is replicated and donated. Randomness is
@@ -15,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-import optax.losses
 from jax.sharding import Mesh
 
 from byol_jax.core import methods
@@ -27,12 +27,7 @@ from byol_jax.core.train_state import TrainState
 
 
 def classifier_metrics(logits: jax.Array, labels: jax.Array):
-  """Cross-entropy and accuracy of the online classifier over labelled rows.
-
-  Args:
-    logits: [B, C] float32.
-    labels: [B] int32, -1 for unlabelled images (ignored).
-  """
+  """Cross-entropy and accuracy of logits [B, C] over labels [B] >= 0."""
   valid = labels >= 0
   count = jnp.maximum(jnp.sum(valid), 1)
   ce = optax.losses.softmax_cross_entropy_with_integer_labels(
@@ -63,22 +58,15 @@ def make_train_step(config: ml_collections.ConfigDict, model: network.Network,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds the (unjitted) train step of `config.method`.
 
-  Args:
-    config: the run's config (method, seed, augment).
-    model: the method's network.
-    tx: the optimizer.
-    lr_fn: the learning-rate schedule, for logging.
-    tau_fn: BYOL's EMA decay schedule (None for methods without a target).
+  `lr_fn` is logged; `tau_fn` is BYOL's EMA decay (None without a target).
   """
   method = methods.get(config.method)
   loss_fn = method.make_loss_fn(config)
   seed_key = jax.random.PRNGKey(config.seed)
-  augment_cfg = config.augment
 
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(seed_key, state.step)
-    view1, view2 = augment.augment_views(rng, batch, augment_cfg)  # [B,S,S,3]
-    labels = batch["label"]
+    view1, view2 = augment.augment_views(rng, batch, config.augment)
 
     def total_loss(params):
       loss, (out1, bs, tbs, extra) = loss_fn(
@@ -87,7 +75,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: network.Network,
                  **extra)
       if "logits" not in out1:  # Unlabelled data: no online classifier.
         return loss, (aux, bs, tbs)
-      cls_loss, cls_acc = classifier_metrics(out1["logits"], labels)
+      cls_loss, cls_acc = classifier_metrics(out1["logits"],
+                                             batch["label"])
       aux.update(classifier_loss=cls_loss, classifier_accuracy=cls_acc)
       # The classifier reads a stop-gradient copy of the representation, so
       # adding its loss trains it without moving the encoder.
@@ -108,10 +97,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: network.Network,
                               batch_stats=bs, target=target,
                               opt_state=opt_state)
     # Read only where the loop syncs anyway (log and save steps): a state
-    # with a NaN or Inf anywhere is never saved.
-    metrics["finite"] = all_finite(new_state)
-    # Whether a finite state is diverging (`divergence.py`).
-    metrics["param_norm"] = optax.tree.norm(params)
+    # with a NaN or Inf anywhere is never saved; param_norm also tells
+    # whether a finite one is diverging (trainer/divergence.py).
+    metrics.update(finite=all_finite(new_state),
+                   grad_norm=optax.tree.norm(grads),
+                   update_norm=optax.tree.norm(updates),
+                   param_norm=optax.tree.norm(params))
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
                                    metrics)
 
@@ -119,7 +110,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: network.Network,
 
 
 def jit_train_step(train_step, mesh: Mesh):
-  """Compiles the step once: batch sharded on `data`, state replicated and donated."""
+  """Compiles the step: batch sharded on `data`, state replicated, donated."""
   rep = sharding.replicated(mesh)
   return jax.jit(train_step,
                  in_shardings=(rep, sharding.batch_sharding(mesh)),

@@ -9,6 +9,7 @@ A failed write (a full disk, a lost mount) is one `StorageError`: a line
 that could not be written whole is removed again, so metrics.jsonl keeps
 every line written before and never ends in half a line.
 """
+import contextlib
 import json
 import os
 import threading
@@ -26,11 +27,7 @@ REWRITE_SECONDS = 30.0
 
 
 class _RewrittenFile:
-  """A file on an object store, kept whole in memory and rewritten.
-
-  It offers what `MetricWriter` uses of a local binary file: write, seek to
-  the end, truncate, flush and close.
-  """
+  """A file on an object store, kept in memory and rewritten whole."""
 
   def __init__(self, path: epath.Path):
     self._path = path
@@ -45,12 +42,8 @@ class _RewrittenFile:
     self._dirty = True
     return len(data)
 
-  def seek(self, offset: int, whence: int) -> int:
-    del offset, whence  # Only ever used to find the end.
+  def tell(self) -> int:
     return len(self._data)
-
-  def truncate(self, size: int) -> None:
-    self._data = self._data[:size]
 
   def flush(self, force: bool = False) -> None:
     if self._dirty and (force or
@@ -67,15 +60,28 @@ def _is_tensorboardx(thread) -> bool:
   return type(thread).__module__.startswith("tensorboardX")
 
 
+def last_logged(workdir, key: str) -> float:
+  """The newest `key` in WORKDIR/metrics.jsonl (0.0 if none or unreadable)."""
+  path = epath.Path(os.fspath(workdir)) / "metrics.jsonl"
+  try:
+    lines = path.read_text().splitlines() if path.exists() else []
+  except OSError:
+    lines = []
+  for line in reversed(lines):
+    try:
+      return float(json.loads(line)[key])
+    except (ValueError, KeyError, TypeError):
+      continue
+  return 0.0
+
+
 class MetricWriter:
   """Writes scalar metrics of a run; a context manager that closes itself."""
 
   def __init__(self, workdir: str | os.PathLike):
-    self._enabled = jax.process_index() == 0
-    self._jsonl = self._tb = None
+    self._jsonl = self._tb = None  # None: not process 0, or closed.
     self._failure: BaseException | None = None
-    self._previous_hook = None
-    if not self._enabled:
+    if jax.process_index() != 0:
       return
     path = epath.Path(os.fspath(workdir))
     self._path = path / "metrics.jsonl"
@@ -83,7 +89,7 @@ class MetricWriter:
     # Unbuffered: each line is one write, so a failure is seen at once.
     self._jsonl = (_RewrittenFile(self._path) if storage.is_remote(path) else
                    open(os.fspath(self._path), "ab", buffering=0))
-    self._size = self._jsonl.seek(0, os.SEEK_END)
+    self._size = self._jsonl.tell()  # Appending: at the end.
     # tensorboardX writes events on its own thread: a failure there is kept
     # and reported by the next `write` (instead of a thread's traceback).
     self._previous_hook = threading.excepthook
@@ -111,21 +117,15 @@ class MetricWriter:
     try:
       while view:
         view = view[self._jsonl.write(view):]
-    except OSError:
-      try:  # Only the partial line goes; every earlier one stays.
+    except OSError:  # Only the partial line goes; every earlier one stays.
+      with contextlib.suppress(OSError):
         self._jsonl.truncate(self._size)
-      except Exception:  # pylint: disable=broad-except
-        pass
       raise
     self._size += len(line)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
-    """Records `metrics` (floats) at `step`.
-
-    Raises:
-      StorageError: the line or earlier events could not be written.
-    """
-    if not self._enabled:
+    """Records `metrics` (floats) at `step`; StorageError if that fails."""
+    if self._jsonl is None:
       return
     if self._failure is not None:
       raise self._failed(self._failure, "TensorBoard events")
