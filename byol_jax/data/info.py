@@ -1,14 +1,11 @@
 """What a dataset is, read cheaply and checked against the config.
 
-`describe(config)` reads only metadata (TFDS `builder.info`, folder listings,
-.npz keys and labels; no image is decoded) and resolves the config's
-conventions:
-- `data.eval_split = ""`: the first of val, validation, test that exists
-  (None when there is none);
-- `data.num_classes = -1`: from the data (class folders, the TFDS
-  ClassLabel, an .npz's class_names or its largest label + 1; 0 when
-  unlabelled); 0: labels are not used; N > 0: must agree with the data.
-Every mistake is one `ConfigError` line.
+`describe(config)` reads only metadata (TFDS `builder.info`, folder
+listings, .npz keys and labels) and resolves the config's conventions:
+`data.eval_split = ""` is the first of val, validation, test that exists;
+`data.num_classes = -1` comes from the data (0 when unlabelled), 0 turns
+labels off, N > 0 must agree with the data. Each mistake is one
+`ConfigError` line.
 """
 import dataclasses
 import os
@@ -26,17 +23,9 @@ EVAL_SPLITS = ("val", "validation", "test")
 
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
-  """A dataset as the run sees it.
-
-  Attributes:
-    name: what records should call it (TFDS name, folder path or .npz path).
-    source: 'tfds', 'folder', 'npz' or 'arrays'.
-    train_split: the pretraining split.
-    eval_split: the evaluation split, or None if there is none.
-    num_train: examples in train_split (listed files for folders).
-    num_eval: examples in eval_split (0 if None).
-    num_classes: classes the run uses; 0 when unlabelled or labels are off.
-    class_names: their names, where the data has them.
+  """A dataset as the run sees it: `name` (TFDS name, folder or .npz path),
+  `eval_split` None if there is none (then `num_eval` 0), `num_classes` 0
+  when unlabelled or labels are off, `class_names` where the data has them.
   """
   name: str
   source: str
@@ -106,16 +95,7 @@ def _npz_catalog(path: str, train_split: str) -> _Catalog:
                   len(names) if names else None, names, max_label)
 
 
-def _arrays_catalog(arrays) -> _Catalog:
-  split = sources.arrays_split(*arrays)
-  return _Catalog("arrays", [], lambda s, f: split.num_examples, None, (),
-                  lambda used: int(split.labels.max(initial=-1)))
-
-
-def _catalog(config: ml_collections.ConfigDict, arrays) -> _Catalog:
-  d = config.data
-  if arrays is not None:
-    return _arrays_catalog(arrays)
+def _catalog(d: ml_collections.ConfigDict) -> _Catalog:
   if d.source == "tfds":
     return _tfds_catalog(d)
   if d.source == "folder":
@@ -127,34 +107,21 @@ def _base(split: str) -> str:
   return split.split("[")[0].split("+")[0].strip()
 
 
-def describe(config: ml_collections.ConfigDict, arrays=None) -> DataInfo:
-  """Reads the dataset's metadata and checks the config against it.
-
-  Args:
-    config: the run's config (data.*).
-    arrays: optional (images, labels) that stand for every split.
-
-  Returns:
-    The resolved `DataInfo`.
-
-  Raises:
-    ConfigError: unknown source or dataset, missing train or eval split,
-      or a `data.num_classes` that disagrees with the data.
-  """
-  check_source(config, arrays)
+def describe(config: ml_collections.ConfigDict) -> DataInfo:
+  """The dataset's `DataInfo`, checked against the config."""
+  check_source(config)
   d = config.data
-  cat = _catalog(config, arrays)
-  where = (f"TFDS dataset {cat.name!r}" if d.source == "tfds" and
-           arrays is None else cat.name)
+  cat = _catalog(d)
+  where = f"TFDS dataset {cat.name!r}" if d.source == "tfds" else cat.name
   train = str(d.train_split)
-  exists = lambda s: arrays is not None or _base(s) in cat.splits
+  exists = lambda s: _base(s) in cat.splits
   if not exists(train):
     raise sources.split_not_found(train, where, cat.splits, "train_split")
   num_train = cat.size(train, "train_split")
   eval_split = str(d.get("eval_split", "") or "") or None
-  if eval_split is None and arrays is None:
+  if eval_split is None:
     eval_split = next((s for s in EVAL_SPLITS if s in cat.splits), None)
-  elif eval_split is not None and not exists(eval_split):
+  elif not exists(eval_split):
     raise sources.split_not_found(
         eval_split, where, cat.splits,
         "eval_split (or '' to use the first of val, validation, test)")
@@ -189,21 +156,9 @@ def describe(config: ml_collections.ConfigDict, arrays=None) -> DataInfo:
 
 def resolve(config: ml_collections.ConfigDict,
             data_info: DataInfo | None = None) -> ml_collections.ConfigDict:
-  """A copy of the config with what the data says: classes, eval split, name.
-
-  For folders and files, `data.name` becomes the folder's or file's name
-  (e.g. 'imagewoof2-320', 'cifar10_small'), so that the records name the
-  data the run read, not the preset's dataset; TFDS names stay.
-
-  Args:
-    config: a config whose `data.num_classes` may be -1 and `data.eval_split`
-      "" (the conventions above).
-    data_info: its `describe(config)`, if already known.
-
-  Returns:
-    The config with `data.num_classes` >= 0, `data.eval_split` the split
-    found ("" when the data has none) and `data.name` the data's name.
-  """
+  """A copy of the config with what the data says (`describe`, or
+  `data_info`): num_classes >= 0, eval_split ("" for none), and for folders
+  and files the name of the data the run read (e.g. 'imagewoof2-320')."""
   data_info = data_info or describe(config)
   config = config.copy_and_resolve_references()
   with config.unlocked():
