@@ -17,7 +17,10 @@ from byol_jax.core import sharding
 from byol_jax.data import augment
 from byol_jax.data import device
 from byol_jax.data import info
+from byol_jax.data.augment import augment_view
 from byol_jax.data.augment import augment_views
+from byol_jax.data.augment import normalize
+from byol_jax.data.augment import to_float
 from byol_jax.data.info import DataInfo
 from byol_jax.data.info import describe
 from byol_jax.data.info import resolve
@@ -26,9 +29,9 @@ from byol_jax.data.store import load_arrays
 from byol_jax.errors import ConfigError
 
 __all__ = [
-    "Batches", "DataInfo", "augment", "augment_views", "build_eval",
-    "build_linear_train", "build_pretrain", "describe", "load_arrays",
-    "resolve",
+    "Batches", "ConfigError", "DataInfo", "augment", "augment_view",
+    "augment_views", "build_eval", "build_linear_train", "build_pretrain",
+    "describe", "load_arrays", "normalize", "resolve", "to_float",
 ]
 
 
@@ -71,19 +74,10 @@ def build_linear_train(config: ml_collections.ConfigDict, mesh: Mesh,
                        fraction: float = 1.0) -> Batches:
   """Random resized crop + flip batches for linear evaluation and fine-tuning.
 
-  Args:
-    config: the run's config (data.*).
-    mesh: the device mesh.
-    batch_size: global batch.
-    seed: the order's and augmentations' seed.
-    start_step: the first step `batch` will be called with.
-    split: default config.data.train_split (TFDS slices work).
-    fraction: train on a seeded subset of this fraction of the split
-      (class-balanced for folders, .npz and arrays; uniform for TFDS).
-
-  Returns:
-    `Batches`; `batch(step)` -> {'image': f32 [B, S, S, 3] in [0, 1],
-    'label': int32 [B]}.
+  `batch(step)` -> {'image': f32 [B, S, S, 3] in [0, 1], 'label': int32
+  [B]}, deterministic in (seed, step). `split` defaults to the train split
+  (TFDS slices work); `fraction` < 1 trains on a seeded subset of the split
+  (class-balanced for folders, .npz and arrays; uniform for TFDS).
   """
   return _build(config, mesh, "linear", split or config.data.train_split,
                 batch_size, seed, start_step, fraction)

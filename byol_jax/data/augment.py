@@ -131,17 +131,14 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array | float,
   sigma = jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-3)
   weights = jnp.exp(-0.5 * jnp.square(offsets / sigma))
   weights = weights / jnp.sum(weights)                               # [K]
-  taps = 2 * radius + 1
 
   def blur_axis(x, axis):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (radius, radius)
     xp = jnp.pad(x, pad, mode="reflect")       # [H + 2r, W, C] along `axis`
     n = x.shape[axis]
-    out = weights[0] * jax.lax.slice_in_dim(xp, 0, n, axis=axis)
-    for t in range(1, taps):
-      out = out + weights[t] * jax.lax.slice_in_dim(xp, t, t + n, axis=axis)
-    return out
+    return sum(weights[t] * jax.lax.slice_in_dim(xp, t, t + n, axis=axis)
+               for t in range(2 * radius + 1))
 
   return blur_axis(blur_axis(image, 0), 1)
 

@@ -26,6 +26,13 @@ NUM_UNIFORMS = 2 * MAX_ATTEMPTS + 2   # Area and aspect per attempt, y and x.
 LINEAR_CROP_SCALE = (0.08, 1.0)
 
 
+def scale_and_ratio(data_cfg: Any, mode: str) -> tuple[tuple[float, ...], ...]:
+  """The random resized crops' (scale, ratio) ranges of a training mode."""
+  scale = LINEAR_CROP_SCALE if mode == "linear" else data_cfg.crop_scale
+  return (tuple(float(s) for s in scale),
+          tuple(float(r) for r in data_cfg.crop_ratio))
+
+
 def sample_box(u, height, width, scale: Sequence[float] = (0.08, 1.0),
                ratio: Sequence[float] = (3 / 4, 4 / 3), xp: Any = jnp,
                integer: bool = False):
@@ -117,10 +124,8 @@ def crop_resize(image: jax.Array, hw: jax.Array, box, size: int,
   """f32 [S, S, 3] in [0, 1]: `box` (y0, x0, h, w) of a canvas [Hc, Wc, 3]
   (uint8 or float) whose real image, int32 `hw` [2], is at the top-left."""
   hw = hw.astype(jnp.float32)
-  wy = resize_weights(box[0], box[2], hw[0], image.shape[0], size,
-                      antialias_above)                            # [S, Hc]
-  wx = resize_weights(box[1], box[3], hw[1], image.shape[1], size,
-                      antialias_above)                            # [S, Wc]
+  wy, wx = (resize_weights(box[i], box[i + 2], hw[i], image.shape[i], size,
+                           antialias_above) for i in (0, 1))  # [S, Hc|Wc]
   hi = jax.lax.Precision.HIGHEST   # No TF32 rounding of pixels on GPUs.
   x = jnp.einsum("sh,hwc->swc", wy, augment.to_float(image), precision=hi)
   x = jnp.einsum("tw,swc->stc", wx, x, precision=hi)

@@ -134,29 +134,20 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
                   return_boxes: bool = False, device_resize: bool = True):
   """(this process's tf.data stream of training batches, examples read).
 
-  Args:
-    config: the run's config.
-    mode: 'pretrain' ({'view1', 'view2': uint8 [L, C, C, 3] canvases, 'hw1',
-      'hw2': int32 [L, 2] their crops' sizes (`host_decode.fit`), 'label',
-      'failed'}) or 'linear' ({'image', 'hw', 'label', 'failed'}, crops
-      flipped at random).
-    split, batch_size, seed: default config's train_split, batch_size, seed.
-    start_step: first step of the stream.
-    fraction: train on a seeded subset of this fraction of the split.
-    process_index, process_count: default JAX's.
-    arrays: optional (images, labels) for the 'arrays' source.
-    return_boxes: add 'box1', 'box2' (pretrain) or 'box' (linear): f32
-      [L, 4] crop windows (y, x, h, w) as fractions of the image (tests).
-    device_resize: as `host_decode.fit`.
+  Batches of 'pretrain' are {'view1', 'view2': uint8 [L, C, C, 3] canvases,
+  'hw1', 'hw2': int32 [L, 2] their crops' sizes (`host_decode.fit`),
+  'label', 'failed'}, of 'linear' {'image', 'hw', 'label', 'failed'} (crops
+  flipped at random). `split`, `batch_size` and `seed` default to the
+  config's; `arrays` (images, labels) replace the split; `return_boxes` adds
+  'box1', 'box2' or 'box': f32 [L, 4] crop windows (y, x, h, w) as fractions
+  of the image.
   """
   pi, pc = order.process(process_index, process_count)
   split = split or config.data.train_split
   batch = int(batch_size or config.batch_size)
   seed = int(config.seed if seed is None else seed)
   size = int(config.data.image_size)
-  scale = tuple(float(s) for s in (crops.LINEAR_CROP_SCALE if mode == "linear"
-                                    else config.data.crop_scale))
-  ratio = tuple(float(r) for r in config.data.crop_ratio)
+  scale, ratio = crops.scale_and_ratio(config.data, mode)
   if config.data.source == "tfds" and arrays is None:
     ds, form, n = _tfds_stream(config.data, split, seed, batch, start_step,
                                   pi, pc, fraction)
@@ -171,27 +162,25 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
                              canvas=canvas_side(config),
                              device_resize=device_resize)
 
+  local = batch // pc
+
   def element(data, label, g):
     base = tf.stack([tf.constant(seed, tf.int64), g])
     keys = [tf.random.experimental.stateless_fold_in(base, v) for v in (1, 2)]
     if mode == "linear":
       ((image, hw),), (box,) = decode(data, window_fns=[window(keys[0])],
                                       flip_seed=keys[1])
-      out = dict(image=image, hw=hw, label=label)
-      return dict(out, box=box) if return_boxes else out
-    ((v1, hw1), (v2, hw2)), (b1, b2) = decode(
-        data, window_fns=[window(k) for k in keys])
-    out = dict(view1=v1, hw1=hw1, view2=v2, hw2=hw2, label=label)
-    return dict(out, box1=b1, box2=b2) if return_boxes else out
-
-  local = batch // pc
-
-  def numbered(data, label, g):
+      out = dict(image=image, hw=hw, box=box)
+    else:
+      ((v1, hw1), (v2, hw2)), (b1, b2) = decode(
+          data, window_fns=[window(k) for k in keys])
+      out = dict(view1=v1, hw1=hw1, view2=v2, hw2=hw2, box1=b1, box2=b2)
+    out = {key: v for key, v in out.items()
+           if return_boxes or not key.startswith("box")}
     # k: the element's place in this process's stream (step * L + row).
-    return dict(element(data, label, g),
-                k=g // batch * local + g % batch - pi * local)
+    return dict(out, label=label, k=g // batch * local + g % batch - pi * local)
 
-  ds = ds.map(numbered, num_parallel_calls=_parallel(config),
+  ds = ds.map(element, num_parallel_calls=_parallel(config),
               deterministic=True)
   ds = _replace_failures(ds, first=start_step * local)
   ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -315,8 +304,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, mode: str,
     ds = (first if step == start_step else
           train_dataset(config, mode, start_step=step, **kwargs)[0])
     for s, local in enumerate(ds.as_numpy_iterator(), step):
-      if n := int(np.sum(local.pop("failed"))):
-        failures[s] = n
+      if bad := int(np.sum(local.pop("failed"))):
+        failures[s] = bad
       yield local
   return pipeline.Batches(mesh, start, finish, num_examples=n,
                           batch_size=batch_size, start_step=start_step,

@@ -87,17 +87,11 @@ def decode_crops(data, form: str, window_fns, size: int, flip_seed=None,
   the smallest crop's shorter side at least S: libjpeg's scaled inverse DCT
   shrinks for free what a resize would do at a cost.
 
-  Args:
-    data: encoded bytes (tf.string scalar), or a uint8 [H, W, 3] image.
-    form: 'jpeg' (bytes known to be JPEG), 'encoded' (any format) or
-      'pixels'.
-    window_fns: functions (height, width) -> int32 [4] window (y, x, h, w).
-    size: the output side S.
-    flip_seed: if given, mirror the crops at random with this seed.
-    canvas, device_resize, fast: as `fit`.
-
-  Returns:
-    ([(canvas, size)] as `fit`, [f32 [4] window as fractions of the image]).
+  `data` is encoded bytes of any format ('encoded'), known to be JPEG
+  ('jpeg'), or a uint8 [H, W, 3] image ('pixels'); `window_fns` map (height,
+  width) to int32 [4] windows (y, x, h, w); `flip_seed` mirrors the crops at
+  random. Returns ([(canvas, size)] as `fit`, [f32 [4] window as fractions
+  of the image]).
   """
   def cut(shape, decode, scaled):
     windows = [fn(shape[0], shape[1]) for fn in window_fns]

@@ -90,20 +90,12 @@ class Split:
       return decode_image(f.read())
 
 
-def _is_image(name: str) -> bool:
-  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def subdirs(path: str) -> list[str]:
-  """Sorted names of the visible subfolders of `path`."""
+def subdirs(path: str, images: bool = False) -> list[str]:
+  """Sorted names of the visible subfolders (or image files) of `path`."""
   with os.scandir(path) as it:
-    return sorted(e.name for e in it
-                  if e.is_dir() and not e.name.startswith("."))
-
-
-def _images_in(path: str) -> list[str]:
-  with os.scandir(path) as it:
-    return sorted(e.name for e in it if e.is_file() and _is_image(e.name))
+    return sorted(e.name for e in it if not e.name.startswith(".") and (
+        e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        if images else e.is_dir()))
 
 
 def check_folder(root: str) -> None:
@@ -132,10 +124,10 @@ def list_folder(root: str, split: str
     raise split_not_found(split, f"image folder {root}", splits)
   class_names = folder_classes(root)
   index = {c: i for i, c in enumerate(class_names)}
-  paths = [os.path.join(split_dir, n) for n in _images_in(split_dir)]
+  paths = [os.path.join(split_dir, n) for n in subdirs(split_dir, True)]
   labels = [-1] * len(paths)
   for cls in subdirs(split_dir):
-    names = _images_in(os.path.join(split_dir, cls))
+    names = subdirs(os.path.join(split_dir, cls), True)
     paths += [os.path.join(split_dir, cls, n) for n in names]
     labels += [index[cls]] * len(names)
   if not paths:

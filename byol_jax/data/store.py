@@ -98,12 +98,9 @@ def _resize(image: np.ndarray, h: int, w: int) -> np.ndarray:
 def fit_within(image: np.ndarray, shorter: int) -> np.ndarray:
   """Aspect kept: at most 2:1 (centre), shorter side at most `shorter`."""
   h, w = image.shape[:2]
-  if h > _MAX_ASPECT * w:
-    y0 = (h - int(_MAX_ASPECT * w)) // 2
-    image, h = image[y0:y0 + int(_MAX_ASPECT * w)], int(_MAX_ASPECT * w)
-  elif w > _MAX_ASPECT * h:
-    x0 = (w - int(_MAX_ASPECT * h)) // 2
-    image, w = image[:, x0:x0 + int(_MAX_ASPECT * h)], int(_MAX_ASPECT * h)
+  ch, cw = min(h, int(_MAX_ASPECT * w)), min(w, int(_MAX_ASPECT * h))
+  y0, x0 = (h - ch) // 2, (w - cw) // 2
+  image, h, w = image[y0:y0 + ch, x0:x0 + cw], ch, cw
   s = min(1.0, shorter / min(h, w))
   return _resize(image, max(1, round(h * s)), max(1, round(w * s)))
 

@@ -60,13 +60,13 @@ def keys(b) -> tuple[str, str | None]:
   return "image", ("label" if "label" in b.info.features else None)
 
 
-def classes(b) -> tuple[int, tuple[str, ...]]:
-  """(num_classes, class names) of the label feature; (0, ()) if none."""
+def class_names(b) -> tuple[str, ...]:
+  """The names of the label feature's classes; () if it has none."""
   _, label_key = keys(b)
   feature = b.info.features[label_key] if label_key else None
   if not isinstance(feature, tfds.features.ClassLabel):
-    return 0, ()
-  return int(feature.num_classes), tuple(feature.names)
+    return ()
+  return tuple(feature.names)
 
 
 def process_split(b, split: str, process_index: int, process_count: int
@@ -156,10 +156,6 @@ def decoded_split(data_cfg: Any, split: str
       lambda ex: (tf.io.decode_image(ex["data"], channels=3,
                                      expand_animations=False), ex["label"]),
       num_parallel_calls=tf.data.AUTOTUNE)
-  images, labels = [], []
-  for image, label in progress.track(
-      ds.as_numpy_iterator(), f"decoding {data_cfg.name} {split}", n,
-      "images"):
-    images.append(image)
-    labels.append(label)
-  return images, np.asarray(labels, np.int32)
+  pairs = list(progress.track(ds.as_numpy_iterator(),
+                              f"decoding {data_cfg.name} {split}", n, "images"))
+  return [p[0] for p in pairs], np.asarray([p[1] for p in pairs], np.int32)
