@@ -77,9 +77,7 @@ def _crop_fn(mesh: Mesh, mode: str, config: ml_collections.ConfigDict,
              seed: int, return_boxes: bool):
   """Jitted (images, sizes, global batch) -> the mode's global batch."""
   size = int(config.data.image_size)
-  scale = tuple(float(s) for s in (crops.LINEAR_CROP_SCALE if mode == "linear"
-                                    else config.data.crop_scale))
-  ratio = tuple(float(r) for r in config.data.crop_ratio)
+  scale, ratio = crops.scale_and_ratio(config.data, mode)
   fraction = float(config.data.eval_crop_fraction)
 
   def one(image, hw, ids):             # u8 [Hc, Wc, 3], i32 [2], i32 [3].
@@ -92,13 +90,9 @@ def _crop_fn(mesh: Mesh, mode: str, config: ml_collections.ConfigDict,
                                                ratio)
     if mode == "linear":
       image, box = crop(k1)
-      flipped = augment.flip_left_right(image)
-      out = dict(image=jax.numpy.where(jax.random.bernoulli(k2), flipped,
-                                       image))
-      return dict(out, box=box) if return_boxes else out
+      return dict(image=augment.random_flip(k2, image), box=box)
     (v1, b1), (v2, b2) = crop(k1), crop(k2)
-    out = dict(view1=v1, view2=v2)
-    return dict(out, box1=b1, box2=b2) if return_boxes else out
+    return dict(view1=v1, view2=v2, box1=b1, box2=b2)
 
   def per_device(images, sizes, ids):   # Replicated set, this device's rows.
     return jax.vmap(one)(images[ids[:, 0]], sizes[ids[:, 0]], ids)
@@ -107,7 +101,8 @@ def _crop_fn(mesh: Mesh, mode: str, config: ml_collections.ConfigDict,
 
   @jax.jit
   def finish(images, sizes, batch):
-    out = cut(images, sizes, batch["ids"])
+    out = {k: v for k, v in cut(images, sizes, batch["ids"]).items()
+           if return_boxes or not k.startswith("box")}
     return dict(out, **{k: v for k, v in batch.items() if k != "ids"})
   return finish
 
