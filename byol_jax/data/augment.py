@@ -222,17 +222,16 @@ def _maybe(prob: float, flag: jax.Array, fn, x: jax.Array) -> jax.Array:
 def apply_params(params: Mapping[str, jax.Array], image: jax.Array,
                  view_cfg: Mapping[str, Any]) -> jax.Array:
   """Applies the decisions of `sample_params` to one image [H, W, 3] in [0, 1]."""
+  jitter = ("order", "brightness", "contrast", "saturation", "hue")
+  ops = (("flip", "flip", flip_left_right),
+         ("color_jitter", "jitter",
+          lambda y: color_jitter(y, *(params[k] for k in jitter))),
+         ("grayscale", "grayscale", rgb_to_grayscale),
+         ("blur", "blur", lambda y: gaussian_blur(y, params["sigma"])),
+         ("solarize", "solarize", solarize))
   x = image
-  x = _maybe(_p(view_cfg, "flip"), params["flip"], flip_left_right, x)
-  x = _maybe(_p(view_cfg, "color_jitter"), params["jitter"],
-             lambda y: color_jitter(y, params["order"], params["brightness"],
-                                    params["contrast"], params["saturation"],
-                                    params["hue"]), x)
-  x = _maybe(_p(view_cfg, "grayscale"), params["grayscale"], rgb_to_grayscale,
-             x)
-  x = _maybe(_p(view_cfg, "blur"), params["blur"],
-             lambda y: gaussian_blur(y, params["sigma"]), x)
-  x = _maybe(_p(view_cfg, "solarize"), params["solarize"], solarize, x)
+  for prob, flag, fn in ops:                   # (config key, decision, op)
+    x = _maybe(_p(view_cfg, prob), params[flag], fn, x)
   return jnp.clip(x, 0.0, 1.0)  # Blur and luma weights may round past 1.
 
 

@@ -29,18 +29,13 @@ from byol_jax.data import store
 CROP_STREAM = 0x5EED0002
 
 
-def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
-  """Places a host array (the same on every process) on every device."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding.replicated(mesh),
-                                      lambda idx: x[idx])
-
-
 @functools.lru_cache(maxsize=2)
-def _placed(canvas: store.Canvas, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
-  """A canvas's (images, sizes) on the devices, shared by the modes."""
-  return put_replicated(canvas.images, mesh), put_replicated(canvas.sizes,
-                                                             mesh)
+def _placed(canvas: store.Canvas, mesh: Mesh) -> tuple[jax.Array, ...]:
+  """A canvas's (images, sizes), the same on every process, on every device
+  (shared by the modes)."""
+  put = lambda x: jax.make_array_from_callback(
+      x.shape, sharding.replicated(mesh), lambda idx: x[idx])
+  return put(canvas.images), put(canvas.sizes)
 
 
 def _ids(index: np.ndarray, step: int, rows: slice) -> np.ndarray:

@@ -37,18 +37,12 @@ _INT64_MAX = np.iinfo(np.int64).max
 def _reader(split: sources.Split):
   """(read(i) -> (data, label), form) for an index-addressable split."""
   labels = tf.constant(split.labels, tf.int32)
-  if split.paths is not None:
-    paths = tf.constant(list(split.paths))
-    read = lambda i: tf.io.read_file(tf.gather(paths, i))
-  elif split.encoded is not None:
-    blobs = tf.constant(list(split.encoded))
-    read = lambda i: tf.gather(blobs, i)
-  else:
-    images = tf.convert_to_tensor(split.images)
-    read = lambda i: tf.gather(images, i)
+  table = (tf.convert_to_tensor(split.images) if split.images is not None
+           else tf.constant(list(split.paths or split.encoded)))
+  fetch = tf.io.read_file if split.paths is not None else lambda x: x
   form = ("pixels" if split.images is not None else
           "jpeg" if split.all_jpeg else "encoded")
-  return (lambda i: (read(i), tf.gather(labels, i))), form
+  return (lambda i: (fetch(tf.gather(table, i)), tf.gather(labels, i))), form
 
 
 def _index_stream(split, seed, batch, start_step, pi, pc, fraction, parallel):

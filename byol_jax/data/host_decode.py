@@ -28,17 +28,16 @@ def crop_window(seed, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
   """int32 [4] (y, x, h, w): a random resized crop in whole pixels, from a
   stateless seed int64 [2] (`scale`, `ratio` as `crops.sample_box`)."""
   u = tf.random.stateless_uniform([crops.NUM_UNIFORMS], seed)
-  box = crops.sample_box(u, tf.cast(height, tf.float32),
-                         tf.cast(width, tf.float32), scale, ratio,
-                         xp=_TF_OPS, integer=True)
-  return tf.cast(tf.stack(box), tf.int32)
+  return tf.cast(tf.stack(crops.sample_box(
+      u, tf.cast(height, tf.float32), tf.cast(width, tf.float32), scale,
+      ratio, xp=_TF_OPS, integer=True)), tf.int32)
 
 
 def center_window(height, width, fraction: float):
   """The evaluation centre crop: int32 [4] (y, x, side, side)."""
-  box = crops.center_box(tf.cast(height, tf.float32),
-                         tf.cast(width, tf.float32), fraction, xp=_TF_OPS)
-  return tf.cast(tf.stack(box), tf.int32)
+  return tf.cast(tf.stack(crops.center_box(
+      tf.cast(height, tf.float32), tf.cast(width, tf.float32), fraction,
+      xp=_TF_OPS)), tf.int32)
 
 
 def _pad(image, hw, canvas: int):

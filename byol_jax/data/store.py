@@ -115,12 +115,17 @@ def resize_shorter_center(image: np.ndarray, size: int) -> np.ndarray:
   return np.ascontiguousarray(im[y0:y0 + size, x0:x0 + size])
 
 
+def _uniform(images) -> np.ndarray | None:
+  """The images as one array if they share one size, else None."""
+  if isinstance(images, np.ndarray):
+    return images
+  return np.stack(images) if len({im.shape for im in images}) == 1 else None
+
+
 def _pack(images, labels, image_size: int, fraction: float) -> Canvas:
   """Images (one array, or a list of any sizes) onto one padded canvas."""
   labels = np.asarray(labels, np.int32)
-  if isinstance(images, np.ndarray) or len({im.shape for im in images}) == 1:
-    stacked = np.asarray(images) if isinstance(images, np.ndarray) else (
-        np.stack(images))
+  if (stacked := _uniform(images)) is not None:
     sizes = np.tile(np.asarray(stacked.shape[1:3], np.int32),
                     (stacked.shape[0], 1))
     return Canvas(*_readonly(stacked, sizes, labels))
@@ -154,11 +159,8 @@ def load_canvas(data_cfg: Any, split: str, arrays=None) -> Canvas:
 def _arrays(key: tuple, split: str, size: int | None, image_size: int
             ) -> tuple[np.ndarray, np.ndarray]:
   images, labels = _decode_split(key, split)
-  if isinstance(images, np.ndarray) and size is None:
-    return _readonly(images, labels)
-  if size is None and len({im.shape for im in images}) == 1:
-    stacked = np.stack(images)
-  else:
+  stacked = _uniform(images) if size is None else None
+  if stacked is None:
     target = int(size or image_size)
     stacked = np.stack(sources.map_threads(
         lambda im: resize_shorter_center(im, target), images,
