@@ -103,9 +103,8 @@ def _options(ds, config):
   options.deterministic = True
   options.experimental_optimization.map_fusion = True   # Read + crop maps.
   options.threading.max_intra_op_parallelism = 1
-  threads = int(config.data.num_parallel_calls)
-  if threads > 0:
-    options.threading.private_threadpool_size = threads
+  if _parallel(config) > 0:                   # Not AUTOTUNE (-1).
+    options.threading.private_threadpool_size = _parallel(config)
   return ds.with_options(options)
 
 

@@ -58,7 +58,7 @@ def _catalog(d: ml_collections.ConfigDict) -> tuple[
     # TensorFlow is an optional dependency, imported only for TFDS sources.
     from byol_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     b = tfds_source.builder(d)
-    return (str(d.name), tfds_source.split_names(b),
+    return (str(d.name), sorted(b.info.splits),
             lambda s, f: tfds_source.split_size(b, s, f),
             tfds_source.class_names(b))
   path, train = str(d.path), str(d.train_split)

@@ -58,11 +58,13 @@ def _key(data_cfg: Any) -> tuple:
   return tuple(type(v)(data_cfg.get(k, v)) for k, v in _FIELDS.items())
 
 
+def _cfg(key: tuple) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(zip(_FIELDS, key)))
+
+
 def _decode_split(data_cfg: Any, split: str, arrays=None
                   ) -> tuple[list[np.ndarray] | np.ndarray, np.ndarray]:
   """Every image of a split (uint8 [H, W, 3] each) and int32 labels [N]."""
-  if isinstance(data_cfg, tuple):
-    data_cfg = ml_collections.ConfigDict(dict(zip(_FIELDS, data_cfg)))
   if data_cfg.source == "tfds" and arrays is None:
     # TensorFlow is an optional dependency, imported only for TFDS sources.
     from byol_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
@@ -142,7 +144,7 @@ def _pack(images, labels, image_size: int, fraction: float) -> Canvas:
 @functools.lru_cache(maxsize=4)
 def _canvas(key: tuple, split: str, image_size: int, fraction: float
             ) -> Canvas:
-  return _pack(*_decode_split(key, split), image_size, fraction)
+  return _pack(*_decode_split(_cfg(key), split), image_size, fraction)
 
 
 def load_canvas(data_cfg: Any, split: str, arrays=None) -> Canvas:
@@ -158,7 +160,7 @@ def load_canvas(data_cfg: Any, split: str, arrays=None) -> Canvas:
 @functools.lru_cache(maxsize=4)
 def _arrays(key: tuple, split: str, size: int | None, image_size: int
             ) -> tuple[np.ndarray, np.ndarray]:
-  images, labels = _decode_split(key, split)
+  images, labels = _decode_split(_cfg(key), split)
   stacked = _uniform(images) if size is None else None
   if stacked is None:
     target = int(size or image_size)

@@ -38,17 +38,13 @@ def builder(data_cfg: Any):
   return b
 
 
-def split_names(b) -> list[str]:
-  return sorted(b.info.splits.keys())
-
-
 def split_size(b, split: str, field: str = "train_split / eval_split") -> int:
   """Examples in `split`, a TFDS split spec such as 'train[:10%]'."""
   for part in split.split("+"):
     base = re.sub(r"\[.*\]$", "", part.strip())
     if base not in b.info.splits:
       raise sources.split_not_found(base, f"TFDS dataset {b.name!r}",
-                                    split_names(b), field)
+                                    sorted(b.info.splits), field)
   return int(b.info.splits[split].num_examples)
 
 
