@@ -1,17 +1,12 @@
 """Device-side image augmentations in JAX: per image, under vmap, inside jit.
 
-Every op here takes one image `f32[H, W, 3]` in [0, 1] (batch them with
-`jax.vmap`); `augment_view` and `augment_views` do the batching and draw the
-random decisions. Random choices never reach Python control flow: an op that
-may or may not apply is computed and selected with `jnp.where`, so a whole
-view is one traced, branch-free function. Only the configured probabilities
-(static Python floats) decide whether an op is traced at all (p = 0 drops it,
-p = 1 drops the select).
-
-The order follows BYOL (DESIGN section 3): flip -> colour jitter (brightness,
-contrast, saturation, hue in a random order) -> grayscale -> Gaussian blur ->
-solarize -> ImageNet normalisation. The colour ops match `tf.image`'s
-`adjust_brightness`, `adjust_contrast`, `adjust_saturation` and `adjust_hue`.
+The ops take one image f32 [H, W, 3] in [0, 1]; `augment_view(s)` batch
+them and draw the random decisions. Random choices never reach Python
+control flow (an op that may apply is computed and selected with
+`jnp.where`); only the static probabilities decide whether an op is traced
+(p = 0 drops it, p = 1 drops the select). The order follows BYOL (DESIGN
+section 3): flip, colour jitter (in a random order), grayscale, blur,
+solarize, ImageNet normalisation; colour ops match `tf.image.adjust_*`.
 """
 from typing import Any, Mapping
 
@@ -28,11 +23,6 @@ _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
 _NUM_DRAWS = 14  # Uniforms per image and view (see sample_params).
 
 
-# ---------------------------------------------------------------------------
-# Single ops on one image f32[H, W, 3] in [0, 1].
-# ---------------------------------------------------------------------------
-
-
 def to_float(images: jax.Array) -> jax.Array:
   """uint8 [0, 255] -> float32 [0, 1]; floating inputs pass as float32."""
   if jnp.issubdtype(images.dtype, jnp.integer):
@@ -46,12 +36,7 @@ def adjust_brightness(image: jax.Array, delta: jax.Array | float) -> jax.Array:
 
 
 def adjust_contrast(image: jax.Array, factor: jax.Array | float) -> jax.Array:
-  """(x - mean) * factor + mean, mean per channel (tf.image.adjust_contrast).
-
-  Args:
-    image: [H, W, C] float (or a batch [..., H, W, C]).
-    factor: contrast multiplier.
-  """
+  """(x - mean) * factor + mean, mean per channel of [..., H, W, C]."""
   mean = jnp.mean(image, axis=(-3, -2), keepdims=True)  # [..., 1, 1, C]
   return (image - mean) * factor + mean
 
@@ -131,13 +116,9 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array | float,
                   kernel_size: int | None = None) -> jax.Array:
   """Separable Gaussian blur of one image [H, W, C], reflect padding.
 
-  Written as a weighted sum of shifted slices, so that a per-image `sigma`
-  under vmap stays elementwise (no batched convolution kernels).
-
-  Args:
-    image: [H, W, C] float.
-    sigma: standard deviation in pixels (traced is fine).
-    kernel_size: odd tap count; default `blur_kernel_size(H)`.
+  A weighted sum of shifted slices, so that a per-image (traced) `sigma`
+  under vmap stays elementwise. `kernel_size` defaults to
+  `blur_kernel_size(H)`.
   """
   h, w, _ = image.shape
   size = kernel_size or blur_kernel_size(h)
@@ -150,17 +131,14 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array | float,
   sigma = jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-3)
   weights = jnp.exp(-0.5 * jnp.square(offsets / sigma))
   weights = weights / jnp.sum(weights)                               # [K]
-  taps = 2 * radius + 1
 
   def blur_axis(x, axis):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (radius, radius)
     xp = jnp.pad(x, pad, mode="reflect")       # [H + 2r, W, C] along `axis`
     n = x.shape[axis]
-    out = weights[0] * jax.lax.slice_in_dim(xp, 0, n, axis=axis)
-    for t in range(1, taps):
-      out = out + weights[t] * jax.lax.slice_in_dim(xp, t, t + n, axis=axis)
-    return out
+    return sum(weights[t] * jax.lax.slice_in_dim(xp, t, t + n, axis=axis)
+               for t in range(2 * radius + 1))
 
   return blur_axis(blur_axis(image, 0), 1)
 
@@ -180,17 +158,10 @@ def color_jitter(image: jax.Array, order: jax.Array, brightness: jax.Array,
                  hue: jax.Array) -> jax.Array:
   """Brightness, contrast, saturation and hue in the order `order`, clipped.
 
-  Each of the 4 slots runs a fused "generic" colour op whose parameters are
-  the identity except for the op that `order` puts in that slot: one
-  brightness add, one contrast affine and one HSV round trip per slot,
-  branch-free and cheaper than selecting among 4 separately computed ops.
-
-  Args:
-    image: [H, W, 3] in [0, 1].
-    order: int32 [4], a permutation of (0 brightness, 1 contrast,
-      2 saturation, 3 hue).
-    brightness: additive delta. contrast: factor. saturation: factor.
-    hue: delta in turns.
+  `order`: int32 [4], a permutation of (0 brightness, 1 contrast,
+  2 saturation, 3 hue). Each slot runs one fused colour op whose parameters
+  are the identity except for the op `order` puts there: branch-free, and
+  cheaper than selecting among 4 separately computed ops.
   """
   def slot(i, x):
     op = order[i]
@@ -205,49 +176,38 @@ def color_jitter(image: jax.Array, order: jax.Array, brightness: jax.Array,
   return jax.lax.fori_loop(0, 4, slot, image)
 
 
-# ---------------------------------------------------------------------------
-# Random decisions and the per-view pipeline.
-# ---------------------------------------------------------------------------
-
-
-def _cfg(view_cfg: Mapping[str, Any], key: str) -> float:
-  return float(view_cfg[key])
-
-
 def sample_params(rng: jax.Array, view_cfg: Mapping[str, Any]
                   ) -> dict[str, jax.Array]:
-  """Draws the random decisions of one image for one view.
+  """The random decisions of one image for one view (`view_cfg` as
+  `config_lib.view_augment()`).
 
-  One call to the PRNG draws all 14 uniforms (a bernoulli(p) is u < p, the
-  jitter order is the argsort of 4 uniforms): a fraction of the compile time
-  of one PRNG call per decision.
-
-  Args:
-    rng: a PRNG key for this image.
-    view_cfg: probabilities and strengths, as `config_lib.view_augment()`.
-
-  Returns:
-    {'flip', 'jitter', 'grayscale', 'blur', 'solarize': bool scalars,
-    'order': int32 [4], 'brightness', 'contrast', 'saturation', 'hue',
-    'sigma': float32 scalars}.
+  One PRNG call draws all 14 uniforms (bernoulli(p) is u < p, the jitter
+  order the argsort of 4): a fraction of the compile time of one call per
+  decision. Returns bool 'flip', 'jitter', 'grayscale', 'blur', 'solarize',
+  int32 [4] 'order' and f32 'brightness', 'contrast', 'saturation', 'hue',
+  'sigma'.
   """
   u = jax.random.uniform(rng, (_NUM_DRAWS,), jnp.float32)         # [14]
   between = lambda x, lo, hi: lo + (hi - lo) * x
-  b, c = _cfg(view_cfg, "brightness"), _cfg(view_cfg, "contrast")
-  s, h = _cfg(view_cfg, "saturation"), _cfg(view_cfg, "hue")
+  b, c = _p(view_cfg, "brightness"), _p(view_cfg, "contrast")
+  s, h = _p(view_cfg, "saturation"), _p(view_cfg, "hue")
   return dict(
-      flip=u[0] < _cfg(view_cfg, "flip"),
-      jitter=u[1] < _cfg(view_cfg, "color_jitter"),
+      flip=u[0] < _p(view_cfg, "flip"),
+      jitter=u[1] < _p(view_cfg, "color_jitter"),
       order=jnp.argsort(u[2:6]).astype(jnp.int32),
       brightness=between(u[6], -b, b),
       contrast=between(u[7], 1.0 - c, 1.0 + c),
       saturation=between(u[8], 1.0 - s, 1.0 + s),
       hue=between(u[9], -h, h),
-      grayscale=u[10] < _cfg(view_cfg, "grayscale"),
-      blur=u[11] < _cfg(view_cfg, "blur"),
+      grayscale=u[10] < _p(view_cfg, "grayscale"),
+      blur=u[11] < _p(view_cfg, "blur"),
       sigma=between(u[12], *BLUR_SIGMA),
-      solarize=u[13] < _cfg(view_cfg, "solarize"),
+      solarize=u[13] < _p(view_cfg, "solarize"),
   )
+
+
+def _p(view_cfg: Mapping[str, Any], key: str) -> float:
+  return float(view_cfg[key])
 
 
 def _maybe(prob: float, flag: jax.Array, fn, x: jax.Array) -> jax.Array:
@@ -262,34 +222,24 @@ def _maybe(prob: float, flag: jax.Array, fn, x: jax.Array) -> jax.Array:
 def apply_params(params: Mapping[str, jax.Array], image: jax.Array,
                  view_cfg: Mapping[str, Any]) -> jax.Array:
   """Applies the decisions of `sample_params` to one image [H, W, 3] in [0, 1]."""
+  jitter = ("order", "brightness", "contrast", "saturation", "hue")
+  ops = (("flip", "flip", flip_left_right),
+         ("color_jitter", "jitter",
+          lambda y: color_jitter(y, *(params[k] for k in jitter))),
+         ("grayscale", "grayscale", rgb_to_grayscale),
+         ("blur", "blur", lambda y: gaussian_blur(y, params["sigma"])),
+         ("solarize", "solarize", solarize))
   x = image
-  x = _maybe(_cfg(view_cfg, "flip"), params["flip"], flip_left_right, x)
-  x = _maybe(_cfg(view_cfg, "color_jitter"), params["jitter"],
-             lambda y: color_jitter(y, params["order"], params["brightness"],
-                                    params["contrast"], params["saturation"],
-                                    params["hue"]), x)
-  x = _maybe(_cfg(view_cfg, "grayscale"), params["grayscale"], rgb_to_grayscale,
-             x)
-  x = _maybe(_cfg(view_cfg, "blur"), params["blur"],
-             lambda y: gaussian_blur(y, params["sigma"]), x)
-  x = _maybe(_cfg(view_cfg, "solarize"), params["solarize"], solarize, x)
+  for prob, flag, fn in ops:                   # (config key, decision, op)
+    x = _maybe(_p(view_cfg, prob), params[flag], fn, x)
   return jnp.clip(x, 0.0, 1.0)  # Blur and luma weights may round past 1.
 
 
 def augment_view(rng: jax.Array, images: jax.Array,
                  view_cfg: Mapping[str, Any], normalize: bool = True
                  ) -> jax.Array:
-  """Augments a batch with one view's distribution (T or T').
-
-  Args:
-    rng: PRNG key for the whole batch (split per image).
-    images: [B, H, W, 3], uint8 in [0, 255] or float in [0, 1].
-    view_cfg: dict or ConfigDict like `config_lib.view_augment()`.
-    normalize: subtract the ImageNet mean and divide by its std.
-
-  Returns:
-    float32 [B, H, W, 3]: in [0, 1], or normalised.
-  """
+  """Augments a batch [B, H, W, 3] (uint8, or float in [0, 1]) with one
+  view's distribution (T or T'): float32, normalised if `normalize`."""
   x = to_float(images)                                   # [B, H, W, 3]
   keys = jax.random.split(rng, x.shape[0])               # [B] keys
   params = jax.vmap(lambda k: sample_params(k, view_cfg))(keys)
@@ -299,16 +249,8 @@ def augment_view(rng: jax.Array, images: jax.Array,
 
 def augment_views(rng: jax.Array, batch: Mapping[str, jax.Array],
                   augment_cfg: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
-  """Both views of a pretraining batch, with independent keys.
-
-  Args:
-    rng: PRNG key (e.g. fold_in(seed_key, step)).
-    batch: {'view1', 'view2': [B, S, S, 3] crops (uint8 or float in [0, 1])}.
-    augment_cfg: `config.augment` (view1, view2, normalize).
-
-  Returns:
-    (view1, view2), float32 [B, S, S, 3].
-  """
+  """(view1, view2) f32 [B, S, S, 3]: both views of a pretraining batch
+  {'view1', 'view2'} augmented with independent keys (`config.augment`)."""
   k1, k2 = jax.random.split(rng)
   norm = bool(augment_cfg.get("normalize", True))
   return (augment_view(k1, batch["view1"], augment_cfg["view1"], norm),

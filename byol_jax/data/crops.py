@@ -1,17 +1,12 @@
 """Crop geometry (for both paths) and the on-device crop-and-resize.
 
-`sample_box` and `center_box` are written once over an array namespace `xp`:
-`jax.numpy` on the devices, a few TensorFlow ops in tf.data (`host.py`
-passes them). The random-resized-crop sampler: draw `attempts` candidate
-boxes at once, area fraction ~ U[scale], log aspect ratio (w / h) ~
-U[log ratio], keep the first that fits in the image, else fall back to the
-largest centred box whose aspect ratio is within range. Vectorised attempts
-keep it branch-free under jit and in tf.data.
-
-On the devices, images are stored on a padded canvas with their real size
-(h, w) (`store.py`); `crop_resize` resamples a box with explicit bicubic
-weight matrices whose taps stop at the real extent, so padding is never
-read.
+`sample_box` and `center_box` are written once over an array namespace `xp`
+(`jax.numpy`, or the TensorFlow ops `host_decode` passes). The random
+resized crop draws `MAX_ATTEMPTS` candidate boxes at once (area fraction ~
+U[scale], log aspect ~ U[log ratio]) and keeps the first that fits, else
+the largest centred box within the ratio range: branch-free in jit and
+tf.data. `crop_resize` resamples a box of a padded canvas (`store`) with
+bicubic weight matrices whose taps stop at the image's real extent.
 """
 import math
 from typing import Any, Sequence
@@ -23,31 +18,33 @@ from byol_jax.data import augment
 
 MAX_ATTEMPTS = 10
 # Training crops are shrunk with plain bicubic (the paper's tf.image.resize)
-# up to this factor, antialiased past it, on the host and on the devices.
+# up to this factor, antialiased past it, on both paths.
 PLAIN_SHRINK_MAX = 3.0
 NUM_UNIFORMS = 2 * MAX_ATTEMPTS + 2   # Area and aspect per attempt, y and x.
-
-
-# Linear evaluation's and fine-tuning's random crops (the BYOL, SimSiam and
-# SimCLR evaluation protocols), whatever data.crop_scale pretraining used.
+# Linear evaluation's and fine-tuning's crops (the BYOL, SimSiam and SimCLR
+# protocols), whatever data.crop_scale pretraining used.
 LINEAR_CROP_SCALE = (0.08, 1.0)
+
+
+def scale_and_ratio(data_cfg: Any, mode: str) -> tuple[tuple[float, ...], ...]:
+  """The random resized crops' (scale, ratio) ranges of a training mode."""
+  scale = LINEAR_CROP_SCALE if mode == "linear" else data_cfg.crop_scale
+  return (tuple(float(s) for s in scale),
+          tuple(float(r) for r in data_cfg.crop_ratio))
 
 
 def sample_box(u, height, width, scale: Sequence[float] = (0.08, 1.0),
                ratio: Sequence[float] = (3 / 4, 4 / 3), xp: Any = jnp,
                integer: bool = False):
-  """One random-resized-crop box from uniforms.
+  """(y0, x0, h, w) of one random resized crop within height x width.
 
   Args:
     u: float32 [NUM_UNIFORMS] uniforms in [0, 1).
     height, width: image size (float32 scalars of `xp`).
     scale: range of the box area as a fraction of the image area.
-    ratio: range of the box aspect ratio w / h (sampled log-uniformly).
-    xp: array namespace (jax.numpy, or host.py's TensorFlow ops).
-    integer: whole-pixel boxes (for decode_and_crop_jpeg); else continuous.
-
-  Returns:
-    (y0, x0, h, w) float32 scalars, within [0, height] x [0, width].
+    ratio: range of the aspect ratio w / h (sampled log-uniformly).
+    xp: array namespace.
+    integer: whole-pixel boxes (for decode_and_crop_jpeg).
   """
   a = MAX_ATTEMPTS
   area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:a])   # [A]
@@ -79,16 +76,8 @@ def sample_box(u, height, width, scale: Sequence[float] = (0.08, 1.0),
 
 
 def center_box(height, width, fraction: float, xp: Any = jnp):
-  """Centred square of `fraction` of the shorter side, in whole pixels.
-
-  Args:
-    height, width: image size (float32 scalars of `xp`).
-    fraction: side of the box over the shorter image side.
-    xp: array namespace.
-
-  Returns:
-    (y0, x0, side, side) float32 scalars.
-  """
+  """(y0, x0, side, side): the centred square of `fraction` of the shorter
+  side, in whole pixels."""
   side = xp.maximum(xp.round(fraction * xp.minimum(height, width)), 1.0)
   return (xp.floor((height - side) / 2), xp.floor((width - side) / 2), side,
           side)
@@ -103,11 +92,6 @@ def sample_crop_box(rng: jax.Array, height, width,
                     jnp.asarray(width, jnp.float32), scale, ratio)
 
 
-# ---------------------------------------------------------------------------
-# Resampling on the devices.
-# ---------------------------------------------------------------------------
-
-
 def _keys_cubic(x: jax.Array) -> jax.Array:
   """Keys' cubic kernel with a = -0.5 (as PIL, tf.image and jax.image)."""
   x = jnp.abs(x)
@@ -118,23 +102,12 @@ def _keys_cubic(x: jax.Array) -> jax.Array:
 
 def resize_weights(start, length, extent, canvas: int, size: int,
                    antialias_above: float = 1.0) -> jax.Array:
-  """Bicubic weights that resample [start, start + length) to `size` samples.
+  """f32 [size, canvas]: bicubic weights resampling [start, start + length).
 
-  As `jax.image.scale_and_translate` (half-pixel centres, kernel widened by
-  the shrink factor when downsampling, taps renormalised at the border), with
-  the border at `extent`: pixels at or past it (padding) get weight 0.
-
-  Args:
-    start, length: the interval in input pixels (traced scalars).
-    extent: the real image size along this axis (traced scalar).
-    canvas: the stored (padded) size along this axis.
-    size: output samples.
-    antialias_above: the kernel is widened only for shrinks by more than
-      this factor; 1 is antialiased resizing, 3 the training crops' plain
-      bicubic of the paper's code (`host_decode.fit`).
-
-  Returns:
-    float32 [size, canvas].
+  As `jax.image.scale_and_translate` (half-pixel centres, taps renormalised
+  at the border), with the border at `extent` (padding gets weight 0); the
+  kernel is widened only for shrinks by more than `antialias_above` (1:
+  antialiased, 3: the training crops' plain bicubic).
   """
   shrink = length / size
   src = start + (jnp.arange(size, dtype=jnp.float32) + 0.5) * shrink - 0.5
@@ -148,23 +121,11 @@ def resize_weights(start, length, extent, canvas: int, size: int,
 
 def crop_resize(image: jax.Array, hw: jax.Array, box, size: int,
                 antialias_above: float = 1.0) -> jax.Array:
-  """Resamples `box` of one stored image to size x size.
-
-  Args:
-    image: [Hc, Wc, 3] uint8 (or float in [0, 1]) canvas.
-    hw: int32 [2], the image's real (h, w) at the canvas' top-left.
-    box: (y0, x0, h, w) in pixels, within the real extent.
-    size: output side S.
-    antialias_above: as `resize_weights`.
-
-  Returns:
-    float32 [S, S, 3] in [0, 1].
-  """
+  """f32 [S, S, 3] in [0, 1]: `box` (y0, x0, h, w) of a canvas [Hc, Wc, 3]
+  (uint8 or float) whose real image, int32 `hw` [2], is at the top-left."""
   hw = hw.astype(jnp.float32)
-  wy = resize_weights(box[0], box[2], hw[0], image.shape[0], size,
-                      antialias_above)                            # [S, Hc]
-  wx = resize_weights(box[1], box[3], hw[1], image.shape[1], size,
-                      antialias_above)                            # [S, Wc]
+  wy, wx = (resize_weights(box[i], box[i + 2], hw[i], image.shape[i], size,
+                           antialias_above) for i in (0, 1))  # [S, Hc|Wc]
   hi = jax.lax.Precision.HIGHEST   # No TF32 rounding of pixels on GPUs.
   x = jnp.einsum("sh,hwc->swc", wy, augment.to_float(image), precision=hi)
   x = jnp.einsum("tw,swc->stc", wx, x, precision=hi)
@@ -181,19 +142,8 @@ def resize_image(image: jax.Array, hw: jax.Array, size: int,
 def random_resized_crop(rng: jax.Array, image: jax.Array, hw: jax.Array,
                         size: int, scale: Sequence[float],
                         ratio: Sequence[float]):
-  """One random resized crop of one stored image.
-
-  Args:
-    rng: PRNG key.
-    image: [Hc, Wc, 3] canvas, uint8 or float in [0, 1].
-    hw: int32 [2], the real (h, w).
-    size: output side S.
-    scale, ratio: as `sample_box`.
-
-  Returns:
-    (crop f32 [S, S, 3] in [0, 1], box f32 [4] = (y0, x0, h, w) as fractions
-    of the real height / width).
-  """
+  """(crop f32 [S, S, 3], box f32 [4] (y0, x0, h, w) as fractions of the
+  real image) of one canvas (as `crop_resize`)."""
   h, w = hw[0].astype(jnp.float32), hw[1].astype(jnp.float32)
   box = sample_crop_box(rng, h, w, scale, ratio)
   frac = jnp.stack([box[0] / h, box[1] / w, box[2] / h, box[3] / w])

@@ -1,21 +1,12 @@
-"""The on-device path, for sets that fit in accelerator memory. No TensorFlow
-(except to read a TFDS source once).
+"""The on-device path, for sets that fit in accelerator memory.
 
-The decoded split sits on every device once, on a padded canvas with each
-image's real size (`store.py`). Each step the host computes which examples
-the step reads (`order.py`, NumPy, the same order as the host path) and
-sends this process's rows of them, int32 (example, step, row) triples, with
-one explicit transfer; one jitted function then gathers the images and
-cuts their crops on the devices, each device for its own rows (`shard_map`:
-no communication, whatever the mesh's axis types). Per-example randomness
-is fold_in(fold_in(key(seed), step), row), so batches do not depend on the
-number of processes. Nothing is transferred implicitly: the batch functions
-run under `jax.transfer_guard("disallow")`.
-
-Modes: 'pretrain' (two random resized crops, f32 in [0, 1]), 'linear' (one
-crop and a random flip), 'eval' (centre crops; padded and masked). The eval
-set is decoded and placed once when built; every pass reuses it and the
-compiled function.
+The decoded split sits on every device once (`store.load_canvas`). Each
+step the host computes which examples the step reads (`order`, the same
+order as the host path) and sends this process's (example, step, row)
+triples; one jitted function gathers the images and cuts their crops, each
+device its own rows. Per-example randomness is fold_in(fold_in(key, step),
+row), independent of the number of processes. Nothing is transferred
+implicitly, and the eval set is decoded and placed once when built.
 """
 import functools
 import itertools
@@ -38,19 +29,13 @@ from byol_jax.data import store
 CROP_STREAM = 0x5EED0002
 
 
-def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
-  """Places a host array (the same on every process) on every device."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding.replicated(mesh),
-                                      lambda idx: x[idx])
-
-
 @functools.lru_cache(maxsize=2)
-def _placed(key: tuple, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
-  """A cached split's (images, sizes) on the devices, shared by the modes."""
-  canvas = store.canvas_for_key(key)
-  return put_replicated(canvas.images, mesh), put_replicated(canvas.sizes,
-                                                             mesh)
+def _placed(canvas: store.Canvas, mesh: Mesh) -> tuple[jax.Array, ...]:
+  """A canvas's (images, sizes), the same on every process, on every device
+  (shared by the modes)."""
+  put = lambda x: jax.make_array_from_callback(
+      x.shape, sharding.replicated(mesh), lambda idx: x[idx])
+  return put(canvas.images), put(canvas.sizes)
 
 
 def _ids(index: np.ndarray, step: int, rows: slice) -> np.ndarray:
@@ -62,16 +47,8 @@ def _ids(index: np.ndarray, step: int, rows: slice) -> np.ndarray:
 def train_batches(labels: np.ndarray, keep: np.ndarray, seed: int,
                   batch: int, start_step: int, process_index: int,
                   process_count: int) -> Iterator[dict[str, np.ndarray]]:
-  """This process's {'ids': int32 [L, 3], 'label': int32 [L]}, step by step.
-
-  Args:
-    labels: int32 [N] of the split.
-    keep: int64 [M], the examples trained on (the split, or a subset).
-    seed: the order's seed.
-    batch: global batch B.
-    start_step: the first step.
-    process_index, process_count: this process, and how many read.
-  """
+  """This process's {'ids': int32 [L, 3], 'label': int32 [L]} from
+  `start_step` on, reading `keep` (int64 [M], the split or its subset)."""
   rows = order.local_rows(batch, process_index, process_count)
   for step in itertools.count(start_step):
     j = keep[order.stream_indices(seed, step, batch, keep.shape[0])[rows]]
@@ -95,9 +72,7 @@ def _crop_fn(mesh: Mesh, mode: str, config: ml_collections.ConfigDict,
              seed: int, return_boxes: bool):
   """Jitted (images, sizes, global batch) -> the mode's global batch."""
   size = int(config.data.image_size)
-  scale = tuple(float(s) for s in (crops.LINEAR_CROP_SCALE if mode == "linear"
-                                    else config.data.crop_scale))
-  ratio = tuple(float(r) for r in config.data.crop_ratio)
+  scale, ratio = crops.scale_and_ratio(config.data, mode)
   fraction = float(config.data.eval_crop_fraction)
 
   def one(image, hw, ids):             # u8 [Hc, Wc, 3], i32 [2], i32 [3].
@@ -110,13 +85,9 @@ def _crop_fn(mesh: Mesh, mode: str, config: ml_collections.ConfigDict,
                                                ratio)
     if mode == "linear":
       image, box = crop(k1)
-      flipped = augment.flip_left_right(image)
-      out = dict(image=jax.numpy.where(jax.random.bernoulli(k2), flipped,
-                                       image))
-      return dict(out, box=box) if return_boxes else out
+      return dict(image=augment.random_flip(k2, image), box=box)
     (v1, b1), (v2, b2) = crop(k1), crop(k2)
-    out = dict(view1=v1, view2=v2)
-    return dict(out, box1=b1, box2=b2) if return_boxes else out
+    return dict(view1=v1, view2=v2, box1=b1, box2=b2)
 
   def per_device(images, sizes, ids):   # Replicated set, this device's rows.
     return jax.vmap(one)(images[ids[:, 0]], sizes[ids[:, 0]], ids)
@@ -125,7 +96,8 @@ def _crop_fn(mesh: Mesh, mode: str, config: ml_collections.ConfigDict,
 
   @jax.jit
   def finish(images, sizes, batch):
-    out = cut(images, sizes, batch["ids"])
+    out = {k: v for k, v in cut(images, sizes, batch["ids"]).items()
+           if return_boxes or not k.startswith("box")}
     return dict(out, **{k: v for k, v in batch.items() if k != "ids"})
   return finish
 
@@ -136,33 +108,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, mode: str,
           return_boxes: bool = False) -> pipeline.Batches:
   """Global batches of `mode` ('pretrain', 'linear' or 'eval') on device.
 
-  Args:
-    config: the run's config (data.*).
-    mesh: the device mesh.
-    mode: see the module docstring.
-    split: the split to read.
-    batch_size: global batch.
-    seed: the order's and crops' seed.
-    start_step: the first step `batch` will be asked for.
-    fraction: train on a seeded subset of the split (class-balanced).
-    arrays: optional (uint8 images [N, H, W, 3], labels) instead of `split`.
-    canvas: optional `store.Canvas` instead of `split` (tests).
-    return_boxes: also 'box1', 'box2' (pretrain) or 'box' (linear), f32
-      [B, 4] crop boxes (y0, x0, h, w) as fractions of the real image
-      (tests).
-
-  Returns:
-    `pipeline.Batches`: `batch(step)` for the training modes, one pass per
-    iteration for 'eval'.
+  Args as `host.build`, and `canvas`: a `store.Canvas` to read instead of
+  `split` (tests). `return_boxes` adds the crops' boxes (y0, x0, h, w) as
+  fractions of the real image: 'box1', 'box2' (pretrain) or 'box' (linear).
   """
-  if canvas is None and arrays is None:
-    key = store.canvas_key(config.data, split)
-    canvas = store.canvas_for_key(key)
-    images, sizes = _placed(key, mesh)
-  else:
-    canvas = canvas or store.load_canvas(config.data, split, arrays)
-    images = put_replicated(canvas.images, mesh)
-    sizes = put_replicated(canvas.sizes, mesh)
+  canvas = canvas or store.load_canvas(config.data, split, arrays)
+  images, sizes = _placed(canvas, mesh)
   fn = functools.partial(_crop_fn(mesh, mode, config, seed, return_boxes),
                          images, sizes)
   pi, pc = order.process()

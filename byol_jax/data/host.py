@@ -1,27 +1,17 @@
 """The host path: tf.data decodes and crops on the CPUs.
 
-Every process reads its own rows of each global batch (`order.py`):
-- index-addressable sources (folder, npz, arrays) follow the shared seeded
-  epoch permutations, so a batch is a pure function of (seed, step), the
-  same for any number of processes, and resuming at step s starts reading
-  there (nothing before it is read or decoded);
-- TFDS: each process reads its `tfds.even_splits` share; epoch e reads its
-  files in an order drawn from (seed, e), then shuffles the records with a
-  buffer seeded by (seed, e); resuming skips the raw (undecoded) records of
-  at most one epoch.
-Each element's random choices are stateless ops seeded by (seed, its global
-stream position step * B + row).
+Each process reads its own rows of each global batch. Index-addressable
+sources (folder, npz, arrays) follow `order`'s seeded epoch permutations:
+resuming at step s reads nothing before it. TFDS: each process reads its
+`tfds.even_splits` share, epoch e its files in an order drawn from (seed, e)
+and then a shuffle buffer seeded by (seed, e); resuming skips the undecoded
+records of at most one epoch. Each element's random choices are stateless,
+seeded by (seed, its global stream position). `host_decode` decodes and
+crops; `finish_fn` completes each global batch on the accelerators.
 
-Modes: 'pretrain' (two random resized crops), 'linear' (one random resized
-crop and a random flip), 'eval' (the centre crop; padded and masked so that
-every example counts once). Elements are decoded and cropped by
-`host_decode`; `finish_fn` completes each global batch on the accelerators.
-
-Threads: tf.data runs elements in parallel and each op on one thread
-(`max_intra_op_parallelism = 1`: the cores are already busy with other
-elements, and an op that fans out over them only adds scheduling).
-config.data.num_parallel_calls <= 0 lets tf.data autotune; a positive N
-sets the maps' parallelism and caps the pipeline's private pool at N.
+tf.data runs one op per element on one thread (`max_intra_op_parallelism`:
+the cores are busy with other elements). config.data.num_parallel_calls
+<= 0 autotunes; N > 0 sets the maps' parallelism and caps the pool at N.
 """
 import functools
 import itertools
@@ -44,26 +34,15 @@ from byol_jax.data import tfds_source
 _INT64_MAX = np.iinfo(np.int64).max
 
 
-# ---------------------------------------------------------------------------
-# Element streams: (data, label, global stream position or example index).
-# ---------------------------------------------------------------------------
-
-
 def _reader(split: sources.Split):
   """(read(i) -> (data, label), form) for an index-addressable split."""
   labels = tf.constant(split.labels, tf.int32)
-  if split.paths is not None:
-    paths = tf.constant(list(split.paths))
-    read = lambda i: tf.io.read_file(tf.gather(paths, i))
-  elif split.encoded is not None:
-    blobs = tf.constant(list(split.encoded))
-    read = lambda i: tf.gather(blobs, i)
-  else:
-    images = tf.convert_to_tensor(split.images)
-    read = lambda i: tf.gather(images, i)
+  table = (tf.convert_to_tensor(split.images) if split.images is not None
+           else tf.constant(list(split.paths or split.encoded)))
+  fetch = tf.io.read_file if split.paths is not None else lambda x: x
   form = ("pixels" if split.images is not None else
           "jpeg" if split.all_jpeg else "encoded")
-  return (lambda i: (read(i), tf.gather(labels, i))), form
+  return (lambda i: (fetch(tf.gather(table, i)), tf.gather(labels, i))), form
 
 
 def _index_stream(split, seed, batch, start_step, pi, pc, fraction, parallel):
@@ -100,10 +79,7 @@ def _tfds_stream(data_cfg, split, seed, batch, start_step, pi, pc, fraction):
 
   shuffle_files = not data_cfg.cache and tfds_source.shuffles_files(b)
   if not shuffle_files:     # In file order (cached, or not TFRecord files).
-    base = tf.data.Dataset.zip(tfds_source.records(b, sub),
-                               tf.data.Dataset.range(_INT64_MAX)).map(
-                                   lambda ex, i: dict(ex, index=i))
-    base = subset(base)
+    base = subset(tfds_source.records(b, sub))
     base = base.cache() if data_cfg.cache else base
   local = batch // pc
   epoch0, offset = divmod(start_step * local, max(n_local, 1))
@@ -122,19 +98,13 @@ def _tfds_stream(data_cfg, split, seed, batch, start_step, pi, pc, fraction):
   return ds, "encoded", total
 
 
-# ---------------------------------------------------------------------------
-# Local (per-process) batches of the three modes.
-# ---------------------------------------------------------------------------
-
-
 def _options(ds, config):
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_fusion = True   # Read + crop maps.
   options.threading.max_intra_op_parallelism = 1
-  threads = int(config.data.num_parallel_calls)
-  if threads > 0:
-    options.threading.private_threadpool_size = threads
+  if _parallel(config) > 0:                   # Not AUTOTUNE (-1).
+    options.threading.private_threadpool_size = _parallel(config)
   return ds.with_options(options)
 
 
@@ -144,9 +114,8 @@ def _parallel(config) -> int:
 
 
 def canvas_side(config: ml_collections.ConfigDict) -> int:
-  """C, the side of the training crops' canvases (config.data.canvas_size,
-  0 for image_size)."""
-  # .get: configs saved before the field existed (load_run) lack it.
+  """C, the side of the training crops' canvases (data.canvas_size, 0 for
+  image_size; configs saved before the field existed lack it)."""
   return int(config.data.get("canvas_size", 0) or config.data.image_size)
 
 
@@ -156,36 +125,22 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
                   fraction: float = 1.0, process_index: int | None = None,
                   process_count: int | None = None, arrays=None,
                   return_boxes: bool = False, device_resize: bool = True):
-  """This process's tf.data stream of training batches.
+  """(this process's tf.data stream of training batches, examples read).
 
-  Args:
-    config: the run's config.
-    mode: 'pretrain' ({'view1', 'view2': uint8 [L, C, C, 3] canvases, 'hw1',
-      'hw2': int32 [L, 2] their crops' sizes, 'label'}; C = `canvas_side`,
-      see `host_decode.fit`) or 'linear' ({'image', 'hw', 'label'}, crops
-      flipped at random).
-    split: default config.data.train_split.
-    batch_size: global batch B (default config.batch_size); L = B / P.
-    seed: default config.seed.
-    start_step: first step of the stream.
-    fraction: train on a seeded subset of this fraction of the split.
-    process_index, process_count: default JAX's.
-    arrays: optional (images, labels) for the 'arrays' source.
-    return_boxes: add 'box1', 'box2' (pretrain) or 'box' (linear): f32
-      [L, 4] crop windows (y, x, h, w) as fractions of the image (for tests).
-    device_resize: as `host_decode.fit`.
-
-  Returns:
-    (dataset of local batches, number of examples read (subset size)).
+  Batches of 'pretrain' are {'view1', 'view2': uint8 [L, C, C, 3] canvases,
+  'hw1', 'hw2': int32 [L, 2] their crops' sizes (`host_decode.fit`),
+  'label', 'failed'}, of 'linear' {'image', 'hw', 'label', 'failed'} (crops
+  flipped at random). `split`, `batch_size` and `seed` default to the
+  config's; `arrays` (images, labels) replace the split; `return_boxes` adds
+  'box1', 'box2' or 'box': f32 [L, 4] crop windows (y, x, h, w) as fractions
+  of the image.
   """
   pi, pc = order.process(process_index, process_count)
   split = split or config.data.train_split
   batch = int(batch_size or config.batch_size)
   seed = int(config.seed if seed is None else seed)
   size = int(config.data.image_size)
-  scale = tuple(float(s) for s in (crops.LINEAR_CROP_SCALE if mode == "linear"
-                                    else config.data.crop_scale))
-  ratio = tuple(float(r) for r in config.data.crop_ratio)
+  scale, ratio = crops.scale_and_ratio(config.data, mode)
   if config.data.source == "tfds" and arrays is None:
     ds, form, n = _tfds_stream(config.data, split, seed, batch, start_step,
                                   pi, pc, fraction)
@@ -200,27 +155,25 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
                              canvas=canvas_side(config),
                              device_resize=device_resize)
 
+  local = batch // pc
+
   def element(data, label, g):
     base = tf.stack([tf.constant(seed, tf.int64), g])
     keys = [tf.random.experimental.stateless_fold_in(base, v) for v in (1, 2)]
     if mode == "linear":
       ((image, hw),), (box,) = decode(data, window_fns=[window(keys[0])],
                                       flip_seed=keys[1])
-      out = dict(image=image, hw=hw, label=label)
-      return dict(out, box=box) if return_boxes else out
-    ((v1, hw1), (v2, hw2)), (b1, b2) = decode(
-        data, window_fns=[window(k) for k in keys])
-    out = dict(view1=v1, hw1=hw1, view2=v2, hw2=hw2, label=label)
-    return dict(out, box1=b1, box2=b2) if return_boxes else out
-
-  local = batch // pc
-
-  def numbered(data, label, g):
+      out = dict(image=image, hw=hw, box=box)
+    else:
+      ((v1, hw1), (v2, hw2)), (b1, b2) = decode(
+          data, window_fns=[window(k) for k in keys])
+      out = dict(view1=v1, hw1=hw1, view2=v2, hw2=hw2, box1=b1, box2=b2)
+    out = {key: v for key, v in out.items()
+           if return_boxes or not key.startswith("box")}
     # k: the element's place in this process's stream (step * L + row).
-    return dict(element(data, label, g),
-                k=g // batch * local + g % batch - pi * local)
+    return dict(out, label=label, k=g // batch * local + g % batch - pi * local)
 
-  ds = ds.map(numbered, num_parallel_calls=_parallel(config),
+  ds = ds.map(element, num_parallel_calls=_parallel(config),
               deterministic=True)
   ds = _replace_failures(ds, first=start_step * local)
   ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -228,18 +181,14 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
 
 
 def _replace_failures(ds, first: int):
-  """Each element that failed (an image that does not decode) replaced by
-  the next one that did, so that no later element shifts.
+  """Each element that failed to decode replaced by the next one that did,
+  so that no later element shifts.
 
   `ds` holds dicts with `k`, the element's place in the stream (`first`,
-  first + 1, ...). tf.data drops the failed elements (`ignore_errors`);
-  each survivor then also fills the places of the failures just before it,
-  marked `failed` True. Row r of step s is thus the same element (or the
-  same replacement) however far back the stream started, a pure function
-  of (seed, step) given the files.
-
-  Returns:
-    The dicts without `k`, with `failed`: bool.
+  first + 1, ...). tf.data drops the failures; each survivor then also
+  fills the places of the failures just before it, with `failed` True (and
+  without `k`). Row r of step s is thus the same however far back the
+  stream started.
   """
   ds = ds.ignore_errors(log_warning=False)   # Counted instead (`failed`).
 
@@ -254,41 +203,15 @@ def _replace_failures(ds, first: int):
   return ds.scan(tf.constant(first - 1, tf.int64), gap).flat_map(fill)
 
 
-class Failures:
-  """Training elements that failed to decode, by step (`failed` rows).
-
-  Counted when a batch leaves tf.data (prefetched batches included);
-  `total(step)` sums the steps up to `step` only, so the figure is the same
-  whatever was prefetched.
-  """
-
-  def __init__(self):
-    self._by_step: dict[int, int] = {}
-
-  def record(self, step: int, failed: np.ndarray) -> None:
-    n = int(np.sum(failed))
-    if n:
-      self._by_step[step] = n
-
-  def total(self, step: int) -> int:
-    """Failures in the steps before `step` (this process's rows)."""
-    return sum(n for s, n in self._by_step.items() if s < step)
-
-
 def eval_dataset(config: ml_collections.ConfigDict, split: str,
                  batch_size: int, process_index: int | None = None,
                  process_count: int | None = None):
-  """One padded pass over this process's share of `split`.
+  """(one padded pass over this process's share of `split`, examples in the
+  split, batches per process).
 
-  Every process yields the same number of batches; together they hold every
-  example of the split exactly once with mask True (plus padding with mask
-  False, label -1, index -1).
-
-  Returns:
-    (dataset of {'image': uint8 [L, S, S, 3] centre crops on canvases,
-    'hw': int32 [L, 2] (see `host_decode.fit`), 'label': int32, 'mask':
-    bool, 'index': int64 (example index in the split)},
-    number of examples of the split, number of batches).
+  Batches are {'image': uint8 [L, S, S, 3] centre crops, 'hw': int32 [L, 2]
+  (`host_decode.fit`), 'label', 'mask', 'index' (in the split)}; over all
+  processes every example has mask True once, padding label and index -1.
   """
   pi, pc = order.process(process_index, process_count)
   local = batch_size // pc
@@ -298,9 +221,8 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
     b = tfds_source.builder(config.data)
     total = tfds_source.split_size(b, split)
     sub, _, first = tfds_source.process_split(b, split, pi, pc)
-    ds = tf.data.Dataset.zip(tfds_source.records(b, sub),
-                             tf.data.Dataset.range(first, _INT64_MAX))
-    ds = ds.map(lambda ex, i: (ex["data"], ex["label"], i))
+    ds = tfds_source.records(b, sub, first).map(
+        lambda ex: (ex["data"], ex["label"], ex["index"]))
     form = "encoded"
   else:
     s = sources.get_split(config.data, split)
@@ -327,19 +249,12 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
   return _options(ds.prefetch(tf.data.AUTOTUNE), config), total, num_batches
 
 
-# ---------------------------------------------------------------------------
-# Global batches.
-# ---------------------------------------------------------------------------
-
-
 def finish_fn(mesh: Mesh, mode: str, size: int):
   """Jitted: the accelerators resize each canvas's crop to S x S.
 
-  Training crops (pretrain, linear) are resampled as the host would
-  (`host_decode.fit`: plain bicubic up to a 3x shrink); evaluation crops,
-  never larger than S on their canvases, are only enlarged. Pretraining
-  views come back as uint8 (the train step converts them); linear-
-  evaluation and evaluation images as float32 in [0, 1].
+  Training crops as `host_decode.fit` would (plain bicubic up to a 3x
+  shrink); evaluation crops are only enlarged. Pretraining views come back
+  uint8 (the train step converts them), the other modes' f32 in [0, 1].
   """
   views = (dict(view1="hw1", view2="hw2") if mode == "pretrain"
            else dict(image="hw"))
@@ -360,8 +275,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, mode: str,
           split: str, batch_size: int, seed: int, start_step: int = 0,
           fraction: float = 1.0, arrays: Any = None,
           return_boxes: bool = False) -> pipeline.Batches:
-  """Global batches of `mode` ('pretrain', 'linear' or 'eval'), finished
-  on the accelerators by `finish_fn`."""
+  """Global batches of `mode` ('pretrain', 'linear' or 'eval').
+
+  Args as `train_dataset`; `fraction` < 1 trains on a seeded subset.
+  `batch(step)` counts the elements that failed to decode in `failures`
+  when they leave tf.data (`Batches.failed_images`).
+  """
   finish = finish_fn(mesh, mode, int(config.data.image_size))
   if mode == "eval":
     ds, total, num_batches = eval_dataset(config, split, batch_size)
@@ -372,13 +291,14 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, mode: str,
   kwargs = dict(split=split, batch_size=batch_size, seed=seed,
                 fraction=fraction, arrays=arrays, return_boxes=return_boxes)
   first, n = train_dataset(config, mode, start_step=start_step, **kwargs)
-  failures = Failures()
+  failures = {}
 
   def start(step):
     ds = (first if step == start_step else
           train_dataset(config, mode, start_step=step, **kwargs)[0])
     for s, local in enumerate(ds.as_numpy_iterator(), step):
-      failures.record(s, local.pop("failed"))
+      if bad := int(np.sum(local.pop("failed"))):
+        failures[s] = bad
       yield local
   return pipeline.Batches(mesh, start, finish, num_examples=n,
                           batch_size=batch_size, start_step=start_step,

@@ -1,12 +1,10 @@
 """tf.data element functions of the host path: crop windows and decoding.
 
-Each JPEG is decoded once per element, by `decode_and_crop_jpeg` over the
-union of its crop windows, at the DCT scale that a large shrink allows. A
-crop that fits on the C x C canvas (C = config.data.canvas_size, default
-image_size S) travels as it is with its size, and the accelerators resample
-it to S x S (`host.finish_fn`); only a larger crop is shrunk here (bicubic).
-With C = S the host never enlarges; with C = 2 S (advised for ImageNet on
-CPU-bound hosts) it rarely resamples at all, for 4x the bytes per view.
+A JPEG is decoded once per element, over the union of its crop windows, at
+the DCT scale that a large shrink allows. A crop that fits the C x C canvas
+(C = config.data.canvas_size, default image_size S) travels as it is with
+its size and the accelerators resample it (`host.finish_fn`); only a larger
+crop is shrunk here. C = 2 S (for CPU-bound hosts) rarely resamples at all.
 """
 import functools
 import types
@@ -27,58 +25,37 @@ _TF_OPS = types.SimpleNamespace(
 
 
 def crop_window(seed, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-  """A random-resized-crop window: int32 [4] (y, x, h, w), whole pixels.
-
-  Args:
-    seed: stateless seed, int64 [2].
-    height, width: image size (int32 scalars).
-    scale, ratio: as `crops.sample_box`.
-  """
+  """int32 [4] (y, x, h, w): a random resized crop in whole pixels, from a
+  stateless seed int64 [2] (`scale`, `ratio` as `crops.sample_box`)."""
   u = tf.random.stateless_uniform([crops.NUM_UNIFORMS], seed)
-  box = crops.sample_box(u, tf.cast(height, tf.float32),
-                         tf.cast(width, tf.float32), scale, ratio,
-                         xp=_TF_OPS, integer=True)
-  return tf.cast(tf.stack(box), tf.int32)
+  return tf.cast(tf.stack(crops.sample_box(
+      u, tf.cast(height, tf.float32), tf.cast(width, tf.float32), scale,
+      ratio, xp=_TF_OPS, integer=True)), tf.int32)
 
 
 def center_window(height, width, fraction: float):
   """The evaluation centre crop: int32 [4] (y, x, side, side)."""
-  box = crops.center_box(tf.cast(height, tf.float32),
-                         tf.cast(width, tf.float32), fraction, xp=_TF_OPS)
-  return tf.cast(tf.stack(box), tf.int32)
+  return tf.cast(tf.stack(crops.center_box(
+      tf.cast(height, tf.float32), tf.cast(width, tf.float32), fraction,
+      xp=_TF_OPS)), tf.int32)
 
 
 def _pad(image, hw, canvas: int):
-  """uint8 [h, w, 3] at the top-left of a zero [canvas, canvas, 3].
-
-  Two concatenations: tf.pad is several times slower on large canvases.
-  """
+  """uint8 [h, w, 3] at the top-left of a zero [canvas, canvas, 3] (two
+  concatenations: tf.pad is several times slower on large canvases)."""
   image = tf.concat([image, tf.zeros([hw[0], canvas - hw[1], 3], tf.uint8)], 1)
   return tf.concat([image, tf.zeros([canvas - hw[0], canvas, 3], tf.uint8)], 0)
 
 
 def fit(crop, size: int, canvas: int | None = None,
         device_resize: bool = True, fast: bool = True):
-  """A crop on the uint8 [C, C, 3] canvas that goes to the devices.
+  """(uint8 [C, C, 3] canvas, int32 [2] size on it) of a crop [h, w, 3].
 
-  A crop that fits goes as it is (top-left, zero padding) with its size,
-  and the accelerator resamples it to S x S (`crops.resize_image`, in the
-  batch's finishing function, plain bicubic up to a 3x shrink as below):
-  resizing is most of the host's work otherwise. A larger crop is shrunk
-  here to S x S with bicubic: for training (`fast`) plain, as the paper's
-  code (JPEG shrinks past 2x are taken by the decoder, `decode_crops`),
-  antialiased only past 3x, which only non-JPEG images reach; for
-  evaluation always antialiased, as PIL and the on-device path.
-
-  Args:
-    crop: uint8 [h, w, 3].
-    size: the output side S.
-    canvas: the canvas side C >= S (default S).
-    device_resize: False makes the host resize every crop (benchmarks).
-    fast: see above.
-
-  Returns:
-    (uint8 [C, C, 3] canvas, int32 [2] real size on it).
+  A crop that fits goes as it is and the accelerators resample it to S x S
+  (resizing is most of the host's work otherwise); a larger one is shrunk
+  here with bicubic: for training (`fast`) plain, as the paper's code,
+  antialiased only past a 3x shrink; for evaluation always antialiased,
+  as PIL. `device_resize` False resizes every crop here (benchmarks).
   """
   canvas = int(canvas or size)
   hw = tf.shape(crop)[:2]
@@ -104,27 +81,16 @@ def decode_crops(data, form: str, window_fns, size: int, flip_seed=None,
                  fast: bool = True):
   """Decodes `data` once and cuts one crop per window function.
 
-  A JPEG is decoded once, by `decode_and_crop_jpeg` over the union of the
-  windows (entropy decoding paid once, nothing outside the windows
-  transformed); if `fast`, at the DCT scale 1/r (r in 1, 2, 4, 8) that
-  keeps the smallest crop's shorter side at least S: libjpeg's scaled
-  inverse DCT shrinks (and filters) for free what a resize would do at a
-  cost.
+  A JPEG is decoded by `decode_and_crop_jpeg` over the union of the windows;
+  if `fast` (training), at the DCT scale 1/r (r in 1, 2, 4, 8) that keeps
+  the smallest crop's shorter side at least S: libjpeg's scaled inverse DCT
+  shrinks for free what a resize would do at a cost.
 
-  Args:
-    data: encoded image bytes (tf.string scalar), or a uint8 [H, W, 3]
-      image.
-    form: 'jpeg' (bytes known to be JPEG), 'encoded' (bytes of any format,
-      checked per image) or 'pixels'.
-    window_fns: functions (height, width) -> int32 [4] window (y, x, h, w).
-    size: the output side S.
-    flip_seed: if given, mirror the crops at random with this seed.
-    canvas, device_resize: as `fit`.
-    fast: training (DCT scaling, plain bicubic) or evaluation quality.
-
-  Returns:
-    (list of (uint8 [C, C, 3] canvas, int32 [2] size) as `fit`, list of
-    float32 [4] windows as fractions of the image height / width).
+  `data` is encoded bytes of any format ('encoded'), known to be JPEG
+  ('jpeg'), or a uint8 [H, W, 3] image ('pixels'); `window_fns` map (height,
+  width) to int32 [4] windows (y, x, h, w); `flip_seed` mirrors the crops at
+  random. Returns ([(canvas, size)] as `fit`, [f32 [4] window as fractions
+  of the image]).
   """
   def cut(shape, decode, scaled):
     windows = [fn(shape[0], shape[1]) for fn in window_fns]

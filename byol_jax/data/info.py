@@ -1,18 +1,16 @@
 """What a dataset is, read cheaply and checked against the config.
 
-`describe(config)` reads only metadata (TFDS `builder.info`, folder listings,
-.npz keys and labels; no image is decoded) and resolves the config's
-conventions:
-- `data.eval_split = ""`: the first of val, validation, test that exists
-  (None when there is none);
-- `data.num_classes = -1`: from the data (class folders, the TFDS
-  ClassLabel, an .npz's class_names or its largest label + 1; 0 when
-  unlabelled); 0: labels are not used; N > 0: must agree with the data.
-Every mistake is one `ConfigError` line.
+`describe(config)` reads only metadata (TFDS `builder.info`, folder
+listings, .npz keys and labels) and resolves the config's conventions:
+`data.eval_split = ""` is the first of val, validation, test that exists;
+`data.num_classes = -1` comes from the data (0 when unlabelled), 0 turns
+labels off, N > 0 must agree with the data. Each mistake is one
+`ConfigError` line.
 """
 import dataclasses
+import functools
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import ml_collections
 import numpy as np
@@ -26,17 +24,9 @@ EVAL_SPLITS = ("val", "validation", "test")
 
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
-  """A dataset as the run sees it.
-
-  Attributes:
-    name: what records should call it (TFDS name, folder path or .npz path).
-    source: 'tfds', 'folder', 'npz' or 'arrays'.
-    train_split: the pretraining split.
-    eval_split: the evaluation split, or None if there is none.
-    num_train: examples in train_split (listed files for folders).
-    num_eval: examples in eval_split (0 if None).
-    num_classes: classes the run uses; 0 when unlabelled or labels are off.
-    class_names: their names, where the data has them.
+  """A dataset as the run sees it: `name` (TFDS name, folder or .npz path),
+  `eval_split` None if there is none (then `num_eval` 0), `num_classes` 0
+  when unlabelled or labels are off, `class_names` where the data has them.
   """
   name: str
   source: str
@@ -46,17 +36,6 @@ class DataInfo:
   num_eval: int
   num_classes: int
   class_names: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Catalog:
-  """A source's metadata: split names, sizes and label facts."""
-  name: str
-  splits: list[str]
-  size: Callable[[str, str], int]        # (split, config field) -> count.
-  num_classes: int | None                # Known class count, if any.
-  class_names: tuple[str, ...]
-  max_label: Callable[[list[str]], int]  # Largest label over splits (-1).
 
 
 def check_source(config: ml_collections.ConfigDict, arrays=None) -> None:
@@ -71,103 +50,63 @@ def check_source(config: ml_collections.ConfigDict, arrays=None) -> None:
                       "labels).")
 
 
-def _tfds_catalog(data_cfg: Any) -> _Catalog:
-  # TensorFlow is an optional dependency, imported only for TFDS sources.
-  from byol_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-  b = tfds_source.builder(data_cfg)
-  n, names = tfds_source.classes(b)
-  return _Catalog(str(data_cfg.name), tfds_source.split_names(b),
-                  lambda s, f: tfds_source.split_size(b, s, f),
-                  n if n else None, names, lambda splits: -1)
-
-
-def _folder_catalog(root: str) -> _Catalog:
-  sources.check_folder(root)
-  names = sources.folder_classes(root)
-  return _Catalog(root, sources.subdirs(root),
-                  lambda s, f: len(sources.list_folder(root, s)[0]),
-                  len(names), names, lambda splits: len(names) - 1)
-
-
-def _npz_catalog(path: str, train_split: str) -> _Catalog:
-  sources.check_npz(path)
-  with np.load(path, allow_pickle=False) as d:
-    files = list(d.files)
-    names = (tuple(str(c) for c in d["class_names"])
-             if "class_names" in files else ())
-  splits = sources.npz_splits(files, train_split)
-
-  def labels(s):
-    return sources.npz_split(path, s, train_split).labels
-
-  def max_label(used):
-    return max((int(labels(s).max(initial=-1)) for s in used), default=-1)
-  return _Catalog(path, splits, lambda s, f: labels(s).shape[0],
-                  len(names) if names else None, names, max_label)
-
-
-def _arrays_catalog(arrays) -> _Catalog:
-  split = sources.arrays_split(*arrays)
-  return _Catalog("arrays", [], lambda s, f: split.num_examples, None, (),
-                  lambda used: int(split.labels.max(initial=-1)))
-
-
-def _catalog(config: ml_collections.ConfigDict, arrays) -> _Catalog:
-  d = config.data
-  if arrays is not None:
-    return _arrays_catalog(arrays)
+def _catalog(d: ml_collections.ConfigDict) -> tuple[
+    str, list[str], Callable[[str, str], int], tuple[str, ...] | None]:
+  """(name, split names, size(split, config field), class names or None for
+  an .npz without them)."""
   if d.source == "tfds":
-    return _tfds_catalog(d)
+    # TensorFlow is an optional dependency, imported only for TFDS sources.
+    from byol_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    b = tfds_source.builder(d)
+    return (str(d.name), sorted(b.info.splits),
+            lambda s, f: tfds_source.split_size(b, s, f),
+            tfds_source.class_names(b))
+  path, train = str(d.path), str(d.train_split)
   if d.source == "folder":
-    return _folder_catalog(str(d.path))
-  return _npz_catalog(str(d.path), str(d.train_split))
+    sources.check_folder(path)
+    return (path, sources.subdirs(path),
+            lambda s, f: len(sources.list_folder(path, s)[0]),
+            sources.folder_classes(path))
+  sources.check_npz(path)
+  with np.load(path, allow_pickle=False) as z:
+    files = list(z.files)
+    names = (tuple(str(c) for c in z["class_names"])
+             if "class_names" in files else ())
+  return (path, sources.npz_splits(files, train),
+          lambda s, f: sources.npz_split(path, s, train).num_examples,
+          names or None)
 
 
 def _base(split: str) -> str:
   return split.split("[")[0].split("+")[0].strip()
 
 
-def describe(config: ml_collections.ConfigDict, arrays=None) -> DataInfo:
-  """Reads the dataset's metadata and checks the config against it.
-
-  Args:
-    config: the run's config (data.*).
-    arrays: optional (images, labels) that stand for every split.
-
-  Returns:
-    The resolved `DataInfo`.
-
-  Raises:
-    ConfigError: unknown source or dataset, missing train or eval split,
-      or a `data.num_classes` that disagrees with the data.
-  """
-  check_source(config, arrays)
+def describe(config: ml_collections.ConfigDict) -> DataInfo:
+  """The dataset's `DataInfo`, checked against the config."""
+  check_source(config)
   d = config.data
-  cat = _catalog(config, arrays)
-  where = (f"TFDS dataset {cat.name!r}" if d.source == "tfds" and
-           arrays is None else cat.name)
+  name, splits, size, names = _catalog(d)
+  where = f"TFDS dataset {name!r}" if d.source == "tfds" else name
   train = str(d.train_split)
-  exists = lambda s: arrays is not None or _base(s) in cat.splits
-  if not exists(train):
-    raise sources.split_not_found(train, where, cat.splits, "train_split")
-  num_train = cat.size(train, "train_split")
+  if _base(train) not in splits:
+    raise sources.split_not_found(train, where, splits, "train_split")
   eval_split = str(d.get("eval_split", "") or "") or None
-  if eval_split is None and arrays is None:
-    eval_split = next((s for s in EVAL_SPLITS if s in cat.splits), None)
-  elif eval_split is not None and not exists(eval_split):
+  if eval_split is None:
+    eval_split = next((s for s in EVAL_SPLITS if s in splits), None)
+  elif _base(eval_split) not in splits:
     raise sources.split_not_found(
-        eval_split, where, cat.splits,
+        eval_split, where, splits,
         "eval_split (or '' to use the first of val, validation, test)")
-  num_eval = cat.size(eval_split, "eval_split") if eval_split else 0
-
+  info = functools.partial(
+      DataInfo, name, d.source, train, eval_split, size(train, "train_split"),
+      size(eval_split, "eval_split") if eval_split else 0)
   asked = int(d.get("num_classes", -1))
-  used = [train] + ([eval_split] if eval_split else [])
-  found = cat.num_classes
   if asked == 0:
-    return DataInfo(cat.name, d.source, train, eval_split, num_train,
-                    num_eval, 0, ())
-  if found is None:                      # Only labels: none, or 0..max.
-    top = cat.max_label(used)
+    return info(0, ())
+  found = len(names) if names is not None else None
+  if found is None:          # An .npz without class names: labels 0..max.
+    top = max(int(sources.npz_split(name, s, train).labels.max(initial=-1))
+              for s in [train] + ([eval_split] if eval_split else []))
     if top >= 0 and 0 < asked <= top:
       raise ConfigError(
           f"config.data.num_classes={asked} but {where} has labels up to "
@@ -183,27 +122,14 @@ def describe(config: ml_collections.ConfigDict, arrays=None) -> DataInfo:
         f"config.data.num_classes={asked} but {where} has {found} classes; "
         f"set --config.data.num_classes={found} (or -1 to take it from the "
         "data).")
-  return DataInfo(cat.name, d.source, train, eval_split, num_train, num_eval,
-                  found, cat.class_names if found else ())
+  return info(found, names if found and names else ())
 
 
 def resolve(config: ml_collections.ConfigDict,
             data_info: DataInfo | None = None) -> ml_collections.ConfigDict:
-  """A copy of the config with what the data says: classes, eval split, name.
-
-  For folders and files, `data.name` becomes the folder's or file's name
-  (e.g. 'imagewoof2-320', 'cifar10_small'), so that the records name the
-  data the run read, not the preset's dataset; TFDS names stay.
-
-  Args:
-    config: a config whose `data.num_classes` may be -1 and `data.eval_split`
-      "" (the conventions above).
-    data_info: its `describe(config)`, if already known.
-
-  Returns:
-    The config with `data.num_classes` >= 0, `data.eval_split` the split
-    found ("" when the data has none) and `data.name` the data's name.
-  """
+  """A copy of the config with what the data says (`describe`, or
+  `data_info`): num_classes >= 0, eval_split ("" for none), and for folders
+  and files the name of the data the run read (e.g. 'imagewoof2-320')."""
   data_info = data_info or describe(config)
   config = config.copy_and_resolve_references()
   with config.unlocked():

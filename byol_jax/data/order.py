@@ -1,13 +1,10 @@
 """Which examples each step reads: seeded epoch permutations, shards, subsets.
 
-Shared by the host (tf.data) and on-device paths, so both read the same
-examples in the same order for the same seed. NumPy only.
-
-The global stream is the concatenation of per-epoch permutations of the
-split (`epoch_permutation(seed, epoch, n)`); step s covers stream positions
-[s B, (s + 1) B), and process p of P takes rows [p L, (p + 1) L) of it,
-L = B / P. A batch is therefore a pure function of (seed, step): the same
-after a restart at s, and the same for any number of processes.
+Shared by both paths (NumPy only), so they read the same examples in the
+same order. The global stream is the concatenation of per-epoch
+permutations of the split; step s covers stream positions [s B, (s + 1) B)
+and process p of P takes rows [p B / P, (p + 1) B / P) of it: a batch is a
+pure function of (seed, step), whatever the number of processes.
 """
 import functools
 import math
@@ -70,12 +67,8 @@ def num_eval_batches(num_examples: int, local_batch: int,
 
 def eval_plan(n: int, local_batch: int, process_index: int,
               process_count: int) -> np.ndarray:
-  """This process's padded pass over a split of n examples.
-
-  Returns:
-    int64 [num_batches, local_batch]: example indices, -1 on padding. Over
-    all processes every index in [0, n) appears exactly once.
-  """
+  """This process's padded pass: int64 [num_batches, local_batch] example
+  indices, -1 on padding; over all processes each of [0, n) appears once."""
   idx = shard_indices(n, process_index, process_count)
   rows = num_eval_batches(n, local_batch, process_count)
   out = np.full((rows * local_batch,), -1, np.int64)
@@ -84,18 +77,10 @@ def eval_plan(n: int, local_batch: int, process_index: int,
 
 
 def subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-  """A seeded subset of about `fraction` of the examples, sorted.
+  """Sorted int64 indices of a seeded subset of about `fraction` of `labels`.
 
-  Class-balanced when the examples are labelled: round(fraction * n_c) (at
-  least 1) of each class c; otherwise round(fraction * n) of all.
-
-  Args:
-    labels: int32 [n], -1 where unknown.
-    fraction: in (0, 1]; 1 keeps everything.
-    seed: the subset's seed.
-
-  Returns:
-    int64 [m] indices into the split.
+  Class-balanced when every label is known (>= 0): round(fraction * n_c),
+  at least 1, of each class c; otherwise round(fraction * n) of all.
   """
   n = labels.shape[0]
   if fraction >= 1.0:

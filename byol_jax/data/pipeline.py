@@ -1,14 +1,11 @@
 """The one batch iterator of both paths: global arrays, by step or by pass.
 
-A path supplies `start(step)`: an iterator of this process's batches as
-NumPy dicts (infinite from `step` for training; one pass for evaluation),
-and optionally `finish`: a jitted function of the global batch (the
-on-device path cuts its crops there; the host path turns uint8 images into
-floats). `Batches` turns each local batch into global arrays sharded over
-the mesh's `data` axis (`jax.make_array_from_process_local_data`, an
-explicit and asynchronous transfer) and keeps `prefetch` batches ready
-ahead: while the caller's step N runs, the arrays of steps N + 1 .. N +
-prefetch already exist, so `batch(N + 1)` costs the host almost nothing.
+A path supplies `start(step)`, an iterator of this process's batches as
+NumPy dicts (infinite from `step` for training, one pass for evaluation),
+and optionally `finish`, a jitted function of the global batch. `Batches`
+makes each local batch a global array sharded over the mesh's `data` axis
+(an explicit, asynchronous transfer) and keeps `prefetch` batches ready
+ahead, so that `batch(N + 1)` costs the host almost nothing.
 """
 import collections
 from typing import Callable, Iterator
@@ -26,16 +23,11 @@ GlobalBatch = dict[str, jax.Array]
 
 
 def on_rows(mesh: Mesh, fn: Callable, num_replicated: int = 0) -> Callable:
-  """Runs `fn` on each device's own rows of batch-sharded arguments.
+  """`shard_map` of `fn` over each device's own rows of the batch arguments.
 
-  `shard_map`: no communication, and indexing inside `fn` is plain NumPy
-  indexing of local arrays, whatever the mesh's axis types.
-
-  Args:
-    mesh: the device mesh.
-    fn: (*replicated, *rows) -> pytree of per-row results.
-    num_replicated: how many leading arguments are replicated (whole on
-      every device); the others are split over the `data` axis.
+  The first `num_replicated` arguments are whole on every device; the others
+  are split over the `data` axis. No communication, and indexing inside
+  `fn` is plain indexing of local arrays, whatever the mesh's axis types.
   """
   rows = P(sharding.DATA_AXIS)
   return lambda *args: jax.shard_map(
@@ -50,28 +42,15 @@ class Batches:
     num_examples: examples the mode reads (the split, or its subset).
     batch_size: the global batch.
     steps_per_epoch: num_examples // batch_size (at least 1).
+    failures: the host path's `{step: elements that failed to decode}`
+      (None on the device path).
   """
 
   def __init__(self, mesh: Mesh, start: Callable[[int], Iterator[LocalBatch]],
                finish: Callable[[GlobalBatch], GlobalBatch] | None, *,
                num_examples: int, batch_size: int, start_step: int = 0,
                num_batches: int | None = None, prefetch: int = 2,
-               failures=None):
-    """Sets up the stream; nothing is read before the first batch.
-
-    Args:
-      mesh: the device mesh.
-      start: step -> iterator of local batches from that step on (for eval,
-        `start(0)` is one pass).
-      finish: jitted global batch -> global batch, or None.
-      num_examples: see Attributes.
-      batch_size: see Attributes.
-      start_step: the step `batch` will first be asked for.
-      num_batches: batches per pass (eval mode).
-      prefetch: batches kept ready ahead.
-      failures: the host path's count of elements that failed to decode
-        (`host.Failures`; None on the on-device path, which has none).
-    """
+               failures: dict[int, int] | None = None):
     self.failures = failures
     self._mesh, self._start, self._finish = mesh, start, finish
     self.num_examples, self.batch_size = int(num_examples), int(batch_size)
@@ -80,21 +59,18 @@ class Batches:
     self._next_step, self._it = start_step, None
     self._ready: collections.deque = collections.deque()
 
-  def _global(self, local: LocalBatch) -> GlobalBatch:
-    batch = sharding.global_batch(local, self._mesh)
-    return self._finish(batch) if self._finish is not None else batch
-
   def _fill(self, it: Iterator[LocalBatch], ready: collections.deque) -> None:
     while len(ready) <= self._prefetch:
       local = next(it, None)
       if local is None:
         return
-      ready.append(self._global(local))
+      batch = sharding.global_batch(local, self._mesh)
+      ready.append(self._finish(batch) if self._finish else batch)
 
   def failed_images(self, step: int) -> int:
     """Elements of the steps before `step` that failed to decode and were
     replaced, over all processes (a collective: call it on every process)."""
-    n = self.failures.total(step) if self.failures is not None else 0
+    n = sum(v for s, v in (self.failures or {}).items() if s < step)
     if jax.process_count() > 1:
       n = int(np.sum(multihost_utils.process_allgather(np.int64(n))))
     return int(n)
@@ -105,11 +81,8 @@ class Batches:
     return tuple(range(self._next_step, self._next_step + len(self._ready)))
 
   def batch(self, step: int) -> GlobalBatch:
-    """The global batch of `step`, a pure function of the seed and step.
-
-    Asking for a step other than the one after the last restarts the stream
-    there.
-    """
+    """The global batch of `step`; another step than the next restarts the
+    stream there."""
     if self._it is None or step != self._next_step:
       if self._it is not None:
         logging.info("Input pipeline: jumping from step %d to %d.",

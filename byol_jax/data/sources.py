@@ -1,11 +1,8 @@
 """Index-addressable sources without TensorFlow: image folders, .npz, arrays.
 
-A `Split` is held whole by every process: the file paths of an image folder,
-the encoded images of a packed .npz, or decoded uint8 arrays. The tf.data
-pipeline (`host.py`) reads it by index; the on-device path decodes it with
-PIL (`store.py`). TFDS sources live in `tfds_source.py`.
-
-Layouts:
+A `Split` (file paths, encoded images or uint8 arrays) is held whole by
+every process; `host` reads it by index with tf.data, `store` decodes it
+with PIL. Layouts:
 - folder: ROOT/<split>/<class>/*.{jpg,jpeg,png} (any case); images directly
   in ROOT/<split>/ get label -1. Class indices come from the sorted union of
   class folder names over all splits, so that train and eval agree.
@@ -50,28 +47,26 @@ def decode_image(data: bytes) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def map_threads(fn: Callable, items) -> list:
-  """list(map(fn, items)) on a thread pool (for I/O and PIL work)."""
+def map_threads(fn: Callable, items: Sequence, what: str, unit: str) -> list:
+  """list(map(fn, items)) on a thread pool, with progress lines."""
+  ticker = progress.Ticker(what, len(items), unit)
+
+  def one(x):
+    try:
+      return fn(x)
+    finally:
+      ticker.add()
   with concurrent.futures.ThreadPoolExecutor(_NUM_THREADS) as pool:
-    return list(pool.map(fn, items, chunksize=64))
+    out = list(pool.map(one, items, chunksize=64))
+  ticker.finish()
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split of an index-addressable source.
-
-  Exactly one of `paths`, `encoded` and `images` is set.
-
-  Attributes:
-    labels: int32 [N], -1 where unknown.
-    paths: image files (folder source).
-    encoded: encoded JPEG/PNG bytes (npz source).
-    images: uint8 [N, H, W, 3] (arrays).
-    class_names: class names, if known.
-    num_skipped: corrupt files left out.
-    name: a description for messages.
-    all_jpeg: every encoded image is a JPEG (no format check per image).
-  """
+  """One split: int32 labels [N] (-1: unknown) and exactly one of `paths`
+  (folder), `encoded` (JPEG/PNG bytes, npz) or `images` (uint8 [N, H, W, 3]).
+  `all_jpeg`: every encoded image is a JPEG (no format check per image)."""
   labels: np.ndarray
   paths: Sequence[str] | None = None
   encoded: Sequence[bytes] | None = None
@@ -95,25 +90,12 @@ class Split:
       return decode_image(f.read())
 
 
-# ---------------------------------------------------------------------------
-# Image folders.
-# ---------------------------------------------------------------------------
-
-
-def _is_image(name: str) -> bool:
-  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def subdirs(path: str) -> list[str]:
-  """Sorted names of the visible subfolders of `path`."""
+def subdirs(path: str, images: bool = False) -> list[str]:
+  """Sorted names of the visible subfolders (or image files) of `path`."""
   with os.scandir(path) as it:
-    return sorted(e.name for e in it
-                  if e.is_dir() and not e.name.startswith("."))
-
-
-def _images_in(path: str) -> list[str]:
-  with os.scandir(path) as it:
-    return sorted(e.name for e in it if e.is_file() and _is_image(e.name))
+    return sorted(e.name for e in it if not e.name.startswith(".") and (
+        e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        if images else e.is_dir()))
 
 
 def check_folder(root: str) -> None:
@@ -133,19 +115,8 @@ def folder_classes(root: str) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=16)
 def list_folder(root: str, split: str
                 ) -> tuple[tuple[str, ...], np.ndarray, tuple[str, ...]]:
-  """Lists ROOT/<split>/<class>/*.{jpg,jpeg,png} and ROOT/<split>/* (cached).
-
-  Args:
-    root: the folder root (config.data.path).
-    split: a subfolder of root.
-
-  Returns:
-    (paths sorted by class then name, int32 labels [N] (-1 for images
-    directly under the split folder), class names).
-
-  Raises:
-    ConfigError: missing root, missing split or no images.
-  """
+  """(paths sorted by class then name, int32 labels [N], class names) of
+  ROOT/<split>/<class>/* and ROOT/<split>/* (label -1); cached."""
   check_folder(root)
   splits = subdirs(root)
   split_dir = os.path.join(root, split)
@@ -153,10 +124,10 @@ def list_folder(root: str, split: str
     raise split_not_found(split, f"image folder {root}", splits)
   class_names = folder_classes(root)
   index = {c: i for i, c in enumerate(class_names)}
-  paths = [os.path.join(split_dir, n) for n in _images_in(split_dir)]
+  paths = [os.path.join(split_dir, n) for n in subdirs(split_dir, True)]
   labels = [-1] * len(paths)
   for cls in subdirs(split_dir):
-    names = _images_in(os.path.join(split_dir, cls))
+    names = subdirs(os.path.join(split_dir, cls), True)
     paths += [os.path.join(split_dir, cls, n) for n in names]
     labels += [index[cls]] * len(names)
   if not paths:
@@ -167,13 +138,10 @@ def list_folder(root: str, split: str
 
 
 def file_kind(path: str) -> str | None:
-  """Cheap check of an image file: magic bytes and end-of-image marker.
+  """'jpeg', 'png', 'gif', 'bmp', or None for an invalid file.
 
-  Reads 16 bytes at the start and at most 4 KiB at the end: catches empty,
-  non-image and truncated JPEG/PNG files without decoding them.
-
-  Returns:
-    'jpeg', 'png', 'gif' or 'bmp'; None for a file that is not valid.
+  Reads the magic bytes and the last 4 KiB (end-of-image marker): catches
+  empty, non-image and truncated JPEG/PNG files without decoding them.
   """
   try:
     with open(path, "rb") as f:
@@ -194,23 +162,11 @@ def file_kind(path: str) -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def folder_split(root: str, split: str, skip_corrupt: bool = True) -> Split:
-  """An image-folder split with corrupt files left out (cached per process).
-
-  Raises:
-    ConfigError: a corrupt file when `skip_corrupt` is False, or no valid one.
-  """
+  """An image-folder split without its corrupt files (cached per process)."""
   paths, labels, class_names = list_folder(root, split)
   where = os.path.join(root, split)
-  ticker = progress.Ticker(f"checking the files of {where}", len(paths),
-                           "files")
-
-  def kind(path):
-    try:
-      return file_kind(path)
-    finally:
-      ticker.add()
-  kinds = map_threads(kind, paths)
-  ticker.finish()
+  kinds = map_threads(file_kind, paths, f"checking the files of {where}",
+                      "files")
   ok = np.asarray([k is not None for k in kinds], bool)
   bad = [p for p, k in zip(paths, ok) if not k]
   if bad:
@@ -226,11 +182,6 @@ def folder_split(root: str, split: str, skip_corrupt: bool = True) -> Split:
                paths=tuple(p for p, k in zip(paths, ok) if k),
                class_names=class_names, num_skipped=len(bad), name=where,
                all_jpeg=all(k in ("jpeg", None) for k in kinds))
-
-
-# ---------------------------------------------------------------------------
-# .npz files (packed JPEGs or arrays) and in-memory arrays.
-# ---------------------------------------------------------------------------
 
 
 def check_npz(path: str) -> None:
@@ -251,16 +202,8 @@ def npz_splits(files: Sequence[str], train_split: str = "train") -> list[str]:
 
 @functools.lru_cache(maxsize=8)
 def npz_split(path: str, split: str, train_split: str = "train") -> Split:
-  """A split of an .npz: packed JPEG bytes or uint8 arrays (cached).
-
-  Args:
-    path: the .npz file.
-    split: split name (`{split}_jpeg` or `{split}_images` keys).
-    train_split: the split that plain `images`/`labels` keys stand for.
-
-  Raises:
-    ConfigError: missing file or split, or arrays that are not uint8 RGB.
-  """
+  """A split of an .npz, packed JPEGs or uint8 arrays (cached); plain
+  `images`/`labels` keys stand for `train_split`."""
   check_npz(path)
   with np.load(path, allow_pickle=False) as d:
     files = set(d.files)
@@ -276,12 +219,8 @@ def npz_split(path: str, split: str, train_split: str = "train") -> Split:
     else:
       key = f"{split}_images" if f"{split}_images" in files else "images"
       labels_key = labels_key if key != "images" else "labels"
-      images = d[key]
+      images = _rgb(d[key], f"{path}:{key}")
       n = images.shape[0]
-      if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ConfigError(
-            f"{path}:{key} must be uint8 [N, H, W, 3], got {images.dtype} "
-            f"{images.shape}; convert the images to uint8 RGB.")
     labels = (d[labels_key].astype(np.int32) if labels_key in files
               else np.full((n,), -1, np.int32))
     class_names = (tuple(str(c) for c in d["class_names"])
@@ -294,25 +233,25 @@ def npz_split(path: str, split: str, train_split: str = "train") -> Split:
                    b.startswith(JPEG_MAGIC) for b in encoded))
 
 
-def arrays_split(images: np.ndarray, labels: np.ndarray | None) -> Split:
-  """A split from in-memory uint8 [N, H, W, 3] images and labels."""
+def _rgb(images: np.ndarray, where: str) -> np.ndarray:
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ConfigError(f"Image arrays must be uint8 [N, H, W, 3], got "
-                      f"{images.dtype} {images.shape}.")
+    raise ConfigError(f"{where} must be uint8 [N, H, W, 3], got {images.dtype}"
+                      f" {images.shape}; convert the images to uint8 RGB.")
+  return images
+
+
+def arrays_split(images: np.ndarray, labels: np.ndarray | None) -> Split:
+  """A split from in-memory uint8 [N, H, W, 3] images and labels."""
+  images = _rgb(images, "Image arrays")
   labels = (np.full((images.shape[0],), -1, np.int32) if labels is None
             else np.asarray(labels, np.int32))
   return Split(labels=labels, images=images, name="arrays")
 
 
 def get_split(data_cfg: Any, split: str, arrays=None) -> Split:
-  """The split of a 'folder', 'npz' or 'arrays' source.
-
-  Args:
-    data_cfg: `config.data` (source, path, train_split, skip_corrupt).
-    split: split name.
-    arrays: optional (images, labels), which stand for any split.
-  """
+  """The split of a 'folder', 'npz' or 'arrays' source; `arrays` (images,
+  labels) stand for any split."""
   if arrays is not None:
     return arrays_split(*arrays)
   source = data_cfg.source

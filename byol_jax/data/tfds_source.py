@@ -1,8 +1,7 @@
 """TFDS datasets: builders, splits, labels and undecoded records.
 
-Importing this module imports TensorFlow and hides its GPUs and TPUs, so
-that it never takes accelerator memory (JAX owns them). Only TFDS sources
-and the host pipeline (`host.py`) import it.
+Importing this module imports TensorFlow and hides its GPUs and TPUs from
+it (JAX owns them).
 """
 import re
 from typing import Any
@@ -39,21 +38,13 @@ def builder(data_cfg: Any):
   return b
 
 
-def split_names(b) -> list[str]:
-  return sorted(b.info.splits.keys())
-
-
 def split_size(b, split: str, field: str = "train_split / eval_split") -> int:
-  """Examples in `split` (a TFDS split spec such as 'train[:10%]').
-
-  Raises:
-    ConfigError: a split name that the dataset does not have.
-  """
+  """Examples in `split`, a TFDS split spec such as 'train[:10%]'."""
   for part in split.split("+"):
     base = re.sub(r"\[.*\]$", "", part.strip())
     if base not in b.info.splits:
       raise sources.split_not_found(base, f"TFDS dataset {b.name!r}",
-                                    split_names(b), field)
+                                    sorted(b.info.splits), field)
   return int(b.info.splits[split].num_examples)
 
 
@@ -65,13 +56,13 @@ def keys(b) -> tuple[str, str | None]:
   return "image", ("label" if "label" in b.info.features else None)
 
 
-def classes(b) -> tuple[int, tuple[str, ...]]:
-  """(num_classes, class names) of the label feature; (0, ()) if none."""
+def class_names(b) -> tuple[str, ...]:
+  """The names of the label feature's classes; () if it has none."""
   _, label_key = keys(b)
   feature = b.info.features[label_key] if label_key else None
   if not isinstance(feature, tfds.features.ClassLabel):
-    return 0, ()
-  return int(feature.num_classes), tuple(feature.names)
+    return ()
+  return tuple(feature.names)
 
 
 def process_split(b, split: str, process_index: int, process_count: int
@@ -82,31 +73,31 @@ def process_split(b, split: str, process_index: int, process_count: int
   return subs[process_index], sizes[process_index], sum(sizes[:process_index])
 
 
-def records(b, split: str) -> tf.data.Dataset:
-  """Undecoded {'data': encoded image, 'label': int32 (-1: none)}, in order."""
+def _convert(b, ex, index):
   image_key, label_key = keys(b)
-  ds = b.as_dataset(split=split, shuffle_files=False,
-                    decoders={image_key: tfds.decode.SkipDecoding()},
-                    read_config=tfds.ReadConfig(try_autocache=False))
+  label = (tf.cast(ex[label_key], tf.int32) if label_key
+           else tf.constant(-1, tf.int32))
+  return dict(data=ex[image_key], label=label, index=index)
 
-  def convert(ex):
-    label = (tf.cast(ex[label_key], tf.int32) if label_key
-             else tf.constant(-1, tf.int32))
-    return dict(data=ex[image_key], label=label)
-  return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+def records(b, split: str, first: int = 0) -> tf.data.Dataset:
+  """Undecoded {'data': encoded image, 'label': int32 (-1: none), 'index':
+  int64 first, first + 1, ...} of `split` in order."""
+  ds = b.as_dataset(split=split, shuffle_files=False,
+                    decoders={keys(b)[0]: tfds.decode.SkipDecoding()},
+                    read_config=tfds.ReadConfig(try_autocache=False))
+  return tf.data.Dataset.zip(ds, tf.data.Dataset.range(first, tf.int64.max)
+                             ).map(lambda ex, i: _convert(b, ex, i),
+                                   num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _file_blocks(b, split: str):
   """(file names, records to skip, records to take, index of each block's
   first record within `split`) of the files `split` reads, in order."""
-  names, skips, takes, starts, start = [], [], [], [], 0
-  for f in b.info.splits[split].file_instructions:
-    names.append(str(f.filename))
-    skips.append(int(f.skip))
-    takes.append(int(f.take))
-    starts.append(start)
-    start += int(f.take)
-  return names, skips, takes, starts
+  fis = b.info.splits[split].file_instructions
+  takes = [int(f.take) for f in fis]
+  return ([str(f.filename) for f in fis], [int(f.skip) for f in fis], takes,
+          [sum(takes[:i]) for i in range(len(takes))])
 
 
 def shuffles_files(b) -> bool:
@@ -117,33 +108,22 @@ def shuffles_files(b) -> bool:
 
 def epoch_records(b, split: str, seed: int, epoch: tf.Tensor,
                   cycle_length: int = 16) -> tf.data.Dataset:
-  """Undecoded records of `split` with their files in the order of epoch e.
+  """`records` of `split` with its files in the order of epoch e (int64
+  scalar tensor).
 
   The files (each the block of records `split` takes from it) are permuted
   by a stateless shuffle seeded by (seed, epoch), then read `cycle_length`
-  at a time, one record from each in turn (deterministic): every record
-  once per epoch, a different file order every epoch, the same for the same
-  (seed, epoch), so a resumed run reads what the uninterrupted one did.
-
-  Args:
-    b: the prepared builder (TFRecord files, see `shuffles_files`).
-    split: a TFDS split spec (e.g. this process's `even_splits` share).
-    seed: the run's seed.
-    epoch: int64 scalar tensor.
-    cycle_length: files read at once.
-
-  Returns:
-    {'data': encoded image, 'label': int32 (-1: none), 'index': int64 the
-    record's position in `split` read in order}.
+  at a time, one record from each in turn: every record once per epoch, in
+  an order that is a pure function of (seed, epoch), so a resumed run reads
+  what the uninterrupted one did. 'index' is the record's place in `split`.
   """
-  image_key, label_key = keys(b)
   names, skips, takes, starts = _file_blocks(b, split)
   table = [tf.constant(v) for v in (names, skips, takes, starts)]
   order = tf.random.experimental.stateless_shuffle(
       tf.range(len(names), dtype=tf.int64),
       seed=tf.stack([tf.constant(seed, tf.int64),
                      tf.cast(epoch, tf.int64)]))
-  decoders = {image_key: tfds.decode.SkipDecoding()}
+  decoders = {keys(b)[0]: tfds.decode.SkipDecoding()}
 
   def read(i):
     name, skip, take, start = (tf.gather(t, i) for t in table)
@@ -153,10 +133,8 @@ def epoch_records(b, split: str, seed: int, epoch: tf.Tensor,
         raw, tf.data.Dataset.range(tf.cast(start, tf.int64), tf.int64.max))
 
   def convert(serialized, index):
-    ex = b.info.features.deserialize_example(serialized, decoders=decoders)
-    label = (tf.cast(ex[label_key], tf.int32) if label_key
-             else tf.constant(-1, tf.int32))
-    return dict(data=ex[image_key], label=label, index=index)
+    return _convert(b, b.info.features.deserialize_example(
+        serialized, decoders=decoders), index)
 
   ds = tf.data.Dataset.from_tensor_slices(order).interleave(
       read, cycle_length=min(cycle_length, max(len(names), 1)),
@@ -174,10 +152,6 @@ def decoded_split(data_cfg: Any, split: str
       lambda ex: (tf.io.decode_image(ex["data"], channels=3,
                                      expand_animations=False), ex["label"]),
       num_parallel_calls=tf.data.AUTOTUNE)
-  images, labels = [], []
-  for image, label in progress.track(
-      ds.as_numpy_iterator(), f"decoding {data_cfg.name} {split}", n,
-      "images"):
-    images.append(image)
-    labels.append(label)
-  return images, np.asarray(labels, np.int32)
+  pairs = list(progress.track(ds.as_numpy_iterator(),
+                              f"decoding {data_cfg.name} {split}", n, "images"))
+  return [p[0] for p in pairs], np.asarray([p[1] for p in pairs], np.int32)
