@@ -146,9 +146,8 @@ class LinearEvaluator:
     """Builds the evaluation.
 
     Args:
-      config: the pretraining run's config (data.*, augment.normalize).
-      encoder: the encoder module (e.g. from `byol_jax.load_encoder`).
-      mesh: the device mesh.
+      config, encoder, mesh: the run's config, the encoder module (e.g. of
+        `byol_jax.load_encoder`), the device mesh.
       epochs: passes over the labelled train set (the protocol: 80).
       steps: when > 0, the number of steps, overriding `epochs`.
       batch_size: global batch, rounded up to the device count (and down
@@ -328,12 +327,3 @@ def fit_to_data(batch_size: int, eval_batch_size: int, num_train: int,
                  f"multiple of the {num_devices} devices); the learning rate "
                  "follows it.")
   return train_b, eval_b
-
-
-def linear_eval(config: ml_collections.ConfigDict, encoder: nn.Module,
-                variables: Any, mesh: Mesh, **kwargs) -> dict[str, Any]:
-  """One linear evaluation (or fine-tuning): `LinearEvaluator(...)(variables)`.
-
-  Keyword arguments are those of `LinearEvaluator`.
-  """
-  return LinearEvaluator(config, encoder, mesh, **kwargs)(variables)

@@ -1,13 +1,9 @@
 """The evaluations run during pretraining, built and compiled once per run.
 
-- The online classifier (trained on the stop-gradient of the
-  representation): top-1 and top-5 on the eval split.
-- The kNN monitor: the train split's features are the bank, the eval split's
-  the queries (k and T from `config.knn`).
-
-One compiled forward pass (inference mode) serves both: it gives a batch's
-L2-normalised features and the classifier's hit counts. Everything is built
-in `__init__`, so periodic evaluations compile nothing new.
+The online classifier's top-1/top-5 on the eval split, and the kNN monitor
+(bank: the train split's features; queries: the eval split's). One compiled
+forward pass (inference mode) gives both a batch's L2-normalised features and
+the classifier's hits; periodic evaluations compile nothing new.
 """
 from typing import Any
 

@@ -99,16 +99,10 @@ def load_encoder(path: str, step: int | None = None, *, which: str = "online"
       encoder, variables = byol_jax.load_encoder("/tmp/run")
       features = encoder.apply(variables, images, train=False)  # [B, D]
 
-  `images` are float [B, H, W, 3], normalised with the ImageNet mean and std
-  (`byol_jax.data.augment.normalize` of values in [0, 1]).
-
-  Args:
-    path: a workdir, its checkpoints/ directory or one step's directory.
-    step: which step (default: the newest).
-    which: 'online' or 'target' (BYOL's EMA network).
-
-  Returns:
-    (the ResNet module, its {'params', 'batch_stats'} on the default device).
+  `images` are float [B, H, W, 3] in [0, 1] normalised with the ImageNet
+  mean and std (`byol_jax.data.augment.normalize`). `path` and `step` are
+  those of `load_run`; `which` is 'online' or 'target' (BYOL's EMA network).
+  The variables are on the default device.
   """
   config, state, _ = load_run(path, step)
   return network.make_encoder(config), jax.tree.map(
