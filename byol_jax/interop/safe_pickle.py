@@ -66,24 +66,17 @@ def _mapping(items: Any = ()) -> dict:
   return dict(items)
 
 
-_NAMEDTUPLES: dict[tuple[str, str, tuple[str, ...]], type] = {}
-
-
 def _namedtuple(module: str, name: str, fields: Any) -> type:
-  """A plain named tuple class standing for `module.name` (cached)."""
+  """A plain named tuple class standing for `module.name`."""
   if not (isinstance(fields, (tuple, list)) and
           all(isinstance(x, str) for x in (module, name, *fields))):
     raise PickleRefusedError(
         f"the pickle defines a named tuple {name!r} with fields {fields!r}.")
-  key = (module, name, tuple(fields))
-  if key not in _NAMEDTUPLES:
-    try:  # namedtuple rejects names that are not identifiers.
-      _NAMEDTUPLES[key] = collections.namedtuple(name, fields,
-                                                 module=__name__)
-    except ValueError as e:
-      raise PickleRefusedError(
-          f"the pickle defines an invalid named tuple {name!r}: {e}") from e
-  return _NAMEDTUPLES[key]
+  try:  # namedtuple rejects names that are not identifiers.
+    return collections.namedtuple(name, fields, module=__name__)
+  except ValueError as e:
+    raise PickleRefusedError(
+        f"the pickle defines an invalid named tuple {name!r}: {e}") from e
 
 
 # The official checkpoint's NamedTuples, for pickles that name them directly.
