@@ -243,11 +243,9 @@ class LinearEvaluator:
     """Trains a fresh head on `variables` ({'params', 'batch_stats'}).
 
     Returns:
-      {'top1', 'top5' (fractions), 'num_eval_examples', 'train_loss',
-      'train_accuracy' (the last logging window), 'train_seconds', 'head':
-      the trained Dense params, and the settings (batch_size, lr, steps,
-      ...)}; when fine-tuning also 'variables', the encoder's fine-tuned
-      {'params', 'batch_stats'}.
+      The settings and 'top1', 'top5', 'num_eval_examples', 'train_loss',
+      'train_accuracy' (the last logging window), 'train_seconds', 'head'
+      (Dense params) and, when fine-tuning, the tuned 'variables'.
     """
     variables = jax.device_put(
         {"params": variables["params"],

@@ -21,16 +21,10 @@ def as_global(batch: dict, mesh: Mesh) -> dict:
 
 def correct_counts(logits: jax.Array, labels: jax.Array,
                    mask: jax.Array | None = None) -> dict[str, jax.Array]:
-  """Top-1 and top-5 hits of one batch, over its real rows.
+  """{'correct1', 'correct5', 'count'} (int32) of logits [B, C], labels [B].
 
-  Args:
-    logits: [B, C] scores.
-    labels: [B] int labels; negative ones do not count.
-    mask: [B] bool, False for padding rows (None: all real).
-
-  Returns:
-    {'correct1', 'correct5', 'count'}: int32 scalars (top-5 is top-C when
-    C < 5).
+  Rows with a negative label or mask [B] False (padding) do not count;
+  top-5 is top-C when C < 5.
   """
   logits = logits.astype(jnp.float32)
   labels = labels.astype(jnp.int32)
