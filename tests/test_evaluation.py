@@ -326,9 +326,9 @@ def test_linear_evaluator_matches_numpy(tiny_setup, cifar_1k, finetune):
   encoder and its BN statistics; a linear probe leaves them as they are."""
   config, encoder, variables = tiny_setup
   mesh = sharding.make_mesh()
-  result = linear.linear_eval(config, encoder, variables, mesh, steps=4,
-                              batch_size=64, base_lr=0.1, finetune=finetune,
-                              eval_batch_size=128)
+  result = linear.LinearEvaluator(
+      config, encoder, mesh, steps=4, batch_size=64, base_lr=0.1,
+      finetune=finetune, eval_batch_size=128)(variables)
   assert result["steps"] == 4 and result["finetune"] == finetune
   assert result["num_eval_examples"] == 500
   tuned = result["variables"] if finetune else variables

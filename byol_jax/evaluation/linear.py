@@ -1,15 +1,11 @@
 """Linear evaluation and fine-tuning of a pretrained encoder.
 
-The protocol of DESIGN section 3: a fresh linear layer on the frozen encoder
-(batch norm in inference mode, i.e. its running averages), SGD with Nesterov
-momentum 0.9, lr = base_lr * batch / 256 with cosine decay to 0, no weight
-decay, random crop + flip as the only augmentation; then top-1 and top-5 on
-the centre-cropped eval split.
-
-The frozen encoder runs inside the jitted train step on every (freshly
-augmented) batch under stop-gradient; only the head's parameters are in the
-optimizer. With `finetune=True` the encoder trains too (batch norm in train
-mode over the global batch) and the fine-tuned variables are returned.
+DESIGN section 3: a fresh linear layer on the frozen encoder (batch norm in
+inference mode), SGD with Nesterov momentum 0.9, lr = base_lr * batch / 256
+cosine-decayed to 0, no weight decay, random crop + flip; then top-1 and
+top-5 on the centre-cropped eval split. The frozen encoder runs in the jitted
+step under stop-gradient. With `finetune=True` the encoder trains too (batch
+norm in train mode) and the fine-tuned variables are returned.
 """
 import time
 from typing import Any
@@ -25,8 +21,8 @@ from absl import logging
 from jax.sharding import Mesh
 
 from byol_jax import data
-from byol_jax.core import models
 from byol_jax import progress
+from byol_jax.core import models
 from byol_jax.core import sharding
 from byol_jax.data import augment
 from byol_jax.errors import ConfigError
@@ -35,13 +31,10 @@ from byol_jax.evaluation import online
 
 @flax.struct.dataclass
 class LinearState:
-  """The state of the linear (or fine-tuning) run, replicated and donated.
+  """The linear run's state, replicated and donated.
 
-  Attributes:
-    step: optimizer steps taken, int32 scalar.
-    params: {'head': Dense params} and, when fine-tuning, 'encoder'.
-    batch_stats: the encoder's batch-norm averages when fine-tuning, else {}.
-    opt_state: the optimizer state of `params`.
+  `params` is {'head'} (and 'encoder' when fine-tuning, with its
+  `batch_stats`; else {}).
   """
   step: jax.Array
   params: Any
@@ -58,12 +51,10 @@ def make_head(num_classes: int) -> nn.Module:
 def make_optimizer(base_lr: float, batch_size: int, total_steps: int, *,
                    weight_decay: float = 0.0, momentum: float = 0.9
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD, Nesterov momentum, lr = base_lr * batch / 256 cosine-decayed to 0.
+  """(SGD with Nesterov momentum, its lr schedule) for the protocol.
 
-  Weight decay (off by default, as in the protocol) applies to kernels only.
-
-  Returns:
-    (the optimizer, its learning-rate schedule).
+  lr = base_lr * batch / 256 cosine-decayed to 0; weight decay (off in the
+  protocol) applies to kernels only.
   """
   peak = base_lr * batch_size / 256.0
   schedule = optax.cosine_decay_schedule(peak, max(total_steps, 1))
@@ -74,58 +65,44 @@ def make_optimizer(base_lr: float, batch_size: int, total_steps: int, *,
   return tx, schedule
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array,
-                   weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean softmax cross-entropy and top-1 accuracy over rows of weight 1."""
-  logits = logits.astype(jnp.float32)  # [B, C]
-  ce = optax.losses.softmax_cross_entropy_with_integer_labels(
-      logits, jnp.maximum(labels, 0))  # [B]
-  count = jnp.maximum(jnp.sum(weights), 1.0)
-  acc = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return jnp.sum(ce * weights) / count, jnp.sum(acc * weights) / count
-
-
 def make_train_step(encoder: nn.Module, head: nn.Module,
                     tx: optax.GradientTransformation, schedule: optax.Schedule,
                     *, finetune: bool, normalize: bool = True):
   """The (unjitted) step `(state, frozen, batch) -> (state, metrics)`.
 
   Args:
-    encoder: the encoder module, `encoder.apply(vars, x, train=...) -> [B, D]`.
+    encoder: `encoder.apply(vars, x, train=...) -> [B, D]`.
     head: the linear layer.
-    tx: the optimizer of `state.params`.
-    schedule: its learning rate, for the metrics.
+    tx: the optimizer of `state.params`; `schedule`: its learning rate.
     finetune: train the encoder too (BN in train mode); otherwise `frozen`
-      holds the encoder's {'params', 'batch_stats'}, used in inference mode
-      under stop-gradient.
+      is the encoder's {'params', 'batch_stats'}, in inference mode.
     normalize: apply the ImageNet mean/std to the [0, 1] images.
   """
   def train_step(state: LinearState, frozen: Any, batch: dict):
     x = augment.to_float(batch["image"])  # [B, S, S, 3] in [0, 1]
-    if normalize:
-      x = augment.normalize(x)
+    x = augment.normalize(x) if normalize else x
     labels = batch["label"].astype(jnp.int32)  # [B]
     weights = (labels >= 0).astype(jnp.float32)
     if "mask" in batch:
       weights = weights * batch["mask"].astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    frozen_y = None if finetune else jax.lax.stop_gradient(
+        encoder.apply(frozen, x, train=False))  # [B, D]
 
-    if finetune:
-      def loss_fn(params):
+    def loss_fn(params):
+      y, batch_stats = frozen_y, state.batch_stats
+      if finetune:
         y, updates = encoder.apply(
-            {"params": params["encoder"], "batch_stats": state.batch_stats},
+            {"params": params["encoder"], "batch_stats": batch_stats},
             x, train=True, mutable=["batch_stats"])  # [B, D]
-        logits = head.apply({"params": params["head"]},
-                            y.astype(jnp.float32))  # [B, C]
-        loss, acc = _cross_entropy(logits, labels, weights)
-        return loss, (acc, updates["batch_stats"])
-    else:
-      y = encoder.apply(frozen, x, train=False)  # [B, D]
-      y = jax.lax.stop_gradient(y.astype(jnp.float32))
-
-      def loss_fn(params):
-        logits = head.apply({"params": params["head"]}, y)  # [B, C]
-        loss, acc = _cross_entropy(logits, labels, weights)
-        return loss, (acc, state.batch_stats)
+        batch_stats = updates["batch_stats"]
+      logits = head.apply({"params": params["head"]},
+                          y.astype(jnp.float32))  # [B, C]
+      ce = optax.losses.softmax_cross_entropy_with_integer_labels(
+          logits, jnp.maximum(labels, 0))  # [B]
+      acc = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+      return (jnp.sum(ce * weights) / count,
+              (jnp.sum(acc * weights) / count, batch_stats))
 
     (loss, (acc, batch_stats)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
@@ -155,9 +132,8 @@ def _fetch(tree: Any) -> Any:
 class LinearEvaluator:
   """Trains a linear classifier (or fine-tunes) on an encoder and scores it.
 
-  Built once: the input pipelines, the optimizer and the compiled train and
-  eval steps; each call trains a fresh head on the given encoder variables
-  (same shapes) and compiles nothing new.
+  Pipelines, optimizer and steps are built once; each call trains a fresh
+  head on the given encoder variables and compiles nothing new.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, encoder: nn.Module,
@@ -170,23 +146,21 @@ class LinearEvaluator:
     """Builds the evaluation.
 
     Args:
-      config: the pretraining run's config (data.*, augment.normalize).
-      encoder: the encoder module (e.g. from `byol_jax.load_encoder`).
-      mesh: the device mesh.
+      config, encoder, mesh: the run's config, the encoder module (e.g. of
+        `byol_jax.load_encoder`), the device mesh.
       epochs: passes over the labelled train set (the protocol: 80).
       steps: when > 0, the number of steps, overriding `epochs`.
-      batch_size: global batch, rounded up to a multiple of the device
-        count; lr = base_lr * batch_size / 256 follows it.
-      eval_batch_size: global eval batch (default: `batch_size`), rounded
-        up likewise.
+      batch_size: global batch, rounded up to the device count (and down
+        to the labelled data); the lr follows it.
+      eval_batch_size: global eval batch (default: `batch_size`).
       base_lr: the learning rate at batch 256 (0.2 for the linear protocol;
         smaller, e.g. 0.01, to fine-tune).
       finetune: also train the encoder (BN in train mode).
       weight_decay: on kernels; 0 in the protocol.
       seed: head initialisation, data order and the labelled subset.
       train_split: the labelled split (default config.data.train_split).
-      fraction: train on this fraction of it (deterministic per seed), as
-        the paper's 1% and 10% semi-supervised fine-tuning.
+      fraction: train on this seeded fraction of it (the paper's 1% and
+        10% semi-supervised fine-tuning).
       log_every: log train loss/accuracy every this many steps (0: each
         epoch).
     """
@@ -204,20 +178,18 @@ class LinearEvaluator:
       progress.say(f"Linear evaluation: batch {batch_size} instead of {asked} "
                    f"(a multiple of the {mesh.devices.size} devices); the "
                    "learning rate follows it.")
-    self.train_data = data.build_linear_train(
-        config, mesh, batch_size, seed, split=train_split, fraction=fraction)
-    self.eval_data = data.build_eval(config, mesh, config.data.eval_split,
-                                     eval_batch_size)
+    train = lambda b: data.build_linear_train(  # noqa: E731
+        config, mesh, b, seed, split=train_split, fraction=fraction)
+    evals = lambda b: data.build_eval(  # noqa: E731
+        config, mesh, config.data.eval_split, b)
+    self.train_data, self.eval_data = train(batch_size), evals(eval_batch_size)
     fitted = fit_to_data(batch_size, eval_batch_size,
                          self.train_data.num_examples,
                          self.eval_data.num_examples, mesh.devices.size)
     if fitted[0] != batch_size:
-      self.train_data = data.build_linear_train(
-          config, mesh, fitted[0], seed, split=train_split,
-          fraction=fraction)
+      self.train_data = train(fitted[0])
     if fitted[1] != eval_batch_size:
-      self.eval_data = data.build_eval(config, mesh, config.data.eval_split,
-                                       fitted[1])
+      self.eval_data = evals(fitted[1])
     batch_size, eval_batch_size = fitted
     self.steps_per_epoch = max(1, int(self.train_data.num_examples)
                                // batch_size)
@@ -271,28 +243,23 @@ class LinearEvaluator:
     """Trains a fresh head on `variables` ({'params', 'batch_stats'}).
 
     Returns:
-      {'top1', 'top5' (fractions), 'num_eval_examples', 'train_loss',
-      'train_accuracy' (the last logging window), 'train_seconds', 'head':
-      the trained Dense params, and the settings (batch_size, lr, steps,
-      ...)}; when fine-tuning also 'variables', the encoder's fine-tuned
-      {'params', 'batch_stats'}.
+      The settings and 'top1', 'top5', 'num_eval_examples', 'train_loss',
+      'train_accuracy' (the last logging window), 'train_seconds', 'head'
+      (Dense params) and, when fine-tuning, the tuned 'variables'.
     """
-    mesh = self._mesh
     variables = jax.device_put(
         {"params": variables["params"],
          "batch_stats": variables.get("batch_stats", {})},
-        sharding.replicated(mesh))
+        sharding.replicated(self._mesh))
     key = jax.random.fold_in(jax.random.PRNGKey(self._seed), 1)
     state = self._init(key, variables)
     frozen = None if self._finetune else variables
-    logging.info("Linear %s: %d steps (%d per epoch) of batch %d, peak lr "
-                 "%.4g.", "fine-tuning" if self._finetune else "evaluation",
-                 self.total_steps, self.steps_per_epoch,
+    what = "fine-tuning" if self._finetune else "linear evaluation"
+    logging.info("%s: %d steps (%d per epoch) of batch %d, peak lr %.4g.",
+                 what, self.total_steps, self.steps_per_epoch,
                  self.settings["batch_size"], self.settings["lr"])
     start = time.time()
-    ticker = progress.Ticker(
-        "fine-tuning" if self._finetune else "linear evaluation",
-        self.total_steps, "steps")
+    ticker = progress.Ticker(what, self.total_steps, "steps")
     # Sums of the metrics since the last log, on device: the loop reads
     # from the devices only at log steps, once.
     window, window_steps, previous = None, 0, None
@@ -323,12 +290,11 @@ class LinearEvaluator:
     enc_vars = ({"params": state.params["encoder"],
                  "batch_stats": state.batch_stats}
                 if self._finetune else variables)
-    acc = online.evaluate(self._count, {"encoder": enc_vars,
-                                        "head": state.params["head"]},
-                          progress.track(self.eval_data, "scoring on "
-                                         f"{self.eval_data.num_examples} "
-                                         "images", len(self.eval_data)),
-                          mesh)
+    acc = online.evaluate(
+        self._count, {"encoder": enc_vars, "head": state.params["head"]},
+        progress.track(self.eval_data, f"scoring on "
+                       f"{self.eval_data.num_examples} images",
+                       len(self.eval_data)), self._mesh)
     result = dict(self.settings, top1=acc["top1"], top5=acc["top5"],
                   num_eval_examples=acc["num_examples"],
                   train_loss=last["loss"], train_accuracy=last["accuracy"],
@@ -340,42 +306,22 @@ class LinearEvaluator:
 
 def fit_to_data(batch_size: int, eval_batch_size: int, num_train: int,
                 num_eval: int, num_devices: int) -> tuple[int, int]:
-  """Batches no larger than the labelled data (a multiple of the devices).
+  """(train, eval) batches no larger than the data, multiples of the devices.
 
   A preset's batch (4096 for the 1% fine-tuning) on a few hundred labelled
-  images would repeat each image many times per step; the eval batch is cut
-  to the eval split's size (rounded up to the devices) to pad less. Says
-  what it changed to the train batch.
-
-  Args:
-    batch_size, eval_batch_size: the batches asked for (multiples of the
-      devices).
-    num_train, num_eval: labelled training images and eval images.
-    num_devices: the devices the batches are split over.
-
-  Returns:
-    (train batch, eval batch), each a positive multiple of num_devices.
+  images would repeat each image many times per step: the train batch
+  rounds down (and says so), the eval batch up to pad less.
   """
-  def fit(b, n, up):
+  def fit(b, n, up):  # n rounded up or down to the devices, if under b.
     if n >= b:
       return b
-    n = -(-n // num_devices) * num_devices if up else n // num_devices * (
-        num_devices)
-    return max(n, num_devices)
-  train_b, eval_b = fit(batch_size, num_train, False), fit(
-      eval_batch_size, num_eval, True)
+    return max((-(-n // num_devices) if up else n // num_devices)
+               * num_devices, num_devices)
+  train_b = fit(batch_size, num_train, False)
+  eval_b = fit(eval_batch_size, num_eval, True)
   if train_b != batch_size:
     progress.say(f"Linear evaluation: batch {train_b} instead of "
                  f"{batch_size}, the {num_train} labelled images (a "
                  f"multiple of the {num_devices} devices); the learning rate "
                  "follows it.")
   return train_b, eval_b
-
-
-def linear_eval(config: ml_collections.ConfigDict, encoder: nn.Module,
-                variables: Any, mesh: Mesh, **kwargs) -> dict[str, Any]:
-  """One linear evaluation (or fine-tuning): `LinearEvaluator(...)(variables)`.
-
-  Keyword arguments are those of `LinearEvaluator`.
-  """
-  return LinearEvaluator(config, encoder, mesh, **kwargs)(variables)

@@ -1,8 +1,7 @@
 """Top-1 and top-5 counts of a classifier over one pass of a split.
 
-`evaluate` is the shared loop: it counts hits on device, skipping padding
-rows by their mask, so each example of the split counts exactly once
-whatever the batch size.
+Hits are counted on device, skipping padding rows by their mask, so each
+example of the split counts exactly once whatever the batch size.
 """
 from typing import Any, Callable, Iterable
 
@@ -11,21 +10,21 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from byol_jax.core import sharding
-from byol_jax.evaluation import knn
+
+
+def as_global(batch: dict, mesh: Mesh) -> dict:
+  """`batch` as global arrays on `data` (host arrays: this process's rows)."""
+  if all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch)):
+    return batch
+  return sharding.global_batch(batch, mesh)
 
 
 def correct_counts(logits: jax.Array, labels: jax.Array,
                    mask: jax.Array | None = None) -> dict[str, jax.Array]:
-  """Top-1 and top-5 hits of one batch, over its real rows.
+  """{'correct1', 'correct5', 'count'} (int32) of logits [B, C], labels [B].
 
-  Args:
-    logits: [B, C] scores.
-    labels: [B] int labels.
-    mask: [B] bool, False for padding rows (None: all real).
-
-  Returns:
-    {'correct1', 'correct5', 'count'}: int32 scalars (top-5 is top-C when
-    C < 5).
+  Rows with a negative label or mask [B] False (padding) do not count;
+  top-5 is top-C when C < 5.
   """
   logits = logits.astype(jnp.float32)
   labels = labels.astype(jnp.int32)
@@ -39,23 +38,24 @@ def correct_counts(logits: jax.Array, labels: jax.Array,
               count=jnp.sum(mask, dtype=jnp.int32))
 
 
+def accuracy(totals: dict[str, jax.Array]) -> dict[str, Any]:
+  """{'top1', 'top5': fractions, 'num_examples'} of summed `correct_counts`."""
+  t = {k: int(sharding.to_host(v)) for k, v in totals.items()}
+  n = max(t["count"], 1)
+  return dict(top1=t["correct1"] / n, top5=t["correct5"] / n,
+              num_examples=t["count"])
+
+
 def evaluate(count_fn: Callable[[Any, dict], dict], variables: Any,
-             eval_data: Iterable[dict], mesh: Mesh) -> dict[str, float]:
-  """Top-1/top-5 accuracy over one pass of `eval_data`.
+             eval_data: Iterable[dict], mesh: Mesh) -> dict[str, Any]:
+  """`accuracy` over one pass of `eval_data` (global batches).
 
-  Args:
-    count_fn: jitted `(variables, batch) -> correct_counts(...)`.
-    variables: its replicated first argument.
-    eval_data: one pass of global batches {'image', 'label', 'mask'}.
-    mesh: the device mesh.
-
-  Returns:
-    {'top1', 'top5': fractions in [0, 1], 'num_examples': int}.
+  `count_fn` is a jitted `(variables, batch) -> correct_counts(...)`.
   """
   totals = None
   throttle = jax.default_backend() == "cpu"  # XLA:CPU: a shallow queue.
   for batch in eval_data:
-    counts = count_fn(variables, knn.as_global(batch, mesh))
+    counts = count_fn(variables, as_global(batch, mesh))
     if throttle and totals is not None:
       jax.block_until_ready(totals)
     # Summed on device: one host read at the end of the pass.
@@ -63,7 +63,4 @@ def evaluate(count_fn: Callable[[Any, dict], dict], variables: Any,
                                                         counts)
   if totals is None:
     raise ValueError("evaluate: the evaluation data is empty.")
-  totals = {k: int(sharding.to_host(v)) for k, v in totals.items()}
-  n = max(totals["count"], 1)
-  return dict(top1=totals["correct1"] / n, top5=totals["correct5"] / n,
-              num_examples=totals["count"])
+  return accuracy(totals)

@@ -1,18 +1,13 @@
 """Official BYOL checkpoints (DeepMind's Haiku pickles) as byol_jax workdirs.
 
-An official pretraining checkpoint (`pretrain_res50x1.pkl`,
-`pretrain_res200x2.pkl`, the ablations) holds
+An official pretraining checkpoint (`pretrain_res50x1.pkl`, ...) holds
 `dict(experiment_state=_ByolExperimentState(online_params, target_params,
 online_state, target_state, opt_state), step, rng)`: Haiku trees
-{module name: {leaf: array}} of the encoder (`res_net50/~/...`), the
-projector, the predictor and the online classifier; the batch-norm moving
-averages (`.../~/mean_ema` and `var_ema`, field `average`); and the LARS
-momentum (`opt_state[1].mu`, a tree like `online_params`).
+{module: {leaf: array}}, batch-norm averages (`.../~/mean_ema`, `var_ema`,
+field `average`) and the LARS momentum (`opt_state[1].mu`).
 
-Haiku's ResNet v1 has byol_jax's layout (the bottleneck's stride on its 3x3
-convolution, a projection shortcut on the first block of each group) with
-TF 'SAME' padding, so it maps name by name onto `models.ResNet(padding=
-'same')`:
+Haiku's ResNet v1 has byol_jax's layout with TF 'SAME' padding, so it maps
+name by name onto `models.ResNet(padding='same')`:
 
   res_net50/~/initial_conv                       encoder/stem_conv
   res_net50/~/initial_batchnorm                  encoder/stem_bn
@@ -25,11 +20,7 @@ TF 'SAME' padding, so it maps name by name onto `models.ResNet(padding=
   leaves w, b, scale, offset                     kernel, bias, scale, bias
   state .../~/mean_ema, var_ema (average)        batch_stats mean, var
 
-Kernels are HWIO / [in, out] in both; batch-norm vectors lose Haiku's leading
-1-axes. The heads' last linear layer has no bias in either.
-
-Checkpoints the official code writes under today's JAX hold `rng` as a
-jax.Array; `safe_pickle` rebuilds it as a NumPy array (it is not used).
+Kernels are HWIO / [in, out] in both; batch-norm vectors lose Haiku's 1-axes.
 """
 import json
 import re
@@ -40,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from byol_jax.trainer import checkpoint
 from byol_jax.trainer import config_lib
@@ -54,6 +46,7 @@ from byol_jax.errors import ConfigError
 _STATE_FIELDS = ("online_params", "target_params", "online_state",
                  "target_state", "opt_state")
 _BLOCK = re.compile(r"block_group_(\d+)/~/block_(\d+)/~/(\w+)")
+_STEM = {"initial_conv": "stem_conv", "initial_batchnorm": "stem_bn"}
 _ENCODER_LAYERS = {
     "conv_0": "conv1", "conv_1": "conv2", "conv_2": "conv3",
     "batchnorm_0": "bn1", "batchnorm_1": "bn2", "batchnorm_2": "bn3",
@@ -67,16 +60,10 @@ _PARTS = ("encoder", "projector", "predictor", "classifier")
 WHICH = ("online", "target")
 
 
-# ------------------------------------------------------------- reading ----
 def read_official(path: str) -> dict[str, Any]:
-  """Reads an official BYOL pretraining checkpoint with `safe_pickle`.
+  """{'online_params', ..., 'opt_state', 'step'} of an official checkpoint.
 
-  Returns:
-    {'online_params', 'target_params', 'online_state', 'target_state',
-    'opt_state', 'step'}: Haiku trees as dicts of NumPy arrays.
-
-  Raises:
-    ConfigError: the file is unreadable, refused, or not such a checkpoint.
+  Read with `safe_pickle`; raises ConfigError for any other file.
   """
   obj = safe_pickle.load(path)
   state = obj.get("experiment_state") if isinstance(obj, dict) else None
@@ -108,12 +95,7 @@ def encoder_prefix(params: dict) -> str:
 
 
 def architecture(params: dict, prefix: str) -> dict[str, int]:
-  """Depth, width and stem channels of the Haiku ResNet in `params`.
-
-  Raises:
-    ConfigError: for basic-block ResNets (BYOL's Haiku ResNet-18/34 has a
-      projection shortcut where byol_jax has none) and unknown depths.
-  """
+  """Depth, width and stem channels of the Haiku ResNet in `params`."""
   blocks: dict[int, int] = {}
   bottleneck = False
   for module in params:
@@ -137,15 +119,12 @@ def architecture(params: dict, prefix: str) -> dict[str, int]:
   return dict(depth=depth, width=width, num_filters=num_filters)
 
 
-# ------------------------------------------------------------- mapping ----
 def _module_path(module: str, prefix: str) -> tuple[str, ...]:
   """The byol_jax path of a Haiku module, e.g. ('encoder', 'stem_conv')."""
   if module.startswith(prefix + "/~/"):
     rest = module[len(prefix) + 3:]
-    if rest == "initial_conv":
-      return ("encoder", "stem_conv")
-    if rest == "initial_batchnorm":
-      return ("encoder", "stem_bn")
+    if rest in _STEM:
+      return ("encoder", _STEM[rest])
     m = _BLOCK.fullmatch(rest)
     if m and m[3] in _ENCODER_LAYERS:
       return ("encoder", f"stage{int(m[1]) + 1}_block{int(m[2]) + 1}",
@@ -162,28 +141,20 @@ def _module_path(module: str, prefix: str) -> tuple[str, ...]:
                     "BYOL network has no place for.")
 
 
-def _put(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
 def convert_tree(params: dict, state: dict,
                  prefix: str) -> tuple[dict, dict]:
-  """Haiku params and state -> byol_jax (params, batch_stats).
+  """Haiku params (or LARS momentum) and state -> (params, batch_stats).
 
   Args:
-    params: {module: {'w'|'b'|'scale'|'offset': array}} (also the LARS
-      momentum, which has the same tree).
+    params: {module: {'w'|'b'|'scale'|'offset': array}}.
     state: {module/~/mean_ema|var_ema: {'average': ..., ...}}, or {}.
     prefix: the encoder's module name (`encoder_prefix`).
 
   Returns:
-    Nested dicts under 'encoder', 'projector', 'predictor', 'classifier'
-    (those present), float32 NumPy arrays.
+    Nested dicts of float32 NumPy arrays under 'encoder', 'projector',
+    'predictor', 'classifier' (those present).
   """
-  out_params: dict = {}
-  out_stats: dict = {}
+  out_params, out_stats = {}, {}  # {path tuple: array}
   for module, leaves in params.items():
     path = _module_path(module, prefix)
     for leaf, value in leaves.items():
@@ -193,14 +164,15 @@ def convert_tree(params: dict, state: dict,
       value = np.asarray(value, np.float32)
       if leaf in ("scale", "offset"):  # [1, 1, 1, C] or [1, C] -> [C]
         value = value.reshape(-1)
-      _put(out_params, path + (_LEAVES[leaf],), value)
+      out_params[path + (_LEAVES[leaf],)] = value
   for name, ema in state.items():
     module, _, kind = name.rpartition("/~/")
     if kind not in _STATS or "average" not in ema:
       raise ConfigError(f"Unknown state {name} in the checkpoint.")
-    _put(out_stats, _module_path(module, prefix) + (_STATS[kind],),
-         np.asarray(ema["average"], np.float32).reshape(-1))
-  return out_params, out_stats
+    out_stats[_module_path(module, prefix) + (_STATS[kind],)] = np.asarray(
+        ema["average"], np.float32).reshape(-1)
+  return (traverse_util.unflatten_dict(out_params),
+          traverse_util.unflatten_dict(out_stats))
 
 
 def lars_momentum(opt_state: Any) -> dict | None:
@@ -214,10 +186,9 @@ def lars_momentum(opt_state: Any) -> dict | None:
 def make_config(arch: dict[str, int], params: dict,
                 base: ml_collections.ConfigDict | None = None
                 ) -> ml_collections.ConfigDict:
-  """`base` (default: `config_lib.base_config()`) with the checkpoint's network.
+  """`base` (default `config_lib.base_config()`) with the checkpoint's network.
 
-  Sets the encoder (depth, width, 'same' padding, Haiku's batch-norm
-  decay 0.9 and epsilon 1e-5), the heads' sizes and the classifier's classes.
+  Haiku's batch norm: decay 0.9, epsilon 1e-5.
   """
   config = (base or config_lib.base_config()).copy_and_resolve_references()
   if config.method != "byol":
@@ -235,19 +206,16 @@ def make_config(arch: dict[str, int], params: dict,
   return config
 
 
-# ------------------------------------------------------------- writing ----
-def _check_like(abstract: Any, tree: Any, what: str) -> None:
+def _check_like(abstract: Any, tree: Any) -> None:
   """Raises ConfigError unless `tree` has the paths and shapes of `abstract`."""
-  want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
-          jax.tree_util.tree_flatten_with_path(abstract)[0]}
-  have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in
-          jax.tree_util.tree_flatten_with_path(tree)[0]}
-  problems = ([f"missing {k}" for k in sorted(set(want) - set(have))] +
-              [f"unexpected {k}" for k in sorted(set(have) - set(want))] +
-              [f"{k} is {have[k]}, not {want[k]}" for k in sorted(want)
-               if k in have and have[k] != want[k]])
+  want, have = ({jax.tree_util.keystr(p): np.shape(x) for p, x in
+                 jax.tree_util.tree_flatten_with_path(t)[0]}
+                for t in (abstract, tree))
+  problems = [f"{k} is {have.get(k, 'missing')}, not {want.get(k, 'absent')}"
+              for k in sorted(want.keys() | have.keys())
+              if want.get(k) != have.get(k)]
   if problems:
-    raise ConfigError(f"The converted {what} do not fit byol_jax's network "
+    raise ConfigError(f"The converted state does not fit byol_jax's network "
                       f"({len(problems)} problems, e.g. {problems[0]}).")
 
 
@@ -255,16 +223,12 @@ def _optimizer_state(tx, params: dict, momentum: dict | None, step: int,
                      own_classifier: bool = False):
   """tx.init(params) with the LARS trace from `momentum` and counts at step.
 
-  The official LARS momentum is byol_jax's LARS trace (both accumulate the
-  trust-scaled update before the learning rate), the classifier's included
-  since byol_jax trains it in the same LARS chain. With
-  `own_classifier` (optimizer.classifier='sgd') its momentum is not carried
-  over: that SGD's trace means something else.
+  Both LARS accumulate the trust-scaled update before the learning rate.
+  With `own_classifier` (optimizer.classifier='sgd') the classifier's
+  momentum is not carried over: that SGD's trace means something else.
   """
-  flat = {} if momentum is None else {
-      tuple(k.key for k in path): v
-      for path, v in jax.tree_util.tree_flatten_with_path(momentum)[0]
-      if not (own_classifier and path[0].key == "classifier")}
+  flat = {k: v for k, v in traverse_util.flatten_dict(momentum or {}).items()
+          if not (own_classifier and k[0] == "classifier")}
   placed = []
 
   def fill(path, leaf):
@@ -289,27 +253,19 @@ def _optimizer_state(tx, params: dict, momentum: dict | None, step: int,
 def write_workdir(workdir: str, config: ml_collections.ConfigDict, step: int,
                   params: dict, batch_stats: dict, target: dict,
                   momentum: dict | None) -> None:
-  """Writes a byol_jax workdir (config.json, checkpoints/<step>) of the state.
-
-  The state has exactly the structure `train` restores for `config`; its
-  optimizer state is fresh apart from the LARS trace (`momentum`) and the
-  step counts.
-  """
+  """Writes config.json and checkpoints/<step> as `train` restores them."""
   method = methods.get(config.method)
   model = method.make_network(config)
   # The optimizer state's structure does not depend on the schedule length.
   tx, _ = optim.build_optimizer(config, max(step, 1), 1)
   mesh = sharding.make_mesh()
   abstract = train_state.abstract(config, model, tx, mesh, method.HAS_TARGET)
-  _check_like(abstract.params, params, "parameters")
-  _check_like(abstract.batch_stats, batch_stats, "batch statistics")
-  _check_like(abstract.target, target, "target network")
   state = train_state.TrainState(
       step=np.asarray(step, np.int32), params=params, batch_stats=batch_stats,
       target=target, opt_state=_optimizer_state(
           tx, params, momentum, step,
           config.optimizer.get("classifier", "main") == "sgd"))
-  _check_like(abstract.opt_state, state.opt_state, "optimizer state")
+  _check_like(abstract, state)
   ckpt = checkpoint.Checkpointer(workdir, config)
   ckpt.save(step, state)
   ckpt.close()
@@ -325,14 +281,12 @@ def from_official(checkpoint_path: str, workdir: str, which: str = "online",
 
   Args:
     checkpoint_path: the official .pkl file.
-    workdir: an empty or new directory; `load_encoder`, `linear_eval` and
-      `train` (with a BYOL config) read it afterwards.
-    which: 'online' (the network the paper evaluates, with its LARS momentum
-      so that `train` continues the run) or 'target' (the EMA network in the
-      online slot, e.g. to evaluate it; fresh momentum). The target slot
-      always holds the official target network.
-    config: the BYOL config to store (default `config_lib.base_config()`);
-      its network fields are set from the checkpoint (`make_config`).
+    workdir: an empty or new directory.
+    which: 'online' (with its LARS momentum, so that `train` continues the
+      run) or 'target' (the EMA network in the online slot, fresh momentum).
+      The target slot always holds the official target network.
+    config: the BYOL config to store (default `config_lib.base_config()`),
+      network fields set from the checkpoint.
 
   Returns:
     A summary: step, depth, width, which, momentum (bool), workdir.
@@ -343,10 +297,10 @@ def from_official(checkpoint_path: str, workdir: str, which: str = "online",
     raise ConfigError(f"{workdir} already has checkpoints; convert into a "
                       "new --workdir.")
   official = read_official(checkpoint_path)
-  prefix = encoder_prefix(official[f"{which}_params"])
-  arch = architecture(official[f"{which}_params"], prefix)
-  params, stats = convert_tree(official[f"{which}_params"],
-                               official[f"{which}_state"], prefix)
+  haiku = official[f"{which}_params"]
+  prefix = encoder_prefix(haiku)
+  arch = architecture(haiku, prefix)
+  params, stats = convert_tree(haiku, official[f"{which}_state"], prefix)
   missing = [p for p in _PARTS if p not in params]
   if missing:
     raise ConfigError(f"{checkpoint_path} has no {', '.join(missing)} "
@@ -356,10 +310,8 @@ def from_official(checkpoint_path: str, workdir: str, which: str = "online",
                                  official["target_state"], prefix)
   target = {"params": {k: tparams[k] for k in ("encoder", "projector")},
             "batch_stats": {k: tstats[k] for k in ("encoder", "projector")}}
-  momentum = None
   mu = lars_momentum(official["opt_state"]) if which == "online" else None
-  if mu is not None:
-    momentum, _ = convert_tree(mu, {}, prefix)
+  momentum = None if mu is None else convert_tree(mu, {}, prefix)[0]
   config = make_config(arch, params, config)
   step = official["step"]
   write_workdir(workdir, config, step, params, stats, target, momentum)

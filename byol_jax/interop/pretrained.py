@@ -21,30 +21,17 @@ from byol_jax.core.methods import network
 
 
 def _step_of(name: str) -> int | None:
-  """The step of a checkpoint directory's name: '16', or '16-1700000000'
-  (moved to checkpoints_superseded/ or checkpoints_damaged/)."""
+  """'16' -> 16; also '16-1700000000' (a moved-aside checkpoint)."""
   head = name.split("-")[0]
   return int(head) if head.isdigit() else None
-
-
-def _step_dirs(folder: epath.Path) -> dict[int, epath.Path]:
-  """{step: directory} of the checkpoints directly in `folder` (the newest
-  directory where one step appears twice)."""
-  found = {}
-  for child in sorted(folder.iterdir(), key=lambda p: p.name):
-    step = _step_of(child.name)
-    if step is not None and (child / "state").is_dir():
-      found[step] = child
-  return found
 
 
 def find_checkpoint(path: str, step: int | None = None
                     ) -> tuple[epath.Path, int]:
   """(the step directory, its step) that `path` and `step` name.
 
-  `path` is a workdir, a folder of checkpoints (checkpoints/,
-  checkpoints_superseded/, checkpoints_damaged/) or one checkpoint's
-  directory, wherever it lies and whatever its suffix.
+  `path` is a workdir, a folder of checkpoints (also checkpoints_superseded/
+  or checkpoints_damaged/) or one checkpoint's directory.
   """
   storage.check(path)  # gs:// without its client: one line.
   path = as_path(path)
@@ -59,7 +46,11 @@ def find_checkpoint(path: str, step: int | None = None
                         f"{step}; pass its folder to choose a step.")
     return path, (named if named is not None else -1)
   folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-  steps = _step_dirs(folder) if folder.is_dir() else {}
+  steps = {}  # The newest directory where one step appears twice.
+  for child in sorted(folder.iterdir() if folder.is_dir() else (),
+                      key=lambda p: p.name):
+    if _step_of(child.name) is not None and (child / "state").is_dir():
+      steps[_step_of(child.name)] = child
   if not steps:
     raise ConfigError(f"No checkpoint in {folder}; train first with "
                       "`python -m byol_jax.train --workdir=...`.")
@@ -74,13 +65,11 @@ def load_run(path: str, step: int | None = None
              ) -> tuple[ml_collections.ConfigDict, dict, int]:
   """Restores a run's config and raw state as host NumPy arrays.
 
-  Works whatever wrote the checkpoint (one or many processes, any device
-  layout): every array is read whole into host memory, and the caller places
-  it where it needs it.
+  Whatever wrote the checkpoint (any processes and device layout), every
+  array is read whole into host memory.
 
   Args:
-    path: a workdir, a folder of checkpoints or one checkpoint's directory
-      (also one moved to checkpoints_superseded/ or checkpoints_damaged/).
+    path: a workdir, a folder of checkpoints or one checkpoint's directory.
     step: which step (default: the newest, or the one `path` names).
 
   Returns:
@@ -110,17 +99,10 @@ def load_encoder(path: str, step: int | None = None, *, which: str = "online"
       encoder, variables = byol_jax.load_encoder("/tmp/run")
       features = encoder.apply(variables, images, train=False)  # [B, D]
 
-  `images` are float [B, H, W, 3], normalised with the ImageNet mean and std
-  (`byol_jax.data.augment.normalize` of values in [0, 1]).
-
-  Args:
-    path: a workdir, its checkpoints/ directory or one step's directory.
-    step: which step (default: the newest).
-    which: 'online' or 'target' (BYOL's EMA network).
-
-  Returns:
-    (the ResNet module, {'params': ..., 'batch_stats': ...} of the encoder,
-    on the default device).
+  `images` are float [B, H, W, 3] in [0, 1] normalised with the ImageNet
+  mean and std (`byol_jax.data.augment.normalize`). `path` and `step` are
+  those of `load_run`; `which` is 'online' or 'target' (BYOL's EMA network).
+  The variables are on the default device.
   """
   config, state, _ = load_run(path, step)
   return network.make_encoder(config), jax.tree.map(
@@ -129,15 +111,12 @@ def load_encoder(path: str, step: int | None = None, *, which: str = "online"
 
 def encoder_variables(state: dict, which: str, where: str = "") -> dict:
   """{'params', 'batch_stats'} of the online or target encoder of a state."""
-  if which == "target":
-    tree = state.get("target") or {}
-    if not tree:
-      raise ConfigError(f"The checkpoint {where} has no target network (only "
-                        "BYOL has one); use --which=online.")
-  elif which == "online":
-    tree = state
-  else:
+  if which not in ("online", "target"):
     raise ConfigError(f"which={which!r}: use 'online' or 'target'.")
+  tree = state if which == "online" else state.get("target") or {}
+  if which == "target" and not tree:
+    raise ConfigError(f"The checkpoint {where} has no target network (only "
+                      "BYOL has one); use --which=online.")
   params = tree.get("params", {})
   if "encoder" not in params:
     raise ConfigError(f"The checkpoint {where} has no {which} encoder "

@@ -1,29 +1,12 @@
 """Reads pickles that hold only arrays, scalars and containers.
 
-A pickle is a program: every class or function it names is called while it
-loads, so `pickle.load` of an untrusted file can run anything (`os.system`
-through `__reduce__`). `load` instead resolves each name the pickle asks for
-against an allow-list of constructors that build nothing but NumPy arrays,
-NumPy scalars and dtypes, bytes, tuples, named tuples, dicts and lists, and
-refuses every other name with one line before calling it.
-
-The allow-list covers the official BYOL checkpoints (`dill.dump(...,
-protocol=2)` of NumPy arrays in Haiku mappings and NamedTuples):
-
-  - NumPy's `_reconstruct`, `ndarray`, `dtype` and `scalar`, and
-    `_codecs.encode` (protocol 2 writes bytes as latin-1 text), numeric
-    dtypes only (an object array would be a container of anything);
-  - Haiku's `FlatMapping` / `frozendict` / `FlatMap`, read as plain dicts;
-  - the checkpoint's NamedTuples (`_ByolExperimentState`, the LARS and optax
-    states), rebuilt here as plain named tuples: no official code is imported;
-  - dill's helpers `_create_namedtuple`, `_import_module`, `_get_attr` and
-    `_create_array`, reimplemented so that they only produce the above
-    (`_import_module` names a module without importing it, and `_get_attr`
-    only reaches names of the allow-list);
-  - JAX's `jax._src.array._reconstruct_array(fun, args, state, aval_state)`,
-    which is how a jax.Array pickles (the official Checkpointer's `rng` under
-    today's JAX): read as the NumPy array it wraps, and only when `fun` is
-    NumPy's `_reconstruct` above; nothing goes to a device.
+A pickle is a program: `pickle.load` of an untrusted file can run anything.
+`load` resolves each name the pickle asks for against an allow-list that
+builds only numeric NumPy arrays, scalars, bytes, tuples, named tuples,
+dicts and lists, and refuses every other name before calling it. The list
+covers the official BYOL checkpoints (dill, protocol 2): Haiku mappings
+read as dicts, their NamedTuples as plain named tuples, dill's helpers
+reimplemented, and a pickled jax.Array read as the NumPy array it wraps.
 """
 import collections
 import os
@@ -61,7 +44,7 @@ def _reconstruct(cls: Any, shape: Any, typecode: Any) -> np.ndarray:
 
 
 def _scalar(dtype: np.dtype, data: bytes = b"") -> np.generic:
-  """A NumPy scalar from its raw bytes, e.g. a step count of type int64."""
+  """A NumPy scalar from its raw bytes."""
   if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMERIC_KINDS:
     raise PickleRefusedError(f"the pickle holds a scalar of dtype {dtype!r}; "
                              "only numeric scalars are read.")
@@ -83,31 +66,21 @@ def _mapping(items: Any = ()) -> dict:
   return dict(items)
 
 
-_NAMEDTUPLES: dict[tuple[str, str, tuple[str, ...]], type] = {}
-
-
 def _namedtuple(module: str, name: str, fields: Any) -> type:
-  """A plain named tuple class standing for `module.name` (cached)."""
-  if not (isinstance(name, str) and isinstance(module, str) and
-          isinstance(fields, (tuple, list)) and
-          all(isinstance(f, str) for f in fields)):
+  """A plain named tuple class standing for `module.name`."""
+  if not (isinstance(fields, (tuple, list)) and
+          all(isinstance(x, str) for x in (module, name, *fields))):
     raise PickleRefusedError(
         f"the pickle defines a named tuple {name!r} with fields {fields!r}.")
-  key = (module, name, tuple(fields))
-  if key not in _NAMEDTUPLES:
-    try:  # namedtuple rejects names that are not identifiers.
-      cls = collections.namedtuple(name, fields)
-    except ValueError as e:
-      raise PickleRefusedError(
-          f"the pickle defines an invalid named tuple {name!r}: {e}") from e
-    cls.__module__ = __name__
-    _NAMEDTUPLES[key] = cls
-  return _NAMEDTUPLES[key]
+  try:  # namedtuple rejects names that are not identifiers.
+    return collections.namedtuple(name, fields, module=__name__)
+  except ValueError as e:
+    raise PickleRefusedError(
+        f"the pickle defines an invalid named tuple {name!r}: {e}") from e
 
 
-# The NamedTuples of the official checkpoint, for pickles that name them
-# directly (plain pickle, or a dill that pickles them by reference).
-_KNOWN_NAMEDTUPLES = {
+# The official checkpoint's NamedTuples, for pickles that name them directly.
+_OFFICIAL_NAMEDTUPLES = {
     ("byol.byol_experiment", "_ByolExperimentState"): (
         "online_params", "target_params", "online_state", "target_state",
         "opt_state"),
@@ -115,23 +88,6 @@ _KNOWN_NAMEDTUPLES = {
     ("byol.utils.optimizers", "AddWeightDecayState"): (),
     ("optax._src.transform", "ScaleState"): (),
     ("optax._src.base", "EmptyState"): (),
-}
-
-_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray",
-                  "numpy.core._multiarray_umath",
-                  "numpy._core._multiarray_umath")
-_HAIKU_MODULE = "haiku._src.data_structures"
-
-ALLOWED: dict[tuple[str, str], Any] = {
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): _dtype,
-    ("_codecs", "encode"): _encode,
-    ("codecs", "encode"): _encode,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    **{(m, "_reconstruct"): _reconstruct for m in _NUMPY_MODULES},
-    **{(m, "scalar"): _scalar for m in _NUMPY_MODULES},
-    **{(_HAIKU_MODULE, n): _mapping
-       for n in ("FlatMapping", "FlatMap", "frozendict")},
 }
 
 
@@ -155,28 +111,27 @@ def _get_attr(module: Any, name: str) -> Any:
   return _lookup(str(module), name)
 
 
-def _create_array(f: Callable[..., np.ndarray], args: tuple, state: tuple,
-                  npdict: Any = None) -> np.ndarray:
-  """dill's ndarray: f(*args), then __setstate__(state)."""
-  if f is not _reconstruct or npdict:
-    raise PickleRefusedError(
-        "the pickle builds an array with a custom constructor or attributes.")
+def _rebuild(f: Callable[..., np.ndarray], args: tuple,
+             state: tuple) -> np.ndarray:
+  """f(*args).__setstate__(state), as NumPy's own pickles do."""
+  if f is not _reconstruct:
+    raise PickleRefusedError("the pickle builds an array with a function "
+                             "other than NumPy's _reconstruct.")
   array = f(*args)
   array.__setstate__(state)
   return array
 
 
+def _create_array(f: Callable[..., np.ndarray], args: tuple, state: tuple,
+                  npdict: Any = None) -> np.ndarray:
+  if npdict:
+    raise PickleRefusedError("the pickle sets attributes on an array.")
+  return _rebuild(f, args, state)
+
+
 def _reconstruct_array(fun: Callable[..., np.ndarray], args: tuple,
                        state: tuple, aval_state: Any = None) -> np.ndarray:
-  """A pickled jax.Array, as the NumPy array it holds.
-
-  JAX's own version calls `fun(*args)`, `__setstate__(state)`, then puts the
-  result on a device and updates its abstract value with `aval_state`.
-  """
-  if fun is not _reconstruct:
-    raise PickleRefusedError(
-        "the pickle rebuilds a jax.Array with a function other than "
-        "NumPy's _reconstruct.")
+  """A pickled jax.Array as the NumPy array it holds (no device)."""
   if not (aval_state is None or (
       isinstance(aval_state, dict) and
       all(k == "weak_type" and isinstance(v, bool)
@@ -184,9 +139,7 @@ def _reconstruct_array(fun: Callable[..., np.ndarray], args: tuple,
     raise PickleRefusedError(
         f"the pickle sets {aval_state!r} on a jax.Array; only weak_type is "
         "read.")
-  array = fun(*args)
-  array.__setstate__(state)
-  return array
+  return _rebuild(fun, args, state)
 
 
 def _create_namedtuple(name: str, fieldnames: Any, modulename: str,
@@ -195,25 +148,33 @@ def _create_namedtuple(name: str, fieldnames: Any, modulename: str,
   return _namedtuple(modulename, name, fieldnames)
 
 
-ALLOWED[("jax._src.array", "_reconstruct_array")] = _reconstruct_array
-
-for _dill in ("dill._dill", "dill.dill"):
-  ALLOWED.update({
-      (_dill, "_import_module"): _import_module,
-      (_dill, "_get_attr"): _get_attr,
-      (_dill, "_create_array"): _create_array,
-      (_dill, "_create_namedtuple"): _create_namedtuple,
-  })
+_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray",
+                  "numpy.core._multiarray_umath",
+                  "numpy._core._multiarray_umath")
+ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("_codecs", "encode"): _encode,
+    ("codecs", "encode"): _encode,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("jax._src.array", "_reconstruct_array"): _reconstruct_array,
+    **{(m, "_reconstruct"): _reconstruct for m in _NUMPY_MODULES},
+    **{(m, "scalar"): _scalar for m in _NUMPY_MODULES},
+    **{("haiku._src.data_structures", n): _mapping
+       for n in ("FlatMapping", "FlatMap", "frozendict")},
+    **{(d, f.__name__): f for d in ("dill._dill", "dill.dill")
+       for f in (_import_module, _get_attr, _create_array,
+                 _create_namedtuple)},
+    **{k: _namedtuple(*k, v) for k, v in _OFFICIAL_NAMEDTUPLES.items()},
+}
 
 
 def _lookup(module: str, name: str) -> Any:
-  if (module, name) in ALLOWED:
-    return ALLOWED[(module, name)]
-  if (module, name) in _KNOWN_NAMEDTUPLES:
-    return _namedtuple(module, name, _KNOWN_NAMEDTUPLES[(module, name)])
-  raise PickleRefusedError(
-      f"the pickle asks for {module}.{name}, which could run code; only "
-      "arrays, scalars and containers are read.")
+  if (module, name) not in ALLOWED:
+    raise PickleRefusedError(
+        f"the pickle asks for {module}.{name}, which could run code; only "
+        "arrays, scalars and containers are read.")
+  return ALLOWED[(module, name)]
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -224,19 +185,11 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def load(path: str | os.PathLike) -> Any:
-  """Reads a pickle of arrays, scalars and containers.
-
-  Args:
-    path: the pickle file.
-
-  Returns:
-    The unpickled object: dicts, lists, tuples, named tuples (plain
-    `collections.namedtuple` classes), NumPy arrays and scalars, Python
-    numbers, strings and bytes.
+  """Reads a pickle of arrays, scalars and containers (see the module).
 
   Raises:
-    PickleRefusedError: the pickle names anything else (it would run code);
-      nothing it names has been called.
+    PickleRefusedError: the pickle names anything else; nothing it names
+      has been called.
     ConfigError: the file does not exist or is not a readable pickle.
   """
   path = os.fspath(path)
