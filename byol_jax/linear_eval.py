@@ -5,18 +5,12 @@ r"""Linear evaluation, fine-tuning and semi-supervised fine-tuning.
   python -m byol_jax.linear_eval --workdir=/tmp/run --checkpoint=/ckpts/run \
       --step=20000 --data_source=npz --data_path=/data/cifar10.npz
 
-Presets (`PRESETS`; flags given explicitly override them): `linear`, the
-linear protocol (frozen encoder, 80 epochs, base LR 0.2, Nesterov SGD,
-cosine, no weight decay, crop + flip); `finetune_1pct` / `finetune_10pct`,
-the SimCLR semi-supervised protocol that BYOL's paper follows (the whole
-encoder on 1% / 10% of the labels, base LR 0.05, batch 4096, 60 / 30
-epochs): TFDS's `imagenet2012_subset` on ImageNet from TFDS, elsewhere a
-class-balanced fraction of the train split, deterministic per --seed.
-
-The checkpoint's config names the data and the encoder; `--data_*` point at
-another copy of the same data. Batch sizes round up to a multiple of the
-device count (the learning rate follows). Top-1/top-5 go to
-WORKDIR/linear_eval.json (finetune.json for fine-tuning) or --output.
+Presets (explicit flags override them): `linear` (frozen encoder, 80
+epochs, Nesterov SGD, cosine); `finetune_1pct` / `finetune_10pct`, SimCLR's
+semi-supervised protocol (TFDS's `imagenet2012_subset` on ImageNet, else a
+class-balanced fraction per --seed). The checkpoint's config names the data;
+`--data_*` point at another copy. Results: WORKDIR/linear_eval.json
+(finetune.json) or --output.
 """
 import inspect
 import json
@@ -58,8 +52,7 @@ def run(workdir: str, checkpoint: str | None = None, step: int | None = None,
         **given) -> dict[str, Any]:
   """Loads the checkpoint, trains and scores the head, writes the JSON.
 
-  The arguments are the flags' (`given`: mode, epochs, batch_size, base_lr,
-  fraction; None: the preset's); returns the JSON-able result.
+  The arguments are the flags' (`given`: None is the preset's value).
   """
   start = time.time()
   if not workdir:

@@ -1,16 +1,10 @@
 """Multi-host start-up: join `jax.distributed` when the cluster says so.
 
-`jax.distributed.initialize()` without arguments asks JAX's cluster
-environments (Open MPI, SLURM, GKE TPU, Cloud TPU VM, Kubernetes) for the
-coordinator, the process count and index. `--multihost=auto` joins only when
-that environment says more than one process: a single-host TPU VM or a SLURM
-job of one task runs alone, as does a plain machine.
-
-JAX has no public API that names the cluster and its process count without
-joining (`jax.distributed` has only `initialize`, `is_initialized` and
-`shutdown`; the registry is the private `jax._src.clusters`), so `_cluster`
-reads the variables and metadata that JAX 0.7 to 0.10 read, in JAX's order;
-tests/test_multihost_detect.py pins that for each environment.
+`--multihost=auto` joins only when JAX's cluster environment (Open MPI,
+SLURM, GKE TPU, Cloud TPU VM, Kubernetes) says more than one process. JAX
+has no public API for that count without joining (only the private
+`jax._src.clusters`), so `_cluster` reads what JAX 0.7 to 0.10 read, in
+JAX's order; tests/test_multihost_detect.py pins it per environment.
 """
 import importlib.util
 import os
@@ -50,8 +44,7 @@ def _metadata(key: str) -> Optional[str]:
 
 
 def _on_cloud_tpu_vm() -> bool:
-  """JAX's test (cloud_tpu_init): libtpu and a TPU chip on the PCI bus, or
-  JAX_FORCE_TPU_INIT."""
+  """JAX's test (cloud_tpu_init): libtpu and a TPU chip on the PCI bus."""
   if "JAX_FORCE_TPU_INIT" in os.environ:
     return True
   if importlib.util.find_spec("libtpu") is None:
@@ -72,11 +65,7 @@ def _num_slices() -> int:
 
 
 def _cluster() -> Optional[tuple[str, Optional[int]]]:
-  """(name, process count) of the environment JAX's initialize() would use.
-
-  JAX's order: Open MPI, SLURM, (mpi4py: opt-in only), GKE TPU, Cloud TPU
-  VM, Kubernetes with its client installed (count None: JAX asks the job).
-  """
+  """(name, process count or None) of the environment JAX would use."""
   env = os.environ
   if "OMPI_MCA_orte_hnp_uri" in env:
     return "OmpiCluster", int(env["OMPI_COMM_WORLD_SIZE"])
@@ -97,21 +86,18 @@ def _cluster() -> Optional[tuple[str, Optional[int]]]:
 
 
 def detect() -> Optional[str]:
-  """'JAX_COORDINATOR_ADDRESS' when that is set, else the name of JAX's
-  cluster environment found ('SlurmCluster', 'GceTpuCluster' ...), whatever
-  its number of processes; None on a plain machine."""
+  """'JAX_COORDINATOR_ADDRESS' if set, else the cluster environment's name
+  ('SlurmCluster' ...); None on a plain machine."""
   if os.environ.get(COORDINATOR_ENV):
     return COORDINATOR_ENV
   cluster = _cluster()
   return cluster and cluster[0]
 
 
-def check_flags(mode: str = "auto", coordinator_address: Optional[str] = None,
-                num_processes: Optional[int] = None,
-                process_id: Optional[int] = None) -> None:
+def _check_flags(mode: str, coordinator_address: Optional[str],
+                 num_processes: Optional[int],
+                 process_id: Optional[int]) -> None:
   """Raises ConfigError (one line) for multi-host flags that cannot work."""
-  if mode not in ("auto", "yes", "no"):
-    raise ConfigError(f"--multihost={mode}: use auto, yes or no.")
   if num_processes is not None and num_processes < 1:
     raise ConfigError(f"--num_processes={num_processes}: give the number of "
                       "processes in the job, 1 or more.")
@@ -145,9 +131,8 @@ def check_flags(mode: str = "auto", coordinator_address: Optional[str] = None,
 def should_join(mode: str = "auto", coordinator_address: Optional[str] = None,
                 num_processes: Optional[int] = None,
                 process_id: Optional[int] = None) -> bool:
-  """Whether `initialize` joins: 'yes', 'no', or for 'auto' when any of the
-  arguments or JAX_COORDINATOR_ADDRESS is given, or the cluster JAX finds
-  has more than one process."""
+  """Whether `initialize` joins: for 'auto', when an argument or
+  JAX_COORDINATOR_ADDRESS is given or the cluster has several processes."""
   if mode != "auto":
     return mode == "yes"
   if (coordinator_address is not None or num_processes is not None or
@@ -162,14 +147,12 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
                process_id: Optional[int] = None,
                before_join: Optional[Callable[[], None]] = None,
                **options) -> bool:
-  """Joins `jax.distributed` if `should_join` (before the devices are used).
+  """Joins `jax.distributed` if `should_join`; returns whether it joined.
 
-  The flags' None lets JAX detect a value; `before_join` runs just before
-  joining; `options` go to `jax.distributed.initialize`. Returns whether it
-  joined; raises ConfigError for flags that do not fit (`check_flags`) or
-  when nothing says how many processes there are.
+  None arguments are detected by JAX; `options` go to its `initialize`.
+  Raises ConfigError for flags that do not fit or an unknown process count.
   """
-  check_flags(mode, coordinator_address, num_processes, process_id)
+  _check_flags(mode, coordinator_address, num_processes, process_id)
   if not should_join(mode, coordinator_address, num_processes, process_id):
     return False
   if (num_processes is None and not options.get("cluster_detection_method")
@@ -195,12 +178,9 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
 
 
 def _connect_cpu_collectives() -> None:
-  """Connects the processes' CPU collectives (gloo) now, while in step.
-
-  Gloo connects the processes at their first collective over all devices
-  and gives up if one arrives more than 30 s after another: on a loaded
-  machine one process can finish compiling the train step that much later.
-  """
+  """Connects the CPU collectives (gloo) now, while the processes are in
+  step: gloo gives up if one comes 30 s late, as compiling can on a loaded
+  machine."""
   mesh = sharding.make_mesh()
   ones = jax.make_array_from_process_local_data(
       sharding.batch_sharding(mesh),
