@@ -44,8 +44,6 @@ from byol_jax.trainer import workdir as workdir_lib
 from byol_jax.errors import ConfigError
 from byol_jax.evaluation import monitor as monitor_lib
 
-EXIT_PREEMPTED = preempt.EXIT_PREEMPTED
-
 
 class NonFiniteError(RuntimeError):
   """The state became NaN/Inf; `flags` resume at a lower learning rate."""
@@ -144,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with guard.busy("starting the data pipeline"):
       pipeline = data.build_pretrain(config, mesh, start_step=step)
       monitor = monitor_lib.Monitor(config, mesh)
-    evaluate = monitor.enabled and bool(config.data.eval_split)
+    evaluate = monitor.enabled
 
     # --- The compiled step.
     train_step = step_lib.jit_train_step(
@@ -332,7 +330,7 @@ def main(argv):
   except NonFiniteError as e:
     cli.exit_error(f"{e} The command: {divergence.command(sys.argv, e.flags)}")
   if final.get("preempted"):
-    sys.exit(EXIT_PREEMPTED)
+    sys.exit(preempt.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import importlib.util
 import os
 import pathlib
 import urllib.request
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -94,49 +94,42 @@ def detect() -> Optional[str]:
   return cluster and cluster[0]
 
 
-def _check_flags(mode: str, coordinator_address: Optional[str],
-                 num_processes: Optional[int],
-                 process_id: Optional[int]) -> None:
+def _check_flags(mode: str, given: dict[str, Any]) -> None:
   """Raises ConfigError (one line) for multi-host flags that cannot work."""
-  if num_processes is not None and num_processes < 1:
-    raise ConfigError(f"--num_processes={num_processes}: give the number of "
-                      "processes in the job, 1 or more.")
-  if process_id is not None and process_id < 0:
-    raise ConfigError(f"--process_id={process_id}: give this process's "
-                      "index, 0 for the first.")
-  if (num_processes is not None and process_id is not None and
-      process_id >= num_processes):
+  n, i = given.get("num_processes"), given.get("process_id")
+  if n is not None and n < 1:
+    raise ConfigError(f"--num_processes={n}: give the number of processes "
+                      "in the job, 1 or more.")
+  if i is not None and i < 0:
+    raise ConfigError(f"--process_id={i}: give this process's index, 0 for "
+                      "the first.")
+  if n is not None and i is not None and i >= n:
     raise ConfigError(
-        f"--process_id={process_id} with --num_processes={num_processes}: "
-        f"the ids run from 0 to {num_processes - 1}; give each process its "
-        "own id in that range.")
-  given = {"coordinator_address": coordinator_address,
-           "num_processes": num_processes, "process_id": process_id}
-  several = ((num_processes or 1) > 1 or (process_id or 0) > 0 or
-             coordinator_address is not None)
-  if mode == "no" and several:
+        f"--process_id={i} with --num_processes={n}: the ids run from 0 to "
+        f"{n - 1}; give each process its own id in that range.")
+  if mode == "no" and ((n or 1) > 1 or (i or 0) > 0 or
+                       "coordinator_address" in given):
     raise ConfigError(
         "--multihost=no runs one process, but " + " ".join(
-            f"--{k}={v}" for k, v in given.items() if v is not None) +
+            f"--{k}={v}" for k, v in given.items()) +
         " describe a job of several: drop them to run alone, or use "
         "--multihost=auto (or yes) to join the job.")
-  if (mode != "no" and (num_processes or 1) > 1 and
-      coordinator_address is None and detect() is None):
+  if (mode != "no" and (n or 1) > 1 and "coordinator_address" not in given
+      and detect() is None):
     raise ConfigError(
-        f"--num_processes={num_processes} but nothing names the coordinator: "
-        "give --coordinator_address=HOST:PORT (process 0's address) to every "
+        f"--num_processes={n} but nothing names the coordinator: give "
+        "--coordinator_address=HOST:PORT (process 0's address) to every "
         "process, or set JAX_COORDINATOR_ADDRESS.")
 
 
-def should_join(mode: str = "auto", coordinator_address: Optional[str] = None,
-                num_processes: Optional[int] = None,
-                process_id: Optional[int] = None) -> bool:
-  """Whether `initialize` joins: for 'auto', when an argument or
-  JAX_COORDINATOR_ADDRESS is given or the cluster has several processes."""
+def should_join(mode: str = "auto", **given) -> bool:
+  """Whether `initialize` joins: for 'auto', when a flag (coordinator_address,
+  num_processes, process_id) or JAX_COORDINATOR_ADDRESS is given or the
+  cluster has several processes."""
   if mode != "auto":
     return mode == "yes"
-  if (coordinator_address is not None or num_processes is not None or
-      process_id is not None or os.environ.get(COORDINATOR_ENV)):
+  if (any(v is not None for v in given.values()) or
+      os.environ.get(COORDINATOR_ENV)):
     return True
   cluster = _cluster()
   return cluster is not None and (cluster[1] or 2) > 1
@@ -152,8 +145,12 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
   None arguments are detected by JAX; `options` go to its `initialize`.
   Raises ConfigError for flags that do not fit or an unknown process count.
   """
-  _check_flags(mode, coordinator_address, num_processes, process_id)
-  if not should_join(mode, coordinator_address, num_processes, process_id):
+  given = {k: v for k, v in dict(coordinator_address=coordinator_address,
+                                 num_processes=num_processes,
+                                 process_id=process_id).items()
+           if v is not None}
+  _check_flags(mode, given)
+  if not should_join(mode, **given):
     return False
   if (num_processes is None and not options.get("cluster_detection_method")
       and _cluster() is None):
@@ -164,10 +161,7 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
         "on every process, or --multihost=no.")
   if before_join is not None:
     before_join()
-  given = dict(coordinator_address=coordinator_address,
-               num_processes=num_processes, process_id=process_id)
-  jax.distributed.initialize(
-      **{k: v for k, v in given.items() if v is not None}, **options)
+  jax.distributed.initialize(**given, **options)
   logging.info("Process %d of %d (%s); %d local and %d global devices.",
                jax.process_index(), jax.process_count(),
                detect() or "explicit arguments", jax.local_device_count(),
