@@ -153,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     guard.on_exit(writer.close)
     health = divergence.Health(workdir)  # Norms, for advice after a NaN.
     if 0 not in health.norms:  # Logged at the start (or recalled, if not).
-      health.record(0, divergence.param_norm(state.params))
+      health.norms[0] = divergence.param_norm(state.params)
       if step == 0:
         writer.write(0, {"param_norm": health.norms[0]})
     # Elapsed time goes on from earlier starts.
@@ -277,7 +277,7 @@ def _checked(host_metrics: dict, step: int, ckpt: checkpoint.Checkpointer,
         f"The state became NaN or infinite by step {step} (loss "
         f"{host['loss']}); stopping without saving it; {why}: go on with "
         f"{' '.join(flags)}.", flags)
-  health.record(step, host["param_norm"])
+  health.norms[step] = host["param_norm"]
   return host
 
 

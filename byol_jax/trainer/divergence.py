@@ -40,9 +40,6 @@ class Health:
   def __init__(self, workdir: epath.Path):
     self.norms = dict(metric_writer.logged(workdir, "param_norm"))
 
-  def record(self, step: int, norm: float) -> None:
-    self.norms[int(step)] = float(norm)
-
   def healthy(self, step: int) -> bool:
     """Whether checkpoint `step` is known not to be diverging (module doc)."""
     norm = self.norms.get(step)
