@@ -54,11 +54,12 @@ def flag_error(e: BaseException) -> str:
     return (f"unknown config field {field!r} in a --config.FIELD=VALUE "
             f"override{hint} (the fields are in the config file and "
             "byol_jax/trainer/config_lib.py).")
+  # A traceback inside the message: its last line says it.
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  if len(lines) > 1:  # A traceback inside the message: its last line says it.
-    flag = lines[0].split(":")[0] if lines[0].startswith("flag --") else ""
-    return f"{flag}: {lines[-1]}" if flag else lines[-1]
-  return lines[0] if lines else type(e).__name__
+  lines = lines or [type(e).__name__]
+  if len(lines) > 1 and lines[0].startswith("flag --"):
+    return f"{lines[0].split(':')[0]}: {lines[-1]}"
+  return lines[-1]
 
 
 class _PlainFormatter(std_logging.Formatter):
@@ -96,10 +97,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-def config(name: str = "config"):
-  """The config flag's ConfigDict (or None); load errors exit 2."""
+def config():
+  """The --config flag's ConfigDict (or None); load errors exit 2."""
   try:
-    value = flags.FLAGS[name].value
+    value = flags.FLAGS.config
     if value is not None:
       value.get("method")  # A config that failed to load raises here.
   except FLAG_ERRORS as e:
