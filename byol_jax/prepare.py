@@ -105,12 +105,8 @@ def _download_and_prepare(builder, name: str,
 
 
 def ensure_prepared(data_cfg: Any) -> None:
-  """Prepares config.data's TFDS dataset if TFDS can download it itself.
-
-  Raises:
-    ConfigError: unknown name, a manual download is needed, several
-      processes would prepare it at once, or the download failed.
-  """
+  """Prepares config.data's TFDS dataset if TFDS can download it itself;
+  else (or offline, or on several processes) one ConfigError line."""
   if data_cfg.source != "tfds":
     return
   name = data_cfg.name
