@@ -6,10 +6,8 @@ r"""Checkpoint conversion: official BYOL weights in, torchvision weights out.
   python -m byol_jax.convert to-torch --workdir=/tmp/run --out=r50.pt
   python -m byol_jax.convert to-torch --workdir=/tmp/run --out=r50.safetensors
 
-from-official reads DeepMind's pickle with a restricted unpickler (arrays,
-scalars and containers only) into a workdir that load_encoder, linear_eval
-and train read (the encoder keeps the official 'same' padding). to-torch
-writes the online encoder as a torchvision ResNet state_dict without `fc`.
+from-official reads DeepMind's pickle (restricted unpickler) into a workdir;
+to-torch writes the online encoder as a torchvision state_dict without `fc`.
 """
 from absl import flags
 from ml_collections import config_flags

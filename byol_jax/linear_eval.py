@@ -5,22 +5,16 @@ r"""Linear evaluation, fine-tuning and semi-supervised fine-tuning.
   python -m byol_jax.linear_eval --workdir=/tmp/run --checkpoint=/ckpts/run \
       --step=20000 --data_source=npz --data_path=/data/cifar10.npz
 
-Presets (`PRESETS`; flags given explicitly override them): `linear`, the
-linear protocol (frozen encoder, 80 epochs, base LR 0.2, Nesterov SGD,
-cosine, no weight decay, crop + flip); `finetune_1pct` / `finetune_10pct`,
-the SimCLR semi-supervised protocol that BYOL's paper follows (the whole
-encoder on 1% / 10% of the labels, base LR 0.05, batch 4096, 60 / 30
-epochs): TFDS's `imagenet2012_subset` on ImageNet from TFDS, elsewhere a
-class-balanced fraction of the train split, deterministic per --seed.
-
-The checkpoint's config names the data and the encoder; `--data_*` point at
-another copy of the same data. Batch sizes round up to a multiple of the
-device count (the learning rate follows). Top-1/top-5 go to
-WORKDIR/linear_eval.json (finetune.json for fine-tuning) or --output.
+Presets (explicit flags override them): `linear` (frozen encoder, 80
+epochs, Nesterov SGD, cosine); `finetune_1pct` / `finetune_10pct`, SimCLR's
+semi-supervised protocol (TFDS's `imagenet2012_subset` on ImageNet, else a
+class-balanced fraction per --seed). The checkpoint's config names the data;
+`--data_*` point at another copy. Results: WORKDIR/linear_eval.json
+(finetune.json) or --output.
 """
-import inspect
 import json
 import time
+import types
 from typing import Any
 
 import jax
@@ -47,43 +41,42 @@ PRESETS = {
                            tfds_subset="imagenet2012_subset/10pct"),
 }
 DEFAULT_BASE_LR = {"linear": 0.2, "finetune": 0.01}
+# run()'s arguments, the flags of the same names (None: the preset's value).
+ARGS = dict(checkpoint=None, step=None, mode="linear", which="online",
+            epochs=80.0, steps=0, batch_size=256, eval_batch_size=None,
+            base_lr=None, weight_decay=0.0, train_split=None, fraction=1.0,
+            seed=0, output=None, data_source=None, data_path=None,
+            data_dir=None)
 
 
-def run(workdir: str, checkpoint: str | None = None, step: int | None = None,
-        preset: str | None = None, which: str = "online", steps: int = 0,
-        eval_batch_size: int | None = None, weight_decay: float = 0.0,
-        train_split: str | None = None, seed: int = 0,
-        output: str | None = None, data_source: str | None = None,
-        data_path: str | None = None, data_dir: str | None = None,
-        **given) -> dict[str, Any]:
+def run(workdir: str, preset: str | None = None, **given) -> dict[str, Any]:
   """Loads the checkpoint, trains and scores the head, writes the JSON.
 
-  The arguments are the flags' (`given`: mode, epochs, batch_size, base_lr,
-  fraction; None: the preset's); returns the JSON-able result.
+  `given`: ARGS' names (None: the preset's value); returns the result.
   """
+  if given.keys() - ARGS.keys():
+    raise TypeError(f"Unknown arguments {sorted(given.keys() - ARGS.keys())}")
   start = time.time()
   if not workdir:
     raise ConfigError("Give --workdir=DIR (the pretraining run's workdir).")
-  s = dict(mode="linear", epochs=80.0, batch_size=256, base_lr=None,
-           fraction=1.0, tfds_subset=None)
-  s.update(PRESETS.get(preset, {}))
-  s.update({k: v for k, v in given.items() if v is not None})
-  s["base_lr"] = s["base_lr"] or DEFAULT_BASE_LR[s["mode"]]
-  if steps <= 0 and not s["epochs"] > 0:
-    raise ConfigError(f"--epochs={s['epochs']}: give a positive number of "
+  a = types.SimpleNamespace(**{
+      **ARGS, "tfds_subset": None, **PRESETS.get(preset, {}),
+      **{k: v for k, v in given.items() if v is not None}})
+  a.base_lr = a.base_lr or DEFAULT_BASE_LR[a.mode]
+  if a.steps <= 0 and not a.epochs > 0:
+    raise ConfigError(f"--epochs={a.epochs}: give a positive number of "
                       "epochs (or --steps).")
-  for name, value in (("batch_size", s["batch_size"]),
-                      ("eval_batch_size", eval_batch_size)):
-    if value is not None and value <= 0:
-      raise ConfigError(f"--{name}={value} must be positive.")
-  if not 0.0 < s["fraction"] <= 1.0:
-    raise ConfigError(f"--fraction={s['fraction']} must be in (0, 1].")
-  source = checkpoint or workdir
-  config, state, ckpt_step = pretrained.load_run(source, step)
-  variables = pretrained.encoder_variables(state, which, source)
+  for name in ("batch_size", "eval_batch_size"):
+    if getattr(a, name) is not None and getattr(a, name) <= 0:
+      raise ConfigError(f"--{name}={getattr(a, name)} must be positive.")
+  if not 0.0 < a.fraction <= 1.0:
+    raise ConfigError(f"--fraction={a.fraction} must be in (0, 1].")
+  source = a.checkpoint or workdir
+  config, state, ckpt_step = pretrained.load_run(source, a.step)
+  variables = pretrained.encoder_variables(state, a.which, source)
   with config.unlocked():  # Another copy of the same data.
-    for field, value in (("source", data_source), ("path", data_path),
-                         ("data_dir", data_dir)):
+    for field, value in (("source", a.data_source), ("path", a.data_path),
+                         ("data_dir", a.data_dir)):
       if value:
         config.data[field] = value
     path = config.data.path
@@ -91,24 +84,23 @@ def run(workdir: str, checkpoint: str | None = None, step: int | None = None,
         "://" not in path and not epath.Path(path).exists()):
       raise ConfigError(f"The evaluation data {path} does not exist; point "
                         "--data_path at a local copy.")
-    fraction = s["fraction"]
-    if (s["tfds_subset"] and config.data.source == "tfds" and
-        config.data.name == "imagenet2012" and train_split is None):
-      config.data.name = s["tfds_subset"]  # The published subsets.
-      fraction = 1.0
+    if (a.tfds_subset and config.data.source == "tfds" and
+        config.data.name == "imagenet2012" and a.train_split is None):
+      config.data.name = a.tfds_subset  # The published subsets.
+      a.fraction = 1.0
   info = data.describe(config)
   if info.num_classes == 1:
     progress.say(progress.single_class_warning(info.name))
   evaluate = linear.LinearEvaluator(
       config, network.make_encoder(config), sharding.make_mesh(),
-      epochs=s["epochs"], steps=steps, batch_size=s["batch_size"],
-      eval_batch_size=eval_batch_size, base_lr=s["base_lr"],
-      finetune=(s["mode"] == "finetune"), weight_decay=weight_decay,
-      seed=seed, train_split=train_split, fraction=fraction)
+      epochs=a.epochs, steps=a.steps, batch_size=a.batch_size,
+      eval_batch_size=a.eval_batch_size, base_lr=a.base_lr,
+      finetune=(a.mode == "finetune"), weight_decay=a.weight_decay,
+      seed=a.seed, train_split=a.train_split, fraction=a.fraction)
   summary = {k: v for k, v in evaluate(variables).items()
              if isinstance(v, (int, float, bool, str))}
   summary.update(
-      mode=s["mode"], preset=preset or "", which=which,
+      mode=a.mode, preset=preset or "", which=a.which,
       checkpoint=str(source), checkpoint_step=int(ckpt_step),
       method=config.method, depth=config.model.depth,
       width=config.model.width, dataset=info.name,
@@ -116,8 +108,8 @@ def run(workdir: str, checkpoint: str | None = None, step: int | None = None,
       device_kind=jax.devices()[0].device_kind,
       device_count=jax.device_count(), process_count=jax.process_count(),
       wall_seconds=time.time() - start)
-  output = output or str(epath.Path(workdir) / (
-      "finetune.json" if s["mode"] == "finetune" else "linear_eval.json"))
+  output = a.output or str(epath.Path(workdir) / (
+      "finetune.json" if a.mode == "finetune" else "linear_eval.json"))
   if jax.process_index() == 0:
     out = epath.Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,11 +157,9 @@ def define_flags() -> None:
 def main(argv):
   del argv  # Flags only (cli.run).
   cli.join_job()
-  names = inspect.signature(run).parameters.keys() - {"given"}
   f = flags.FLAGS
   try:
-    s = run(**{n: f[n].value for n in names}, mode=f.mode, epochs=f.epochs,
-            batch_size=f.batch_size, base_lr=f.base_lr, fraction=f.fraction)
+    s = run(f.workdir, f.preset, **{n: f[n].value for n in ARGS})
   except FloatingPointError as e:  # Diverged: the message names the fix.
     cli.exit_error(str(e))
   if jax.process_index() == 0:

@@ -4,11 +4,8 @@ r"""Prepares a TFDS dataset once, on one host, through the TFDS Python API.
   python -m byol_jax.prepare --dataset=imagenet2012 \
       --manual_dir=/data/imagenet_archives --data_dir=gs://BUCKET/tfds
 
-`tfds.builder(...).download_and_prepare()` needs no Apache Beam, unlike the
-`tfds build` command of TFDS 4.9.10 (tensorflow/datasets#5463). Datasets that
-TFDS downloads itself (CIFAR-10, Imagenette ...) need only --dataset; ImageNet
-needs the files its instructions name in --manual_dir (run without it to
-print them). The trainer calls `ensure_prepared` before building its input.
+Unlike `tfds build` (TFDS 4.9.10), this needs no Apache Beam. ImageNet needs
+the files its instructions name in --manual_dir (run without it to see them).
 """
 import importlib
 import os
@@ -32,8 +29,7 @@ _PROBE_TIMEOUT_S = 10
 
 
 def _builder(name: str, data_dir: Optional[str]):
-  """TFDS's builder (TFDS: the 'tf' extra); TensorFlow, which writes the
-  files, is kept off the accelerators that JAX uses."""
+  """TFDS's builder, with TensorFlow kept off JAX's accelerators."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
@@ -50,17 +46,13 @@ def _builder(name: str, data_dir: Optional[str]):
 
 
 def _is_prepared(builder) -> bool:
-  # TFDS warns about a missing dataset_info.json even when the dataset's
-  # folder does not exist: ask only when it does.
+  # Else TFDS warns about a missing dataset_info.json.
   return builder.data_path.exists() and builder.is_prepared()
 
 
 def _unreachable_url(builder) -> Optional[str]:
-  """The first registered download URL whose host (or proxy) does not answer.
-
-  TFDS retries a failed download for about 200 s; the hosts of the URLs a
-  dataset registers tell within seconds whether this machine is offline.
-  """
+  """The first download URL whose host (or proxy) does not answer: in
+  seconds, where TFDS would retry for about 200 s."""
   proxies = urllib.request.getproxies()
   answered = set()
   for url in sorted(builder.url_infos or {}):
@@ -83,11 +75,7 @@ def _unreachable_url(builder) -> Optional[str]:
 
 def _download_and_prepare(builder, name: str,
                           manual_dir: Optional[str]) -> None:
-  """Downloads and prepares dataset `name`, with TFDS's progress bars.
-
-  Raises:
-    ConfigError: the download failed (one line with the offline options).
-  """
+  """Downloads and prepares dataset `name`; ConfigError if that fails."""
   import requests  # pylint: disable=g-import-not-at-top  (TFDS's downloader)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   url = _unreachable_url(builder)
@@ -117,14 +105,8 @@ def _download_and_prepare(builder, name: str,
 
 
 def ensure_prepared(data_cfg: Any) -> None:
-  """Prepares config.data's TFDS dataset if TFDS can download it itself.
-
-  Cheap when it is prepared (one dataset_info.json, local or gs://).
-
-  Raises:
-    ConfigError: one line: unknown name, a manual download is needed, several
-      processes would prepare it at once, or the download failed (offline).
-  """
+  """Prepares config.data's TFDS dataset if TFDS can download it itself;
+  else (or offline, or on several processes) one ConfigError line."""
   if data_cfg.source != "tfds":
     return
   name = data_cfg.name
@@ -150,12 +132,8 @@ def ensure_prepared(data_cfg: Any) -> None:
 
 def prepare_dataset(name: str, data_dir: Optional[str] = None,
                     manual_dir: Optional[str] = None) -> None:
-  """What `python -m byol_jax.prepare` does (see the flags).
-
-  Raises:
-    ConfigError: one line; for a manual download TFDS's instructions are
-      in its `instructions` attribute (`cli.run` prints them after it).
-  """
+  """What `python -m byol_jax.prepare` does; a ConfigError for a manual
+  download carries TFDS's `instructions`."""
   builder = _builder(name, data_dir)
   where = os.fspath(builder.data_dir_root)
   if _is_prepared(builder):
@@ -174,7 +152,6 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None,
 
 
 def _define_flags() -> None:
-  """Defined only when run as a program: the trainer imports this module."""
   flags.DEFINE_string("dataset", None, "TFDS name, e.g. cifar10, "
                       "imagenette/320px-v2, imagenet2012.")
   flags.DEFINE_string(

@@ -1,9 +1,5 @@
-"""The commands' console: one line per event, rates measured after compiling.
-
-Only process 0 prints. Long phases (decoding a dataset, an evaluation's
-passes and steps) print a line with their rate and ETA at most every
-PERIOD_S seconds (`Ticker`, `track`).
-"""
+"""The commands' console (process 0): one line per event; long phases print
+their rate and ETA at most every PERIOD_S seconds (`Ticker`, `track`)."""
 import threading
 import time
 from typing import Iterable, Iterator, TypeVar
@@ -11,9 +7,7 @@ from typing import Iterable, Iterator, TypeVar
 import jax
 import ml_collections
 
-# Seconds between two progress lines of a long phase (start-up decoding,
-# evaluations): no phase runs longer than this without a line.
-PERIOD_S = 10.0
+PERIOD_S = 10.0  # No long phase runs longer than this without a line.
 _T = TypeVar("_T")
 # What a progress line shows of the metrics, when they are there.
 _SHOWN = (("epoch", "ep", ".2f"), ("loss", "loss", ".4f"), ("lr", "lr", ".4g"),
@@ -51,8 +45,8 @@ def describe_run(config: ml_collections.ConfigDict, dataset: str,
 
 
 class Progress:
-  """Images/s and ETA of this start's steps after its first (compiling)
-  one; the elapsed time goes on from `elapsed_before` (earlier starts')."""
+  """Images/s and ETA after the first (compiling) step; the elapsed time
+  goes on from `elapsed_before` (earlier starts')."""
 
   def __init__(self, start_step: int, total_steps: int, batch_size: int,
                elapsed_before: float = 0.0):
@@ -123,12 +117,8 @@ def eval_line(step: int, results: dict) -> str:
 
 
 class Ticker:
-  """Progress of a long phase: 'WHAT: 40/100 UNIT (2.1 UNIT/s, eta 0m29s)'.
-
-  `tick(done)` (or `add(n)` from several threads) prints a line when PERIOD_S
-  seconds have passed since the last one, so short phases print nothing.
-  The rate counts from the first tick, after any compiling before it.
-  """
+  """A long phase's 'WHAT: 40/100 UNIT (2.1 UNIT/s, eta 0m29s)' lines, at
+  most every PERIOD_S s; the rate counts from the first tick."""
 
   def __init__(self, what: str, total: int, unit: str = "steps"):
     self._what, self._total, self._unit = what, int(total), unit
@@ -136,7 +126,7 @@ class Ticker:
     self._t0 = self._d0 = None
     self._done = 0
     self._lock = threading.Lock()
-    self.printed = 0
+    self._printed = 0
 
   def add(self, n: int = 1) -> None:
     """Counts n more done (thread-safe)."""
@@ -145,7 +135,7 @@ class Ticker:
       self.tick(self._done)
 
   def tick(self, done: int, extra: str = "") -> None:
-    """Reports `done` of the total; prints if PERIOD_S passed since the last."""
+    """Reports `done` of the total."""
     now = time.monotonic()
     if self._t0 is None:
       self._t0, self._d0 = now, done
@@ -156,15 +146,15 @@ class Ticker:
     rate = (done - self._d0) / max(now - self._t0, 1e-9)
     eta = (format_duration((self._total - done) / rate) if rate > 0
            else "-")
-    self.printed += 1
+    self._printed += 1
     say(f"{self._what}: {done}/{self._total} {self._unit} ({rate:.3g} "
         f"{self._unit}/s, eta {eta}){' ' + extra if extra else ''}")
 
-  def finish(self, text: str | None = None) -> None:
+  def finish(self) -> None:
     """A closing line, only if the phase took long enough to report."""
     elapsed = time.monotonic() - self._start
-    if self.printed or elapsed >= PERIOD_S:
-      say(text or f"{self._what}: {self._total} {self._unit} in "
+    if self._printed or elapsed >= PERIOD_S:
+      say(f"{self._what}: {self._total} {self._unit} in "
           f"{format_duration(elapsed)}")
 
 

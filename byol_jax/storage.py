@@ -1,11 +1,6 @@
-"""Bucket paths (gs://): which client reads and writes them.
-
-byol_jax reaches buckets through `etils.epath` on gcsfs (`EPATH_USE_TF=false`,
-set in environ.py), Orbax through the same epath plus tensorstore for the
-arrays, tensorboardX through google-cloud-storage. All three use the
-machine's credentials and follow one emulator, `STORAGE_EMULATOR_HOST`
-(copied here for tensorstore): how tests/ rehearses a pod's gs:// workdir.
-TensorFlow's own GCS filesystem reads only TFDS's records (README.md).
+"""Bucket paths (gs://): epath on gcsfs, Orbax's tensorstore and
+tensorboardX's google-cloud-storage, all following one emulator,
+STORAGE_EMULATOR_HOST (how tests/ rehearse a pod's gs:// workdir).
 """
 import importlib.util
 import os

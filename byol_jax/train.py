@@ -7,10 +7,8 @@ r"""Self-supervised pretraining: BYOL, SimSiam or SimCLR.
 The same command runs on one CPU, a GPU box, a multi-node GPU cluster and a
 Cloud TPU pod slice: on several hosts it joins JAX's multi-controller runtime,
 every host reads its own shard of the data and all of them run this file.
-Running it again resumes from the newest checkpoint (`--restore_step=N`: from
-an older one). Exit codes: 0 done, 1 an error (one `error:` line), 2 a bad
-command line, 130 interrupted (Ctrl-C), 143 (128 + SIGTERM) preempted after saving
-a checkpoint: run the same command again to resume.
+Running it again resumes. Exit codes: 0 done, 1 an error (one `error:` line),
+2 a bad command line, 130 Ctrl-C, 143 preempted after saving.
 """
 import contextlib
 import re
@@ -46,16 +44,9 @@ from byol_jax.trainer import workdir as workdir_lib
 from byol_jax.errors import ConfigError
 from byol_jax.evaluation import monitor as monitor_lib
 
-EXIT_PREEMPTED = preempt.EXIT_PREEMPTED
-
 
 class NonFiniteError(RuntimeError):
-  """The loss or the state became NaN or infinite; nothing after is saved.
-
-  Attributes:
-    flags: the trainer flags that resume from a healthy checkpoint (or
-      start over) at a lower learning rate (`divergence.resume_flags`).
-  """
+  """The state became NaN/Inf; `flags` resume at a lower learning rate."""
 
   def __init__(self, message: str, flags: list[str]):
     super().__init__(message)
@@ -75,26 +66,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        ) -> dict[str, Any]:
   """Trains (resuming from WORKDIR's newest checkpoint) and evaluates.
 
-  Args:
-    config: the run's config (see byol_jax.trainer.config_lib).
-    workdir: the run's directory.
-    restore_step, allow_changes, start_over: as the flags of the same names.
-    profile_steps: (A, B): a jax.profiler trace of steps A to B - 1.
+  `restore_step`, `allow_changes`, `start_over` are the flags';
+  `profile_steps` (A, B) traces steps A to B - 1.
 
   Returns:
-    The final metrics (train metrics of the last logged step, eval results,
-    'step', and 'preempted' when SIGTERM stopped the run after saving).
-
-  Raises:
-    ConfigError: a bad config, data, workdir or checkpoint (one line).
-    NonFiniteError: the state became NaN/Inf (names the checkpoint to use).
-    checkpoint.StorageError: checkpoints cannot be written or read.
+    The last logged metrics, eval results, 'step' ('preempted' if SIGTERM).
   """
   say = progress.say
   storage.check(workdir)
   storage.check(config.data.get("data_dir") or "", "--config.data.data_dir")
-  # --- Config and data: checked before anything is compiled; a TFDS
-  # dataset that TFDS can download is downloaded and prepared first.
+  # --- Config and data: checked before anything is compiled.
   mesh = sharding.make_mesh()
   prepare.ensure_prepared(config.data)
   info = data.describe(config)
@@ -161,24 +142,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with guard.busy("starting the data pipeline"):
       pipeline = data.build_pretrain(config, mesh, start_step=step)
       monitor = monitor_lib.Monitor(config, mesh)
-    evaluate = monitor.enabled and bool(config.data.eval_split)
+    evaluate = monitor.enabled
 
     # --- The compiled step.
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(config, model, tx, lr_fn, tau_fn), mesh)
 
-    # --- The loop: it steps, logs, saves and evaluates; it reads from the
-    # devices only on steps that log, save or evaluate.
+    # --- The loop reads from the devices only to log, save or evaluate.
     writer = stack.enter_context(metric_writer.MetricWriter(workdir))
     guard.on_exit(writer.close)
     health = divergence.Health(workdir)  # Norms, for advice after a NaN.
     if 0 not in health.norms:  # Logged at the start (or recalled, if not).
-      health.record(0, divergence.param_norm(state.params))
+      health.norms[0] = divergence.param_norm(state.params)
       if step == 0:
         writer.write(0, {"param_norm": health.norms[0]})
-    meter = progress.Progress(  # Elapsed time goes on from earlier starts.
-        step, total_steps, config.batch_size,
-        metric_writer.last_logged(workdir, "elapsed_seconds") if step else 0)
+    # Elapsed time goes on from earlier starts.
+    elapsed = metric_writer.logged(workdir, "elapsed_seconds") if step else []
+    meter = progress.Progress(step, total_steps, config.batch_size,
+                              elapsed[-1][1] if elapsed else 0.0)
     # XLA:CPU's simulated devices can deadlock with a deep queue of
     # collectives: there, run at most one step ahead.
     throttle = jax.default_backend() == "cpu"
@@ -237,8 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.write(step, results)
         say(progress.eval_line(step, results))
 
-    # --- The end: a final checkpoint (the last step was checked where it
-    # logged) and evaluation.
+    # --- The end: a final checkpoint and evaluation.
     ckpt.save(step, state)
     ckpt.wait()
     ckpt.say_committed(say)
@@ -297,14 +277,13 @@ def _checked(host_metrics: dict, step: int, ckpt: checkpoint.Checkpointer,
         f"The state became NaN or infinite by step {step} (loss "
         f"{host['loss']}); stopping without saving it; {why}: go on with "
         f"{' '.join(flags)}.", flags)
-  health.record(step, host["param_norm"])
+  health.norms[step] = host["param_norm"]
   return host
 
 
 # ------------------------------------------------------------------ CLI ----
 def define_flags() -> None:
-  """The command line's flags (defined only when run as a program, so that
-  the library can be imported beside other absl programs)."""
+  """The command line's flags (defined only when run as a program)."""
   config_flags.DEFINE_config_file(
       "config", None, "Config file, e.g. configs/tiny.py[:ARG].",
       lock_config=True)
@@ -351,7 +330,7 @@ def main(argv):
   except NonFiniteError as e:
     cli.exit_error(f"{e} The command: {divergence.command(sys.argv, e.flags)}")
   if final.get("preempted"):
-    sys.exit(EXIT_PREEMPTED)
+    sys.exit(preempt.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,9 @@
 """The command line shared by train, linear_eval, convert and prepare.
 
-`run(main)` gives every command: a quiet console (libraries' warnings as one
-`warning: ...` line each; `--verbosity=0` brings absl's logs back); `--help`
-exits 0; a bad flag, config file or override is one `error:` line, exit 2,
-before anything is compiled. From `main`, a ConfigError or StorageError is
-one `error:` line, exit 1 (a ConfigError's `instructions` follow on stdout);
-Ctrl-C exit 130; a collective failed by a lost process, one line, exit 1.
+`run(main)`: a quiet console (`--verbosity=0` brings absl's logs back),
+`--help` exit 0, a bad flag or config one `error:` line (exit 2); from
+`main`, ConfigError, StorageError or a lost process one line (exit 1),
+Ctrl-C exit 130.
 """
 import logging as std_logging
 import os
@@ -56,11 +54,12 @@ def flag_error(e: BaseException) -> str:
     return (f"unknown config field {field!r} in a --config.FIELD=VALUE "
             f"override{hint} (the fields are in the config file and "
             "byol_jax/trainer/config_lib.py).")
+  # A traceback inside the message: its last line says it.
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  if len(lines) > 1:  # A traceback inside the message: its last line says it.
-    flag = lines[0].split(":")[0] if lines[0].startswith("flag --") else ""
-    return f"{flag}: {lines[-1]}" if flag else lines[-1]
-  return lines[0] if lines else type(e).__name__
+  lines = lines or [type(e).__name__]
+  if len(lines) > 1 and lines[0].startswith("flag --"):
+    return f"{lines[0].split(':')[0]}: {lines[-1]}"
+  return lines[-1]
 
 
 class _PlainFormatter(std_logging.Formatter):
@@ -98,11 +97,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-def config(name: str = "config"):
-  """The config file flag's ConfigDict (or None); a file that fails to load
-  or an override that does not fit is one `error:` line (exit 2)."""
+def config():
+  """The --config flag's ConfigDict (or None); load errors exit 2."""
   try:
-    value = flags.FLAGS[name].value
+    value = flags.FLAGS.config
     if value is not None:
       value.get("method")  # A config that failed to load raises here.
   except FLAG_ERRORS as e:
@@ -144,8 +142,8 @@ def join_job() -> bool:
 
 def run(main: Callable[[list[str]], None],
         commands: tuple[str, ...] = ()) -> None:
-  """`app.run(main)` with the shared parsing and error lines (the module);
-  argv must name one of `commands`, or give no arguments if there are none."""
+  """`app.run(main)` with the shared parsing and error lines; argv names
+  one of `commands` (or nothing if there are none)."""
   def checked(argv):
     rest = argv[1:]
     if commands and (len(rest) != 1 or rest[0] not in commands):
@@ -160,9 +158,7 @@ def run(main: Callable[[list[str]], None],
       print(f"error: {e}", file=sys.stderr, flush=True)
       if getattr(e, "instructions", ""):  # What the line points at.
         print(e.instructions, flush=True)
-      if isinstance(e, StorageError):
-        # Orbax's threads of a failed save wait for signals that never come;
-        # the checkpoints, writers and lock are closed already: leave now.
+      if isinstance(e, StorageError):  # Orbax's threads would wait forever.
         os._exit(EXIT_ERROR)  # pylint: disable=protected-access
       sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:  # The saves in flight were finished.
@@ -174,9 +170,7 @@ def run(main: Callable[[list[str]], None],
       # A collective failed: another process of the job stopped.
       sys.stdout.flush()
       first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      print(f"error: the job lost a process (a collective failed: {first}); "
-            "this process stops too. The checkpoints saved so far are "
-            "complete: start the whole job again to resume.",
+      print(job_errors.lost_process(f"a collective failed: {first}"),
             file=sys.stderr, flush=True)
       job_errors.remove_job_lock()
       os._exit(EXIT_ERROR)  # pylint: disable=protected-access

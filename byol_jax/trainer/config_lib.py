@@ -1,20 +1,12 @@
-"""The config schema shared by every config file, and its argument parser.
-
-Config files under `configs/` start from `base_config()` and override fields;
-`parse_arg('epochs=300,dataset=folder')` turns the `:ARG` suffix of
-`--config=configs/NAME.py:ARG` into a ConfigDict, as big_vision does.
-"""
+"""The config schema of every config file, and the parser of its `:ARG`."""
 from typing import Any
 
 import ml_collections
 
 
 def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
-  """Parses 'k1=v1,k2=v2' into a ConfigDict whose defaults and types are `spec`.
-
-  A bare key sets a boolean to True. Raises ValueError for an unknown key or
-  a value of the wrong type.
-  """
+  """Parses 'k1=v1,k2' (k2=True) into a ConfigDict typed by `spec`; raises
+  ValueError for an unknown key or a value of the wrong type."""
   result = ml_collections.ConfigDict(spec)
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
@@ -31,8 +23,7 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
 def view_augment(*, flip=0.5, color_jitter=0.8, brightness=0.4, contrast=0.4,
                  saturation=0.2, hue=0.1, grayscale=0.2, blur=1.0,
                  solarize=0.0) -> dict[str, float]:
-  """One view's augmentation probabilities and strengths (default: BYOL's T,
-  DESIGN section 3; base_config's view2 is T')."""
+  """One view's augmentation probabilities and strengths (BYOL's T)."""
   return dict(flip=flip, color_jitter=color_jitter, brightness=brightness,
               contrast=contrast, saturation=saturation, hue=hue,
               grayscale=grayscale, blur=blur, solarize=solarize)
@@ -40,12 +31,8 @@ def view_augment(*, flip=0.5, color_jitter=0.8, brightness=0.4, contrast=0.4,
 
 def set_cifar10_data(c: ml_collections.ConfigDict, source: str,
                      path: str) -> None:
-  """CIFAR-10's recipe at 32 px on the accelerators, kNN monitor on.
-
-  With `source='tfds'` the data is TFDS's cifar10; any other source
-  ('folder', 'npz', 'arrays' at `path`) brings its own classes and eval
-  split (`data.describe`), so that this recipe trains on any such data.
-  """
+  """CIFAR-10's recipe at 32 px on the accelerators, kNN monitor on; a
+  source other than 'tfds' brings its own classes and eval split."""
   tfds = source == "tfds"
   c.data.update(dict(source=source, name="cifar10", path=path,
                      train_split="train", eval_split="test" if tfds else "",
@@ -115,9 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = ""         # "": the first of val, validation, test
   c.data.num_classes = -1        # -1: from the data; 0: no labels; N: check
   c.data.image_size = 224
-  # Host path: crops up to C x C go to the accelerators unresized, which
-  # resample them; 0: C = image_size. 2 x image_size where the host's CPUs
-  # limit the input (ImageNet on a GPU box or Colab; README, Speed).
+  # Host path: crops up to C x C go to the accelerators unresized (0: C =
+  # image_size); 2 x image_size where the host's CPUs limit (README, Speed).
   c.data.canvas_size = 0
   c.data.crop_scale = (0.08, 1.0)
   c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
@@ -126,8 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 10_000
   c.data.cache = False
   c.data.skip_corrupt = True     # corrupt images in folders: skip and count
-  # Host path: undecodable images are replaced and counted; the run stops
-  # past this fraction of the images read since it started.
+  # Undecodable images are replaced; the run stops past this fraction.
   c.data.max_undecodable_fraction = 0.01
   c.data.num_parallel_calls = -1  # tf.data AUTOTUNE
 

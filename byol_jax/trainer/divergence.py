@@ -1,15 +1,9 @@
 """After a NaN/Inf stop: which checkpoint is healthy, and how to go on.
 
-No checkpoint holds a NaN, but a finite state can already be diverging
-(weights grown by orders of magnitude a step before the NaN): resumed at a
-lower learning rate it goes non-finite again. The trainer logs `param_norm`
-(the L2 norm of all parameters) at log and save steps and at step 0
-(metrics.jsonl). A checkpoint is healthy when its norm is finite and at most
-`MAX_GROWTH` times step 0's, or, in a long run whose norm drifted further,
-when no logged norm up to it jumped more than `MAX_JUMP` times the one
-before: a diverging run grows by orders of magnitude within a few steps.
+A finite checkpoint can already be diverging. Checkpoint N is healthy when
+its logged `param_norm` is at most MAX_GROWTH times step 0's, or no logged
+norm up to it jumped more than MAX_JUMP times the one before.
 """
-import json
 import math
 import os
 import shlex
@@ -19,8 +13,9 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from etils import epath
+
+from byol_jax.trainer import metric_writer
 
 MAX_GROWTH = 10.0
 MAX_JUMP = 2.0
@@ -43,22 +38,7 @@ class Health:
   """Parameter norms by step, this run's and those in metrics.jsonl."""
 
   def __init__(self, workdir: epath.Path):
-    self.norms: dict[int, float] = {}
-    path = workdir / "metrics.jsonl"
-    try:
-      lines = path.read_text().splitlines() if path.exists() else []
-    except OSError as e:  # Advice only: never a reason to stop.
-      logging.warning("Cannot read %s: %s", path, e)
-      lines = []
-    for line in lines:
-      try:
-        row = json.loads(line)
-        self.norms[int(row["step"])] = float(row["param_norm"])
-      except (ValueError, KeyError, TypeError):  # Cut line; no norm.
-        continue
-
-  def record(self, step: int, norm: float) -> None:
-    self.norms[int(step)] = float(norm)
+    self.norms = dict(metric_writer.logged(workdir, "param_norm"))
 
   def healthy(self, step: int) -> bool:
     """Whether checkpoint `step` is known not to be diverging (module doc)."""
@@ -80,11 +60,7 @@ def lower_lr(config: ml_collections.ConfigDict) -> float:
 
 def resume_flags(config: ml_collections.ConfigDict, health: Health,
                  saved: list[int]) -> tuple[list[str], str]:
-  """The flags that resume (or start over) at a lower learning rate.
-
-  Returns:
-    (flags, a phrase saying which checkpoint and why).
-  """
+  """(The flags that resume or start over at a lower LR, the reason)."""
   lr = lower_lr(config)
   good = [s for s in saved if health.healthy(s)]
   if good:
@@ -104,10 +80,8 @@ def resume_flags(config: ml_collections.ConfigDict, health: Health,
 
 
 def command(argv: list[str], flags: list[str]) -> str:
-  """The trainer's command line `argv` with `flags` in place of their kind.
-
-  `--allow_changes` fields of the original stay, joined with the new ones.
-  """
+  """The trainer's command line `argv` with `flags` in place of their kind
+  (`--allow_changes` lists are joined)."""
   python = os.path.basename(sys.executable)
   if shutil.which(python) != sys.executable:
     python = sys.executable

@@ -1,12 +1,10 @@
 """A multi-process job that loses a process: one `error:` line, no lock left.
 
-When a process of a `jax.distributed` job dies, every other process stops
-itself from a C++ thread of JAX's coordination service: a fatal log line, a
-C++ stack trace and SIGABRT (exit 134), which no Python code can intercept.
-`guard_stderr()` routes stderr through a child process (this file run as a
-program) that passes everything through but prints one `error:` line for
-that block, and then removes the workdir lock if it still names this job
-(`announce_lock`), also when process 0, the lock's holder, died.
+The other processes then stop from a C++ thread of JAX's coordination
+service (fatal log, stack trace, SIGABRT) that Python cannot intercept.
+`guard_stderr()` routes stderr through a child process (this file as a
+program) that turns that block into one line and removes the workdir lock
+if it still names this job (`announce_lock`).
 """
 import json
 import os
@@ -50,6 +48,13 @@ def announce_lock(path: str, token: int) -> None:
     sys.stderr.flush()
 
 
+def lost_process(cause: str) -> str:
+  """The line for a job that lost a process."""
+  return (f"error: the job lost a process ({cause}); this process stops too. "
+          "The checkpoints saved so far are complete: start the whole job "
+          "again to resume.")
+
+
 def _summary(text: str) -> str:
   """The status of JAX's fatal message, on one line."""
   _, found, status = text.partition("absl::Status:")
@@ -59,7 +64,7 @@ def _summary(text: str) -> str:
 
 def remove_job_lock(lock=None) -> None:
   """Removes the job's lock (default: the announced one) if it still names
-  this job: any process that stops because the job failed does it."""
+  this job."""
   lock = lock or _announced
   if not lock or not lock[1]:
     return
@@ -74,8 +79,7 @@ def remove_job_lock(lock=None) -> None:
 
 
 def _filter() -> None:
-  """The child: stdin (the trainer's stderr) to stderr, fatal block to one
-  line; at the end, the lock of a lost job is removed."""
+  """The child: stdin to stderr, the fatal block as one line."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   out = sys.stderr.buffer
@@ -85,11 +89,8 @@ def _filter() -> None:
   said = False
 
   def say(text):
-    out.write((
-        "error: the job lost a process "
-        f"({_summary(text) or 'see the other processes'}); this process "
-        "stops too. The checkpoints saved so far are complete: start the "
-        "whole job again to resume.\n").encode())
+    cause = _summary(text) or "see the other processes"
+    out.write((lost_process(cause) + "\n").encode())
     out.flush()
 
   def show(lines):

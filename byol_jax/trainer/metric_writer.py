@@ -1,13 +1,8 @@
-"""Scalars to WORKDIR/metrics.jsonl and TensorBoard event files.
+"""Scalars to WORKDIR/metrics.jsonl and TensorBoard (tensorboardX) events.
 
-Only process 0 writes. Event files come from tensorboardX (a required
-dependency that needs no TensorFlow): `tensorboard --logdir WORKDIR`.
-Object stores (gs://) cannot append: there metrics.jsonl is rewritten whole
-(what it held before this start, then this start's rows) at most every
-`REWRITE_SECONDS` and at the end, as tensorboardX does with its event files.
-A failed write (a full disk, a lost mount) is one `StorageError`: a line
-that could not be written whole is removed again, so metrics.jsonl keeps
-every line written before and never ends in half a line.
+Only process 0 writes. On object stores (gs://), which cannot append,
+metrics.jsonl is rewritten whole at most every REWRITE_SECONDS. A failed
+write is one StorageError, and metrics.jsonl never ends in half a line.
 """
 import contextlib
 import json
@@ -18,6 +13,7 @@ from typing import Mapping
 
 import jax
 import tensorboardX
+from absl import logging
 from etils import epath
 
 from byol_jax import storage
@@ -60,19 +56,23 @@ def _is_tensorboardx(thread) -> bool:
   return type(thread).__module__.startswith("tensorboardX")
 
 
-def last_logged(workdir, key: str) -> float:
-  """The newest `key` in WORKDIR/metrics.jsonl (0.0 if none or unreadable)."""
+def logged(workdir, key: str) -> list[tuple[int, float]]:
+  """(step, value) of `key` in WORKDIR/metrics.jsonl's rows, in file order;
+  unreadable files and cut rows are skipped."""
   path = epath.Path(os.fspath(workdir)) / "metrics.jsonl"
   try:
     lines = path.read_text().splitlines() if path.exists() else []
-  except OSError:
+  except OSError as e:  # Only ever advice or a clock: never a reason to stop.
+    logging.warning("Cannot read %s: %s", path, e)
     lines = []
-  for line in reversed(lines):
+  rows = []
+  for line in lines:
     try:
-      return float(json.loads(line)[key])
+      row = json.loads(line)
+      rows.append((int(row["step"]), float(row[key])))
     except (ValueError, KeyError, TypeError):
       continue
-  return 0.0
+  return rows
 
 
 class MetricWriter:
@@ -90,12 +90,10 @@ class MetricWriter:
     self._jsonl = (_RewrittenFile(self._path) if storage.is_remote(path) else
                    open(os.fspath(self._path), "ab", buffering=0))
     self._size = self._jsonl.tell()  # Appending: at the end.
-    # tensorboardX writes events on its own thread: a failure there is kept
-    # and reported by the next `write` (instead of a thread's traceback).
+    # A failure on tensorboardX's thread is raised by the next `write`.
     self._previous_hook = threading.excepthook
     threading.excepthook = self._thread_failed
-    # A queue that never fills: were the thread to die, `add_scalar` would
-    # otherwise block forever on the full queue.
+    # A queue that never fills: `add_scalar` never blocks on a dead thread.
     self._tb = tensorboardX.SummaryWriter(os.fspath(path), flush_secs=30,
                                           max_queue=100_000)
 
@@ -150,8 +148,7 @@ class MetricWriter:
     except OSError as e:
       raise self._failed(e, "TensorBoard events") from e
     finally:
-      # tensorboardX's thread may still be failing (a full disk): until it
-      # ends, its exception stays ours rather than a traceback on stderr.
+      # A tensorboardX thread still failing keeps reporting to us.
       if not any(_is_tensorboardx(t) and t.is_alive()
                  for t in threading.enumerate()):
         threading.excepthook = self._previous_hook
@@ -165,7 +162,5 @@ class MetricWriter:
     try:
       self.close()
     except StorageError:
-      if exc_type is None:
+      if exc_type is None:  # Else the error on its way out is the one shown.
         raise
-      # Another error is on its way out (often the same full disk): it is
-      # the one the user sees.

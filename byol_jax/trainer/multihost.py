@@ -1,22 +1,16 @@
 """Multi-host start-up: join `jax.distributed` when the cluster says so.
 
-`jax.distributed.initialize()` without arguments asks JAX's cluster
-environments (Open MPI, SLURM, GKE TPU, Cloud TPU VM, Kubernetes) for the
-coordinator, the process count and index. `--multihost=auto` joins only when
-that environment says more than one process: a single-host TPU VM or a SLURM
-job of one task runs alone, as does a plain machine.
-
-JAX has no public API that names the cluster and its process count without
-joining (`jax.distributed` has only `initialize`, `is_initialized` and
-`shutdown`; the registry is the private `jax._src.clusters`), so `_cluster`
-reads the variables and metadata that JAX 0.7 to 0.10 read, in JAX's order;
-tests/test_multihost_detect.py pins that for each environment.
+`--multihost=auto` joins only when JAX's cluster environment (Open MPI,
+SLURM, GKE TPU, Cloud TPU VM, Kubernetes) says more than one process. JAX
+has no public API for that count without joining (only the private
+`jax._src.clusters`), so `_cluster` reads what JAX 0.7 to 0.10 read, in
+JAX's order; tests/test_multihost_detect.py pins it per environment.
 """
 import importlib.util
 import os
 import pathlib
 import urllib.request
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +44,7 @@ def _metadata(key: str) -> Optional[str]:
 
 
 def _on_cloud_tpu_vm() -> bool:
-  """JAX's test (cloud_tpu_init): libtpu and a TPU chip on the PCI bus, or
-  JAX_FORCE_TPU_INIT."""
+  """JAX's test (cloud_tpu_init): libtpu and a TPU chip on the PCI bus."""
   if "JAX_FORCE_TPU_INIT" in os.environ:
     return True
   if importlib.util.find_spec("libtpu") is None:
@@ -72,11 +65,7 @@ def _num_slices() -> int:
 
 
 def _cluster() -> Optional[tuple[str, Optional[int]]]:
-  """(name, process count) of the environment JAX's initialize() would use.
-
-  JAX's order: Open MPI, SLURM, (mpi4py: opt-in only), GKE TPU, Cloud TPU
-  VM, Kubernetes with its client installed (count None: JAX asks the job).
-  """
+  """(name, process count or None) of the environment JAX would use."""
   env = os.environ
   if "OMPI_MCA_orte_hnp_uri" in env:
     return "OmpiCluster", int(env["OMPI_COMM_WORLD_SIZE"])
@@ -97,61 +86,50 @@ def _cluster() -> Optional[tuple[str, Optional[int]]]:
 
 
 def detect() -> Optional[str]:
-  """'JAX_COORDINATOR_ADDRESS' when that is set, else the name of JAX's
-  cluster environment found ('SlurmCluster', 'GceTpuCluster' ...), whatever
-  its number of processes; None on a plain machine."""
+  """'JAX_COORDINATOR_ADDRESS' if set, else the cluster environment's name
+  ('SlurmCluster' ...); None on a plain machine."""
   if os.environ.get(COORDINATOR_ENV):
     return COORDINATOR_ENV
   cluster = _cluster()
   return cluster and cluster[0]
 
 
-def check_flags(mode: str = "auto", coordinator_address: Optional[str] = None,
-                num_processes: Optional[int] = None,
-                process_id: Optional[int] = None) -> None:
+def _check_flags(mode: str, given: dict[str, Any]) -> None:
   """Raises ConfigError (one line) for multi-host flags that cannot work."""
-  if mode not in ("auto", "yes", "no"):
-    raise ConfigError(f"--multihost={mode}: use auto, yes or no.")
-  if num_processes is not None and num_processes < 1:
-    raise ConfigError(f"--num_processes={num_processes}: give the number of "
-                      "processes in the job, 1 or more.")
-  if process_id is not None and process_id < 0:
-    raise ConfigError(f"--process_id={process_id}: give this process's "
-                      "index, 0 for the first.")
-  if (num_processes is not None and process_id is not None and
-      process_id >= num_processes):
+  n, i = given.get("num_processes"), given.get("process_id")
+  if n is not None and n < 1:
+    raise ConfigError(f"--num_processes={n}: give the number of processes "
+                      "in the job, 1 or more.")
+  if i is not None and i < 0:
+    raise ConfigError(f"--process_id={i}: give this process's index, 0 for "
+                      "the first.")
+  if n is not None and i is not None and i >= n:
     raise ConfigError(
-        f"--process_id={process_id} with --num_processes={num_processes}: "
-        f"the ids run from 0 to {num_processes - 1}; give each process its "
-        "own id in that range.")
-  given = {"coordinator_address": coordinator_address,
-           "num_processes": num_processes, "process_id": process_id}
-  several = ((num_processes or 1) > 1 or (process_id or 0) > 0 or
-             coordinator_address is not None)
-  if mode == "no" and several:
+        f"--process_id={i} with --num_processes={n}: the ids run from 0 to "
+        f"{n - 1}; give each process its own id in that range.")
+  if mode == "no" and ((n or 1) > 1 or (i or 0) > 0 or
+                       "coordinator_address" in given):
     raise ConfigError(
         "--multihost=no runs one process, but " + " ".join(
-            f"--{k}={v}" for k, v in given.items() if v is not None) +
+            f"--{k}={v}" for k, v in given.items()) +
         " describe a job of several: drop them to run alone, or use "
         "--multihost=auto (or yes) to join the job.")
-  if (mode != "no" and (num_processes or 1) > 1 and
-      coordinator_address is None and detect() is None):
+  if (mode != "no" and (n or 1) > 1 and "coordinator_address" not in given
+      and detect() is None):
     raise ConfigError(
-        f"--num_processes={num_processes} but nothing names the coordinator: "
-        "give --coordinator_address=HOST:PORT (process 0's address) to every "
+        f"--num_processes={n} but nothing names the coordinator: give "
+        "--coordinator_address=HOST:PORT (process 0's address) to every "
         "process, or set JAX_COORDINATOR_ADDRESS.")
 
 
-def should_join(mode: str = "auto", coordinator_address: Optional[str] = None,
-                num_processes: Optional[int] = None,
-                process_id: Optional[int] = None) -> bool:
-  """Whether `initialize` joins: 'yes', 'no', or for 'auto' when any of the
-  arguments or JAX_COORDINATOR_ADDRESS is given, or the cluster JAX finds
-  has more than one process."""
+def should_join(mode: str = "auto", **given) -> bool:
+  """Whether `initialize` joins: for 'auto', when a flag (coordinator_address,
+  num_processes, process_id) or JAX_COORDINATOR_ADDRESS is given or the
+  cluster has several processes."""
   if mode != "auto":
     return mode == "yes"
-  if (coordinator_address is not None or num_processes is not None or
-      process_id is not None or os.environ.get(COORDINATOR_ENV)):
+  if (any(v is not None for v in given.values()) or
+      os.environ.get(COORDINATOR_ENV)):
     return True
   cluster = _cluster()
   return cluster is not None and (cluster[1] or 2) > 1
@@ -162,15 +140,17 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
                process_id: Optional[int] = None,
                before_join: Optional[Callable[[], None]] = None,
                **options) -> bool:
-  """Joins `jax.distributed` if `should_join` (before the devices are used).
+  """Joins `jax.distributed` if `should_join`; returns whether it joined.
 
-  The flags' None lets JAX detect a value; `before_join` runs just before
-  joining; `options` go to `jax.distributed.initialize`. Returns whether it
-  joined; raises ConfigError for flags that do not fit (`check_flags`) or
-  when nothing says how many processes there are.
+  None arguments are detected by JAX; `options` go to its `initialize`.
+  Raises ConfigError for flags that do not fit or an unknown process count.
   """
-  check_flags(mode, coordinator_address, num_processes, process_id)
-  if not should_join(mode, coordinator_address, num_processes, process_id):
+  given = {k: v for k, v in dict(coordinator_address=coordinator_address,
+                                 num_processes=num_processes,
+                                 process_id=process_id).items()
+           if v is not None}
+  _check_flags(mode, given)
+  if not should_join(mode, **given):
     return False
   if (num_processes is None and not options.get("cluster_detection_method")
       and _cluster() is None):
@@ -181,10 +161,7 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
         "on every process, or --multihost=no.")
   if before_join is not None:
     before_join()
-  given = dict(coordinator_address=coordinator_address,
-               num_processes=num_processes, process_id=process_id)
-  jax.distributed.initialize(
-      **{k: v for k, v in given.items() if v is not None}, **options)
+  jax.distributed.initialize(**given, **options)
   logging.info("Process %d of %d (%s); %d local and %d global devices.",
                jax.process_index(), jax.process_count(),
                detect() or "explicit arguments", jax.local_device_count(),
@@ -195,12 +172,9 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
 
 
 def _connect_cpu_collectives() -> None:
-  """Connects the processes' CPU collectives (gloo) now, while in step.
-
-  Gloo connects the processes at their first collective over all devices
-  and gives up if one arrives more than 30 s after another: on a loaded
-  machine one process can finish compiling the train step that much later.
-  """
+  """Connects the CPU collectives (gloo) now, while the processes are in
+  step: gloo gives up if one comes 30 s late, as compiling can on a loaded
+  machine."""
   mesh = sharding.make_mesh()
   ones = jax.make_array_from_process_local_data(
       sharding.batch_sharding(mesh),

@@ -1,20 +1,12 @@
 """SIGTERM at any moment ends a run within seconds (a notice gives ~30 s).
 
-Python runs signal handlers only between bytecodes of the main thread, so a
-handler cannot act while XLA compiles, Orbax restores or tf.data starts (one
-C++ call each, up to minutes on a pod). `Guard` routes SIGTERM through
-`signal.set_wakeup_fd` to a watcher thread. While the main thread is in the
-loop, SIGTERM is left to the checkpointer (it saves after the next step);
-while it is `busy(...)`, the watcher ends the process itself: it saves the
-state only when the main thread registered one newer than the last
-checkpoint, finishes the saves in flight, runs the exit callbacks (the lock)
-and leaves with exit code 143.
-
-On several processes JAX's preemption notifier owns SIGTERM; there the
-watcher asks JAX's coordination service once a second, while the main thread
-is busy, whether any process received a notice (the key JAX's notifier
-sets). JAX has no public accessor for that client: it is read from
-`jax._src.distributed`.
+Python's handlers cannot run while the main thread is in one long C++ call
+(compiling, restoring): `Guard` routes SIGTERM through `set_wakeup_fd` to a
+watcher thread. In the loop the checkpointer handles SIGTERM; while the main
+thread is `busy(...)`, the watcher saves a newer state if one is registered,
+runs the exit callbacks and exits 143. On several processes JAX's notifier
+owns SIGTERM: the watcher polls its coordination-service key instead (the
+client is only reachable through `jax._src.distributed`).
 """
 import contextlib
 import os
@@ -90,8 +82,8 @@ class Guard:
 
   @contextlib.contextmanager
   def busy(self, what: str, newer: tuple[int, Any] | None = None):
-    """Marks a long call of the main thread, `what` it does for the console;
-    `newer`: (step, state) newer than the last checkpoint, saved on SIGTERM."""
+    """Marks a long call of the main thread; `newer`: (step, state) newer
+    than the last checkpoint, saved on SIGTERM."""
     if not self.enabled:
       yield
       return

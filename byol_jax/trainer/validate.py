@@ -1,8 +1,5 @@
-"""Config checks that run before anything is compiled: one line per problem.
-
-`check(config, mesh)` covers the settings themselves; the data's splits and
-classes are checked by `data.describe`, and the workdir by `workdir`.
-"""
+"""Config checks before anything is compiled: one line per problem (the
+data is checked by `data.describe`, the workdir by `workdir`)."""
 import ml_collections
 from jax.sharding import Mesh
 
@@ -49,8 +46,6 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
            f"depth; use one of {', '.join(map(str, _DEPTHS))}.")
   _require(m.stem in ("imagenet", "cifar"),
            f"model.stem={m.stem!r}; use 'imagenet' or 'cifar'.")
-  # float16 gradients underflow without loss scaling, which the step does
-  # not do; bfloat16 has float32's exponent range and needs none.
   _require(m.dtype != "float16", "model.dtype='float16' trains without loss "
            "scaling, so its gradients underflow; use "
            "--config.model.dtype=bfloat16 (or float32).")
