@@ -46,7 +46,6 @@ from byol_jax.core import step as step_lib  # noqa: E402
 from byol_jax import storage  # noqa: E402
 from byol_jax.core import train_state  # noqa: E402
 from byol_jax.trainer import validate  # noqa: E402
-from byol_jax.trainer import workdir as workdir_lib  # noqa: E402
 from byol_jax.errors import ConfigError  # noqa: E402
 from byol_jax.evaluation import monitor as monitor_lib  # noqa: E402
 
@@ -153,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           start_over=start_over)
     saved_step = step  # The newest state on disk (the restored one).
     try:
-      workdir_lib.write_config(workdir, config)
+      checkpoint.write_config(workdir, config)
     except OSError as e:  # A full disk: one line, as for any other write.
       raise checkpoint.StorageError(
           f"Writing {workdir}/config.json failed ({e}); free space or fix "
