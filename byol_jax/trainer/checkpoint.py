@@ -115,15 +115,12 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
-               start_step: int = 0, read_only: bool = False):
+               read_only: bool = False):
     """Opens (or creates) WORKDIR/checkpoints.
 
     Args:
       workdir: the run's directory (local path or a bucket).
-      config: reads keep_checkpoints, checkpoint_every_steps,
-        checkpoint_every_minutes and log_every_steps; saved with each state.
-      start_step: the step the run starts from (minutes count from now and
-        this step until the first checkpoint).
+      config: the run's config (its cadences; saved with each state).
       read_only: open existing checkpoints for reading only.
     """
     self.directory = as_path(workdir) / "checkpoints"
@@ -137,8 +134,8 @@ class Checkpointer:
       rules.append(_Minutes(
           minimum_interval_secs=int(60 * config.checkpoint_every_minutes),
           every=max(int(config.log_every_steps), 1),
-          start=types.SimpleNamespace(step=start_step, time=datetime.datetime
-                                      .now(datetime.timezone.utc))))
+          start=types.SimpleNamespace(
+              time=datetime.datetime.now(datetime.timezone.utc))))
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -165,14 +162,12 @@ class Checkpointer:
   def __exit__(self, exc_type, exc, tb):
     if self._previous_sigterm is not None:
       signal.signal(signal.SIGTERM, self._previous_sigterm)
-      self._previous_sigterm = None
     try:
-      self.close()
-    except Exception as e:  # pylint: disable=broad-except
+      with self._saving():
+        self.close()
+    except StorageError as e:
       if exc_type is None:
-        raise StorageError(f"Finishing the last checkpoint in "
-                           f"{self.directory} failed "
-                           f"({checkpoint_facts.describe(e)}).") from e
+        raise
       logging.warning("Finishing the last checkpoint failed too: %s", e)
 
   @property
@@ -261,7 +256,8 @@ class Checkpointer:
     return config_from_json(restored.config)
 
   def restore(self, abstract_state: Any, step: int) -> Any:
-    """Checkpoint `step`, each leaf placed as `abstract_state` says.
+    """Checkpoint `step`, each leaf placed as `abstract_state` (with
+    shardings) says.
 
     Raises:
       LayoutError: the saved tree, shapes or dtypes differ (nothing moved).
@@ -276,9 +272,7 @@ class Checkpointer:
         step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             checksums=ocp.args.JsonRestore())))
-    # States saved from host copies come back on one device.
-    state = jax.tree.map(_place, restored.state, abstract_state)
-    expected = restored.checksums
+    state, expected = restored.state, restored.checksums
     if expected is not None:
       got = checksums.compute(state)
       bad = sorted(k for k in expected if got.get(k) != expected[k])
@@ -318,16 +312,6 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"move_{folder}_{step}")
     self._manager.reload()
     return str(dst)
-
-
-def _place(x, abstract):
-  """`x` with the sharding of `abstract`, moved only where needed."""
-  sharding = getattr(abstract, "sharding", None)
-  if sharding is None or isinstance(x, jax.Array) and (
-      not x.is_fully_addressable or
-      x.sharding.is_equivalent_to(sharding, x.ndim)):
-    return x
-  return jax.device_put(x, sharding)
 
 
 def shared_decision(value: int) -> int:

@@ -110,8 +110,7 @@ class WorkdirLock:
 
   def _write(self) -> None:
     """Writes this process's record with a fresh heartbeat."""
-    record = json.dumps(dict(self._me, token=self.token, heartbeat=time.time(),
-                             heartbeat_seconds=HEARTBEAT_SECONDS))
+    record = json.dumps(dict(self._me, token=self.token, heartbeat=time.time()))
     if self._local:  # One write over the old record: never seen half-done.
       os.pwrite(self._fd, record.encode().ljust(_RECORD_BYTES), 0)
     else:
@@ -179,7 +178,7 @@ class WorkdirLock:
       self._thread.start()
 
   def _try_acquire(self) -> str:
-    """Takes the lock; returns why not ('' when taken)."""
+    """Takes the lock; returns why not ('' if taken)."""
     try:
       check_writable(self.path.parent)
     except ConfigError as e:
@@ -213,13 +212,9 @@ class WorkdirLock:
     return f"Could not take the lock {self.path}; delete it and try again."
 
   def _claim(self) -> tuple[str, dict | None]:
-    """Creates the lock if there is none.
-
-    Returns:
-      (flock, holder): holder None when this process created the lock, else
-      the record found; flock as `_alive` takes it, or 'retry' (the lock
-      changed meanwhile).
-    """
+    """Creates the lock if there is none: (flock as `_alive` takes it, or
+    'retry' if the lock changed meanwhile; the record found, or None if this
+    process created the lock)."""
     if not self._local:
       if self._holder() is None:
         self._write()  # Then read back: the last writer wins.

@@ -103,8 +103,8 @@ def check_allowed(allow: tuple[str, ...]) -> None:
   for entry in allow:
     covered = [k for k in fields if _matches(k, (entry,))]
     if not covered:
-      raise ConfigError(f"--allow_changes={entry}: no config field is "
-                        f"called {entry!r} (see byol_jax/trainer/config_lib.py).")
+      raise ConfigError(f"--allow_changes={entry}: no config field is called"
+                        f" {entry!r} (see byol_jax/trainer/config_lib.py).")
     if all(_matches(k, STRUCTURAL) for k in covered):
       raise ConfigError(
           f"--allow_changes={entry}: {entry} shapes the train state (or "
@@ -119,29 +119,20 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
                     say: Callable[[str], None] = print,
                     allow: tuple[str, ...] = (),
                     start_over: bool = False) -> tuple[Any, int]:
-  """The state to start from and its step.
+  """(state, step) to start from: restored, or `init()` in a new workdir.
 
   Args:
-    ckpt: the run's checkpointer.
-    config: the current (resolved) config.
-    abstract_state: shapes, dtypes and shardings of the state.
-    init: builds a fresh state (used only when the workdir has none).
     restore_step: resume from this checkpoint instead of the newest; newer
-      ones (another trajectory now) move, whole, to
-      WORKDIR/checkpoints_superseded/.
+      ones (another trajectory now) move to WORKDIR/checkpoints_superseded/.
     say: where the one-line notices go.
     allow: fields the user changes on purpose (see `config_changes`).
-    start_over: train from step 0 on purpose: the checkpoints move, whole,
-      to WORKDIR/checkpoints_superseded/; a workdir whose checkpoints were
-      all quarantined starts again only with it.
-
-  Returns:
-    (state, step).
+    start_over: train from step 0 on purpose: the checkpoints move to
+      WORKDIR/checkpoints_superseded/; a workdir whose checkpoints were all
+      quarantined starts again only with it.
 
   Raises:
-    ConfigError: the config differs in a way that changes the run, the
-      asked-for step does not exist or is damaged, or no checkpoint of the
-      workdir can be read.
+    ConfigError: a config change that alters the run, a missing or damaged
+      --restore_step, or no readable checkpoint in the workdir.
     StorageError: the storage keeps failing.
   """
   check_allowed(allow)
