@@ -5,9 +5,10 @@ run's resolved config as JSON (`load_encoder` needs nothing else) and one
 32-bit sum per leaf (`checksums.py`), verified after every restore so that
 flipped bytes that still decode are caught. Orbax decides when to save
 without touching a device (steps, minutes, preemption), saves asynchronously
-and atomically (a step appears only when complete) and reads the saved
-layout, checked before anything is read. Only damage (`checkpoint_facts`)
-moves a checkpoint aside; other read errors are retried, then stop the run.
+and atomically (a step appears only when complete), and its metadata gives
+the saved layout, checked before the arrays are read. Only damage
+(`checkpoint_facts`) moves a checkpoint aside; other read errors are
+retried, then stop the run.
 """
 import contextlib
 import copy

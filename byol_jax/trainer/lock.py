@@ -40,17 +40,11 @@ _POLL_SECONDS = 1.0
 _RECORD_BYTES = 1024  # Local records are padded: overwritten in one write.
 
 
-def _read(path: str) -> str | None:
+def _read(path: str, how=lambda p: epath.Path(p).read_text().strip()
+          ) -> str | None:
+  """A file's text (or what `how` reads), None if it cannot be read."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return f.read().strip()
-  except OSError:
-    return None
-
-
-def _read_link(path: str) -> str | None:
-  try:
-    return os.readlink(path)
+    return how(path)
   except OSError:
     return None
 
@@ -103,7 +97,7 @@ class WorkdirLock:
     self._me = dict(
         host=socket.gethostname(), pid=os.getpid(),
         boot_id=_read("/proc/sys/kernel/random/boot_id"),
-        pid_ns=_read_link("/proc/self/ns/pid"),
+        pid_ns=_read("/proc/self/ns/pid", os.readlink),
         start_ticks=start_ticks(os.getpid()), started=time.time())
     self._stop = threading.Event()
     self._thread = None
