@@ -28,6 +28,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from byol_jax.trainer import checkpoint  # noqa: E402
+from byol_jax.trainer import checkpoint_facts  # noqa: E402
 from byol_jax import data  # noqa: E402
 from byol_jax.trainer import divergence  # noqa: E402
 from byol_jax.trainer import job_errors  # noqa: E402
@@ -355,6 +356,7 @@ def main(argv):
     _exit_error(_flag_error(e), 2)
   if config is None or not f.workdir:
     _exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.", 2)
+  checkpoint_facts.quiet_closed_event_loops()
   try:
     storage.check(f.workdir)
     multihost.check_flags(f.multihost, f.coordinator_address,

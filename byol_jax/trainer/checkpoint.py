@@ -301,19 +301,19 @@ class Checkpointer:
         logging.warning("Reading a checkpoint failed (%s); retrying.", why)
         time.sleep(_RETRY_SECONDS * (attempt + 1))
 
-  def move_aside(self, step: int, folder: str) -> str:
-    """Moves checkpoint `step`, whole, to WORKDIR/<folder>/<step>-<time>
-    (process 0 moves it) and returns where it went."""
-    src = self.directory / str(step)
-    dst = self.directory.parent / folder / f"{step}-{int(time.time())}"
-    if jax.process_index() == 0 and src.exists():
-      dst.parent.mkdir(parents=True, exist_ok=True)
-      src.rename(dst)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"move_{folder}_{step}")
+  def move_aside(self, steps: list[int], folder: str) -> str:
+    """Moves checkpoints `steps`, whole, to WORKDIR/<folder>/<step>-<time>
+    (process 0 moves them); returns WORKDIR/<folder>/."""
+    for step in steps:
+      src = self.directory / str(step)
+      dst = self.directory.parent / folder / f"{step}-{int(time.time())}"
+      if jax.process_index() == 0 and src.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"move_{folder}_{step}")
     self._manager.reload()
-    return str(dst)
-
+    return f"{self.directory.parent}/{folder}/"
 
 def shared_decision(value: int) -> int:
   """Process 0's `value` on every process (once per run, at start-up)."""

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -121,3 +122,21 @@ def describe(e: BaseException) -> str:
   first = text.splitlines()[0] if text else type(e).__name__
   return first.split(" [tensorstore_spec")[0][:200]
 
+
+def quiet_closed_event_loops() -> None:
+  """Drops the 'Event loop is closed' errors of TensorStore's callbacks.
+
+  After a failed read or write, TensorStore completes futures whose asyncio
+  loop Orbax has closed already: hundreds of tracebacks on a damaged
+  checkpoint that say nothing about the run.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_byol_jax_quiet", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+  hook._byol_jax_quiet = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook

@@ -149,7 +149,7 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
   if start_over:
     say("Starting over on purpose (--start_over)" + (
         f": the checkpoints {steps} were moved to "
-        f"{_move(ckpt, steps, _SUPERSEDED)}." if steps else "."))
+        f"{ckpt.move_aside(steps, _SUPERSEDED)}." if steps else "."))
     return init(), 0
   if not steps:
     if checkpoint.shared_decision(len(_quarantined(ckpt))):
@@ -167,12 +167,12 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
       newer = [s for s in steps if s > step and restore_step is not None]
       if newer:  # Another trajectory now: kept, out of the way.
         say(f"Resuming from step {step}: the newer checkpoints {newer} were "
-            f"moved to {_move(ckpt, newer, _SUPERSEDED)}.")
+            f"moved to {ckpt.move_aside(newer, _SUPERSEDED)}.")
       if allowed and jax.process_index() == 0:
         say("Resuming with changed settings: " + ", ".join(
             f"{k} {a!r} -> {b!r}" for k, (a, b) in allowed.items()) + ".")
       return state, step
-    dst = ckpt.move_aside(step, _DAMAGED)
+    dst = ckpt.move_aside([step], _DAMAGED)
     logging.warning("Checkpoint %d is damaged (%s); moved it to %s.", step,
                     why or "unreadable on another process", dst)
     if restore_step is not None:
@@ -180,13 +180,6 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
           f"--restore_step={restore_step}: the checkpoint is damaged ({why});"
           f" it was moved to {_DAMAGED}/. Pick another step.")
   raise ConfigError(_all_damaged(ckpt))
-
-
-def _move(ckpt, steps: list[int], folder: str) -> str:
-  """Moves checkpoints `steps` aside, whole; returns where."""
-  for s in steps:
-    ckpt.move_aside(s, folder)
-  return f"{ckpt.directory.parent}/{folder}/"
 
 
 def _quarantined(ckpt: checkpoint.Checkpointer) -> list[int]:
