@@ -40,7 +40,6 @@ from byol_jax.core import step as step_lib
 from byol_jax import storage
 from byol_jax.core import train_state
 from byol_jax.trainer import validate
-from byol_jax.trainer import workdir as workdir_lib
 from byol_jax.errors import ConfigError
 from byol_jax.evaluation import monitor as monitor_lib
 
@@ -131,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           start_over=start_over)
     saved_step = step  # The newest state on disk (the restored one).
     try:
-      workdir_lib.write_config(workdir, config)
+      checkpoint.write_config(workdir, config)
     except OSError as e:  # A full disk: one line, as for any other write.
       raise checkpoint.StorageError(
           f"Writing {workdir}/config.json failed ({e}); free space or fix "

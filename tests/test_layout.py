@@ -200,15 +200,8 @@ def test_the_root_package_imports_no_trainer_or_interop():
                       "with every submodule:\n  " + "\n  ".join(chains))
 
 
-# Over 400 lines when this test was written; other branches of issue 26
-# shrink them. strict: the mark must go once a file fits.
-_TOO_LONG = ("byol_jax/trainer/checkpoint.py",)
-
-
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="issue 26"))
-    if p in _TOO_LONG else p
-    for p in sorted(str(p.relative_to(ROOT)) for p in MODULES.values())])
+@pytest.mark.parametrize(
+    "path", sorted(str(p.relative_to(ROOT)) for p in MODULES.values()))
 def test_no_library_file_over_400_lines(path):
   lines = len((ROOT / path).read_text().splitlines())
   assert lines <= MAX_LINES, f"{path} has {lines} lines (at most {MAX_LINES})"

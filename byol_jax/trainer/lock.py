@@ -1,34 +1,19 @@
 """One trainer per workdir: WORKDIR/trainer.lock, held by the job's process 0.
 
-The lock file is JSON naming its holder: host, pid, the kernel's boot id, the
-process's start time (clock ticks since boot, so a reused pid is told
-apart), its pid namespace, a token shared by every process of the job, and a
-heartbeat time that a daemon thread refreshes every `HEARTBEAT_SECONDS`.
-Whether a holder is alive is decided without trusting pids alone:
-
-- A local workdir: the holder keeps an exclusive `flock` on the file for its
-  lifetime, which the kernel drops when the process dies, whatever its pid
-  namespace (a restarted container gets pid 1 again). On the same kernel
-  (same boot id) a free flock means the holder is gone.
-- The same kernel and pid namespace (also for buckets): the pid is alive
-  with the recorded start time, or it is gone.
-- Otherwise (another host, another container, or a bucket): the heartbeat.
-  One older than `OLD_SECONDS` by this machine's clock is dead at once;
-  else the lock is watched for up to `STALE_SECONDS` (three heartbeats): a
-  heartbeat that moves is a live trainer (refused), one that does not is a
-  dead one (taken over). No clocks are compared in that case, so a requeue
-  onto another node resumes within about half a minute.
-
-On a bucket the lock is created by writing it and reading it back (the
-last writer wins: GCS's create-if-absent precondition is not reachable
-through gcsfs, nor offered by the emulator the tests use); two trainers
-started within the same second on one gs:// workdir are not told apart.
-
-A takeover is said once. On several hosts process 0 takes the lock and
-shares its token; if process 0 dies, the others remove the lock on their way
-out (`release_for_job`), so a job never leaves it behind.
+The lock is JSON naming its holder (host, pid, the kernel's boot id, the
+process's start time in clock ticks, its pid namespace, the job's token) and
+a heartbeat that a thread refreshes every `HEARTBEAT_SECONDS`. The holder is
+alive when:
+- a local workdir: it holds a `flock` on the file, which the kernel drops
+  when it dies, whatever its pid namespace (a restarted container is pid 1
+  again); on the same kernel, a free flock means the holder is gone;
+- the same kernel and pid namespace: its pid runs with its start time;
+- otherwise (another host or container, or a bucket): its heartbeat moves
+  within `STALE_SECONDS`. One older than `OLD_SECONDS` is dead at once; no
+  clocks are compared otherwise.
+On a bucket the lock is written and read back (the last writer wins: gcsfs
+offers no create-if-absent). Process 0 shares the token with the others.
 """
-import contextlib
 import fcntl
 import json
 import os
@@ -36,41 +21,30 @@ import random
 import socket
 import threading
 import time
+import uuid
 
 import jax
 from absl import logging
 from etils import epath
 
-from byol_jax.trainer import checkpoint
 from byol_jax import progress
 from byol_jax import storage
-from byol_jax.trainer import workdir as workdir_lib
 from byol_jax.errors import ConfigError
+from byol_jax.trainer import checkpoint
 
 LOCK_NAME = "trainer.lock"
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 3 * HEARTBEAT_SECONDS   # A heartbeat that long unmoved: dead.
 OLD_SECONDS = 600.0                      # Older than this by the clock: dead.
 _POLL_SECONDS = 1.0
-_RECORD_BYTES = 1024  # A local record, padded (see _write_local).
+_RECORD_BYTES = 1024  # Local records are padded: overwritten in one write.
 
 
-def _read(path: str) -> str | None:
+def _read(path: str, how=lambda p: epath.Path(p).read_text().strip()
+          ) -> str | None:
+  """A file's text (or what `how` reads), None if it cannot be read."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return f.read().strip()
-  except OSError:
-    return None
-
-
-def boot_id() -> str | None:
-  """The running kernel's boot id (Linux), the same in every container."""
-  return _read("/proc/sys/kernel/random/boot_id")
-
-
-def pid_namespace() -> str | None:
-  try:
-    return os.readlink("/proc/self/ns/pid")
+    return how(path)
   except OSError:
     return None
 
@@ -78,9 +52,37 @@ def pid_namespace() -> str | None:
 def start_ticks(pid: int) -> int | None:
   """When process `pid` started (clock ticks since boot), or None if gone."""
   stat = _read(f"/proc/{pid}/stat")
-  if not stat:
-    return None
-  return int(stat.rsplit(")", 1)[1].split()[19])  # Field 22 of stat.
+  return int(stat.rsplit(")", 1)[1].split()[19]) if stat else None  # Field 22
+
+
+def _parse(text: str) -> dict:
+  """A record ({} if unreadable: its writer died while writing)."""
+  try:
+    holder = json.loads(text)
+  except ValueError:
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
+def check_writable(workdir: epath.Path) -> None:
+  """Creates the workdir and writes and removes a probe file in it.
+
+  Raises:
+    ConfigError: it is a file, or cannot be created or written.
+  """
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass "
+                      "a directory (it is created if missing).")
+  probe = workdir / f".write_test.{uuid.uuid4().hex[:8]}"
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(
+        f"--workdir={workdir} is not writable ({type(e).__name__}: "
+        f"{checkpoint.first_line(e)}); pass a directory you can write to."
+    ) from e
 
 
 class WorkdirLock:
@@ -90,38 +92,32 @@ class WorkdirLock:
     self.path = epath.Path(workdir) / LOCK_NAME
     self._local = not storage.is_remote(self.path)
     self.token = 0  # The job's, shared by its processes (0: none).
+    self.held = False
     self._fd = None
-    self._started = time.time()
+    self._me = dict(
+        host=socket.gethostname(), pid=os.getpid(),
+        boot_id=_read("/proc/sys/kernel/random/boot_id"),
+        pid_ns=_read("/proc/self/ns/pid", os.readlink),
+        start_ticks=start_ticks(os.getpid()), started=time.time())
     self._stop = threading.Event()
     self._thread = None
-    self.held = False
 
-  # -------------------------------------------------------------- records ----
-  def _record(self) -> str:
-    return json.dumps(dict(
-        host=socket.gethostname(), pid=os.getpid(), boot_id=boot_id(),
-        pid_ns=pid_namespace(), start_ticks=start_ticks(os.getpid()),
-        token=self.token, started=self._started, heartbeat=time.time(),
-        heartbeat_seconds=HEARTBEAT_SECONDS))
+  def _write(self) -> None:
+    """Writes this process's record with a fresh heartbeat."""
+    record = json.dumps(dict(self._me, token=self.token, heartbeat=time.time()))
+    if self._local:  # One write over the old record: never seen half-done.
+      os.pwrite(self._fd, record.encode().ljust(_RECORD_BYTES), 0)
+    else:
+      self.path.write_text(record)
 
   def _holder(self) -> dict | None:
     """The lock's record; None if there is no lock, {} if unreadable."""
     try:
-      text = self.path.read_text()
+      return _parse(self.path.read_text())
     except FileNotFoundError:
       return None
     except OSError:
       return {}
-    try:
-      holder = json.loads(text)
-    except ValueError:
-      return {}  # Half written: its writer died while writing.
-    return holder if isinstance(holder, dict) else {}
-
-  # --------------------------------------------------------------- liveness ----
-  def _same_processes(self, holder: dict) -> bool:
-    return (bool(holder.get("boot_id")) and holder.get("boot_id") == boot_id()
-            and holder.get("pid_ns") == pid_namespace())
 
   def _alive(self, holder: dict, flock: str) -> bool:
     """Whether the lock's holder runs (may watch it for STALE_SECONDS).
@@ -133,29 +129,28 @@ class WorkdirLock:
     """
     if flock == "held":
       return True  # The kernel keeps a dead process's flock for no one.
-    if not holder:
-      return False  # Unreadable: written by a process that died writing.
-    if flock == "free" and holder.get("boot_id") == boot_id():
-      return False  # Its kernel would hold the flock for it.
-    if self._same_processes(holder):
+    if not holder or (flock == "free" and
+                      holder.get("boot_id") == self._me["boot_id"]):
+      return False
+    if holder.get("boot_id") and all(
+        holder.get(k) == self._me[k] for k in ("boot_id", "pid_ns")):
       ticks = start_ticks(int(holder.get("pid", -1)))
       return ticks is not None and ticks == holder.get("start_ticks")
     beat = holder.get("heartbeat")
     if not isinstance(beat, (int, float)) or time.time() - beat > OLD_SECONDS:
       return False
-    # Watch the heartbeat: a live holder moves it within one interval.
+    # A live holder moves its heartbeat within one interval.
     deadline = time.monotonic() + STALE_SECONDS
     while time.monotonic() < deadline:
       time.sleep(_POLL_SECONDS)
       now = self._holder()
       if now is None:
         return False  # Released meanwhile.
-      if now and (now.get("heartbeat") != beat or
-                  now.get("token") != holder.get("token")):
+      if now and (now.get("heartbeat"), now.get("token")) != (
+          beat, holder.get("token")):
         return True
     return False
 
-  # ---------------------------------------------------------------- acquire ----
   def acquire(self) -> None:
     """Takes the lock on process 0 and shares the decision and the token.
 
@@ -164,8 +159,7 @@ class WorkdirLock:
     """
     refusal = ""
     if jax.process_index() == 0:
-      # 31 bits: shared as an int32 (JAX without x64).
-      self.token = random.getrandbits(31) or 1
+      self.token = random.getrandbits(31) or 1  # Shared as an int32.
       refusal = self._try_acquire()
     token = checkpoint.shared_decision(0 if refusal else self.token)
     if not token:
@@ -178,17 +172,19 @@ class WorkdirLock:
       self._thread.start()
 
   def _try_acquire(self) -> str:
+    """Takes the lock; returns why not ('' if taken)."""
     try:
-      workdir_lib.check_writable(self.path.parent)
+      check_writable(self.path.parent)
     except ConfigError as e:
       return str(e)
     said = False
     for _ in range(5):
-      state, holder, flock = self._claim()
-      if state == "ours":
-        return ""
-      if state == "retry":
+      flock, holder = self._claim()
+      if flock == "retry":
         continue
+      if holder is None:  # Created by this process.
+        self.held = True
+        return ""
       if self._alive(holder, flock):
         self._unclaim()
         return (f"{self.path.parent} is in use by another trainer (pid "
@@ -201,106 +197,67 @@ class WorkdirLock:
                      f"{holder.get('pid')} on host {holder.get('host')}, "
                      "which is no longer running.")
         said = True
-      if self._take_over(holder):
+      if self._local:  # Ours: we hold its flock.
+        self._write()
+        self.held = True
         return ""
+      if self._holder() == holder:  # Unchanged: create it afresh.
+        self.path.unlink(missing_ok=True)
     return f"Could not take the lock {self.path}; delete it and try again."
 
-  def _claim(self) -> tuple[str, dict, str]:
-    """Creates the lock if there is none.
-
-    Returns:
-      (state, holder, flock): state 'ours' (created; locally flocked),
-      'retry' (it changed meanwhile) or 'found' (holder: the record found;
-      flock as `_alive` takes it).
-    """
+  def _claim(self) -> tuple[str, dict | None]:
+    """Creates the lock if there is none: (flock as `_alive` takes it, or
+    'retry' if the lock changed meanwhile; the record found, or None if this
+    process created the lock)."""
     if not self._local:
+      if self._holder() is None:
+        self._write()  # Then read back: the last writer wins.
       holder = self._holder()
       if holder is None:
-        self.path.write_text(self._record())  # Then read back: last wins.
-        holder = self._holder()
-        if holder is not None and holder.get("token") == self.token:
-          self.held = True
-          return "ours", {}, ""
-      return ("retry", {}, "") if holder is None else ("found", holder, "")
+        return "retry", None
+      return "", (None if holder.get("token") == self.token else holder)
     path = os.fspath(self.path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # A live process holds it.
       os.close(fd)
-      return "found", self._holder() or {}, "held"
+      return "held", self._holder() or {}
     try:
       same = os.fstat(fd).st_ino == os.stat(path).st_ino
     except OSError:
       same = False
-    if not same:
-      os.close(fd)  # Released and removed meanwhile: try again.
-      return "retry", {}, ""
+    if not same:  # Released and removed meanwhile.
+      os.close(fd)
+      return "retry", None
     self._fd = fd
     text = os.read(fd, 1 << 16).decode("utf-8", "replace").strip()
     if not text:
-      self._write_local()
-      self.held = True
-      return "ours", {}, ""
-    try:
-      holder = json.loads(text)
-    except ValueError:
-      holder = {}
-    return "found", (holder if isinstance(holder, dict) else {}), "free"
+      self._write()
+      return "free", None
+    return "free", _parse(text)
 
   def _unclaim(self) -> None:
     if self._fd is not None:
       os.close(self._fd)
       self._fd = None
 
-  def _take_over(self, holder: dict) -> bool:
-    if self._local:
-      self._write_local()
-      self.held = True
-      return True
-    if self._holder() != holder:
-      return False  # It changed meanwhile: decide again.
-    self.path.unlink(missing_ok=True)
-    return False  # Create it afresh (the next round of _try_acquire).
-
-  def _write_local(self) -> None:
-    """The record, padded to a fixed size and written over the old one in
-    one write: a reader never sees it empty or half-written."""
-    data = self._record().encode().ljust(_RECORD_BYTES)
-    os.pwrite(self._fd, data, 0)
-
-  # -------------------------------------------------------------- heartbeat ----
   def _heartbeat(self) -> None:
     while not self._stop.wait(HEARTBEAT_SECONDS):
       try:
-        if self._local:
-          self._write_local()
-        else:
-          self.path.write_text(self._record())
+        self._write()
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Could not refresh %s: %s", self.path, e)
 
-  # ---------------------------------------------------------------- release ----
   def release(self) -> None:
     """Removes the lock if this process holds it."""
     self._stop.set()
-    if self._thread is not None and self._thread is not threading.current_thread():
+    if self._thread not in (None, threading.current_thread()):
       self._thread.join(timeout=5)
     if self.held:
-      self._remove_if_ours()
+      holder = self._holder()
+      if holder and holder.get("token") == self.token:
+        self.path.unlink(missing_ok=True)
       self.held = False
     self._unclaim()
 
-  def release_for_job(self) -> None:
-    """On any process: removes the lock if it still names this job (used
-    when the job is lost, e.g. process 0 died without releasing it)."""
-    if self.held:
-      self.release()
-    elif self.token:
-      with contextlib.suppress(Exception):
-        self._remove_if_ours()
-
-  def _remove_if_ours(self) -> None:
-    holder = self._holder()
-    if holder and holder.get("token") == self.token:
-      self.path.unlink(missing_ok=True)

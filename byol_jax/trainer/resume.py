@@ -13,21 +13,25 @@ import jax
 import ml_collections
 from absl import logging
 
+from byol_jax.errors import ConfigError
 from byol_jax.trainer import checkpoint
 from byol_jax.trainer import config_lib
-from byol_jax.errors import ConfigError
 
 # Fields a resumed run may change: cadences, evaluation settings, the length
-# of the run and where the same data lives. Everything else (method, model,
-# heads, classes, optimizer, batch size, seed, data and augmentations)
-# changes the state or what the run computes. The name of a folder or file
+# of the run and where the same data lives. The name of a folder or file
 # (data.name, not read for them) follows data.path.
 RESUMABLE = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
              "checkpoint_every_minutes", "keep_checkpoints", "total_steps",
              "num_epochs", "knn.", "data.path", "data.data_dir",
              "data.num_parallel_calls", "data.cache", "data.skip_corrupt",
-             "data.max_undecodable_fraction",
-             "data.canvas_size")
+             "data.max_undecodable_fraction", "data.canvas_size")
+# Fields that shape the state: no flag lets a resumed run change them.
+STRUCTURAL = ("method", "model.", "projector.", "predictor.",
+              "data.num_classes", "data.image_size", "optimizer.name",
+              "optimizer.fixed_lr_predictor", "optimizer.classifier",
+              "optimizer.clip_lr")
+_SUPERSEDED = "checkpoints_superseded"
+_DAMAGED = "checkpoints_damaged"
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -35,19 +39,12 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   def walk(d, prefix):
     for k, v in d.items():
-      if isinstance(v, (dict, ml_collections.ConfigDict)):
+      if isinstance(v, dict):
         walk(v, f"{prefix}{k}.")
       else:
-        out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+        out[f"{prefix}{k}"] = v
   walk(checkpoint.config_to_json(config), "")
   return out
-
-
-# Fields that shape the state: no flag lets a resumed run change them.
-STRUCTURAL = ("method", "model.", "projector.", "predictor.",
-              "data.num_classes", "data.image_size", "optimizer.name",
-              "optimizer.fixed_lr_predictor", "optimizer.classifier",
-              "optimizer.clip_lr")
 
 
 def _matches(key: str, prefixes) -> bool:
@@ -60,22 +57,21 @@ def config_changes(saved: ml_collections.ConfigDict,
                    allow: tuple[str, ...] = ()) -> tuple[dict, dict]:
   """(refused, allowed) differences {field: (saved, current)}.
 
-  Fields the saved config lacks (written before they existed) count as
-  their current default. `allow` names fields (or prefixes such as
-  'optimizer') the user changes on purpose, e.g. a lower learning rate
-  after a NaN; fields that shape the state stay refused.
+  Fields the saved config lacks count as their current default. `allow`
+  names fields (or prefixes such as 'optimizer') the user changes on
+  purpose, e.g. a lower learning rate after a NaN; fields that shape the
+  state stay refused.
   """
   defaults = _flat(config_lib.base_config())
   old, new = _flat(saved), _flat(current)
   refused, allowed = {}, {}
   for key in sorted(old.keys() | new.keys()):
     a, b = old.get(key, defaults.get(key)), new.get(key, defaults.get(key))
-    if a == b:
-      continue
-    resumable = _matches(key, RESUMABLE) or (
-        _matches(key, allow) and not _matches(key, STRUCTURAL)) or (
-            key == "data.name" and new.get("data.source") != "tfds")
-    (allowed if resumable else refused)[key] = (a, b)
+    if a != b:
+      resumable = _matches(key, RESUMABLE) or (
+          _matches(key, allow) and not _matches(key, STRUCTURAL)) or (
+              key == "data.name" and new.get("data.source") != "tfds")
+      (allowed if resumable else refused)[key] = (a, b)
   return refused, allowed
 
 
@@ -87,13 +83,13 @@ def check_config(saved: ml_collections.ConfigDict,
   if refused:
     # Every field: a fix that names only some is refused again.
     what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
-    fix = " ".join(f"--config.{k}={_flag_value(a)}"
-                   for k, (a, _) in refused.items())
-    more = (f" ({len(refused)} fields)" if len(refused) > 1 else "")
-    deliberate = [k for k in refused if not _matches(k, STRUCTURAL)]
+    fix = " ".join(f"--config.{k}=" + (
+        "'(" + ",".join(map(str, a)) + ")'" if isinstance(a, list) else
+        str(a)) for k, (a, _) in refused.items())
+    more = f" ({len(refused)} fields)" if len(refused) > 1 else ""
     also = (f", or keep the new values on purpose with --allow_changes="
-            f"{','.join(deliberate)}" if len(deliberate) == len(refused)
-            else "")
+            f"{','.join(refused)}" if not any(
+                _matches(k, STRUCTURAL) for k in refused) else "")
     raise ConfigError(
         f"{where} was trained with another config: {what}{more}. Start a new "
         f"run with another --workdir, or resume this one with {fix}{also}.")
@@ -107,8 +103,8 @@ def check_allowed(allow: tuple[str, ...]) -> None:
   for entry in allow:
     covered = [k for k in fields if _matches(k, (entry,))]
     if not covered:
-      raise ConfigError(f"--allow_changes={entry}: no config field is "
-                        f"called {entry!r} (see byol_jax/trainer/config_lib.py).")
+      raise ConfigError(f"--allow_changes={entry}: no config field is called"
+                        f" {entry!r} (see byol_jax/trainer/config_lib.py).")
     if all(_matches(k, STRUCTURAL) for k in covered):
       raise ConfigError(
           f"--allow_changes={entry}: {entry} shapes the train state (or "
@@ -117,119 +113,86 @@ def check_allowed(allow: tuple[str, ...]) -> None:
           "value.")
 
 
-def _flag_value(v) -> str:
-  if isinstance(v, (list, tuple)):
-    return "'(" + ",".join(str(x) for x in v) + ")'"
-  return str(v)
-
-
 def restore_or_init(ckpt: checkpoint.Checkpointer,
                     config: ml_collections.ConfigDict, abstract_state: Any,
                     init: Callable[[], Any], restore_step: int | None = None,
                     say: Callable[[str], None] = print,
                     allow: tuple[str, ...] = (),
                     start_over: bool = False) -> tuple[Any, int]:
-  """The state to start from and its step.
+  """(state, step) to start from: restored, or `init()` in a new workdir.
 
   Args:
-    ckpt: the run's checkpointer.
-    config: the current (resolved) config.
-    abstract_state: shapes, dtypes and shardings of the state.
-    init: builds a fresh state (used only when the workdir has none).
     restore_step: resume from this checkpoint instead of the newest; newer
-      ones are moved, whole, to WORKDIR/checkpoints_superseded/ (they belong
-      to the abandoned trajectory and would collide with the new saves).
+      ones (another trajectory now) move to WORKDIR/checkpoints_superseded/.
     say: where the one-line notices go.
     allow: fields the user changes on purpose (see `config_changes`).
-    start_over: train from step 0 on purpose: the workdir's checkpoints
-      move, whole, to WORKDIR/checkpoints_superseded/; a workdir whose
-      checkpoints were all quarantined starts again only with it.
-
-  Returns:
-    (state, step).
+    start_over: train from step 0 on purpose: the checkpoints move to
+      WORKDIR/checkpoints_superseded/; a workdir whose checkpoints were all
+      quarantined starts again only with it.
 
   Raises:
-    ConfigError: the config differs in a way that changes the run, the
-      asked-for step does not exist or is damaged, or no checkpoint of the
-      workdir can be read.
-    checkpoint.StorageError: the storage keeps failing.
+    ConfigError: a config change that alters the run, a missing or damaged
+      --restore_step, or no readable checkpoint in the workdir.
+    StorageError: the storage keeps failing.
   """
   check_allowed(allow)
   # Process 0's listing decides; every process then walks the same steps.
   steps = ckpt.all_steps()
-  newest = checkpoint.shared_decision(steps[-1] if steps else -1)
-  if start_over:
-    if restore_step is not None:
-      raise ConfigError("--start_over trains from step 0: drop "
-                        f"--restore_step={restore_step}.")
-    old = [s for s in steps if s <= newest]
-    for s in old:
-      ckpt.move_aside(s, "checkpoints_superseded")
-    say(f"Starting over on purpose (--start_over): the checkpoints {old} were"
-        f" moved to {ckpt.directory.parent}/checkpoints_superseded/." if old
-        else "Starting over on purpose (--start_over).")
-    return init(), 0
-  if newest < 0:
-    if restore_step is not None:
-      raise ConfigError(f"--restore_step={restore_step}: {ckpt.directory} "
-                        "holds no checkpoint.")
-    damaged = quarantined_steps(ckpt)
-    if checkpoint.shared_decision(len(damaged)):
-      raise ConfigError(_all_damaged(ckpt, damaged))
-    return init(), 0
+  newest = checkpoint.shared_decision(max(steps, default=-1))
   steps = [s for s in steps if s <= newest]
-  if restore_step is not None:
-    if restore_step not in steps:
-      raise ConfigError(f"--restore_step={restore_step}: no such checkpoint "
-                        f"in {ckpt.directory}; available steps: {steps}.")
-    candidates = [restore_step]
-  else:
-    candidates = steps[::-1]
-  damaged = []
-  for step in candidates:
-    where = f"{ckpt.directory}/{step}"
-    why = ""
-    state = None
+  if start_over and restore_step is not None:
+    raise ConfigError("--start_over trains from step 0: drop "
+                      f"--restore_step={restore_step}.")
+  if restore_step is not None and restore_step not in steps:
+    raise ConfigError(f"--restore_step={restore_step}: no such checkpoint "
+                      f"in {ckpt.directory}; available steps: {steps}.")
+  if start_over:
+    say("Starting over on purpose (--start_over)" + (
+        f": the checkpoints {steps} were moved to "
+        f"{ckpt.move_aside(steps, _SUPERSEDED)}." if steps else "."))
+    return init(), 0
+  if not steps:
+    if checkpoint.shared_decision(len(_quarantined(ckpt))):
+      raise ConfigError(_all_damaged(ckpt))
+    return init(), 0
+  for step in [restore_step] if restore_step is not None else steps[::-1]:
+    why, state = "", None
     try:
-      allowed = check_config(ckpt.saved_config(step), config, where, allow)
+      allowed = check_config(ckpt.saved_config(step), config,
+                             f"{ckpt.directory}/{step}", allow)
       state = ckpt.restore(abstract_state, step)
     except checkpoint.DamagedCheckpointError as e:
       why = str(e)
     if checkpoint.all_processes_ok(not why):
-      newer = [s for s in steps if s > step] if restore_step is not None else []
-      for s in newer:  # Another trajectory now: kept, out of the way.
-        ckpt.move_aside(s, "checkpoints_superseded")
-      if newer:
+      newer = [s for s in steps if s > step and restore_step is not None]
+      if newer:  # Another trajectory now: kept, out of the way.
         say(f"Resuming from step {step}: the newer checkpoints {newer} were "
-            f"moved to {ckpt.directory.parent}/checkpoints_superseded/.")
+            f"moved to {ckpt.move_aside(newer, _SUPERSEDED)}.")
       if allowed and jax.process_index() == 0:
         say("Resuming with changed settings: " + ", ".join(
             f"{k} {a!r} -> {b!r}" for k, (a, b) in allowed.items()) + ".")
-      if damaged:
-        logging.warning("Resumed from step %d after moving damaged "
-                        "checkpoints %s aside.", step, damaged)
       return state, step
-    damaged.append(step)
-    ckpt.quarantine(step, why or "unreadable on another process")
+    dst = ckpt.move_aside([step], _DAMAGED)
+    logging.warning("Checkpoint %d is damaged (%s); moved it to %s.", step,
+                    why or "unreadable on another process", dst)
     if restore_step is not None:
       raise ConfigError(
           f"--restore_step={restore_step}: the checkpoint is damaged ({why});"
-          " it was moved to checkpoints_damaged/. Pick another step.")
-  raise ConfigError(_all_damaged(ckpt, quarantined_steps(ckpt)))
+          f" it was moved to {_DAMAGED}/. Pick another step.")
+  raise ConfigError(_all_damaged(ckpt))
 
 
-def quarantined_steps(ckpt: checkpoint.Checkpointer) -> list[int]:
+def _quarantined(ckpt: checkpoint.Checkpointer) -> list[int]:
   """Steps of the checkpoints in WORKDIR/checkpoints_damaged/ (<step>-<t>)."""
-  folder = ckpt.directory.parent / "checkpoints_damaged"
-  if not folder.is_dir():
-    return []
-  names = [p.name.split("-")[0] for p in folder.iterdir()]
+  folder = ckpt.directory.parent / _DAMAGED
+  names = [p.name.split("-")[0] for p in folder.iterdir()
+           ] if folder.is_dir() else []
   return sorted(int(n) for n in names if n.isdigit())
 
 
-def _all_damaged(ckpt: checkpoint.Checkpointer, damaged: list[int]) -> str:
+def _all_damaged(ckpt: checkpoint.Checkpointer) -> str:
   return (f"Every checkpoint of {ckpt.directory.parent} is damaged (steps "
-          f"{damaged}, moved to {ckpt.directory.parent}/checkpoints_damaged/)"
-          "; the run does not start again from step 0 by itself: pass "
-          "--start_over to train this workdir from step 0 on purpose, or use "
-          "another --workdir.")
+          f"{_quarantined(ckpt)}, moved to {ckpt.directory.parent}/"
+          f"{_DAMAGED}/); the run does not start again from step 0 by "
+          "itself: pass --start_over to train this workdir from step 0 on "
+          "purpose, or use another --workdir.")
