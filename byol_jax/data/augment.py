@@ -1,12 +1,7 @@
-"""Device-side image augmentations in JAX: per image, under vmap, inside jit.
+"""Device-side image augmentations in JAX (one image f32 [H, W, 3] in [0, 1]).
 
-The ops take one image f32 [H, W, 3] in [0, 1]; `augment_view(s)` batch
-them and draw the random decisions. Random choices never reach Python
-control flow (an op that may apply is computed and selected with
-`jnp.where`); only the static probabilities decide whether an op is traced
-(p = 0 drops it, p = 1 drops the select). The order follows BYOL (DESIGN
-section 3): flip, colour jitter (in a random order), grayscale, blur,
-solarize, ImageNet normalisation; colour ops match `tf.image.adjust_*`.
+BYOL's order (DESIGN section 3): flip, colour jitter (random order),
+grayscale, blur, solarize, normalisation; colour ops match `tf.image`.
 """
 from typing import Any, Mapping
 
@@ -114,12 +109,8 @@ def blur_kernel_size(height: int) -> int:
 
 def gaussian_blur(image: jax.Array, sigma: jax.Array | float,
                   kernel_size: int | None = None) -> jax.Array:
-  """Separable Gaussian blur of one image [H, W, C], reflect padding.
-
-  A weighted sum of shifted slices, so that a per-image (traced) `sigma`
-  under vmap stays elementwise. `kernel_size` defaults to
-  `blur_kernel_size(H)`.
-  """
+  """Separable Gaussian blur of one image [H, W, C], reflect padding, as
+  shifted slices: a traced per-image `sigma` under vmap stays elementwise."""
   h, w, _ = image.shape
   size = kernel_size or blur_kernel_size(h)
   radius = size // 2
@@ -158,10 +149,8 @@ def color_jitter(image: jax.Array, order: jax.Array, brightness: jax.Array,
                  hue: jax.Array) -> jax.Array:
   """Brightness, contrast, saturation and hue in the order `order`, clipped.
 
-  `order`: int32 [4], a permutation of (0 brightness, 1 contrast,
-  2 saturation, 3 hue). Each slot runs one fused colour op whose parameters
-  are the identity except for the op `order` puts there: branch-free, and
-  cheaper than selecting among 4 separately computed ops.
+  `order`: int32 [4], a permutation of (brightness, contrast, saturation,
+  hue). Each slot runs one fused op, the identity but for the op of `order`.
   """
   def slot(i, x):
     op = order[i]
@@ -179,39 +168,29 @@ def color_jitter(image: jax.Array, order: jax.Array, brightness: jax.Array,
 def sample_params(rng: jax.Array, view_cfg: Mapping[str, Any]
                   ) -> dict[str, jax.Array]:
   """The random decisions of one image for one view (`view_cfg` as
-  `config_lib.view_augment()`).
-
-  One PRNG call draws all 14 uniforms (bernoulli(p) is u < p, the jitter
-  order the argsort of 4): a fraction of the compile time of one call per
-  decision. Returns bool 'flip', 'jitter', 'grayscale', 'blur', 'solarize',
-  int32 [4] 'order' and f32 'brightness', 'contrast', 'saturation', 'hue',
-  'sigma'.
-  """
+  `config_lib.view_augment()`), from one draw of 14 uniforms (cheaper to
+  compile than a PRNG call per decision)."""
   u = jax.random.uniform(rng, (_NUM_DRAWS,), jnp.float32)         # [14]
   between = lambda x, lo, hi: lo + (hi - lo) * x
-  b, c = _p(view_cfg, "brightness"), _p(view_cfg, "contrast")
-  s, h = _p(view_cfg, "saturation"), _p(view_cfg, "hue")
+  p = lambda key: float(view_cfg[key])
+  b, c, s, h = (p(k) for k in ("brightness", "contrast", "saturation", "hue"))
   return dict(
-      flip=u[0] < _p(view_cfg, "flip"),
-      jitter=u[1] < _p(view_cfg, "color_jitter"),
+      flip=u[0] < p("flip"),
+      jitter=u[1] < p("color_jitter"),
       order=jnp.argsort(u[2:6]).astype(jnp.int32),
       brightness=between(u[6], -b, b),
       contrast=between(u[7], 1.0 - c, 1.0 + c),
       saturation=between(u[8], 1.0 - s, 1.0 + s),
       hue=between(u[9], -h, h),
-      grayscale=u[10] < _p(view_cfg, "grayscale"),
-      blur=u[11] < _p(view_cfg, "blur"),
+      grayscale=u[10] < p("grayscale"),
+      blur=u[11] < p("blur"),
       sigma=between(u[12], *BLUR_SIGMA),
-      solarize=u[13] < _p(view_cfg, "solarize"),
+      solarize=u[13] < p("solarize"),
   )
 
 
-def _p(view_cfg: Mapping[str, Any], key: str) -> float:
-  return float(view_cfg[key])
-
-
 def _maybe(prob: float, flag: jax.Array, fn, x: jax.Array) -> jax.Array:
-  """fn(x) where `flag`; static shortcuts for probabilities 0 and 1."""
+  """fn(x) where `flag`; p = 0 drops the op, p = 1 the select."""
   if prob <= 0.0:
     return x
   if prob >= 1.0:
@@ -231,7 +210,7 @@ def apply_params(params: Mapping[str, jax.Array], image: jax.Array,
          ("solarize", "solarize", solarize))
   x = image
   for prob, flag, fn in ops:                   # (config key, decision, op)
-    x = _maybe(_p(view_cfg, prob), params[flag], fn, x)
+    x = _maybe(float(view_cfg[prob]), params[flag], fn, x)
   return jnp.clip(x, 0.0, 1.0)  # Blur and luma weights may round past 1.
 
 

@@ -1,12 +1,7 @@
 """Crop geometry (for both paths) and the on-device crop-and-resize.
 
 `sample_box` and `center_box` are written once over an array namespace `xp`
-(`jax.numpy`, or the TensorFlow ops `host_decode` passes). The random
-resized crop draws `MAX_ATTEMPTS` candidate boxes at once (area fraction ~
-U[scale], log aspect ~ U[log ratio]) and keeps the first that fits, else
-the largest centred box within the ratio range: branch-free in jit and
-tf.data. `crop_resize` resamples a box of a padded canvas (`store`) with
-bicubic weight matrices whose taps stop at the image's real extent.
+(`jax.numpy`, or the TensorFlow ops `host_decode` passes), branch-free.
 """
 import math
 from typing import Any, Sequence
@@ -38,13 +33,10 @@ def sample_box(u, height, width, scale: Sequence[float] = (0.08, 1.0),
                integer: bool = False):
   """(y0, x0, h, w) of one random resized crop within height x width.
 
-  Args:
-    u: float32 [NUM_UNIFORMS] uniforms in [0, 1).
-    height, width: image size (float32 scalars of `xp`).
-    scale: range of the box area as a fraction of the image area.
-    ratio: range of the aspect ratio w / h (sampled log-uniformly).
-    xp: array namespace.
-    integer: whole-pixel boxes (for decode_and_crop_jpeg).
+  Draws MAX_ATTEMPTS boxes (area fraction ~ U[scale], log(w / h) ~ U[log
+  ratio]) from `u` (f32 [NUM_UNIFORMS] in [0, 1)) and keeps the first that
+  fits, else the largest centred box within `ratio`. `height`, `width`:
+  float32 scalars of `xp`; `integer`: whole-pixel boxes.
   """
   a = MAX_ATTEMPTS
   area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:a])   # [A]
@@ -102,13 +94,8 @@ def _keys_cubic(x: jax.Array) -> jax.Array:
 
 def resize_weights(start, length, extent, canvas: int, size: int,
                    antialias_above: float = 1.0) -> jax.Array:
-  """f32 [size, canvas]: bicubic weights resampling [start, start + length).
-
-  As `jax.image.scale_and_translate` (half-pixel centres, taps renormalised
-  at the border), with the border at `extent` (padding gets weight 0); the
-  kernel is widened only for shrinks by more than `antialias_above` (1:
-  antialiased, 3: the training crops' plain bicubic).
-  """
+  """f32 [size, canvas]: bicubic weights resampling [start, start + length)
+  as `jax.image.scale_and_translate`, with the border at `extent`."""
   shrink = length / size
   src = start + (jnp.arange(size, dtype=jnp.float32) + 0.5) * shrink - 0.5
   pos = jnp.arange(canvas, dtype=jnp.float32)
@@ -132,26 +119,12 @@ def crop_resize(image: jax.Array, hw: jax.Array, box, size: int,
   return jnp.clip(x, 0.0, 1.0)     # Cubic kernels overshoot.
 
 
-def resize_image(image: jax.Array, hw: jax.Array, size: int,
-                 antialias_above: float = 1.0) -> jax.Array:
-  """A whole stored image (its real extent) resized to f32 [S, S, 3]."""
-  h, w = hw[0].astype(jnp.float32), hw[1].astype(jnp.float32)
-  return crop_resize(image, hw, (0.0, 0.0, h, w), size, antialias_above)
-
-
 def random_resized_crop(rng: jax.Array, image: jax.Array, hw: jax.Array,
                         size: int, scale: Sequence[float],
                         ratio: Sequence[float]):
   """(crop f32 [S, S, 3], box f32 [4] (y0, x0, h, w) as fractions of the
   real image) of one canvas (as `crop_resize`)."""
-  h, w = hw[0].astype(jnp.float32), hw[1].astype(jnp.float32)
+  h, w = hw.astype(jnp.float32)
   box = sample_crop_box(rng, h, w, scale, ratio)
   frac = jnp.stack([box[0] / h, box[1] / w, box[2] / h, box[3] / w])
   return crop_resize(image, hw, box, size), frac
-
-
-def center_crop(image: jax.Array, hw: jax.Array, size: int, fraction: float
-                ) -> jax.Array:
-  """The evaluation centre crop of one stored image: f32 [S, S, 3] in [0, 1]."""
-  h, w = hw[0].astype(jnp.float32), hw[1].astype(jnp.float32)
-  return crop_resize(image, hw, center_box(h, w, fraction), size)

@@ -1,18 +1,15 @@
 """The on-device path, for sets that fit in accelerator memory.
 
-The decoded split sits on every device once (`store.load_canvas`). Each
-step the host computes which examples the step reads (`order`, the same
-order as the host path) and sends this process's (example, step, row)
-triples; one jitted function gathers the images and cuts their crops, each
-device its own rows. Per-example randomness is fold_in(fold_in(key, step),
-row), independent of the number of processes. Nothing is transferred
-implicitly, and the eval set is decoded and placed once when built.
+The decoded split sits on every device (`store.load_canvas`); each step the
+host sends (example, step, row) triples and one jitted function cuts the
+crops with keys fold_in(fold_in(key, step), row).
 """
 import functools
 import itertools
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -31,8 +28,7 @@ CROP_STREAM = 0x5EED0002
 
 @functools.lru_cache(maxsize=2)
 def _placed(canvas: store.Canvas, mesh: Mesh) -> tuple[jax.Array, ...]:
-  """A canvas's (images, sizes), the same on every process, on every device
-  (shared by the modes)."""
+  """A canvas's (images, sizes) replicated on every device (for all modes)."""
   put = lambda x: jax.make_array_from_callback(
       x.shape, sharding.replicated(mesh), lambda idx: x[idx])
   return put(canvas.images), put(canvas.sizes)
@@ -57,8 +53,8 @@ def train_batches(labels: np.ndarray, keep: np.ndarray, seed: int,
 
 def eval_batches(labels: np.ndarray, local_batch: int, process_index: int,
                  process_count: int) -> Iterator[dict[str, np.ndarray]]:
-  """One padded pass: {'ids' (example index in column 0), 'label' (-1 on
-  padding), 'mask'}, the same number of batches on every process."""
+  """One padded pass of {'ids', 'label' (-1 on padding), 'mask'}, the same
+  number of batches on every process."""
   rows = slice(0, local_batch)
   for index in order.eval_plan(labels.shape[0], local_batch, process_index,
                                process_count):
@@ -77,7 +73,8 @@ def _crop_fn(mesh: Mesh, mode: str, config: ml_collections.ConfigDict,
 
   def one(image, hw, ids):             # u8 [Hc, Wc, 3], i32 [2], i32 [3].
     if mode == "eval":
-      return dict(image=crops.center_crop(image, hw, size, fraction))
+      box = crops.center_box(*hw.astype(jnp.float32), fraction)
+      return dict(image=crops.crop_resize(image, hw, box, size))
     key = jax.random.fold_in(jax.random.key(seed), CROP_STREAM)
     k1, k2 = jax.random.split(
         jax.random.fold_in(jax.random.fold_in(key, ids[1]), ids[2]))
@@ -106,12 +103,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, mode: str,
           split: str, batch_size: int, seed: int, start_step: int = 0,
           fraction: float = 1.0, arrays=None, canvas: store.Canvas = None,
           return_boxes: bool = False) -> pipeline.Batches:
-  """Global batches of `mode` ('pretrain', 'linear' or 'eval') on device.
-
-  Args as `host.build`, and `canvas`: a `store.Canvas` to read instead of
-  `split` (tests). `return_boxes` adds the crops' boxes (y0, x0, h, w) as
-  fractions of the real image: 'box1', 'box2' (pretrain) or 'box' (linear).
-  """
+  """`host.build` on device; `canvas` (a `store.Canvas`) replaces `split`."""
   canvas = canvas or store.load_canvas(config.data, split, arrays)
   images, sizes = _placed(canvas, mesh)
   fn = functools.partial(_crop_fn(mesh, mode, config, seed, return_boxes),

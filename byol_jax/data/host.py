@@ -1,17 +1,9 @@
 """The host path: tf.data decodes and crops on the CPUs.
 
-Each process reads its own rows of each global batch. Index-addressable
-sources (folder, npz, arrays) follow `order`'s seeded epoch permutations:
-resuming at step s reads nothing before it. TFDS: each process reads its
-`tfds.even_splits` share, epoch e its files in an order drawn from (seed, e)
-and then a shuffle buffer seeded by (seed, e); resuming skips the undecoded
-records of at most one epoch. Each element's random choices are stateless,
-seeded by (seed, its global stream position). `host_decode` decodes and
-crops; `finish_fn` completes each global batch on the accelerators.
-
-tf.data runs one op per element on one thread (`max_intra_op_parallelism`:
-the cores are busy with other elements). config.data.num_parallel_calls
-<= 0 autotunes; N > 0 sets the maps' parallelism and caps the pool at N.
+Folder, npz and arrays follow `order`'s epoch permutations; TFDS reads this
+process's `tfds.even_splits` share, each epoch's files in a (seed, epoch)
+order through a seeded shuffle buffer. Per-element randomness is stateless
+in (seed, global stream position).
 """
 import functools
 import itertools
@@ -35,7 +27,7 @@ _INT64_MAX = np.iinfo(np.int64).max
 
 
 def _reader(split: sources.Split):
-  """(read(i) -> (data, label), form) for an index-addressable split."""
+  """(read(i) -> (data, label), form) of a folder, npz or arrays split."""
   labels = tf.constant(split.labels, tf.int32)
   table = (tf.convert_to_tensor(split.images) if split.images is not None
            else tf.constant(list(split.paths or split.encoded)))
@@ -102,20 +94,20 @@ def _options(ds, config):
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_fusion = True   # Read + crop maps.
-  options.threading.max_intra_op_parallelism = 1
+  options.threading.max_intra_op_parallelism = 1  # Cores run other elements.
   if _parallel(config) > 0:                   # Not AUTOTUNE (-1).
     options.threading.private_threadpool_size = _parallel(config)
   return ds.with_options(options)
 
 
 def _parallel(config) -> int:
+  """data.num_parallel_calls <= 0 autotunes, N > 0 caps the pool at N."""
   n = int(config.data.num_parallel_calls)
   return tf.data.AUTOTUNE if n <= 0 else n
 
 
 def canvas_side(config: ml_collections.ConfigDict) -> int:
-  """C, the side of the training crops' canvases (data.canvas_size, 0 for
-  image_size; configs saved before the field existed lack it)."""
+  """The training canvases' side: data.canvas_size, or image_size if 0/absent."""
   return int(config.data.get("canvas_size", 0) or config.data.image_size)
 
 
@@ -127,13 +119,9 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
                   return_boxes: bool = False, device_resize: bool = True):
   """(this process's tf.data stream of training batches, examples read).
 
-  Batches of 'pretrain' are {'view1', 'view2': uint8 [L, C, C, 3] canvases,
-  'hw1', 'hw2': int32 [L, 2] their crops' sizes (`host_decode.fit`),
-  'label', 'failed'}, of 'linear' {'image', 'hw', 'label', 'failed'} (crops
-  flipped at random). `split`, `batch_size` and `seed` default to the
-  config's; `arrays` (images, labels) replace the split; `return_boxes` adds
-  'box1', 'box2' or 'box': f32 [L, 4] crop windows (y, x, h, w) as fractions
-  of the image.
+  'pretrain': {'view1', 'view2' (uint8 [L, C, C, 3]), 'hw1', 'hw2' (crop
+  sizes), 'label', 'failed'}; 'linear': {'image', 'hw', 'label', 'failed'}.
+  `return_boxes` adds the crop windows 'box1', 'box2' or 'box'.
   """
   pi, pc = order.process(process_index, process_count)
   split = split or config.data.train_split
@@ -181,15 +169,8 @@ def train_dataset(config: ml_collections.ConfigDict, mode: str, *,
 
 
 def _replace_failures(ds, first: int):
-  """Each element that failed to decode replaced by the next one that did,
-  so that no later element shifts.
-
-  `ds` holds dicts with `k`, the element's place in the stream (`first`,
-  first + 1, ...). tf.data drops the failures; each survivor then also
-  fills the places of the failures just before it, with `failed` True (and
-  without `k`). Row r of step s is thus the same however far back the
-  stream started.
-  """
+  """Replaces each element that failed to decode by the next that did
+  (filling places `k` from `first`), so that no later element shifts."""
   ds = ds.ignore_errors(log_warning=False)   # Counted instead (`failed`).
 
   def gap(previous, e):
@@ -206,13 +187,8 @@ def _replace_failures(ds, first: int):
 def eval_dataset(config: ml_collections.ConfigDict, split: str,
                  batch_size: int, process_index: int | None = None,
                  process_count: int | None = None):
-  """(one padded pass over this process's share of `split`, examples in the
-  split, batches per process).
-
-  Batches are {'image': uint8 [L, S, S, 3] centre crops, 'hw': int32 [L, 2]
-  (`host_decode.fit`), 'label', 'mask', 'index' (in the split)}; over all
-  processes every example has mask True once, padding label and index -1.
-  """
+  """(one padded pass of this process's {'image', 'hw', 'label', 'mask',
+  'index'}, split size, batches)."""
   pi, pc = order.process(process_index, process_count)
   local = batch_size // pc
   size = int(config.data.image_size)
@@ -228,7 +204,7 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
     s = sources.get_split(config.data, split)
     read, form = _reader(s)
     total = s.num_examples
-    ds = tf.data.Dataset.from_tensor_slices(order.shard_indices(total, pi, pc))
+    ds = tf.data.Dataset.range(pi, total, pc)
     ds = ds.map(lambda i: (*read(i), i))
 
   def center(data, label, i):
@@ -250,12 +226,8 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
 
 
 def finish_fn(mesh: Mesh, mode: str, size: int):
-  """Jitted: the accelerators resize each canvas's crop to S x S.
-
-  Training crops as `host_decode.fit` would (plain bicubic up to a 3x
-  shrink); evaluation crops are only enlarged. Pretraining views come back
-  uint8 (the train step converts them), the other modes' f32 in [0, 1].
-  """
+  """Jitted: the accelerators resize each crop to S x S (as `host_decode.fit`
+  would), uint8 for pretraining (the step converts), else f32 in [0, 1]."""
   views = (dict(view1="hw1", view2="hw2") if mode == "pretrain"
            else dict(image="hw"))
   above = 1.0 if mode == "eval" else crops.PLAIN_SHRINK_MAX
@@ -263,8 +235,9 @@ def finish_fn(mesh: Mesh, mode: str, size: int):
   def per_device(batch):
     out = dict(batch)
     for key, hw_key in views.items():
-      x = jax.vmap(lambda c, hw: crops.resize_image(c, hw, size, above))(
-          out[key], out.pop(hw_key))                        # [l, S, S, 3]
+      x = jax.vmap(lambda c, hw: crops.crop_resize(           # [l, S, S, 3]
+          c, hw, (0.0, 0.0, *hw.astype(jnp.float32)), size, above))(
+              out[key], out.pop(hw_key))
       out[key] = (jnp.round(x * 255.0).astype(jnp.uint8)
                   if mode == "pretrain" else x)
     return out
@@ -275,12 +248,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, mode: str,
           split: str, batch_size: int, seed: int, start_step: int = 0,
           fraction: float = 1.0, arrays: Any = None,
           return_boxes: bool = False) -> pipeline.Batches:
-  """Global batches of `mode` ('pretrain', 'linear' or 'eval').
-
-  Args as `train_dataset`; `fraction` < 1 trains on a seeded subset.
-  `batch(step)` counts the elements that failed to decode in `failures`
-  when they leave tf.data (`Batches.failed_images`).
-  """
+  """Global batches of `mode` ('pretrain', 'linear' or 'eval'), counting
+  the elements that failed to decode in `failures`."""
   finish = finish_fn(mesh, mode, int(config.data.image_size))
   if mode == "eval":
     ds, total, num_batches = eval_dataset(config, split, batch_size)

@@ -1,10 +1,7 @@
 """tf.data element functions of the host path: crop windows and decoding.
 
-A JPEG is decoded once per element, over the union of its crop windows, at
-the DCT scale that a large shrink allows. A crop that fits the C x C canvas
-(C = config.data.canvas_size, default image_size S) travels as it is with
-its size and the accelerators resample it (`host.finish_fn`); only a larger
-crop is shrunk here. C = 2 S (for CPU-bound hosts) rarely resamples at all.
+A crop that fits the C x C canvas (C = data.canvas_size, default S) travels
+as it is and the accelerators resample it (`host.finish_fn`).
 """
 import functools
 import types
@@ -41,8 +38,8 @@ def center_window(height, width, fraction: float):
 
 
 def _pad(image, hw, canvas: int):
-  """uint8 [h, w, 3] at the top-left of a zero [canvas, canvas, 3] (two
-  concatenations: tf.pad is several times slower on large canvases)."""
+  """uint8 [h, w, 3] at the top-left of a zero [canvas, canvas, 3]."""
+  # Two concatenations: tf.pad is several times slower on large canvases.
   image = tf.concat([image, tf.zeros([hw[0], canvas - hw[1], 3], tf.uint8)], 1)
   return tf.concat([image, tf.zeros([canvas - hw[0], canvas, 3], tf.uint8)], 0)
 
@@ -51,11 +48,8 @@ def fit(crop, size: int, canvas: int | None = None,
         device_resize: bool = True, fast: bool = True):
   """(uint8 [C, C, 3] canvas, int32 [2] size on it) of a crop [h, w, 3].
 
-  A crop that fits goes as it is and the accelerators resample it to S x S
-  (resizing is most of the host's work otherwise); a larger one is shrunk
-  here with bicubic: for training (`fast`) plain, as the paper's code,
-  antialiased only past a 3x shrink; for evaluation always antialiased,
-  as PIL. `device_resize` False resizes every crop here (benchmarks).
+  A crop that fits goes as it is; a larger one is shrunk with bicubic,
+  antialiased past a 3x shrink if `fast` (as the paper), else always (PIL).
   """
   canvas = int(canvas or size)
   hw = tf.shape(crop)[:2]
@@ -81,16 +75,10 @@ def decode_crops(data, form: str, window_fns, size: int, flip_seed=None,
                  fast: bool = True):
   """Decodes `data` once and cuts one crop per window function.
 
-  A JPEG is decoded by `decode_and_crop_jpeg` over the union of the windows;
-  if `fast` (training), at the DCT scale 1/r (r in 1, 2, 4, 8) that keeps
-  the smallest crop's shorter side at least S: libjpeg's scaled inverse DCT
-  shrinks for free what a resize would do at a cost.
-
-  `data` is encoded bytes of any format ('encoded'), known to be JPEG
-  ('jpeg'), or a uint8 [H, W, 3] image ('pixels'); `window_fns` map (height,
-  width) to int32 [4] windows (y, x, h, w); `flip_seed` mirrors the crops at
-  random. Returns ([(canvas, size)] as `fit`, [f32 [4] window as fractions
-  of the image]).
+  A JPEG is decoded over the union of the windows, if `fast` at the DCT
+  scale 1/r (r in 1, 2, 4, 8) that keeps the smallest crop's shorter side
+  >= S. `form`: 'encoded', 'jpeg' or 'pixels' (uint8 [H, W, 3]).
+  Returns ([(canvas, size)] as `fit`, [f32 [4] windows as fractions]).
   """
   def cut(shape, decode, scaled):
     windows = [fn(shape[0], shape[1]) for fn in window_fns]

@@ -1,11 +1,8 @@
-"""What a dataset is, read cheaply and checked against the config.
+"""What a dataset is, read from metadata only and checked against the config.
 
-`describe(config)` reads only metadata (TFDS `builder.info`, folder
-listings, .npz keys and labels) and resolves the config's conventions:
 `data.eval_split = ""` is the first of val, validation, test that exists;
 `data.num_classes = -1` comes from the data (0 when unlabelled), 0 turns
-labels off, N > 0 must agree with the data. Each mistake is one
-`ConfigError` line.
+labels off, N > 0 must agree with the data.
 """
 import dataclasses
 import functools
@@ -24,10 +21,7 @@ EVAL_SPLITS = ("val", "validation", "test")
 
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
-  """A dataset as the run sees it: `name` (TFDS name, folder or .npz path),
-  `eval_split` None if there is none (then `num_eval` 0), `num_classes` 0
-  when unlabelled or labels are off, `class_names` where the data has them.
-  """
+  """A dataset as the run sees it (`eval_split` None if there is none)."""
   name: str
   source: str
   train_split: str
@@ -127,20 +121,15 @@ def describe(config: ml_collections.ConfigDict) -> DataInfo:
 
 def resolve(config: ml_collections.ConfigDict,
             data_info: DataInfo | None = None) -> ml_collections.ConfigDict:
-  """A copy of the config with what the data says (`describe`, or
-  `data_info`): num_classes >= 0, eval_split ("" for none), and for folders
-  and files the name of the data the run read (e.g. 'imagewoof2-320')."""
+  """A copy of the config with num_classes, eval_split ("" for none) and, for
+  folders and files, data.name (e.g. 'imagewoof2-320') set from the data."""
   data_info = data_info or describe(config)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.num_classes = int(data_info.num_classes)
     config.data.eval_split = data_info.eval_split or ""
     if config.data.source in ("folder", "npz") and config.data.path:
-      config.data.name = dataset_name(str(config.data.path))
+      base = os.path.basename(os.path.normpath(str(config.data.path)))
+      config.data.name = (base[:-4] if base.lower().endswith(".npz")
+                          else base)
   return config
-
-
-def dataset_name(path: str) -> str:
-  """'/data/imagewoof2-320/' -> 'imagewoof2-320'; 'x/cifar.npz' -> 'cifar'."""
-  base = os.path.basename(os.path.normpath(path))
-  return base[:-4] if base.lower().endswith(".npz") else base

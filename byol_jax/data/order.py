@@ -1,10 +1,8 @@
 """Which examples each step reads: seeded epoch permutations, shards, subsets.
 
-Shared by both paths (NumPy only), so they read the same examples in the
-same order. The global stream is the concatenation of per-epoch
-permutations of the split; step s covers stream positions [s B, (s + 1) B)
-and process p of P takes rows [p B / P, (p + 1) B / P) of it: a batch is a
-pure function of (seed, step), whatever the number of processes.
+Shared by both paths. The stream concatenates per-epoch permutations; step s
+covers positions [s B, (s + 1) B), process p of P its p-th P-th of them: a
+batch is a pure function of (seed, step), whatever the number of processes.
 """
 import functools
 import math
@@ -52,12 +50,6 @@ def local_rows(batch: int, process_index: int, process_count: int) -> slice:
   return slice(process_index * local, (process_index + 1) * local)
 
 
-def shard_indices(n: int, process_index: int, process_count: int
-                  ) -> np.ndarray:
-  """This process's examples of a finite split: i = index (mod count)."""
-  return np.arange(process_index, n, process_count, dtype=np.int64)
-
-
 def num_eval_batches(num_examples: int, local_batch: int,
                      process_count: int) -> int:
   """Batches per process for one padded pass (the same on every process)."""
@@ -67,9 +59,9 @@ def num_eval_batches(num_examples: int, local_batch: int,
 
 def eval_plan(n: int, local_batch: int, process_index: int,
               process_count: int) -> np.ndarray:
-  """This process's padded pass: int64 [num_batches, local_batch] example
-  indices, -1 on padding; over all processes each of [0, n) appears once."""
-  idx = shard_indices(n, process_index, process_count)
+  """This process's padded pass: int64 [batches, local_batch] indices, -1 on
+  padding."""
+  idx = np.arange(process_index, n, process_count, dtype=np.int64)
   rows = num_eval_batches(n, local_batch, process_count)
   out = np.full((rows * local_batch,), -1, np.int64)
   out[:idx.shape[0]] = idx
@@ -77,11 +69,8 @@ def eval_plan(n: int, local_batch: int, process_index: int,
 
 
 def subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-  """Sorted int64 indices of a seeded subset of about `fraction` of `labels`.
-
-  Class-balanced when every label is known (>= 0): round(fraction * n_c),
-  at least 1, of each class c; otherwise round(fraction * n) of all.
-  """
+  """Sorted int64 indices of a seeded subset of about `fraction` of `labels`,
+  class-balanced (at least 1 per class) when every label is known."""
   n = labels.shape[0]
   if fraction >= 1.0:
     return np.arange(n, dtype=np.int64)

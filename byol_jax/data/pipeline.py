@@ -1,11 +1,8 @@
 """The one batch iterator of both paths: global arrays, by step or by pass.
 
-A path supplies `start(step)`, an iterator of this process's batches as
-NumPy dicts (infinite from `step` for training, one pass for evaluation),
+A path supplies `start(step)`, an iterator of this process's NumPy batches,
 and optionally `finish`, a jitted function of the global batch. `Batches`
-makes each local batch a global array sharded over the mesh's `data` axis
-(an explicit, asynchronous transfer) and keeps `prefetch` batches ready
-ahead, so that `batch(N + 1)` costs the host almost nothing.
+shards each over the mesh's `data` axis and keeps `prefetch` ready ahead.
 """
 import collections
 from typing import Callable, Iterator
@@ -23,12 +20,8 @@ GlobalBatch = dict[str, jax.Array]
 
 
 def on_rows(mesh: Mesh, fn: Callable, num_replicated: int = 0) -> Callable:
-  """`shard_map` of `fn` over each device's own rows of the batch arguments.
-
-  The first `num_replicated` arguments are whole on every device; the others
-  are split over the `data` axis. No communication, and indexing inside
-  `fn` is plain indexing of local arrays, whatever the mesh's axis types.
-  """
+  """`shard_map` of `fn` over each device's rows of the batch arguments
+  (after `num_replicated` arguments that are whole on every device)."""
   rows = P(sharding.DATA_AXIS)
   return lambda *args: jax.shard_map(
       fn, mesh=mesh, in_specs=(P(),) * num_replicated + (rows,) * (
@@ -36,15 +29,8 @@ def on_rows(mesh: Mesh, fn: Callable, num_replicated: int = 0) -> Callable:
 
 
 class Batches:
-  """Global batches of one mode (pretrain, linear, eval) of either path.
-
-  Attributes:
-    num_examples: examples the mode reads (the split, or its subset).
-    batch_size: the global batch.
-    steps_per_epoch: num_examples // batch_size (at least 1).
-    failures: the host path's `{step: elements that failed to decode}`
-      (None on the device path).
-  """
+  """Global batches of one mode of either path (`failures`: the host path's
+  {step: elements that failed to decode})."""
 
   def __init__(self, mesh: Mesh, start: Callable[[int], Iterator[LocalBatch]],
                finish: Callable[[GlobalBatch], GlobalBatch] | None, *,
@@ -68,8 +54,8 @@ class Batches:
       ready.append(self._finish(batch) if self._finish else batch)
 
   def failed_images(self, step: int) -> int:
-    """Elements of the steps before `step` that failed to decode and were
-    replaced, over all processes (a collective: call it on every process)."""
+    """Elements before `step` that failed to decode, over all processes (a
+    collective)."""
     n = sum(v for s, v in (self.failures or {}).items() if s < step)
     if jax.process_count() > 1:
       n = int(np.sum(multihost_utils.process_allgather(np.int64(n))))
@@ -81,8 +67,7 @@ class Batches:
     return tuple(range(self._next_step, self._next_step + len(self._ready)))
 
   def batch(self, step: int) -> GlobalBatch:
-    """The global batch of `step`; another step than the next restarts the
-    stream there."""
+    """The global batch of `step` (a jump restarts the stream there)."""
     if self._it is None or step != self._next_step:
       if self._it is not None:
         logging.info("Input pipeline: jumping from step %d to %d.",

@@ -1,16 +1,10 @@
 """Index-addressable sources without TensorFlow: image folders, .npz, arrays.
 
-A `Split` (file paths, encoded images or uint8 arrays) is held whole by
-every process; `host` reads it by index with tf.data, `store` decodes it
-with PIL. Layouts:
 - folder: ROOT/<split>/<class>/*.{jpg,jpeg,png} (any case); images directly
-  in ROOT/<split>/ get label -1. Class indices come from the sorted union of
-  class folder names over all splits, so that train and eval agree.
-- npz (the packed format of ../shared/datasets): `{split}_jpeg` (uint8 bytes,
-  concatenated), `{split}_offsets` (int64 [n+1]), `{split}_labels`, and
-  optionally `class_names`.
-- arrays: an .npz with `{split}_images` (uint8 [N, H, W, 3]) and
-  `{split}_labels`, or `images`/`labels` as the train split.
+  in ROOT/<split>/ get label -1; classes: the sorted union over all splits.
+- npz: `{split}_jpeg` (concatenated bytes), `{split}_offsets` (int64
+  [n+1]) or `{split}_images` (uint8 [N, H, W, 3]; `images` for train),
+  `{split}_labels` (`labels`), optional `class_names`.
 """
 import concurrent.futures
 import dataclasses
@@ -49,24 +43,14 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def map_threads(fn: Callable, items: Sequence, what: str, unit: str) -> list:
   """list(map(fn, items)) on a thread pool, with progress lines."""
-  ticker = progress.Ticker(what, len(items), unit)
-
-  def one(x):
-    try:
-      return fn(x)
-    finally:
-      ticker.add()
   with concurrent.futures.ThreadPoolExecutor(_NUM_THREADS) as pool:
-    out = list(pool.map(one, items, chunksize=64))
-  ticker.finish()
-  return out
+    return list(progress.track(pool.map(fn, items), what, len(items), unit))
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split: int32 labels [N] (-1: unknown) and exactly one of `paths`
-  (folder), `encoded` (JPEG/PNG bytes, npz) or `images` (uint8 [N, H, W, 3]).
-  `all_jpeg`: every encoded image is a JPEG (no format check per image)."""
+  """One split: int32 labels [N] (-1: unknown) and one of `paths`, `encoded`
+  (bytes) or `images` (uint8 [N, H, W, 3]); `all_jpeg`: only JPEGs."""
   labels: np.ndarray
   paths: Sequence[str] | None = None
   encoded: Sequence[bytes] | None = None
@@ -115,8 +99,7 @@ def folder_classes(root: str) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=16)
 def list_folder(root: str, split: str
                 ) -> tuple[tuple[str, ...], np.ndarray, tuple[str, ...]]:
-  """(paths sorted by class then name, int32 labels [N], class names) of
-  ROOT/<split>/<class>/* and ROOT/<split>/* (label -1); cached."""
+  """(paths sorted by class then name, int32 labels [N], class names)."""
   check_folder(root)
   splits = subdirs(root)
   split_dir = os.path.join(root, split)
@@ -138,11 +121,8 @@ def list_folder(root: str, split: str
 
 
 def file_kind(path: str) -> str | None:
-  """'jpeg', 'png', 'gif', 'bmp', or None for an invalid file.
-
-  Reads the magic bytes and the last 4 KiB (end-of-image marker): catches
-  empty, non-image and truncated JPEG/PNG files without decoding them.
-  """
+  """'jpeg', 'png', 'gif', 'bmp', or None for an empty, non-image or
+  truncated file (from its magic bytes and end-of-image marker)."""
   try:
     with open(path, "rb") as f:
       head = f.read(16)
@@ -202,8 +182,7 @@ def npz_splits(files: Sequence[str], train_split: str = "train") -> list[str]:
 
 @functools.lru_cache(maxsize=8)
 def npz_split(path: str, split: str, train_split: str = "train") -> Split:
-  """A split of an .npz, packed JPEGs or uint8 arrays (cached); plain
-  `images`/`labels` keys stand for `train_split`."""
+  """A split of an .npz, packed JPEGs or uint8 arrays (cached)."""
   check_npz(path)
   with np.load(path, allow_pickle=False) as d:
     files = set(d.files)
@@ -250,8 +229,7 @@ def arrays_split(images: np.ndarray, labels: np.ndarray | None) -> Split:
 
 
 def get_split(data_cfg: Any, split: str, arrays=None) -> Split:
-  """The split of a 'folder', 'npz' or 'arrays' source; `arrays` (images,
-  labels) stand for any split."""
+  """The split of a 'folder', 'npz' or 'arrays' source, or `arrays`."""
   if arrays is not None:
     return arrays_split(*arrays)
   source = data_cfg.source

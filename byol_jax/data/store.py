@@ -1,14 +1,8 @@
 """Whole splits decoded into host memory (PIL; TFDS only for 'tfds' sources).
 
-`load_canvas` is what the on-device path keeps on the accelerators: each
-image, aspect kept, at the top-left of one zero-padded canvas with its real
-(h, w) beside it, so that crops on the devices see its full extent and never
-read the padding. Images of one size are kept as they are; otherwise those
-whose shorter side exceeds ceil(image_size / eval_crop_fraction) are shrunk
-to it (so the evaluation centre crop needs no enlarging), and those longer
-than 2:1 lose the ends of their longer side (a bound on memory).
-`load_arrays` gives plain uint8 [N, H, W, 3] arrays (tests, notebooks).
-Results are cached per process and read-only.
+`load_canvas` (for the on-device path): images of mixed sizes shrunk to
+shorter side ceil(image_size / eval_crop_fraction) and cut to at most 2:1,
+on one zero-padded canvas. Results are cached and read-only.
 """
 import dataclasses
 import functools
@@ -31,13 +25,8 @@ _FIELDS = dict(source="", path="", name="", data_dir="", train_split="train",
 
 @dataclasses.dataclass(frozen=True, eq=False)  # Hashed by identity.
 class Canvas:
-  """A split on a padded canvas.
-
-  Attributes:
-    images: uint8 [N, Hc, Wc, 3]; image i fills [:h_i, :w_i], zeros after.
-    sizes: int32 [N, 2], the real (h_i, w_i).
-    labels: int32 [N], -1 where unknown.
-  """
+  """A split on a padded canvas: uint8 `images` [N, Hc, Wc, 3] (image i
+  fills [:h_i, :w_i]), int32 `sizes` [N, 2] (h_i, w_i), int32 `labels`."""
   images: np.ndarray
   sizes: np.ndarray
   labels: np.ndarray
@@ -53,13 +42,10 @@ def _readonly(*xs: np.ndarray) -> tuple[np.ndarray, ...]:
   return xs
 
 
-def _key(data_cfg: Any) -> tuple:
-  """The hashable fields of `config.data` that `_decode_split` reads."""
-  return tuple(type(v)(data_cfg.get(k, v)) for k, v in _FIELDS.items())
-
-
-def _cfg(key: tuple) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(zip(_FIELDS, key)))
+def _key(data_cfg: Any) -> ml_collections.FrozenConfigDict:
+  """The fields of `config.data` that `_decode_split` reads (hashable)."""
+  return ml_collections.FrozenConfigDict(
+      {k: type(v)(data_cfg.get(k, v)) for k, v in _FIELDS.items()})
 
 
 def _decode_split(data_cfg: Any, split: str, arrays=None
@@ -142,9 +128,8 @@ def _pack(images, labels, image_size: int, fraction: float) -> Canvas:
 
 
 @functools.lru_cache(maxsize=4)
-def _canvas(key: tuple, split: str, image_size: int, fraction: float
-            ) -> Canvas:
-  return _pack(*_decode_split(_cfg(key), split), image_size, fraction)
+def _canvas(key, split: str, image_size: int, fraction: float) -> Canvas:
+  return _pack(*_decode_split(key, split), image_size, fraction)
 
 
 def load_canvas(data_cfg: Any, split: str, arrays=None) -> Canvas:
@@ -158,9 +143,9 @@ def load_canvas(data_cfg: Any, split: str, arrays=None) -> Canvas:
 
 
 @functools.lru_cache(maxsize=4)
-def _arrays(key: tuple, split: str, size: int | None, image_size: int
+def _arrays(key, split: str, size: int | None, image_size: int
             ) -> tuple[np.ndarray, np.ndarray]:
-  images, labels = _decode_split(_cfg(key), split)
+  images, labels = _decode_split(key, split)
   stacked = _uniform(images) if size is None else None
   if stacked is None:
     target = int(size or image_size)
@@ -172,12 +157,7 @@ def _arrays(key: tuple, split: str, size: int | None, image_size: int
 
 def load_arrays(data_cfg: Any, split: str, size: int | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
-  """A whole split as uint8 images [N, H, W, 3] and int32 labels [N] (-1:
-  unknown), decoded with PIL, cached per process and read-only.
-
-  Images keep their size if they all share one and `size` is None;
-  otherwise each is resized (bicubic) to shorter side `size` (default
-  `data_cfg.image_size`) and centre-cropped to a square.
-  """
+  """A whole split as uint8 images [N, H, W, 3] and int32 labels [N]: mixed
+  sizes, or any if `size` is set, resized and centre-cropped to `size`."""
   return _arrays(_key(data_cfg), split, size,
                  int(data_cfg.get("image_size", 224)))

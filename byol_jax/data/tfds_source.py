@@ -1,7 +1,6 @@
 """TFDS datasets: builders, splits, labels and undecoded records.
 
-Importing this module imports TensorFlow and hides its GPUs and TPUs from
-it (JAX owns them).
+Importing it hides the GPUs and TPUs from TensorFlow (JAX owns them).
 """
 import re
 from typing import Any
@@ -58,11 +57,10 @@ def keys(b) -> tuple[str, str | None]:
 
 def class_names(b) -> tuple[str, ...]:
   """The names of the label feature's classes; () if it has none."""
-  _, label_key = keys(b)
+  label_key = keys(b)[1]
   feature = b.info.features[label_key] if label_key else None
-  if not isinstance(feature, tfds.features.ClassLabel):
-    return ()
-  return tuple(feature.names)
+  return (tuple(feature.names)
+          if isinstance(feature, tfds.features.ClassLabel) else ())
 
 
 def process_split(b, split: str, process_index: int, process_count: int
@@ -92,8 +90,8 @@ def records(b, split: str, first: int = 0) -> tf.data.Dataset:
 
 
 def _file_blocks(b, split: str):
-  """(file names, records to skip, records to take, index of each block's
-  first record within `split`) of the files `split` reads, in order."""
+  """(file names, records to skip, to take, index of each block's first
+  record in `split`) of the files `split` reads."""
   fis = b.info.splits[split].file_instructions
   takes = [int(f.take) for f in fis]
   return ([str(f.filename) for f in fis], [int(f.skip) for f in fis], takes,
@@ -108,15 +106,8 @@ def shuffles_files(b) -> bool:
 
 def epoch_records(b, split: str, seed: int, epoch: tf.Tensor,
                   cycle_length: int = 16) -> tf.data.Dataset:
-  """`records` of `split` with its files in the order of epoch e (int64
-  scalar tensor).
-
-  The files (each the block of records `split` takes from it) are permuted
-  by a stateless shuffle seeded by (seed, epoch), then read `cycle_length`
-  at a time, one record from each in turn: every record once per epoch, in
-  an order that is a pure function of (seed, epoch), so a resumed run reads
-  what the uninterrupted one did. 'index' is the record's place in `split`.
-  """
+  """`records` of `split`, its files in an order seeded by (seed, `epoch`)
+  and interleaved `cycle_length` at a time."""
   names, skips, takes, starts = _file_blocks(b, split)
   table = [tf.constant(v) for v in (names, skips, takes, starts)]
   order = tf.random.experimental.stateless_shuffle(
