@@ -1,15 +1,8 @@
 """byol_jax encoders as torchvision ResNet state_dicts.
 
-byol_jax's ResNet has torchvision's layout, so the export is a renaming plus
-a transpose of the convolution kernels (HWIO -> OIHW):
-
-  stem_conv, stem_bn                       conv1, bn1
-  stage<S>_block<B>/conv<K>, bn<K>         layer<S>.<B-1>.conv<K>, bn<K>
-  stage<S>_block<B>/downsample_conv, _bn   layer<S>.<B-1>.downsample.0, .1
-  batch norm scale, bias, mean, var        weight, bias, running_mean,
-                                           running_var (+ num_batches_tracked)
-
-There is no `fc`: the export loads with `strict=True` into a torchvision
+byol_jax's ResNet has torchvision's layout, so the export is a renaming
+(stage<S>_block<B> -> layer<S>.<B-1>, `_LAYERS`, `_LEAVES`) plus a transpose
+of the convolution kernels (HWIO -> OIHW). There is no `fc`: the export loads with `strict=True` into a torchvision
 ResNet whose `fc` is `torch.nn.Identity()`. Only 'symmetric' padding
 exports: torchvision cannot express TF/Haiku 'SAME' padding.
 """
@@ -100,9 +93,7 @@ def save(state_dict: dict[str, np.ndarray], out: str,
 
 
 def export(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
-  """Exports the online encoder of a byol_jax checkpoint for torchvision.
-
-  `workdir` is what `pretrained.load_run` reads; `step` default the newest.
+  """Exports the online encoder of `pretrained.load_run(workdir, step)`.
 
   Returns:
     A summary: depth, width, stem, step, tensors (count), out.
