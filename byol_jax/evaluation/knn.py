@@ -1,15 +1,9 @@
-"""The kNN monitor's vote: weighted k-nearest-neighbour class scores.
+"""Weighted kNN class scores (InstDisc, Wu et al., 2018; DESIGN section 3).
 
-InstDisc's protocol (Wu et al., 2018; DESIGN section 3): on L2-normalised
-features, each test image takes the k training images of highest cosine
-similarity, and neighbour j votes for its label with weight exp(s_j / T).
-
-    features, labels = extract_features(apply_fn, eval_data, mesh, variables)
-    preds = knn_predict(train_f, train_y, test_f, num_classes, k=200)
-
-The bank is sharded (`sharded_knn`): each device holds the rows it computed,
-scores every query against them and keeps its local top-k; the queries'
-owners merge the candidates. A device's memory is O(N / devices).
+Each L2-normalised test feature takes the k bank rows of highest cosine
+similarity; neighbour j votes for its label with weight exp(s_j / T). The
+bank stays sharded: each device keeps its rows' top-k per query and the
+queries' owners merge the candidates, so a device holds O(N / devices).
 """
 import functools
 from typing import Any, Callable, Iterable
@@ -24,8 +18,7 @@ from byol_jax.core.methods import network
 from byol_jax.data import augment
 from byol_jax.evaluation import online
 
-# Test rows (over all devices) whose similarities to the bank are held at
-# once; with N bank rows a device's similarity block is [chunk, N / devices].
+# Query rows (all devices) scored at once: a device's block is [chunk, N / n].
 DEFAULT_CHUNK = 256
 
 
@@ -33,19 +26,11 @@ def extract_features(apply_fn: Callable[[Any, jax.Array], jax.Array],
                      eval_data: Iterable[dict], mesh: Mesh, variables: Any,
                      *, normalize: bool = True
                      ) -> tuple[np.ndarray, np.ndarray]:
-  """L2-normalised features of one pass over `eval_data`, padding dropped.
+  """NumPy (unit-norm features [N, D], labels [N]) of one pass, no padding.
 
-  Args:
-    apply_fn: `apply_fn(variables, images [B, S, S, 3] f32) -> [B, D]`.
-    eval_data: one pass of batches {'image': [B, S, S, 3] in [0, 1],
-      'label': int32 [B], 'mask': bool [B] (False: padding)}.
-    mesh: the device mesh; batches are sharded over its `data` axis.
-    variables: pytree passed (replicated) to `apply_fn`.
-    normalize: apply the ImageNet mean/std to the images first.
-
-  Returns:
-    NumPy (features f32 [N, D] of unit norm, labels int32 [N]) of the N
-    real examples, in the order of the pass.
+  `apply_fn(variables, images [B, S, S, 3]) -> [B, D]`; `eval_data` yields
+  {'image' in [0, 1], 'label', 'mask' (False: padding)}; `normalize` applies
+  the ImageNet mean/std first.
   """
   def features(v, images):
     x = augment.to_float(images)                       # [B, S, S, 3]
@@ -71,20 +56,10 @@ def _local_scores(bank, bank_y, bank_valid, queries, *, devices: int,
                   num_classes: int, k: int, temperature: float, chunk: int):
   """One device's class scores [nq, q, C] of its queries (in `shard_map`).
 
-  Per chunk of query rows: every device's chunk is gathered (features
-  only), scored against the local bank rows, cut to the local top-k, and
-  the candidates go back to the query's device (all-to-all), which merges
-  them into the global top-k and votes.
-
-  Args:
-    bank: [nb, b, D] this device's bank rows (b = global rows / devices).
-    bank_y: [nb, b] their labels.
-    bank_valid: [nb, b] False for padding rows (they never vote).
-    queries: [nq, q, D] this device's query rows.
-    devices: devices on the `data` axis.
-    num_classes, k, temperature: C, neighbours per query (at most the
-      bank's valid rows), T.
-    chunk: query rows per device scored at once.
+  Per chunk of query rows, all devices' chunks are gathered, scored against
+  the local bank [nb, b, D] (padding rows: `bank_valid` False), cut to the
+  local top-k, and sent back to their device (all-to-all), which merges the
+  candidates into the global top-k and votes.
   """
   dim = bank.shape[-1]
   bank = bank.reshape(-1, dim).astype(jnp.float32)        # [Nl, D]
@@ -130,24 +105,15 @@ def rows_sharding(mesh: Mesh) -> NamedSharding:
 @functools.lru_cache(maxsize=32)
 def sharded_knn(mesh: Mesh, num_classes: int, k: int, temperature: float,
                 chunk: int = DEFAULT_CHUNK, counts: bool = False):
-  """The jitted sharded kNN program; every array is [n, B, ...] on `rows_sharding`.
+  """The jitted sharded kNN; every array is [n, B, ...] on `rows_sharding`.
 
-  The bank stays where its features were computed: no feature array is
-  replicated.
-
-  Args:
-    mesh: the device mesh.
-    num_classes, k, temperature: C, neighbours per query (at most the
-      bank's valid rows), T.
-    chunk: query rows scored at once over all devices (rounded up to the
-      device count); a device's similarity block is [chunk, N / devices].
-    counts: return the queries' top-1/top-5 hit counts instead of scores.
+  `k` is at most the bank's valid rows; `chunk` query rows (over all
+  devices) are scored at once.
 
   Returns:
-    `fn(bank [nb, B, D], bank_labels [nb, B], bank_valid [nb, B], queries
-    [nq, Q, D])` -> scores [nq, Q, C] (counts=False), or `fn(...,
-    query_labels [nq, Q], query_mask [nq, Q])` -> {'correct1', 'correct5',
-    'count'} int32 scalars, replicated (counts=True).
+    `fn(bank [nb, B, D], bank_labels, bank_valid, queries [nq, Q, D])` ->
+    scores [nq, Q, C], or with `counts`, `fn(..., query_labels, query_mask)`
+    -> replicated `online.correct_counts` of the queries.
   """
   devices = mesh.devices.size
   local = functools.partial(
@@ -173,19 +139,10 @@ def knn_scores(train_features: Any, train_labels: Any, test_features: Any,
                num_classes: int, k: int = 200, temperature: float = 0.1,
                chunk: int = DEFAULT_CHUNK, mesh: Mesh | None = None
                ) -> jax.Array:
-  """Weighted kNN class scores of every test row.
+  """Weighted kNN class scores [M, C] of unit-norm test rows [M, D].
 
-  Args:
-    train_features, train_labels: the bank, unit-norm [N, D] and int [N].
-    test_features: [M, D] unit-norm features to classify.
-    num_classes, k, temperature: C, neighbours (clipped to N), T.
-    chunk: test rows processed at once.
-    mesh: the devices the bank and test rows are split over (default: the
-      first device).
-
-  Returns:
-    float32 [M, C]: score[i, c] = sum of exp(s_ij / T) over the k nearest
-    neighbours j of test row i whose label is c.
+  score[i, c] sums exp(s_ij / T) over the k nearest bank rows j of row i
+  with label c; `mesh` splits the rows (default: the first device).
   """
   mesh = mesh or sharding.make_mesh(jax.devices()[:1])
 

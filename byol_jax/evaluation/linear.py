@@ -26,16 +26,13 @@ from byol_jax.core import models
 from byol_jax.core import sharding
 from byol_jax.data import augment
 from byol_jax.errors import ConfigError
+from byol_jax.evaluation import monitor
 from byol_jax.evaluation import online
 
 
 @flax.struct.dataclass
 class LinearState:
-  """The linear run's state, replicated and donated.
-
-  `params` is {'head'} (and 'encoder' when fine-tuning, with its
-  `batch_stats`; else {}).
-  """
+  """The replicated, donated state; params {'head'} (+ 'encoder': fine-tune)."""
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -70,13 +67,8 @@ def make_train_step(encoder: nn.Module, head: nn.Module,
                     *, finetune: bool, normalize: bool = True):
   """The (unjitted) step `(state, frozen, batch) -> (state, metrics)`.
 
-  Args:
-    encoder: `encoder.apply(vars, x, train=...) -> [B, D]`.
-    head: the linear layer.
-    tx: the optimizer of `state.params`; `schedule`: its learning rate.
-    finetune: train the encoder too (BN in train mode); otherwise `frozen`
-      is the encoder's {'params', 'batch_stats'}, in inference mode.
-    normalize: apply the ImageNet mean/std to the [0, 1] images.
+  Without `finetune`, `frozen` is the encoder's {'params', 'batch_stats'},
+  run in inference mode; `normalize` applies the ImageNet mean/std.
   """
   def train_step(state: LinearState, frozen: Any, batch: dict):
     x = augment.to_float(batch["image"])  # [B, S, S, 3] in [0, 1]
@@ -117,7 +109,7 @@ def make_train_step(encoder: nn.Module, head: nn.Module,
 
 
 def jit_train_step(train_step, mesh: Mesh):
-  """Batch sharded on `data`; state and frozen encoder replicated; state donated."""
+  """Jits the step: batch on `data`, the rest replicated, state donated."""
   rep = sharding.replicated(mesh)
   return jax.jit(train_step,
                  in_shardings=(rep, rep, sharding.batch_sharding(mesh)),
@@ -132,8 +124,7 @@ def _fetch(tree: Any) -> Any:
 class LinearEvaluator:
   """Trains a linear classifier (or fine-tunes) on an encoder and scores it.
 
-  Pipelines, optimizer and steps are built once; each call trains a fresh
-  head on the given encoder variables and compiles nothing new.
+  Built once; each call trains a fresh head and compiles nothing new.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, encoder: nn.Module,
@@ -148,21 +139,15 @@ class LinearEvaluator:
     Args:
       config, encoder, mesh: the run's config, the encoder module (e.g. of
         `byol_jax.load_encoder`), the device mesh.
-      epochs: passes over the labelled train set (the protocol: 80).
-      steps: when > 0, the number of steps, overriding `epochs`.
+      epochs: passes over the labelled data; `steps` > 0 overrides it.
       batch_size: global batch, rounded up to the device count (and down
         to the labelled data); the lr follows it.
-      eval_batch_size: global eval batch (default: `batch_size`).
       base_lr: the learning rate at batch 256 (0.2 for the linear protocol;
         smaller, e.g. 0.01, to fine-tune).
-      finetune: also train the encoder (BN in train mode).
-      weight_decay: on kernels; 0 in the protocol.
       seed: head initialisation, data order and the labelled subset.
-      train_split: the labelled split (default config.data.train_split).
-      fraction: train on this seeded fraction of it (the paper's 1% and
-        10% semi-supervised fine-tuning).
-      log_every: log train loss/accuracy every this many steps (0: each
-        epoch).
+      train_split, fraction: the labelled split (default the config's) and
+        the seeded fraction of it (the paper's 1% and 10% fine-tuning).
+      log_every: steps between logs of train loss/accuracy (0: each epoch).
     """
     if config.data.num_classes < 0 or not config.data.eval_split:
       config = data.resolve(config)  # Classes and eval split from the data.
@@ -206,7 +191,6 @@ class LinearEvaluator:
         train_split=train_split or config.data.train_split,
         num_train_examples=int(self.train_data.num_examples))
     self._mesh, self._finetune, self._seed = mesh, finetune, seed
-    normalize = bool(config.augment.get("normalize", True))
     dim = models.representation_dim(config.model.depth, config.model.width,
                                     config.model.num_filters)
     head = make_head(num_classes)
@@ -223,21 +207,14 @@ class LinearEvaluator:
       return LinearState(step=jnp.zeros((), jnp.int32), params=params,
                          batch_stats=batch_stats, opt_state=tx.init(params))
 
-    def logits_fn(v, batch):
-      x = augment.to_float(batch["image"])
-      x = augment.normalize(x) if normalize else x
-      y = encoder.apply(v["encoder"], x, train=False)  # [B, D]
-      logits = head.apply({"params": v["head"]}, y.astype(jnp.float32))
-      return online.correct_counts(logits, batch["label"], batch["mask"])
-
     self._init = jax.jit(init, out_shardings=rep)
     self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b),
                         out_shardings=rep)
     self._step = jit_train_step(
         make_train_step(encoder, head, tx, schedule, finetune=finetune,
-                        normalize=normalize), mesh)
-    self._count = jax.jit(logits_fn, in_shardings=(
-        rep, sharding.batch_sharding(mesh)), out_shardings=rep)
+                        normalize=config.augment.get("normalize", True)), mesh)
+    forward = monitor.forward_fn(config, mesh, encoder)
+    self._count = lambda v, batch: forward(v["encoder"], v["head"], batch)[1]
 
   def __call__(self, variables: Any) -> dict[str, Any]:
     """Trains a fresh head on `variables` ({'params', 'batch_stats'}).
@@ -308,9 +285,8 @@ def fit_to_data(batch_size: int, eval_batch_size: int, num_train: int,
                 num_eval: int, num_devices: int) -> tuple[int, int]:
   """(train, eval) batches no larger than the data, multiples of the devices.
 
-  A preset's batch (4096 for the 1% fine-tuning) on a few hundred labelled
-  images would repeat each image many times per step: the train batch
-  rounds down (and says so), the eval batch up to pad less.
+  The train batch rounds down (and says so; e.g. the 1% fine-tuning's 4096
+  on a few hundred images), the eval batch up to pad less.
   """
   def fit(b, n, up):  # n rounded up or down to the devices, if under b.
     if n >= b:

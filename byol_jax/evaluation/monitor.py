@@ -1,9 +1,7 @@
 """The evaluations run during pretraining, built and compiled once per run.
 
-The online classifier's top-1/top-5 on the eval split, and the kNN monitor
-(bank: the train split's features; queries: the eval split's). One compiled
-forward pass (inference mode) gives both a batch's L2-normalised features and
-the classifier's hits; periodic evaluations compile nothing new.
+The online classifier's top-1/top-5 on the eval split and the kNN monitor
+(bank: the train split; queries: the eval split) share one forward pass.
 """
 from typing import Any
 
@@ -29,13 +27,9 @@ class Monitor:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *,
                batch_size: int | None = None):
-    """Builds the eval pipelines and the compiled programs.
+    """Builds the eval pipelines and programs; no classes: no evaluation.
 
-    Args:
-      config: the run's config; `data.num_classes` 0 turns evaluation off.
-      mesh: the device mesh.
-      batch_size: global eval batch (default: config.batch_size), rounded up
-        to the device count.
+    `batch_size`: the global eval batch (default: config.batch_size).
     """
     # XLA:CPU's simulated devices can deadlock on a deep queue of
     # collectives: there, one batch in flight at a time.
@@ -68,9 +62,8 @@ class Monitor:
     if k < config.knn.k:
       progress.say(f"kNN monitor: k={k} neighbours instead of "
                    f"{config.knn.k}, the size of its bank.")
-    # The kNN bank and queries stay on the devices that computed them, as
-    # [batches, B, ...] stacks (each batch's rows split over `data`): a
-    # device holds N / devices rows, and only the hit counts are read back.
+    # Bank and queries stay where they were computed, as [batches, B, ...]
+    # stacks (rows on `data`); only the hit counts are read back.
     self._stacks = {name: (len(batches), batches.batch_size, dim)
                     for name, batches in (("bank", self._bank),
                                           ("queries", self._queries))}
@@ -127,13 +120,15 @@ class Monitor:
     return results
 
 
-def forward_fn(config: ml_collections.ConfigDict, mesh: Mesh):
+def forward_fn(config: ml_collections.ConfigDict, mesh: Mesh,
+               encoder: nn.Module | None = None):
   """Jitted `(encoder_vars, classifier_params, batch) -> (features, counts)`.
 
-  L2-normalised features [B, D] (rows on `data`) of the encoder in inference
-  mode, and the classifier's `online.correct_counts` (replicated).
+  Unit-norm features [B, D] of `encoder` (default: the config's) in
+  inference mode, rows on `data`, and the replicated `online.correct_counts`
+  of a linear classifier on them.
   """
-  encoder = network.make_encoder(config)
+  encoder = encoder or network.make_encoder(config)
   classifier = nn.Dense(int(config.data.num_classes), name="classifier")
   normalize = bool(config.augment.get("normalize", True))
 
@@ -153,9 +148,8 @@ def forward_fn(config: ml_collections.ConfigDict, mesh: Mesh):
 def stack_fns(mesh: Mesh):
   """Jitted `empty(n, B, D)` and `store(stack, feats, labels, mask, i)`.
 
-  A stack is (features f32 [n, B, D], labels int32 [n, B], mask bool
-  [n, B]) on `knn.rows_sharding`; `store` writes batch i in place (the
-  stack is donated), so each device only ever holds its own rows.
+  A stack is (features [n, B, D], labels [n, B], mask [n, B]) on
+  `knn.rows_sharding`; `store` writes batch i in place (donated).
   """
   stacked, rows = knn.rows_sharding(mesh), sharding.batch_sharding(mesh)
 

@@ -1,8 +1,4 @@
-"""Top-1 and top-5 counts of a classifier over one pass of a split.
-
-Hits are counted on device, skipping padding rows by their mask, so each
-example of the split counts exactly once whatever the batch size.
-"""
+"""Top-1/top-5 hit counts of a classifier, on device, padding rows skipped."""
 from typing import Any, Callable, Iterable
 
 import jax
@@ -48,10 +44,7 @@ def accuracy(totals: dict[str, jax.Array]) -> dict[str, Any]:
 
 def evaluate(count_fn: Callable[[Any, dict], dict], variables: Any,
              eval_data: Iterable[dict], mesh: Mesh) -> dict[str, Any]:
-  """`accuracy` over one pass of `eval_data` (global batches).
-
-  `count_fn` is a jitted `(variables, batch) -> correct_counts(...)`.
-  """
+  """`accuracy` of a jitted `count_fn(variables, batch)` over one pass."""
   totals = None
   throttle = jax.default_backend() == "cpu"  # XLA:CPU: a shallow queue.
   for batch in eval_data:

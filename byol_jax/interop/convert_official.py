@@ -7,20 +7,8 @@ online_state, target_state, opt_state), step, rng)`: Haiku trees
 field `average`) and the LARS momentum (`opt_state[1].mu`).
 
 Haiku's ResNet v1 has byol_jax's layout with TF 'SAME' padding, so it maps
-name by name onto `models.ResNet(padding='same')`:
-
-  res_net50/~/initial_conv                       encoder/stem_conv
-  res_net50/~/initial_batchnorm                  encoder/stem_bn
-  .../block_group_G/~/block_B/~/conv_K           encoder/stage<G+1>_block<B+1>/
-                                                     conv<K+1>
-  .../block_group_G/~/block_B/~/batchnorm_K      .../bn<K+1>
-  .../shortcut_conv, .../shortcut_batchnorm      .../downsample_conv, _bn
-  projector/linear, batch_norm, linear_1         projector/dense1, bn1, dense2
-  classifier                                     classifier
-  leaves w, b, scale, offset                     kernel, bias, scale, bias
-  state .../~/mean_ema, var_ema (average)        batch_stats mean, var
-
-Kernels are HWIO / [in, out] in both; batch-norm vectors lose Haiku's 1-axes.
+name by name (the tables below) onto `models.ResNet(padding='same')`. Kernels
+are HWIO / [in, out] in both; batch-norm vectors lose Haiku's 1-axes.
 """
 import json
 import re
@@ -145,14 +133,9 @@ def convert_tree(params: dict, state: dict,
                  prefix: str) -> tuple[dict, dict]:
   """Haiku params (or LARS momentum) and state -> (params, batch_stats).
 
-  Args:
-    params: {module: {'w'|'b'|'scale'|'offset': array}}.
-    state: {module/~/mean_ema|var_ema: {'average': ..., ...}}, or {}.
-    prefix: the encoder's module name (`encoder_prefix`).
-
-  Returns:
-    Nested dicts of float32 NumPy arrays under 'encoder', 'projector',
-    'predictor', 'classifier' (those present).
+  `params` is {module: {'w'|'b'|'scale'|'offset': array}}, `state`
+  {module/~/mean_ema|var_ema: {'average': ...}} or {}; the results are nested
+  dicts of float32 NumPy arrays under 'encoder', 'projector', ... (present).
   """
   out_params, out_stats = {}, {}  # {path tuple: array}
   for module, leaves in params.items():
@@ -173,14 +156,6 @@ def convert_tree(params: dict, state: dict,
         ema["average"], np.float32).reshape(-1)
   return (traverse_util.unflatten_dict(out_params),
           traverse_util.unflatten_dict(out_stats))
-
-
-def lars_momentum(opt_state: Any) -> dict | None:
-  """The `mu` tree of the official LARS state (Haiku layout), or None."""
-  for s in opt_state if isinstance(opt_state, (tuple, list)) else ():
-    if "mu" in getattr(s, "_fields", ()) and isinstance(s.mu, dict):
-      return s.mu
-  return None
 
 
 def make_config(arch: dict[str, int], params: dict,
@@ -310,7 +285,10 @@ def from_official(checkpoint_path: str, workdir: str, which: str = "online",
                                  official["target_state"], prefix)
   target = {"params": {k: tparams[k] for k in ("encoder", "projector")},
             "batch_stats": {k: tstats[k] for k in ("encoder", "projector")}}
-  mu = lars_momentum(official["opt_state"]) if which == "online" else None
+  mu = None  # The official LARS state's `mu` tree (Haiku layout).
+  if which == "online" and isinstance(official["opt_state"], (tuple, list)):
+    mu = next((s.mu for s in official["opt_state"]
+               if isinstance(getattr(s, "mu", None), dict)), None)
   momentum = None if mu is None else convert_tree(mu, {}, prefix)[0]
   config = make_config(arch, params, config)
   step = official["step"]

@@ -1,15 +1,8 @@
 """byol_jax encoders as torchvision ResNet state_dicts.
 
-byol_jax's ResNet has torchvision's layout, so the export is a renaming plus
-a transpose of the convolution kernels (HWIO -> OIHW):
-
-  stem_conv, stem_bn                       conv1, bn1
-  stage<S>_block<B>/conv<K>, bn<K>         layer<S>.<B-1>.conv<K>, bn<K>
-  stage<S>_block<B>/downsample_conv, _bn   layer<S>.<B-1>.downsample.0, .1
-  batch norm scale, bias, mean, var        weight, bias, running_mean,
-                                           running_var (+ num_batches_tracked)
-
-There is no `fc`: the export loads with `strict=True` into a torchvision
+byol_jax's ResNet has torchvision's layout, so the export is a renaming
+(stage<S>_block<B> -> layer<S>.<B-1>, `_LAYERS`, `_LEAVES`) plus a transpose
+of the convolution kernels (HWIO -> OIHW). There is no `fc`: the export loads with `strict=True` into a torchvision
 ResNet whose `fc` is `torch.nn.Identity()`. Only 'symmetric' padding
 exports: torchvision cannot express TF/Haiku 'SAME' padding.
 """
@@ -19,61 +12,47 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from byol_jax.interop import pretrained
 from byol_jax.errors import ConfigError
 
 FORMATS = (".pt", ".pth", ".safetensors")
+_LAYERS = {"stem_conv": "conv1", "stem_bn": "bn1",
+           "downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias",
+           "mean": "running_mean", "var": "running_var"}
 _BLOCK = re.compile(r"stage(\d+)_block(\d+)")
 
 
-def _torch_layers(params: dict) -> list[tuple[str, tuple[str, ...], str]]:
-  """(torchvision prefix, encoder path, 'conv'|'bn') in torchvision's order."""
-  layers = [("conv1", ("stem_conv",), "conv"), ("bn1", ("stem_bn",), "bn")]
-  blocks = sorted((tuple(map(int, m.groups())), m[0]) for m in
-                  map(_BLOCK.fullmatch, params) if m)
-  for (stage, block), src in blocks:
-    dst = f"layer{stage}.{block - 1}"
-    k = 1
-    while f"conv{k}" in params[src]:
-      layers += [(f"{dst}.conv{k}", (src, f"conv{k}"), "conv"),
-                 (f"{dst}.bn{k}", (src, f"bn{k}"), "bn")]
-      k += 1
-    if "downsample_conv" in params[src]:
-      layers += [(f"{dst}.downsample.0", (src, "downsample_conv"), "conv"),
-                 (f"{dst}.downsample.1", (src, "downsample_bn"), "bn")]
-  return layers
+def _layer_name(path: list[str]) -> str:
+  """['stage2_block1', 'conv1'] -> 'layer2.0.conv1' (torchvision's name)."""
+  return ".".join(_LAYERS.get(k) or _BLOCK.sub(
+      lambda m: f"layer{m[1]}.{int(m[2]) - 1}", k) for k in path)
 
 
 def torchvision_state_dict(config: ml_collections.ConfigDict,
                            variables: dict[str, Any]) -> dict[str, np.ndarray]:
   """The torchvision state_dict of an encoder's {'params', 'batch_stats'}.
 
-  NumPy float32 arrays (int64 num_batches_tracked) in torchvision's order,
-  without `fc.*`; config.model.padding must be 'symmetric'.
+  NumPy float32 arrays (int64 num_batches_tracked), without `fc.*`;
+  config.model.padding must be 'symmetric'.
   """
   if config.model.padding != "symmetric":
     raise ConfigError(
         f"This encoder uses model.padding={config.model.padding!r} (TF/Haiku "
         "'SAME'), which torchvision's symmetric padding cannot express: its "
         "features would differ in PyTorch. Only 'symmetric' encoders export.")
-  params, stats = variables["params"], variables["batch_stats"]
   out: dict[str, np.ndarray] = {}
-  for name, (*outer, layer), kind in _torch_layers(params):
-    p, s = params, stats
-    for key in outer:
-      p, s = p[key], s[key]
-    p = p[layer]
-    if kind == "conv":  # HWIO [kh, kw, in, out] -> OIHW [out, in, kh, kw].
-      out[f"{name}.weight"] = np.ascontiguousarray(
-          np.transpose(np.asarray(p["kernel"]), (3, 2, 0, 1)))
-      continue
-    for leaf, value in (("weight", p["scale"]), ("bias", p["bias"]),
-                        ("running_mean", s[layer]["mean"]),
-                        ("running_var", s[layer]["var"])):
-      out[f"{name}.{leaf}"] = np.asarray(value, np.float32)
-    # torchvision reads the count only when its BN momentum is None.
-    out[f"{name}.num_batches_tracked"] = np.zeros((), np.int64)
+  for tree in (variables["params"], variables["batch_stats"]):
+    for path, value in traverse_util.flatten_dict(tree).items():
+      *layer, leaf = path
+      name, value = _layer_name(layer), np.asarray(value, np.float32)
+      if leaf == "kernel":  # HWIO [kh, kw, in, out] -> OIHW.
+        value = np.ascontiguousarray(value.transpose(3, 2, 0, 1))
+      out[f"{name}.{_LEAVES[leaf]}"] = value
+      if leaf == "mean":  # torchvision reads it only if BN momentum is None.
+        out[f"{name}.num_batches_tracked"] = np.zeros((), np.int64)
   return out
 
 
@@ -114,9 +93,7 @@ def save(state_dict: dict[str, np.ndarray], out: str,
 
 
 def export(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
-  """Exports the online encoder of a byol_jax checkpoint for torchvision.
-
-  `workdir` is what `pretrained.load_run` reads; `step` default the newest.
+  """Exports the online encoder of `pretrained.load_run(workdir, step)`.
 
   Returns:
     A summary: depth, width, stem, step, tensors (count), out.

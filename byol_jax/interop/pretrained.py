@@ -63,17 +63,11 @@ def find_checkpoint(path: str, step: int | None = None
 
 def load_run(path: str, step: int | None = None
              ) -> tuple[ml_collections.ConfigDict, dict, int]:
-  """Restores a run's config and raw state as host NumPy arrays.
+  """(config, state as nested dicts of NumPy arrays, step) of a checkpoint.
 
-  Whatever wrote the checkpoint (any processes and device layout), every
-  array is read whole into host memory.
-
-  Args:
-    path: a workdir, a folder of checkpoints or one checkpoint's directory.
-    step: which step (default: the newest, or the one `path` names).
-
-  Returns:
-    (config, state as nested dicts of numpy arrays, step).
+  Whatever processes and device layout wrote it, arrays are read whole.
+  `path` is what `find_checkpoint` takes; `step` defaults to the newest (or
+  the one `path` names).
   """
   directory, step = find_checkpoint(path, step)
   # A target on this process's first device: Orbax then ignores the

@@ -66,8 +66,10 @@ def _mapping(items: Any = ()) -> dict:
   return dict(items)
 
 
-def _namedtuple(module: str, name: str, fields: Any) -> type:
-  """A plain named tuple class standing for `module.name`."""
+def _create_namedtuple(name: str, fields: Any, module: str,
+                       defaults: Any = None) -> type:
+  """A plain named tuple class standing for `module.name` (dill's helper)."""
+  del defaults  # Every field is present in a pickled instance.
   if not (isinstance(fields, (tuple, list)) and
           all(isinstance(x, str) for x in (module, name, *fields))):
     raise PickleRefusedError(
@@ -111,22 +113,17 @@ def _get_attr(module: Any, name: str) -> Any:
   return _lookup(str(module), name)
 
 
-def _rebuild(f: Callable[..., np.ndarray], args: tuple,
-             state: tuple) -> np.ndarray:
+def _create_array(f: Callable[..., np.ndarray], args: tuple, state: tuple,
+                  npdict: Any = None) -> np.ndarray:
   """f(*args).__setstate__(state), as NumPy's own pickles do."""
+  if npdict:
+    raise PickleRefusedError("the pickle sets attributes on an array.")
   if f is not _reconstruct:
     raise PickleRefusedError("the pickle builds an array with a function "
                              "other than NumPy's _reconstruct.")
   array = f(*args)
   array.__setstate__(state)
   return array
-
-
-def _create_array(f: Callable[..., np.ndarray], args: tuple, state: tuple,
-                  npdict: Any = None) -> np.ndarray:
-  if npdict:
-    raise PickleRefusedError("the pickle sets attributes on an array.")
-  return _rebuild(f, args, state)
 
 
 def _reconstruct_array(fun: Callable[..., np.ndarray], args: tuple,
@@ -139,13 +136,7 @@ def _reconstruct_array(fun: Callable[..., np.ndarray], args: tuple,
     raise PickleRefusedError(
         f"the pickle sets {aval_state!r} on a jax.Array; only weak_type is "
         "read.")
-  return _rebuild(fun, args, state)
-
-
-def _create_namedtuple(name: str, fieldnames: Any, modulename: str,
-                       defaults: Any = None) -> type:
-  del defaults  # Every field is present in a pickled instance.
-  return _namedtuple(modulename, name, fieldnames)
+  return _create_array(fun, args, state)
 
 
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray",
@@ -165,7 +156,8 @@ ALLOWED: dict[tuple[str, str], Any] = {
     **{(d, f.__name__): f for d in ("dill._dill", "dill.dill")
        for f in (_import_module, _get_attr, _create_array,
                  _create_namedtuple)},
-    **{k: _namedtuple(*k, v) for k, v in _OFFICIAL_NAMEDTUPLES.items()},
+    **{(m, n): _create_namedtuple(n, v, m)
+       for (m, n), v in _OFFICIAL_NAMEDTUPLES.items()},
 }
 
 
