@@ -2,8 +2,9 @@
 
 `batch` is the global batch {'view1', 'view2': [B, S, S, 3] crops (uint8, or
 float in [0, 1]), 'label': int32 [B] (-1 where unknown)}, sharded over the
-`data` axis; the state is replicated and donated. Randomness is
-`fold_in(seed_key, state.step)`, so a resumed run continues exactly.
+`data` axis; the state is replicated and donated. `metrics`: float32 scalars,
+the global norms of the gradient, update and new params and `finite` among
+them. Randomness is `fold_in(seed_key, state.step)`: a resume is exact.
 """
 import jax
 import jax.numpy as jnp
