@@ -6,6 +6,7 @@ saw and returned, so the view-1 outputs (the online ones returned in `out1`,
 and the target's projection of view 1) can be compared between two batches
 that differ only in view 2.
 """
+import functools
 import io
 import types
 
@@ -80,7 +81,7 @@ def byol_runs(tiny_config, cifar_npz):
   gradient of the step's classifier term (same labels both times)."""
   config = tiny_config("byol")
   method, model, state = init(config)
-  loss_fn = method.make_loss_fn(config)
+  loss_fn = functools.partial(method.loss_fn, config)
   view1, view2a, view2b = real_views(cifar_npz)
   labels = jnp.arange(view1.shape[0], dtype=jnp.int32) % 10
 
@@ -161,7 +162,7 @@ def test_view1_outputs_and_view2(tiny_config, cifar_npz, name, per_view):
   SimCLR puts both views in one BN batch: they change with it."""
   config = tiny_config(name)
   method, model, state = init(config)
-  loss_fn = method.make_loss_fn(config)
+  loss_fn = functools.partial(method.loss_fn, config)
   view1, view2a, view2b = real_views(cifar_npz)
 
   @jax.jit

@@ -1,21 +1,10 @@
 """Optimizers and schedules: LARS as in BYOL, SGD for SimSiam, EMA schedule.
 
-LARS follows the official BYOL code (DESIGN section 3):
-
-  u = g + wd * p                                  (kernels only)
-  u = trust * u,  trust = eta * ||p|| / ||u||     (kernels only; 1 where
-                                                   either norm is 0)
-  m = momentum * m + u
-  p = p - lr * m
-
-`optax.lars` scales by the learning rate *before* the momentum trace, which
-changes the effective step whenever the learning rate moves (warm-up, cosine),
-so it is not used here.
-
-`clip_lr=True` is solo-learn's LARS instead (its CIFAR recipes, eta 0.02):
-trust = eta ||p|| / (||g|| + wd ||p|| + 1e-8), clipped to
-min(trust / lr, 1), multiplies g + wd * p (kernels whose ||p|| and ||g|| are
-both non-zero; g unchanged otherwise), then the momentum trace and lr.
+LARS follows the official BYOL code (DESIGN section 3); on kernels only,
+u = trust * (g + wd * p) with trust = eta ||p|| / ||u|| (1 where a norm is 0),
+then m = momentum * m + u and p = p - lr * m. `optax.lars` scales by the
+learning rate before the momentum trace, which changes the effective step
+whenever the learning rate moves, so it is not used.
 """
 import math
 from typing import Any
@@ -27,12 +16,9 @@ import optax
 
 from byol_jax import errors
 
-_LR_SCALINGS = ("linear", "sqrt")
-# The allowed values of config.optimizer's choices, the first the default.
-# classifier: 'main' trains the online classifier in the main optimizer at the
-# main learning rate (official BYOL), 'sgd' with its own SGD at classifier_lr
-# (solo-learn's SimSiam and SimCLR).
-_CHOICES = {"name": ("lars", "sgd"), "lr_scaling": _LR_SCALINGS,
+# Allowed values, the first the default. classifier: 'main' trains the online
+# classifier in the main optimizer (BYOL), 'sgd' with its own (solo-learn).
+_CHOICES = {"name": ("lars", "sgd"), "lr_scaling": ("linear", "sqrt"),
             "classifier": ("main", "sgd")}
 
 
@@ -45,16 +31,10 @@ def lars(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
          momentum: float = 0.9, eta: float = 1e-3, nesterov: bool = False,
          mask: Any = exclude_bias_and_bn,
          clip_lr: bool = False) -> optax.GradientTransformation:
-  """LARS with the learning rate applied after the momentum trace.
+  """LARS with the learning rate (constant or schedule) after the trace.
 
-  Args:
-    learning_rate: a constant or a schedule of the step count.
-    weight_decay: decay coefficient wd (added to the gradient as wd * p).
-    momentum, nesterov: of the trace (BYOL: 0.9, no Nesterov).
-    eta: trust coefficient.
-    mask: pytree of bools, or a function of the params returning one, that
-      selects the leaves getting weight decay and the trust ratio.
-    clip_lr: solo-learn's variant (module docstring) instead of BYOL's.
+  `mask` (bools, or a function of the params returning them) selects the
+  leaves getting weight decay and the trust ratio; `clip_lr`: solo-learn's.
   """
   if clip_lr:
     scale = [optax.masked(_clipped_trust(learning_rate, weight_decay, eta),
@@ -69,14 +49,12 @@ def lars(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
                      optax.scale_by_learning_rate(learning_rate))
 
 
-def _clipped_trust(learning_rate: float | optax.Schedule, weight_decay: float,
-                   eta: float, eps: float = 1e-8
-                   ) -> optax.GradientTransformation:
-  """solo-learn's LARS scaling with LR clipping, weight decay included."""
+def _clipped_trust(learning_rate, weight_decay: float, eta: float,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
+  """solo-learn: (g + wd p) min(eta ||p|| / (||g|| + wd ||p|| + eps) / lr, 1).
 
-  def init(params):
-    del params
-    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+  Only where ||p|| and ||g|| are non-zero; g unchanged elsewhere.
+  """
 
   def update(updates, state, params):
     lr = (learning_rate(state.count) if callable(learning_rate)
@@ -94,42 +72,34 @@ def _clipped_trust(learning_rate: float | optax.Schedule, weight_decay: float,
             optax.ScaleByScheduleState(
                 count=optax.safe_int32_increment(state.count)))
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformation(
+      lambda _: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)),
+      update)
 
 
 def sgd(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
         momentum: float = 0.9,
         nesterov: bool = False) -> optax.GradientTransformation:
   """SGD with momentum and weight decay wd * p on every parameter (SimSiam)."""
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay),
-      optax.trace(decay=momentum, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.trace(decay=momentum, nesterov=nesterov),
+                     optax.scale_by_learning_rate(learning_rate))
 
 
 def scaled_lr(base_lr: float, batch_size: int,
               scaling: str = "linear") -> float:
-  """The peak learning rate for a global batch of `batch_size`.
-
-  `scaling`: 'linear' (base_lr * batch / 256, BYOL and SimSiam) or 'sqrt'
-  (base_lr * sqrt(batch), SimCLR's 0.075 * sqrt(batch)).
-  """
-  if scaling == "linear":
-    return base_lr * batch_size / 256
+  """base_lr * batch / 256 ('linear') or base_lr * sqrt(batch) ('sqrt')."""
+  if scaling not in _CHOICES["lr_scaling"]:
+    raise ValueError(f"Unknown lr_scaling {scaling!r}; "
+                     f"allowed: {list(_CHOICES['lr_scaling'])}.")
   if scaling == "sqrt":
     return base_lr * math.sqrt(batch_size)
-  raise ValueError(
-      f"Unknown lr_scaling {scaling!r}; allowed: {list(_LR_SCALINGS)}.")
+  return base_lr * batch_size / 256
 
 
 def lr_schedule(peak_lr: float, total_steps: int,
                 warmup_steps: int) -> optax.Schedule:
-  """Linear warm-up from 0 to `peak_lr`, then cosine decay to 0.
-
-  lr(0) = 0 (the peak without warm-up), lr(warmup_steps) = peak_lr,
-  lr(total_steps) = 0 and 0 after that.
-  """
+  """Linear warm-up from 0 (the peak without warm-up), cosine decay to 0."""
   total_steps = max(int(total_steps), 1)
   warmup_steps = min(max(int(warmup_steps), 0), total_steps)
   return optax.warmup_cosine_decay_schedule(
@@ -138,11 +108,7 @@ def lr_schedule(peak_lr: float, total_steps: int,
 
 
 def tau_schedule(tau_base: float, total_steps: int) -> optax.Schedule:
-  """BYOL's target decay: tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2.
-
-  1 minus a cosine decay of (1 - tau_base) to 0 over K = `total_steps`; tau
-  stays 1 after step K.
-  """
+  """BYOL's target decay 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2, then 1."""
   decay = optax.cosine_decay_schedule(1.0 - tau_base, max(int(total_steps), 1))
   return lambda step: 1.0 - decay(step)
 
@@ -164,11 +130,8 @@ def schedule_steps(config: ml_collections.ConfigDict,
                    num_examples: int) -> tuple[int, int, int]:
   """Total, warm-up and per-epoch steps, as the official BYOL code counts.
 
-  total = num_epochs * N // B and warm-up = warmup_epochs * N // B (N
-  examples, batch B): the partial batch of each epoch counts toward the
-  total, so 300 ImageNet epochs at 4096 are 93,835 steps, not
-  300 * (N // B) = 93,600. config.total_steps > 0 replaces the total; total
-  and per-epoch are at least 1.
+  epochs * N // B (the partial batch of each epoch counts); config.total_steps
+  > 0 replaces the total.
   """
   batch = config.batch_size
   total = int(config.total_steps or
@@ -183,17 +146,11 @@ def build_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The run's optimizer and the learning-rate schedule of its main params.
 
-  Parameters are split by their top-level key:
-    - 'classifier' when optimizer.classifier is 'sgd' (SimSiam, SimCLR): SGD
-      momentum 0.9, no weight decay, lr classifier_lr * batch / 256 with the
-      same warm-up and cosine; when it is 'main' (BYOL), the main optimizer
-      trains it like any other layer;
-    - 'predictor' when fixed_lr_predictor (SimSiam): the main optimizer at
-      the constant peak lr;
-    - everything else: the main optimizer ('lars' or 'sgd') on the schedule.
-
-  `warmup_steps` (from `schedule_steps`) defaults to warmup_epochs *
-  steps_per_epoch. Returns (tx, the main learning-rate schedule).
+  By top-level key: 'classifier' gets its own SGD (momentum 0.9, no decay, at
+  classifier_lr * batch / 256 on the same schedule) when optimizer.classifier
+  is 'sgd'; 'predictor' the main optimizer at the constant peak lr when
+  fixed_lr_predictor (SimSiam); everything else the main optimizer on the
+  schedule. `warmup_steps` defaults to warmup_epochs * steps_per_epoch.
   """
   opt = config.optimizer
   check(opt)
@@ -211,18 +168,16 @@ def build_optimizer(
                momentum=opt.momentum, nesterov=opt.nesterov)
 
   transforms = {"main": main_tx(schedule)}
-  own = {"predictor": opt.fixed_lr_predictor,
-         "classifier": opt.get("classifier", "main") == "sgd"}
-  if own["classifier"]:
+  if opt.get("classifier", "main") == "sgd":
     transforms["classifier"] = sgd(lr_schedule(
-        scaled_lr(opt.classifier_lr, config.batch_size, "linear"),
-        total_steps, warmup_steps), weight_decay=0.0, momentum=0.9)
-  if own["predictor"]:
+        scaled_lr(opt.classifier_lr, config.batch_size), total_steps,
+        warmup_steps), weight_decay=0.0, momentum=0.9)
+  if opt.fixed_lr_predictor:
     transforms["predictor"] = main_tx(peak_lr)
 
   def label(path, _):  # By the leaf's top-level key (see methods/network.py).
     key = getattr(path[0], "key", None) if path else None
-    return key if own.get(key) else "main"
+    return key if key in transforms else "main"
 
   return optax.multi_transform(
       transforms,

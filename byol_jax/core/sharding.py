@@ -1,8 +1,7 @@
 """The device mesh and the two shardings the trainer uses.
 
 One `data` axis over every device of every process: the batch is split along
-it, the train state is replicated on it. Under `jax.jit` on the global batch,
-batch norm then reduces over the global batch (cross-replica BN for free).
+it, the train state is replicated on it.
 """
 import jax
 import numpy as np
@@ -17,9 +16,8 @@ DATA_AXIS = "data"
 def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh named `data` over `devices` (default: all global devices).
 
-  `jax.make_mesh` orders the devices for fast all-reduces on the physical
-  topology (a ring on TPU). The axis is `Auto`: shardings are given to
-  `jax.jit` and XLA propagates them.
+  `jax.make_mesh` orders them for fast all-reduces (a ring on TPU); the axis
+  is `Auto`, so XLA propagates the shardings given to `jax.jit`.
   """
   devices = jax.devices() if devices is None else list(devices)
   return jax.make_mesh((len(devices),), (DATA_AXIS,),
@@ -39,34 +37,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """The per-process share of the global batch, or a ConfigError."""
   n = mesh.devices.size
-  if global_batch_size <= 0:
-    raise ConfigError(
-        f"batch_size={global_batch_size}: a batch needs at least one image; "
-        f"set --config.batch_size to a positive multiple of {n} (the "
-        "devices).")
-  if global_batch_size % n:
-    raise ConfigError(
-        f"batch_size={global_batch_size} is not divisible by the {n} devices; "
-        f"set --config.batch_size to a multiple of {n}.")
+  if global_batch_size <= 0 or global_batch_size % n:
+    problem = (": a batch needs at least one image" if global_batch_size <= 0
+               else f" is not divisible by the {n} devices")
+    raise ConfigError(f"batch_size={global_batch_size}{problem}; set "
+                      f"--config.batch_size to a positive multiple of {n}.")
   return global_batch_size // jax.process_count()
 
 
 def fit_batch_size(batch_size: int, mesh: Mesh) -> int:
-  """`batch_size` rounded up to a multiple of the mesh's device count.
-
-  For evaluations, whose batch size only changes speed (and, for linear
-  evaluation, the learning rate, which scales with it).
-  """
+  """`batch_size` rounded up to a multiple of the devices (evaluations)."""
   n = mesh.devices.size
   return max(n, -(-int(batch_size) // n) * n)
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
-  """Global arrays sharded on `data` from this process's slice of the batch.
-
-  `local` is a pytree of NumPy arrays whose leading dim is the per-process
-  batch.
-  """
+  """Global arrays sharded on `data` from this process's NumPy batch slice."""
   # A deliberate host-to-device copy: allowed under the trainer's guard
   # against implicit transfers.
   with jax.transfer_guard("allow"):

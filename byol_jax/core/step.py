@@ -1,17 +1,11 @@
-"""The train step shared by every method: a pure function under `jax.jit`.
+"""The train step of every method: (state, batch) -> (state, metrics).
 
-    train_step(state, batch) -> (state, metrics)
-
-`metrics` holds the scalars to log (with the global L2 norms of the
-gradient, the optimizer's update and the new parameters) and `finite` (1.0
-when every leaf of the new state is finite).
 `batch` is the global batch {'view1', 'view2': [B, S, S, 3] crops (uint8, or
 float in [0, 1]), 'label': int32 [B] (-1 where unknown)}, sharded over the
-`data` axis; the state is replicated and donated. Randomness is
-`fold_in(seed_key, state.step)`, so a resumed run continues exactly.
+`data` axis; the state is replicated and donated. `metrics`: float32 scalars,
+the global norms of the gradient, update and new params and `finite` among
+them. Randomness is `fold_in(seed_key, state.step)`: a resume is exact.
 """
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,31 +31,21 @@ def classifier_metrics(logits: jax.Array, labels: jax.Array):
 
 
 def embedding_std(z: jax.Array) -> jax.Array:
-  """Collapse indicator: mean over dimensions of the batch std of z/|z|.
-
-  About 1/sqrt(P) for projections spread over the sphere, 0 when collapsed.
-  """
+  """Mean batch std of z/|z| [B, P]: 1/sqrt(P) when spread, 0 if collapsed."""
   return jnp.mean(jnp.std(network.l2_normalize(z), axis=0))
 
 
 def all_finite(tree) -> jax.Array:
-  """One bool: every floating-point leaf of `tree` is finite."""
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+  """One bool: every leaf of `tree` is finite (integers always are)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: network.Network,
-                    tx: optax.GradientTransformation,
-                    lr_fn: optax.Schedule,
-                    tau_fn: Callable[[jax.Array], jax.Array] | None
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """Builds the (unjitted) train step of `config.method`.
-
-  `lr_fn` is logged; `tau_fn` is BYOL's EMA decay (None without a target).
-  """
+                    tx: optax.GradientTransformation, lr_fn: optax.Schedule,
+                    tau_fn: optax.Schedule | None):
+  """The unjitted step; `tau_fn`: BYOL's EMA decay (None without a target)."""
   method = methods.get(config.method)
-  loss_fn = method.make_loss_fn(config)
   seed_key = jax.random.PRNGKey(config.seed)
 
   def train_step(state: TrainState, batch: dict):
@@ -69,18 +53,17 @@ def make_train_step(config: ml_collections.ConfigDict, model: network.Network,
     view1, view2 = augment.augment_views(rng, batch, config.augment)
 
     def total_loss(params):
-      loss, (out1, bs, tbs, extra) = loss_fn(
-          model, params, state.batch_stats, state.target, view1, view2)
+      loss, (out1, bs, tbs, extra) = method.loss_fn(
+          config, model, params, state.batch_stats, state.target, view1, view2)
       aux = dict(loss=loss, embedding_std=embedding_std(out1["proj"]),
                  **extra)
-      if "logits" not in out1:  # Unlabelled data: no online classifier.
-        return loss, (aux, bs, tbs)
-      cls_loss, cls_acc = classifier_metrics(out1["logits"],
-                                             batch["label"])
-      aux.update(classifier_loss=cls_loss, classifier_accuracy=cls_acc)
-      # The classifier reads a stop-gradient copy of the representation, so
-      # adding its loss trains it without moving the encoder.
-      return loss + cls_loss, (aux, bs, tbs)
+      if "logits" in out1:  # Labelled data: train the online classifier.
+        # It reads a stop-gradient copy of the representation, so adding its
+        # loss trains it without moving the encoder.
+        aux["classifier_loss"], aux["classifier_accuracy"] = (
+            classifier_metrics(out1["logits"], batch["label"]))
+        loss = loss + aux["classifier_loss"]
+      return loss, (aux, bs, tbs)
 
     grads, (metrics, bs, tbs) = jax.grad(total_loss, has_aux=True)(
         state.params)
@@ -89,16 +72,14 @@ def make_train_step(config: ml_collections.ConfigDict, model: network.Network,
     target = state.target
     metrics["lr"] = lr_fn(state.step)
     if method.HAS_TARGET:
-      tau = tau_fn(state.step)
-      target = dict(params=byol.update_target(target["params"], params, tau),
-                    batch_stats=tbs)
-      metrics["tau"] = tau
+      metrics["tau"] = tau_fn(state.step)
+      target = dict(batch_stats=tbs, params=byol.update_target(
+          target["params"], params, metrics["tau"]))
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=bs, target=target,
                               opt_state=opt_state)
-    # Read only where the loop syncs anyway (log and save steps): a state
-    # with a NaN or Inf anywhere is never saved; param_norm also tells
-    # whether a finite one is diverging (trainer/divergence.py).
+    # Read only on log and save steps: a state with a NaN or Inf is never
+    # saved; param_norm tells whether a finite one diverges (divergence.py).
     metrics.update(finite=all_finite(new_state),
                    grad_norm=optax.tree.norm(grads),
                    update_norm=optax.tree.norm(updates),

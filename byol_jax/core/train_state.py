@@ -16,14 +16,9 @@ from byol_jax.core.methods import network
 class TrainState:
   """Everything a run needs to continue exactly (randomness derives from step).
 
-  Attributes:
-    step: optimizer steps taken, int32 scalar.
-    params: online params {'encoder', 'projector', ['predictor'],
-      'classifier'}.
-    batch_stats: online batch-norm moving averages.
-    target: BYOL's target {'params', 'batch_stats'} (encoder and projector)
-      or None for methods without one.
-    opt_state: the optimizer state of `params`.
+  `params`, `batch_stats`: the online network's ({'encoder', 'projector',
+  ['predictor'], 'classifier'}); `target`: BYOL's {'params', 'batch_stats'}
+  (encoder and projector) or None; `step`: int32 optimizer steps taken.
   """
   step: jax.Array
   params: Any
@@ -37,25 +32,26 @@ def create(config: ml_collections.ConfigDict, model: network.Network,
            has_target: bool) -> TrainState:
   """Initialises the state from config.seed, replicated over `mesh`.
 
-  The target network is initialised from its own key (the paper reports no
-  difference from copying the online network).
+  The target network gets its own key (the paper reports no difference from
+  copying the online network) and only the encoder and projector.
   """
-  size = config.data.image_size
   rep = sharding.replicated(mesh)
 
   # One program initialises either network (which = 0: online, 1: target):
   # BYOL's two networks then cost one compilation, not one each.
   def init_network(key, which):
+    size = config.data.image_size
     dummy = jnp.zeros((2, size, size, 3), jnp.float32)
     return model.init(jax.random.split(key)[which], dummy, train=True)
 
-  # The 'rbg' generator compiles a ResNet's init far faster than threefry
-  # (seconds instead of tens of seconds on CPU); init needs no more.
+  # 'rbg' compiles a ResNet's init far faster than threefry (on CPU: seconds).
   key = jax.random.key(config.seed, impl="rbg")
   init_network = jax.jit(init_network, out_shardings=rep)
-  variables = init_network(key, 0)
-  target = (network.split_target(init_network(key, 1)) if has_target
-            else None)
+  variables, target = init_network(key, 0), None
+  if has_target:
+    target = {col: {k: v for k, v in tree.items()
+                    if k in ("encoder", "projector")}
+              for col, tree in init_network(key, 1).items()}
   step, opt_state = jax.jit(lambda p: (jnp.zeros((), jnp.int32), tx.init(p)),
                             out_shardings=rep)(variables["params"])
   return TrainState(step=step, params=variables["params"],

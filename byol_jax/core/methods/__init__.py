@@ -1,7 +1,6 @@
 """The self-supervised methods, wired explicitly by name.
 
-Each method module has `HAS_TARGET`, `make_network(config)` and
-`make_loss_fn(config)`; the loss_fn contract is documented in `byol.loss_fn`.
+Each has `HAS_TARGET`, `make_network(config)` and `loss_fn` (see byol.loss_fn).
 """
 from types import ModuleType
 

@@ -1,4 +1,4 @@
-"""BYOL (Grill et al., 2020): predict an EMA target's projection of the other view.
+"""BYOL (Grill et al., 2020): predict the other view's EMA-target projection.
 
 Each view goes through the networks on its own, so batch-norm statistics are
 per view over the global batch. The target runs in training mode too: it
@@ -46,24 +46,16 @@ def symmetric_loss(p1, p2, z1, z2) -> jax.Array:
 
 
 def update_target(target_params, online_params, tau):
-  """EMA xi <- tau xi + (1 - tau) theta over every target leaf.
-
-  Online subtrees the target lacks (predictor, classifier) are ignored.
-  """
+  """EMA xi <- tau xi + (1 - tau) theta; online-only subtrees are ignored."""
   online = {k: online_params[k] for k in target_params}
   return optax.incremental_update(online, target_params, step_size=1.0 - tau)
 
 
-def make_loss_fn(config: ml_collections.ConfigDict):
-  """BYOL's loss_fn (it has no hyper-parameters)."""
-  del config
-  return loss_fn
-
-
-def loss_fn(model, params, batch_stats, target, view1, view2):
-  """The BYOL loss of one batch of view pairs.
+def loss_fn(config, model, params, batch_stats, target, view1, view2):
+  """The BYOL loss of one batch of view pairs (every method's contract).
 
   Args:
+    config: the run's config (BYOL reads nothing from it).
     model: the `network.Network`.
     params, batch_stats: the online network's variables.
     target: the target's {'params', 'batch_stats'} (encoder and projector).
@@ -73,14 +65,10 @@ def loss_fn(model, params, batch_stats, target, view1, view2):
     (loss, (online outputs of view 1, new online batch_stats,
     new target batch_stats, extra metrics)).
   """
-  on1, bs = model.apply({"params": params, "batch_stats": batch_stats}, view1,
-                        train=True, mutable=["batch_stats"])
-  on2, bs = model.apply({"params": params, **bs}, view2, train=True,
-                        mutable=["batch_stats"])
-  tg1, tbs = model.apply(target, view1, train=True, method=model.project,
-                         mutable=["batch_stats"])
-  tg2, tbs = model.apply({"params": target["params"], **tbs}, view2,
-                         train=True, method=model.project,
-                         mutable=["batch_stats"])
+  del config
+  on1, on2, bs = network.apply_views(
+      model, {"params": params, "batch_stats": batch_stats}, view1, view2)
+  tg1, tg2, tbs = network.apply_views(model, target, view1, view2,
+                                      method=model.project)
   loss = symmetric_loss(on1["pred"], on2["pred"], tg1["proj"], tg2["proj"])
-  return loss, (on1, bs["batch_stats"], tbs["batch_stats"], {})
+  return loss, (on1, bs, tbs, {})

@@ -1,9 +1,8 @@
 """The network every method trains: encoder, projector, predictor, classifier.
 
 Parameters live under the top-level keys `encoder`, `projector`, `predictor`
-(BYOL and SimSiam only) and `classifier` (the online linear classifier), so the
-encoder can be cut out of a checkpoint by key and the optimizer can treat the
-predictor and the classifier on their own.
+(BYOL and SimSiam) and `classifier` (online, linear), so the encoder can be cut
+out of a checkpoint by key and the optimizer treat the other heads apart.
 """
 from typing import Callable
 
@@ -15,10 +14,9 @@ import ml_collections
 from byol_jax.core import models
 from byol_jax.errors import ConfigError
 
-# Haiku's default Linear initialiser (the official BYOL classifier's): a
-# normal of std 1/sqrt(fan_in) truncated at 2 std. JAX's "truncated_normal"
-# variance scaling divides the std by 0.8796 (the truncated normal's std), so
-# the scale cancels that.
+# Haiku's default Linear initialiser (the official BYOL classifier's): a normal
+# of std 1/sqrt(fan_in) truncated at 2 std. The scale cancels the division by
+# 0.8796 (the truncated normal's std) in JAX's "truncated_normal".
 HAIKU_LINEAR_INIT = nn.initializers.variance_scaling(
     0.87962566103423978 ** 2, "fan_in", "truncated_normal")
 
@@ -42,19 +40,18 @@ class Network(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> dict[str, jax.Array]:
     """Runs every part; returns repr [B, D], proj [B, P], pred and logits."""
-    y = self.encoder(x, train=train)
-    z = self.projector(y, train=train)
-    q = self.predictor(z, train=train) if self.predictor is not None else z
-    out = dict(repr=y, proj=z, pred=q)
+    out = self.project(x, train)
+    out["pred"] = (out["proj"] if self.predictor is None
+                   else self.predictor(out["proj"], train=train))
     if self.num_classes < 0:
       raise ConfigError(
           f"config.data.num_classes={self.num_classes} means 'from the data':"
           " build the network from byol_jax.data.resolve(config).")
     if self.num_classes:
       # The classifier sees a stop-gradient copy: it never moves the encoder.
-      out["logits"] = nn.Dense(
-          self.num_classes, kernel_init=self.classifier_init,
-          name="classifier")(jax.lax.stop_gradient(y)).astype(jnp.float32)
+      y = jax.lax.stop_gradient(out["repr"])
+      out["logits"] = nn.Dense(self.num_classes, name="classifier",
+                               kernel_init=self.classifier_init)(y)
     return out
 
   def project(self, x: jax.Array, train: bool = True) -> dict[str, jax.Array]:
@@ -65,6 +62,15 @@ class Network(nn.Module):
   def represent(self, x: jax.Array, train: bool = False) -> jax.Array:
     """The representation y used downstream [B, D]."""
     return self.encoder(x, train=train)
+
+
+def apply_views(model: Network, variables: dict, view1, view2, method=None):
+  """(out1, out2, new batch_stats): training mode, each view on its own."""
+  out1, bs = model.apply(variables, view1, train=True, method=method,
+                         mutable=["batch_stats"])
+  out2, bs = model.apply({"params": variables["params"], **bs}, view2,
+                         train=True, method=method, mutable=["batch_stats"])
+  return out1, out2, bs["batch_stats"]
 
 
 def make_encoder(config: ml_collections.ConfigDict) -> nn.Module:
@@ -91,18 +97,9 @@ def make_head(config: ml_collections.ConfigDict, name: str,
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / |x| along the last axis, in float32, with a finite gradient at 0.
-
-  rsqrt(max(|x|^2, eps^2)) instead of x / max(|x|, eps): the gradient of the
-  norm is 0/0 for an all-zero row (a ReLU layer can output one), and a single
-  NaN gradient poisons the whole network.
-  """
+  """x / |x| along the last axis, in float32, with a finite gradient at 0."""
+  # Not x / max(|x|, eps): the norm's gradient is 0/0 for an all-zero row (a
+  # ReLU layer can output one), and one NaN gradient poisons the network.
   x = x.astype(jnp.float32)
   sq = jnp.sum(x * x, axis=-1, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
-
-
-def split_target(variables: dict) -> dict:
-  """The encoder and projector subtrees of `variables`: a target network."""
-  return {col: {k: v for k, v in tree.items() if k in ("encoder", "projector")}
-          for col, tree in variables.items()}

@@ -14,10 +14,7 @@ HAS_TARGET = False
 
 
 def make_network(config: ml_collections.ConfigDict) -> network.Network:
-  """ResNet and a projection head with BN after each dense layer, no predictor.
-
-  As SimCLR v2's head, the output BN scales but does not centre.
-  """
+  """ResNet, SimCLR v2's head (output BN without offset), no predictor."""
   return network.Network(
       encoder=network.make_encoder(config),
       projector=network.make_head(config, "projector", hidden_bias=False,
@@ -27,19 +24,12 @@ def make_network(config: ml_collections.ConfigDict) -> network.Network:
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
-  """Normalised-temperature cross-entropy of 2N views, averaged over them.
+  """NT-Xent of pairs (z1[i], z2[i]) [N, P], averaged over the 2N views.
 
-  Args:
-    z1, z2: projections of the two views [N, P]; row i of each is a pair.
-    temperature: the softmax temperature tau.
-
-  Returns:
-    mean over the 2N views of -log(exp(s_ij/tau) / sum_{k != i} exp(s_ik/tau)).
+  Mean over views i of -log(exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau)).
   """
   n = z1.shape[0]
-  # Interleaved [2N, P]: row 2i is view 1 of example i, row 2i + 1 its view 2.
-  # Stacking keeps a batch-sharded example's two views on its device (a
-  # concatenation would move half the rows across devices).
+  # Interleaved [2N, P] (row 2i + v: view v + 1 of example i), as in loss_fn.
   z = network.l2_normalize(jnp.stack([z1, z2], axis=1).reshape(2 * n, -1))
   logits = z @ z.T / temperature                                 # [2N, 2N]
   # Mask self-similarity out of the softmax with a large negative number.
@@ -49,22 +39,17 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
   return -jnp.mean(jnp.take_along_axis(log_prob, positives[:, None], axis=-1))
 
 
-def make_loss_fn(config: ml_collections.ConfigDict):
-  """The SimCLR loss_fn at `config.temperature`; contract of `byol.loss_fn`."""
-  temperature = config.temperature
-
-  def loss_fn(model, params, batch_stats, target, view1, view2):
-    del target
-    n = view1.shape[0]
-    # Both views in ONE batch-norm batch, as in SimCLR, interleaved per
-    # example ([2N, H, W, 3], row 2i + v = view v + 1 of example i) so that
-    # the images never leave the device that holds their example.
-    both = jnp.stack([view1, view2], axis=1).reshape(2 * n, *view1.shape[1:])
-    out, bs = model.apply({"params": params, "batch_stats": batch_stats},
-                          both, train=True, mutable=["batch_stats"])
-    pairs = jax.tree.map(lambda x: x.reshape(n, 2, *x.shape[1:]), out)
-    loss = nt_xent(pairs["proj"][:, 0], pairs["proj"][:, 1], temperature)
-    out1 = jax.tree.map(lambda x: x[:, 0], pairs)
-    return loss, (out1, bs["batch_stats"], None, {})
-
-  return loss_fn
+def loss_fn(config, model, params, batch_stats, target, view1, view2):
+  """NT-Xent at `config.temperature`; contract of `byol.loss_fn`."""
+  del target
+  n = view1.shape[0]
+  # Both views in ONE batch-norm batch, as in SimCLR, interleaved per
+  # example ([2N, H, W, 3], row 2i + v = view v + 1 of example i): unlike a
+  # concatenation, stacking keeps each example's views on its device.
+  both = jnp.stack([view1, view2], axis=1).reshape(2 * n, *view1.shape[1:])
+  out, bs = model.apply({"params": params, "batch_stats": batch_stats},
+                        both, train=True, mutable=["batch_stats"])
+  pairs = jax.tree.map(lambda x: x.reshape(n, 2, *x.shape[1:]), out)
+  loss = nt_xent(pairs["proj"][:, 0], pairs["proj"][:, 1], config.temperature)
+  out1 = jax.tree.map(lambda x: x[:, 0], pairs)
+  return loss, (out1, bs["batch_stats"], None, {})

@@ -12,7 +12,7 @@ HAS_TARGET = False
 
 
 def make_network(config: ml_collections.ConfigDict) -> network.Network:
-  """ResNet, 3-layer projector (last BN without affine), 2048-512-2048 predictor."""
+  """ResNet, projector (last BN without affine), 2048-512-2048 predictor."""
   return network.Network(
       encoder=network.make_encoder(config),
       projector=network.make_head(
@@ -36,18 +36,10 @@ def symmetric_loss(p1, p2, z1, z2) -> jax.Array:
   return jnp.mean(negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2.0
 
 
-def make_loss_fn(config: ml_collections.ConfigDict):
-  """SimSiam's loss_fn (it has no hyper-parameters)."""
-  del config
-  return loss_fn
-
-
-def loss_fn(model, params, batch_stats, target, view1, view2):
-  """The SimSiam loss; same contract as `byol.loss_fn` (target unused)."""
-  del target
-  out1, bs = model.apply({"params": params, "batch_stats": batch_stats}, view1,
-                         train=True, mutable=["batch_stats"])
-  out2, bs = model.apply({"params": params, **bs}, view2, train=True,
-                         mutable=["batch_stats"])
+def loss_fn(config, model, params, batch_stats, target, view1, view2):
+  """The SimSiam loss; contract of `byol.loss_fn` (config, target unused)."""
+  del config, target
+  out1, out2, bs = network.apply_views(
+      model, {"params": params, "batch_stats": batch_stats}, view1, view2)
   loss = symmetric_loss(out1["pred"], out2["pred"], out1["proj"], out2["proj"])
-  return loss, (out1, bs["batch_stats"], None, {})
+  return loss, (out1, bs, None, {})

@@ -1,14 +1,12 @@
-"""MLP heads: the projectors and predictors of BYOL, SimSiam and SimCLR.
-
-One configurable module covers them all; each method's `make_network` sets
-the biases and the output batch norm its reference uses.
-"""
+"""MLP heads: the projectors and predictors of BYOL, SimSiam and SimCLR."""
 import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from byol_jax.core.models.resnet import batch_norm
 
 
 class MLP(nn.Module):
@@ -17,9 +15,8 @@ class MLP(nn.Module):
   Attributes:
     hidden_dim, output_dim: widths of the hidden layers and of the output.
     num_layers: number of Dense layers (>= 1).
-    hidden_bias: whether the hidden Dense layers have a bias (redundant before
-      BN, but BYOL keeps it).
-    output_bias: whether the last Dense layer has a bias (BYOL: no).
+    hidden_bias, output_bias: biases of the hidden Dense layers (redundant
+      before BN, but BYOL keeps them) and of the last one (BYOL: none).
     output_bn, output_bn_scale, output_bn_bias: batch-normalise the output,
       with a learnt scale and offset.
     dtype: computation dtype; parameters and the output stay float32.
@@ -43,16 +40,12 @@ class MLP(nn.Module):
       raise ValueError(f"MLP needs num_layers >= 1, got {self.num_layers}.")
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               param_dtype=jnp.float32)
-    # Global-batch statistics under jit, so no axis_name (see resnet.py).
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, dtype=self.dtype,
-                             param_dtype=jnp.float32)
+    norm = batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
     x = jnp.asarray(x).astype(self.dtype)
-    for i in range(self.num_layers - 1):
+    for i in range(1, self.num_layers):
       x = dense(self.hidden_dim, use_bias=self.hidden_bias,
-                name=f"dense{i + 1}")(x)                  # [B, hidden_dim]
-      x = nn.relu(norm(name=f"bn{i + 1}")(x))
+                name=f"dense{i}")(x)                      # [B, hidden_dim]
+      x = nn.relu(norm(name=f"bn{i}")(x))
     x = dense(self.output_dim, use_bias=self.output_bias,
               name=f"dense{self.num_layers}")(x)          # [B, output_dim]
     if self.output_bn:

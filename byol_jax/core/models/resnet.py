@@ -1,17 +1,11 @@
 """ResNet v1 encoders (He et al., 2016) in the torchvision layout.
 
-As torchvision (so converted PyTorch weights behave the same): the
-bottleneck's stride sits on its 3x3 convolution, shortcuts become a 1x1
-convolution plus batch norm when the shape changes, convolutions carry no
-bias. Haiku's `hk.nets.ResNet` (the official BYOL checkpoints) differs only in
-padding, so it is a choice:
-
-  'symmetric' (default, PyTorch): k // 2 zeros on every side.
-  'same' (TF/Haiku): lax's 'SAME', the odd pixel at the bottom/right; for a
-      stride-2 layer on an even input that is one pixel less at the top/left.
-
-The encoder returns the global-average-pooled representation; the online
-classifier lives in `methods.network`.
+As torchvision (so converted PyTorch weights behave the same): the stride on
+the bottleneck's 3x3 convolution, 1x1 convolution and BN shortcuts where the
+shape changes, no convolution biases. Haiku's `hk.nets.ResNet` (the official
+BYOL checkpoints) differs only in padding, a choice: 'symmetric' (default,
+PyTorch) pads k // 2 zeros on every side; 'same' (TF/Haiku) is lax's 'SAME',
+the odd pixel at the bottom/right (one less at the top/left for stride 2).
 """
 import functools
 from typing import Any, Callable, Sequence
@@ -40,8 +34,17 @@ _STEMS = ("imagenet", "cifar")
 
 
 def _pad(k: int, padding: str) -> str | tuple[tuple[int, int], ...]:
-  """The padding of a k x k window (convolution or pooling)."""
+  """The padding of a k x k window (convolution or pooling); 0 for k = 1."""
   return "SAME" if padding == "same" else ((k // 2, k // 2),) * 2
+
+
+def batch_norm(train: bool, momentum: float, epsilon: float, dtype: Any):
+  """nn.BatchNorm with float32 parameters."""
+  # No axis_name: under jit the batch axis is the global batch, so the
+  # statistics are already global (cross-replica BN for free).
+  return functools.partial(nn.BatchNorm, use_running_average=not train,
+                           momentum=momentum, epsilon=epsilon, dtype=dtype,
+                           param_dtype=jnp.float32)
 
 
 class Block(nn.Module):
@@ -49,36 +52,28 @@ class Block(nn.Module):
   filters: int
   strides: int
   bottleneck: bool
-  conv: Callable[..., nn.Module]
+  conv: Callable[..., nn.Module]  # conv(features, k, strides, name=...)
   norm: Callable[..., nn.Module]
   zero_init_residual: bool = False
-  padding: str = "symmetric"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    strides = (self.strides, self.strides)
-    conv3x3 = functools.partial(self.conv, kernel_size=(3, 3),
-                                padding=_pad(3, self.padding))
-    if self.bottleneck:
-      out_filters = 4 * self.filters
-      y = self.conv(self.filters, (1, 1), padding="VALID", name="conv1")(x)
-      y = nn.relu(self.norm(name="bn1")(y))
-      # ResNet v1.5 / torchvision: the stride is on the 3x3 convolution.
-      y = conv3x3(self.filters, strides=strides, name="conv2")(y)
-      y = nn.relu(self.norm(name="bn2")(y))
-      y = self.conv(out_filters, (1, 1), padding="VALID", name="conv3")(y)
-    else:
-      out_filters = self.filters
-      y = conv3x3(self.filters, strides=strides, name="conv1")(x)
-      y = nn.relu(self.norm(name="bn1")(y))
-      y = conv3x3(self.filters, name="conv2")(y)
+    f, s = self.filters, self.strides
+    # (features, kernel, strides) of conv1, conv2 [, conv3]; as ResNet v1.5
+    # and torchvision, the stride is on the 3x3 convolution.
+    layers = ([(f, 1, 1), (f, 3, s), (4 * f, 1, 1)] if self.bottleneck
+              else [(f, 3, s), (f, 3, 1)])
+    y = x
+    for i, (features, k, strides) in enumerate(layers, 1):
+      y = self.conv(features, k, strides, name=f"conv{i}")(y)
+      if i < len(layers):
+        y = nn.relu(self.norm(name=f"bn{i}")(y))
     # Zero-initialising the last scale makes each block start as the identity.
-    y = self.norm(name="bn3" if self.bottleneck else "bn2", scale_init=(
+    y = self.norm(name=f"bn{len(layers)}", scale_init=(
         nn.initializers.zeros if self.zero_init_residual
         else nn.initializers.ones))(y)
     if x.shape != y.shape:
-      x = self.conv(out_filters, (1, 1), strides, padding="VALID",
-                    name="downsample_conv")(x)
+      x = self.conv(y.shape[-1], 1, s, name="downsample_conv")(x)
       x = self.norm(name="downsample_bn")(x)
     return nn.relu(y + x)
 
@@ -96,7 +91,6 @@ class ResNet(nn.Module):
     dtype: computation dtype; parameters and the output stay float32.
     zero_init_residual: zero-initialise the last BN scale of every block.
     padding: 'symmetric' or 'same'; see the module docstring.
-    bn_momentum, bn_epsilon: batch-norm moving-average decay and epsilon.
   """
   stage_sizes: Sequence[int]
   bottleneck: bool
@@ -115,25 +109,21 @@ class ResNet(nn.Module):
 
     `train`: batch statistics (make 'batch_stats' mutable) or moving averages.
     """
-    if self.stem not in _STEMS:
-      raise ValueError(f"Unknown stem {self.stem!r}; allowed: {_STEMS}.")
-    if self.padding not in PADDINGS:
-      raise ValueError(
-          f"Unknown padding {self.padding!r}; allowed: {PADDINGS}.")
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32,
-                             kernel_init=conv_kernel_init)
-    # No axis_name: under jit the batch axis is the global batch, so the
-    # statistics are already global (cross-replica BN for free).
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, dtype=self.dtype,
-                             param_dtype=jnp.float32)
+    if self.stem not in _STEMS or self.padding not in PADDINGS:
+      raise ValueError(f"Unknown stem {self.stem!r} or padding "
+                       f"{self.padding!r}; allowed: {_STEMS}, {PADDINGS}.")
+
+    def conv(features, k, strides=1, name=None):
+      return nn.Conv(features, (k, k), (strides, strides),
+                     padding=_pad(k, self.padding), use_bias=False,
+                     dtype=self.dtype, param_dtype=jnp.float32,
+                     kernel_init=conv_kernel_init, name=name)
+
+    norm = batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
     x = jnp.asarray(x).astype(self.dtype)
     filters = self.num_filters * self.width
     k, stride = (7, 2) if self.stem == "imagenet" else (3, 1)
-    x = conv(filters, (k, k), (stride, stride), padding=_pad(k, self.padding),
-             name="stem_conv")(x)                 # [B, H/stride, W/stride, F]
+    x = conv(filters, k, stride, name="stem_conv")(x)  # [B, H/s, W/s, F]
     x = nn.relu(norm(name="stem_bn")(x))
     if self.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), strides=(2, 2),
@@ -144,16 +134,9 @@ class ResNet(nn.Module):
         x = Block(filters * 2**i, strides=2 if i > 0 and j == 0 else 1,
                   bottleneck=self.bottleneck, conv=conv, norm=norm,
                   zero_init_residual=self.zero_init_residual,
-                  padding=self.padding, name=f"stage{i + 1}_block{j + 1}")(x)
+                  name=f"stage{i + 1}_block{j + 1}")(x)
     # Global average pool in float32: [B, h, w, D] -> [B, D].
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-
-
-def _layout(depth: int) -> tuple[tuple[int, ...], bool]:
-  if depth not in DEPTHS:
-    raise ValueError(
-        f"Unsupported ResNet depth {depth}; allowed: {sorted(DEPTHS)}.")
-  return DEPTHS[depth]
 
 
 def depth_of(stage_sizes: Sequence[int], bottleneck: bool) -> int | None:
@@ -164,16 +147,19 @@ def depth_of(stage_sizes: Sequence[int], bottleneck: bool) -> int | None:
 
 def resnet(depth: int, **kwargs: Any) -> ResNet:
   """The unbound ResNet of `depth` (a key of DEPTHS); kwargs: other fields."""
-  stage_sizes, bottleneck = _layout(depth)
+  if depth not in DEPTHS:
+    raise ValueError(
+        f"Unsupported ResNet depth {depth}; allowed: {sorted(DEPTHS)}.")
+  stage_sizes, bottleneck = DEPTHS[depth]
   return ResNet(stage_sizes=stage_sizes, bottleneck=bottleneck, **kwargs)
 
 
 def representation_dim(depth: int, width: int = 1,
                        num_filters: int = 64) -> int:
   """Size of the pooled representation of `resnet(depth, width=width)`."""
-  stage_sizes, bottleneck = _layout(depth)
-  return num_filters * width * 2**(len(stage_sizes) - 1) * (
-      4 if bottleneck else 1)
+  net = resnet(depth)
+  return num_filters * width * 2**(len(net.stage_sizes) - 1) * (
+      4 if net.bottleneck else 1)
 
 
 ResNet18 = functools.partial(resnet, 18)
