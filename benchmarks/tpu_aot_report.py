@@ -67,6 +67,20 @@ PRESETS = {
                                         "model.width": 2}),
 }
 PROGRAMS = ("train_step", "finish", "knn_monitor", "linear_step")
+NOTE = (
+    "Compiled on a CPU machine for TPU topologies described by "
+    "jax.experimental.topologies; per-device figures from XLA's memory and "
+    "cost analyses; HBM and peak bf16 FLOP/s from the Cloud TPU "
+    "documentation. 'largest_batch_per_chip' is read off the line through "
+    "the two smallest compiled batches (an extrapolation; XLA may "
+    "rematerialize to fit a little more). Collective counts are exact; their "
+    "byte sizes are n/a where 'collective_bytes_valid' is false (an earlier "
+    "HLO parser lost the arrays of tuple-shaped all-reduces; fixed in "
+    "8dfa5c3). Rows with 'error' are programs XLA refused (RESOURCE_EXHAUSTED"
+    "); 'expected_misfit' rows were compiled with --expect-misfit as probes "
+    "of the refusal. 'finish' rows compile the presets' canvas of 448 px (at "
+    "canvas 224, v3-8 batch 8: 2.2 GFLOP, 0.012 GiB). Compiled on 2 shared "
+    "CPU cores under load: compile seconds are wall time under that load.")
 
 
 # --------------------------------------------------------------- analysis --
@@ -141,18 +155,22 @@ def fits_summary(rows: list[dict]) -> list[dict]:
   for r in rows:
     if r["program"] == "train_step" and r["hosts"] == 1:
       pairs.setdefault((r["preset"], r["slice"]), []).append(r)
-  for (preset, name), rs in sorted(pairs.items()):
+  for (preset, name), every in sorted(pairs.items()):
     s = SLICES[name]
-    rs = sorted(rs, key=lambda r: r["per_device_batch"])
+    refused = min((r["per_device_batch"] * s.cores_per_chip for r in every
+                   if not r["peak_bytes"]), default=None)
+    rs = sorted((r for r in every if r["peak_bytes"]),  # Compiled ones.
+                key=lambda r: r["per_device_batch"])
     if len(rs) < 2:  # One compile: a lower bound where it fits.
-      r = rs[0]
+      r = rs[0] if rs else None
       out.append(dict(preset=preset, generation=s.generation,
                       fits_batch_per_chip=(r["per_device_batch"]
                                            * s.cores_per_chip
-                                           if r["fits"] else None),
+                                           if r and r["fits"] else None),
+                      refused_batch_per_chip=refused,
                       largest_batch_per_chip=None,
                       chips_for_paper_batch=None,
-                      bound_images_per_sec_per_chip=r.get(
+                      bound_images_per_sec_per_chip=r and r.get(
                           "images_per_sec_per_chip_bound")))
       continue
     (b1, m1), (b2, m2) = [(r["per_device_batch"], r["peak_bytes"])
@@ -167,6 +185,7 @@ def fits_summary(rows: list[dict]) -> list[dict]:
                     fits_batch_per_chip=max(
                         (r["per_device_batch"] * s.cores_per_chip
                          for r in rs if r["fits"]), default=None),
+                    refused_batch_per_chip=refused,
                     fixed_gib=round(fixed / GIB, 2),
                     gib_per_image=round(slope / GIB, 4),
                     largest_batch_per_chip=per_chip,
@@ -190,13 +209,16 @@ def table(rows: list[dict], fits: list[dict]) -> str:
     lines.append(
         f"| {r['preset']} | {r['slice']} | {r['program']} | "
         f"{r.get('per_device_batch') or r.get('eval_batch') or r.get('batch')}"
-        f" | {r['peak_gib']:.2f} / {r['hbm_bytes'] / GIB:.0f} | "
-        f"{'yes' if r['fits'] else '**NO**'} | {r['flops'] / 1e9:.1f} | "
+        f" | {'refused' if r.get('error') else format(r['peak_gib'], '.2f')}"
+        f" / {r['hbm_bytes'] / GIB:.0f} | "
+        f"{'yes' if r['fits'] else '**NO**'}"
+        f"{' (probe)' if r.get('expected_misfit') else ''} | "
+        f"{r['flops'] / 1e9:.1f} | "
         f"{coll} | {r['compile_seconds']} | "
         f"{r.get('images_per_sec_per_chip_bound', '')} |")
   lines += ["", "| preset | generation | GiB fixed + GiB/image | largest batch "
-            "per chip | chips for batch 4096 | img/s/chip bound |",
-            "|" + " --- |" * 6]
+            "per chip | refused per chip | chips for batch 4096 | "
+            "img/s/chip bound |", "|" + " --- |" * 7]
   for f in fits:
     line = (f"{f['fixed_gib']} + {f['gib_per_image']}" if "fixed_gib" in f
             else "one compile")
@@ -204,6 +226,7 @@ def table(rows: list[dict], fits: list[dict]) -> str:
         f"fits {f['fits_batch_per_chip']}" if f["fits_batch_per_chip"]
         else "none compiled fits")
     lines.append(f"| {f['preset']} | {f['generation']} | {line} | {largest}"
+                 f" | {f.get('refused_batch_per_chip') or ''}"
                  f" | {f['chips_for_paper_batch'] or 'n/a'} | "
                  f"{f['bound_images_per_sec_per_chip']} |")
   return "\n".join(lines) + "\n"
