@@ -375,9 +375,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--batch", type=int, default=None,
                  help="compile the train step at this per-device batch")
   p.add_argument("--expect-misfit", action="store_true",
-                 help="this run's rows are probes that must NOT fit: they "
-                 "are kept as 'expected_misfit' rows, later runs do not fail "
-                 "on them, and this run exits 1 if one fits")
+                 help="this run's rows are probes that must NOT fit: refused "
+                 "ones are kept as 'expected_misfit' rows that later runs do "
+                 "not fail on; one that fits is a plain row and this run "
+                 "exits 1")
   p.add_argument("--out", default=os.path.join(
       run_info.REPO, "benchmarks", "results", "tpu_aot.json"))
   p.add_argument("--readme", action="store_true",
@@ -412,9 +413,12 @@ def main(argv: list[str] | None = None) -> int:
       rows = [misfit_row(preset, name, program, b, str(e),
                          time.time() - start)]
     for r in rows:
-      if args.expect_misfit:
+      if args.expect_misfit and r["fits"]:  # A probe that fits: a plain row.
+        print(f"{preset} {name} {program} b={b}: fits; expected not to",
+              flush=True)
+        failed = True
+      elif args.expect_misfit:
         r["expected_misfit"] = True
-        failed |= r["fits"]  # The probe was meant to overflow.
     result["rows"] = [r for r in result["rows"]
                       if row_key(r) not in {row_key(x) for x in rows}] + rows
     result.update(

@@ -72,10 +72,12 @@ NOTE = (
     "jax.experimental.topologies; per-device figures from XLA's memory and "
     "cost analyses; HBM and peak bf16 FLOP/s from the Cloud TPU "
     "documentation. 'largest_batch_per_chip' is read off the line through "
-    "the two smallest compiled batches (an extrapolation; XLA may "
-    "rematerialize to fit a little more). Collective counts are exact; their "
-    "byte sizes are n/a where 'collective_bytes_valid' is false (an earlier "
-    "HLO parser lost the arrays of tuple-shaped all-reduces; fixed in "
+    "the two largest compiled batches ('line_batches', per device; an "
+    "extrapolation, never below a compiled batch that fits): XLA "
+    "rematerializes at large batches (byol_r50 on v3-8: 14.2 GiB at 512 per "
+    "core, not the 42 GiB of the line through 8 and 16). Collective counts "
+    "are exact; their byte sizes are n/a where 'collective_bytes_valid' is "
+    "false (an earlier HLO parser lost the arrays of tuple-shaped all-reduces; fixed in "
     "8dfa5c3). Rows with 'error' are programs XLA refused (RESOURCE_EXHAUSTED"
     "); 'expected_misfit' rows were compiled with --expect-misfit as probes "
     "of the refusal. 'finish' rows compile the presets' canvas of 448 px (at "
@@ -173,12 +175,15 @@ def fits_summary(rows: list[dict]) -> list[dict]:
                       bound_images_per_sec_per_chip=r and r.get(
                           "images_per_sec_per_chip_bound")))
       continue
+    # The two largest compiled batches: XLA rematerializes at large ones,
+    # so lines through small batches overestimate the memory per image.
     (b1, m1), (b2, m2) = [(r["per_device_batch"], r["peak_bytes"])
-                          for r in rs[:2]]
+                          for r in rs[-2:]]
     slope = (m2 - m1) / (b2 - b1)
     fixed = m1 - slope * b1
     largest = int((s.hbm_gib * GIB - fixed) // slope) if slope > 0 else 0
-    per_chip = max(largest, 0) * s.cores_per_chip
+    compiled = max((r["per_device_batch"] for r in rs if r["fits"]), default=0)
+    per_chip = max(largest, compiled, 0) * s.cores_per_chip
     chips = (2 ** math.ceil(math.log2(max(1, -(-PAPER_BATCH // per_chip))))
              if per_chip else None)
     out.append(dict(preset=preset, generation=s.generation,
@@ -186,6 +191,7 @@ def fits_summary(rows: list[dict]) -> list[dict]:
                         (r["per_device_batch"] * s.cores_per_chip
                          for r in rs if r["fits"]), default=None),
                     refused_batch_per_chip=refused,
+                    line_batches=[b1, b2],
                     fixed_gib=round(fixed / GIB, 2),
                     gib_per_image=round(slope / GIB, 4),
                     largest_batch_per_chip=per_chip,
@@ -220,7 +226,8 @@ def table(rows: list[dict], fits: list[dict]) -> str:
             "per chip | refused per chip | chips for batch 4096 | "
             "img/s/chip bound |", "|" + " --- |" * 7]
   for f in fits:
-    line = (f"{f['fixed_gib']} + {f['gib_per_image']}" if "fixed_gib" in f
+    line = (f"{f['fixed_gib']} + {f['gib_per_image']} (b {f['line_batches'][0]}"
+            f", {f['line_batches'][1]})" if "fixed_gib" in f
             else "one compile")
     largest = f["largest_batch_per_chip"] or (
         f"fits {f['fits_batch_per_chip']}" if f["fits_batch_per_chip"]
