@@ -71,18 +71,19 @@ NOTE = (
     "Compiled on a CPU machine for TPU topologies described by "
     "jax.experimental.topologies; per-device figures from XLA's memory and "
     "cost analyses; HBM and peak bf16 FLOP/s from the Cloud TPU "
-    "documentation. 'largest_batch_per_chip' is read off the line through "
-    "the two largest compiled batches ('line_batches', per device; an "
+    "documentation. 'largest_batch_per_chip' is read off the line through the"
+    " two largest compiled batches ('line_batches', per device; an "
     "extrapolation, never below a compiled batch that fits): XLA "
     "rematerializes at large batches (byol_r50 on v3-8: 14.2 GiB at 512 per "
     "core, not the 42 GiB of the line through 8 and 16). Collective counts "
     "are exact; their byte sizes are n/a where 'collective_bytes_valid' is "
-    "false (an earlier HLO parser lost the arrays of tuple-shaped all-reduces; fixed in "
-    "8dfa5c3). Rows with 'error' are programs XLA refused (RESOURCE_EXHAUSTED"
-    "); 'expected_misfit' rows were compiled with --expect-misfit as probes "
-    "of the refusal. 'finish' rows compile the presets' canvas of 448 px (at "
-    "canvas 224, v3-8 batch 8: 2.2 GFLOP, 0.012 GiB). Compiled on 2 shared "
-    "CPU cores under load: compile seconds are wall time under that load.")
+    "false (an earlier HLO parser lost the arrays of tuple-shaped "
+    "all-reduces; fixed in 8dfa5c3). Rows with 'error' are programs XLA "
+    "refused (RESOURCE_EXHAUSTED); 'expected_misfit' rows were compiled with "
+    "--expect-misfit as probes of the refusal. 'finish' rows compile the "
+    "presets' canvas of 448 px (at canvas 224, v3-8 batch 8: 2.2 GFLOP, 0.012"
+    " GiB). Compiled on 2 shared CPU cores under load: compile seconds are "
+    "wall time under that load.")
 
 
 # --------------------------------------------------------------- analysis --
