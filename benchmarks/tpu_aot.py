@@ -59,8 +59,9 @@ from byol_jax.evaluation import linear  # noqa: E402
 from byol_jax.evaluation import monitor  # noqa: E402
 
 from tpu_aot_report import (  # noqa: E402  (benchmarks/tpu_aot_report.py)
-    BATCHES, GIB, NOTE, PRESETS, PROGRAMS, SLICES, Slice, collectives, complete,
-    fits_on, fits_summary, summarize, table)
+    BATCHES, GIB, NOTE, PRESETS, PROGRAMS, SLICES, Slice, collectives,
+    complete, fits_on, fits_summary, misfit_row, plan, row_key, summarize,
+    table)
 
 IMAGENET_TRAIN, IMAGENET_EVAL = 1_281_167, 50_000
 
@@ -274,10 +275,6 @@ def compile_linear(config, mesh, state, batch_size: int = 256) -> dict:
 
 
 # ------------------------------------------------------------------ runs --
-def row_key(r: dict) -> tuple:
-  return (r["preset"], r["slice"], r["program"], r.get("per_device_batch"))
-
-
 def run_one(preset: str, slice_name: str, program: str,
             per_device: int | None, log=print) -> list[dict]:
   """Compiles one program of one preset on one slice; its rows."""
@@ -313,40 +310,6 @@ def libtpu_version() -> str | None:
     return importlib.metadata.version("libtpu")
   except importlib.metadata.PackageNotFoundError:
     return None
-
-
-def plan(presets, slices, programs, batches=(0, 1),
-         batch: int | None = None) -> list[tuple]:
-  """(preset, slice, program, per-device batch) jobs, most telling first:
-  the BYOL train step everywhere, the monitor and the others after.
-  `batches`: which of the generation's two train-step batches (2-host
-  slices: the first only); `batch`: this train-step batch instead."""
-  jobs = []
-  for program in programs:
-    for preset in presets:
-      for name in slices:
-        first = BATCHES[SLICES[name].generation][0]
-        if program == "train_step" and batch:
-          jobs.append((preset, name, program, batch))
-        elif program == "train_step":
-          for i, b in enumerate(BATCHES[SLICES[name].generation]):
-            if i in batches and (SLICES[name].hosts == 1 or i == 0):
-              jobs.append((preset, name, program, b))
-        elif SLICES[name].hosts == 1:
-          jobs.append((preset, name, program,
-                       first if program == "finish" else None))
-  return jobs
-
-
-def misfit_row(preset: str, name: str, program: str, b: int | None,
-               error: str, seconds: float) -> dict:
-  """The row of a program XLA refused for want of memory."""
-  s = SLICES[name]
-  return dict(preset=preset, slice=name, topology=s.topology, hosts=s.hosts,
-              program=program, per_device_batch=b, fits=False,
-              error=error.splitlines()[0][:500], peak_bytes=0, peak_gib=0.0,
-              flops=0.0, collectives={}, compile_seconds=round(seconds, 1),
-              hbm_bytes=int(s.hbm_gib * GIB), commit=run_info.commit())
 
 
 def big_stack(size: int = 2 ** 30) -> None:

@@ -1,12 +1,15 @@
 """What benchmarks/tpu_aot.py compiles for, and how it reports it.
 
 The TPU slices (HBM and peak bf16 FLOP/s per device from the Cloud TPU
-documentation), the presets and batches, the parsing of collectives from
-compiled HLO, and the tables: every row, what fits, README's "Fits on".
+documentation), the presets and batches, the jobs they make, the parsing of
+collectives from compiled HLO, and the tables: every row, what fits,
+README's "Fits on".
 """
 import dataclasses
 import math
 import re
+
+from run_info import commit  # benchmarks/run_info.py
 
 GIB = 2 ** 30
 PAPER_BATCH = 4096  # Over 512 v3 cores: 8 per core.
@@ -84,6 +87,45 @@ NOTE = (
     "presets' canvas of 448 px (at canvas 224, v3-8 batch 8: 2.2 GFLOP, 0.012"
     " GiB). Compiled on 2 shared CPU cores under load: compile seconds are "
     "wall time under that load.")
+
+
+# ------------------------------------------------------------------ jobs --
+def row_key(r: dict) -> tuple:
+  return (r["preset"], r["slice"], r["program"], r.get("per_device_batch"))
+
+
+def plan(presets, slices, programs, batches=(0, 1),
+         batch: int | None = None) -> list[tuple]:
+  """(preset, slice, program, per-device batch) jobs, most telling first:
+  the BYOL train step everywhere, the monitor and the others after.
+  `batches`: which of the generation's two train-step batches (2-host
+  slices: the first only); `batch`: this train-step batch instead."""
+  jobs = []
+  for program in programs:
+    for preset in presets:
+      for name in slices:
+        first = BATCHES[SLICES[name].generation][0]
+        if program == "train_step" and batch:
+          jobs.append((preset, name, program, batch))
+        elif program == "train_step":
+          for i, b in enumerate(BATCHES[SLICES[name].generation]):
+            if i in batches and (SLICES[name].hosts == 1 or i == 0):
+              jobs.append((preset, name, program, b))
+        elif SLICES[name].hosts == 1:
+          jobs.append((preset, name, program,
+                       first if program == "finish" else None))
+  return jobs
+
+
+def misfit_row(preset: str, name: str, program: str, b: int | None,
+               error: str, seconds: float) -> dict:
+  """The row of a program XLA refused for want of memory."""
+  s = SLICES[name]
+  return dict(preset=preset, slice=name, topology=s.topology, hosts=s.hosts,
+              program=program, per_device_batch=b, fits=False,
+              error=error.splitlines()[0][:500], peak_bytes=0, peak_gib=0.0,
+              flops=0.0, collectives={}, compile_seconds=round(seconds, 1),
+              hbm_bytes=int(s.hbm_gib * GIB), commit=commit())
 
 
 # --------------------------------------------------------------- analysis --
