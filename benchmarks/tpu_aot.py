@@ -22,15 +22,14 @@ probes that must not fit:
     python benchmarks/tpu_aot.py --presets=byol_r50 --slices=v3-8 \
         --programs=train_step --batch=512 --expect-misfit
 
-The script re-executes itself with 1 GiB thread stacks: XLA's TPU compiler
-overflowed the default 8 MiB on v6e.
+XLA's TPU compiler overflows a thread's stack on v6e (SIGSEGV in
+LloRegion::AppendInstruction's recursion), also with a 4 GiB `ulimit -s`.
 """
 import argparse
 import dataclasses
 import json
 import math
 import os
-import resource
 import sys
 import time
 from typing import Any
@@ -312,22 +311,6 @@ def libtpu_version() -> str | None:
     return None
 
 
-def big_stack(size: int = 2 ** 30) -> None:
-  """Re-executes the script with `size` bytes of stack per thread.
-
-  XLA's TPU compiler recursed past a thread's default 8 MiB (the soft
-  RLIMIT_STACK) on v6e; glibc sizes new threads' stacks from that limit as
-  the process starts (from 2 MiB where it is unlimited), so it is raised
-  before, not after.
-  """
-  soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
-  inf = resource.RLIM_INFINITY
-  if (soft != inf and soft >= size) or (hard != inf and hard < size):
-    return
-  resource.setrlimit(resource.RLIMIT_STACK, (size, hard))
-  os.execv(sys.executable, [sys.executable] + sys.argv)
-
-
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--presets", default=",".join(PRESETS))
@@ -400,5 +383,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  big_stack()
   sys.exit(main())
