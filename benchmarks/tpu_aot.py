@@ -15,7 +15,15 @@ finishes each batch on the devices, the kNN monitor at ImageNet size (its
 forward pass and the sharded kNN vote over 1,281,167 bank rows) and linear
 evaluation's train step. Rows are appended to the JSON as they finish
 (a rerun skips the rows it has), and the table goes to a .md beside it.
-Exit status 1 when a program does not fit its device's memory.
+Exit status 1 when a program does not fit its device's memory (XLA refuses
+it with RESOURCE_EXHAUSTED: a row with 'error'), except rows compiled as
+probes that must not fit:
+
+    python benchmarks/tpu_aot.py --presets=byol_r50 --slices=v3-8 \
+        --programs=train_step --batch=512 --expect-misfit
+
+XLA's TPU compiler overflows a thread's stack on v6e (SIGSEGV in
+LloRegion::AppendInstruction's recursion), also with a 4 GiB `ulimit -s`.
 """
 import argparse
 import dataclasses
@@ -50,8 +58,9 @@ from byol_jax.evaluation import linear  # noqa: E402
 from byol_jax.evaluation import monitor  # noqa: E402
 
 from tpu_aot_report import (  # noqa: E402  (benchmarks/tpu_aot_report.py)
-    BATCHES, GIB, PRESETS, PROGRAMS, SLICES, Slice, collectives, complete,
-    fits_on, fits_summary, summarize, table)
+    BATCHES, GIB, NOTE, PRESETS, PROGRAMS, SLICES, Slice, collectives,
+    complete, fits_on, fits_summary, misfit_row, plan, row_key, summarize,
+    table)
 
 IMAGENET_TRAIN, IMAGENET_EVAL = 1_281_167, 50_000
 
@@ -265,10 +274,6 @@ def compile_linear(config, mesh, state, batch_size: int = 256) -> dict:
 
 
 # ------------------------------------------------------------------ runs --
-def row_key(r: dict) -> tuple:
-  return (r["preset"], r["slice"], r["program"], r.get("per_device_batch"))
-
-
 def run_one(preset: str, slice_name: str, program: str,
             per_device: int | None, log=print) -> list[dict]:
   """Compiles one program of one preset on one slice; its rows."""
@@ -290,7 +295,7 @@ def run_one(preset: str, slice_name: str, program: str,
     state, _ = pretrain_parts(config, mesh)
     fn = compile_knn if program == "knn_monitor" else compile_linear
     rows = [dict(base, per_device_batch=None, **fn(config, mesh, state))]
-  out = [complete(r, s, n) for r in rows]
+  out = [dict(complete(r, s, n), commit=run_info.commit()) for r in rows]
   for r in out:
     log(f"{r['preset']} {r['slice']} {r['program']} b={r['per_device_batch']}"
         f": {r['peak_gib']} GiB, {r['flops'] / 1e9:.1f} GFLOP, "
@@ -306,36 +311,25 @@ def libtpu_version() -> str | None:
     return None
 
 
-def plan(presets, slices, programs, batches=(0, 1)) -> list[tuple]:
-  """(preset, slice, program, per-device batch) jobs, most telling first:
-  the BYOL train step everywhere, the monitor and the others after.
-  `batches`: which of the generation's two train-step batches (2-host
-  slices: the first only)."""
-  jobs = []
-  for program in programs:
-    for preset in presets:
-      for name in slices:
-        if program == "train_step":
-          for i, b in enumerate(BATCHES[SLICES[name].generation]):
-            if i in batches and (SLICES[name].hosts == 1 or i == 0):
-              jobs.append((preset, name, program, b))
-        elif SLICES[name].hosts == 1:
-          jobs.append((preset, name, program, None))
-  return jobs
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--presets", default=",".join(PRESETS))
   p.add_argument("--slices", default=",".join(SLICES))
   p.add_argument("--programs", default=",".join(PROGRAMS))
   p.add_argument("--batches", default="0,1",
                  help="which train-step batches of BATCHES: 0, 1 or 0,1")
+  p.add_argument("--batch", type=int, default=None,
+                 help="compile the train step at this per-device batch")
+  p.add_argument("--expect-misfit", action="store_true",
+                 help="this run's rows are probes that must NOT fit: refused "
+                 "ones are kept as 'expected_misfit' rows that later runs do "
+                 "not fail on; one that fits is a plain row and this run "
+                 "exits 1")
   p.add_argument("--out", default=os.path.join(
       run_info.REPO, "benchmarks", "results", "tpu_aot.json"))
   p.add_argument("--readme", action="store_true",
                  help="print README's Fits-on table from --out and stop")
-  args = p.parse_args()
+  args = p.parse_args(argv)
   if args.readme:
     with open(args.out) as f:
       print(fits_on(json.load(f)), end="")
@@ -347,45 +341,45 @@ def main() -> int:
   done = {row_key(r) for r in result["rows"]}
   jobs = plan(args.presets.split(","), args.slices.split(","),
               args.programs.split(","),
-              tuple(int(i) for i in args.batches.split(",")))
+              tuple(int(i) for i in args.batches.split(",")), args.batch)
   failed = False
   for preset, name, program, b in jobs:
     if (preset, name, program, b) in done:
       continue
+    start = time.time()
     try:
       rows = run_one(preset, name, program, b)
     except Exception as e:  # pylint: disable=broad-except
       print(f"{preset} {name} {program} b={b}: {type(e).__name__}: "
             f"{str(e).splitlines()[0][:300]}", flush=True)
-      failed = True
       if "RESOURCE_EXHAUSTED" not in str(e):
+        failed = True
         continue  # Not a verdict on the program: no row.
       # XLA refuses a program that cannot fit: that is a row too.
-      rows = [dict(preset=preset, slice=name, program=program,
-                   per_device_batch=b, topology=SLICES[name].topology,
-                   hosts=SLICES[name].hosts, fits=False,
-                   error=str(e).splitlines()[0][:500], peak_bytes=0,
-                   peak_gib=0.0, flops=0.0, collectives={},
-                   compile_seconds=0.0,
-                   hbm_bytes=int(SLICES[name].hbm_gib * GIB))]
+      rows = [misfit_row(preset, name, program, b, str(e),
+                         time.time() - start)]
+    for r in rows:
+      if args.expect_misfit and r["fits"]:  # A probe that fits: a plain row.
+        print(f"{preset} {name} {program} b={b}: fits; expected not to",
+              flush=True)
+        failed = True
+      elif args.expect_misfit:
+        r["expected_misfit"] = True
     result["rows"] = [r for r in result["rows"]
                       if row_key(r) not in {row_key(x) for x in rows}] + rows
     result.update(
-        commit=run_info.commit(), versions=dict(run_info.versions(),
-                                                libtpu=libtpu_version()),
+        commit="per row ('commit')",
+        versions=dict(run_info.versions(), libtpu=libtpu_version()),
         slices={k: dataclasses.asdict(v) for k, v in SLICES.items()},
-        fits=fits_summary(result["rows"]),
-        note=("Compiled on a CPU machine for TPU topologies described by "
-              "jax.experimental.topologies; per-device figures from XLA's "
-              "memory and cost analyses; HBM and peak bf16 FLOP/s from the "
-              "Cloud TPU documentation. 'largest_batch_per_chip' is read "
-              "off the line through the two compiled batches."))
+        fits=fits_summary(result["rows"]), note=NOTE)
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
       f.write(table(result["rows"], result["fits"]))
   print(table(result["rows"], result.get("fits", [])))
-  return 0 if not failed and all(r["fits"] for r in result["rows"]) else 1
+  misfits = [r for r in result["rows"]
+             if not r["fits"] and not r.get("expected_misfit")]
+  return 1 if failed or misfits else 0
 
 
 if __name__ == "__main__":

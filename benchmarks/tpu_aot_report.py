@@ -1,12 +1,15 @@
 """What benchmarks/tpu_aot.py compiles for, and how it reports it.
 
 The TPU slices (HBM and peak bf16 FLOP/s per device from the Cloud TPU
-documentation), the presets and batches, the parsing of collectives from
-compiled HLO, and the tables: every row, what fits, README's "Fits on".
+documentation), the presets and batches, the jobs they make, the parsing of
+collectives from compiled HLO, and the tables: every row, what fits,
+README's "Fits on".
 """
 import dataclasses
 import math
 import re
+
+from run_info import commit  # benchmarks/run_info.py
 
 GIB = 2 ** 30
 PAPER_BATCH = 4096  # Over 512 v3 cores: 8 per core.
@@ -67,6 +70,62 @@ PRESETS = {
                                         "model.width": 2}),
 }
 PROGRAMS = ("train_step", "finish", "knn_monitor", "linear_step")
+NOTE = (
+    "Compiled on a CPU machine for TPU topologies described by "
+    "jax.experimental.topologies; per-device figures from XLA's memory and "
+    "cost analyses; HBM and peak bf16 FLOP/s from the Cloud TPU "
+    "documentation. 'largest_batch_per_chip' is read off the line through the"
+    " two largest compiled batches ('line_batches', per device; an "
+    "extrapolation, never below a compiled batch that fits): XLA "
+    "rematerializes at large batches (byol_r50 on v3-8: 14.2 GiB at 512 per "
+    "core, not the 42 GiB of the line through 8 and 16). Collective counts "
+    "are exact; their byte sizes are n/a where 'collective_bytes_valid' is "
+    "false (an earlier HLO parser lost the arrays of tuple-shaped "
+    "all-reduces; fixed in 8dfa5c3). Rows with 'error' are programs XLA "
+    "refused (RESOURCE_EXHAUSTED); 'expected_misfit' rows were compiled with "
+    "--expect-misfit as probes of the refusal. 'finish' rows compile the "
+    "presets' canvas of 448 px (at canvas 224, v3-8 batch 8: 2.2 GFLOP, 0.012"
+    " GiB). Compiled on 2 shared CPU cores under load: compile seconds are "
+    "wall time under that load.")
+
+
+# ------------------------------------------------------------------ jobs --
+def row_key(r: dict) -> tuple:
+  return (r["preset"], r["slice"], r["program"], r.get("per_device_batch"))
+
+
+def plan(presets, slices, programs, batches=(0, 1),
+         batch: int | None = None) -> list[tuple]:
+  """(preset, slice, program, per-device batch) jobs, most telling first:
+  the BYOL train step everywhere, the monitor and the others after.
+  `batches`: which of the generation's two train-step batches (2-host
+  slices: the first only); `batch`: this train-step batch instead."""
+  jobs = []
+  for program in programs:
+    for preset in presets:
+      for name in slices:
+        first = BATCHES[SLICES[name].generation][0]
+        if program == "train_step" and batch:
+          jobs.append((preset, name, program, batch))
+        elif program == "train_step":
+          for i, b in enumerate(BATCHES[SLICES[name].generation]):
+            if i in batches and (SLICES[name].hosts == 1 or i == 0):
+              jobs.append((preset, name, program, b))
+        elif SLICES[name].hosts == 1:
+          jobs.append((preset, name, program,
+                       first if program == "finish" else None))
+  return jobs
+
+
+def misfit_row(preset: str, name: str, program: str, b: int | None,
+               error: str, seconds: float) -> dict:
+  """The row of a program XLA refused for want of memory."""
+  s = SLICES[name]
+  return dict(preset=preset, slice=name, topology=s.topology, hosts=s.hosts,
+              program=program, per_device_batch=b, fits=False,
+              error=error.splitlines()[0][:500], peak_bytes=0, peak_gib=0.0,
+              flops=0.0, collectives={}, compile_seconds=round(seconds, 1),
+              hbm_bytes=int(s.hbm_gib * GIB), commit=commit())
 
 
 # --------------------------------------------------------------- analysis --
@@ -141,32 +200,41 @@ def fits_summary(rows: list[dict]) -> list[dict]:
   for r in rows:
     if r["program"] == "train_step" and r["hosts"] == 1:
       pairs.setdefault((r["preset"], r["slice"]), []).append(r)
-  for (preset, name), rs in sorted(pairs.items()):
+  for (preset, name), every in sorted(pairs.items()):
     s = SLICES[name]
-    rs = sorted(rs, key=lambda r: r["per_device_batch"])
+    refused = min((r["per_device_batch"] * s.cores_per_chip for r in every
+                   if not r["peak_bytes"]), default=None)
+    rs = sorted((r for r in every if r["peak_bytes"]),  # Compiled ones.
+                key=lambda r: r["per_device_batch"])
     if len(rs) < 2:  # One compile: a lower bound where it fits.
-      r = rs[0]
+      r = rs[0] if rs else None
       out.append(dict(preset=preset, generation=s.generation,
                       fits_batch_per_chip=(r["per_device_batch"]
                                            * s.cores_per_chip
-                                           if r["fits"] else None),
+                                           if r and r["fits"] else None),
+                      refused_batch_per_chip=refused,
                       largest_batch_per_chip=None,
                       chips_for_paper_batch=None,
-                      bound_images_per_sec_per_chip=r.get(
+                      bound_images_per_sec_per_chip=r and r.get(
                           "images_per_sec_per_chip_bound")))
       continue
+    # The two largest compiled batches: XLA rematerializes at large ones,
+    # so lines through small batches overestimate the memory per image.
     (b1, m1), (b2, m2) = [(r["per_device_batch"], r["peak_bytes"])
-                          for r in rs[:2]]
+                          for r in rs[-2:]]
     slope = (m2 - m1) / (b2 - b1)
     fixed = m1 - slope * b1
     largest = int((s.hbm_gib * GIB - fixed) // slope) if slope > 0 else 0
-    per_chip = max(largest, 0) * s.cores_per_chip
+    compiled = max((r["per_device_batch"] for r in rs if r["fits"]), default=0)
+    per_chip = max(largest, compiled, 0) * s.cores_per_chip
     chips = (2 ** math.ceil(math.log2(max(1, -(-PAPER_BATCH // per_chip))))
              if per_chip else None)
     out.append(dict(preset=preset, generation=s.generation,
                     fits_batch_per_chip=max(
                         (r["per_device_batch"] * s.cores_per_chip
                          for r in rs if r["fits"]), default=None),
+                    refused_batch_per_chip=refused,
+                    line_batches=[b1, b2],
                     fixed_gib=round(fixed / GIB, 2),
                     gib_per_image=round(slope / GIB, 4),
                     largest_batch_per_chip=per_chip,
@@ -190,20 +258,25 @@ def table(rows: list[dict], fits: list[dict]) -> str:
     lines.append(
         f"| {r['preset']} | {r['slice']} | {r['program']} | "
         f"{r.get('per_device_batch') or r.get('eval_batch') or r.get('batch')}"
-        f" | {r['peak_gib']:.2f} / {r['hbm_bytes'] / GIB:.0f} | "
-        f"{'yes' if r['fits'] else '**NO**'} | {r['flops'] / 1e9:.1f} | "
+        f" | {'refused' if r.get('error') else format(r['peak_gib'], '.2f')}"
+        f" / {r['hbm_bytes'] / GIB:.0f} | "
+        f"{'yes' if r['fits'] else '**NO**'}"
+        f"{' (probe)' if r.get('expected_misfit') else ''} | "
+        f"{r['flops'] / 1e9:.1f} | "
         f"{coll} | {r['compile_seconds']} | "
         f"{r.get('images_per_sec_per_chip_bound', '')} |")
   lines += ["", "| preset | generation | GiB fixed + GiB/image | largest batch "
-            "per chip | chips for batch 4096 | img/s/chip bound |",
-            "|" + " --- |" * 6]
+            "per chip | refused per chip | chips for batch 4096 | "
+            "img/s/chip bound |", "|" + " --- |" * 7]
   for f in fits:
-    line = (f"{f['fixed_gib']} + {f['gib_per_image']}" if "fixed_gib" in f
+    line = (f"{f['fixed_gib']} + {f['gib_per_image']} (b {f['line_batches'][0]}"
+            f", {f['line_batches'][1]})" if "fixed_gib" in f
             else "one compile")
     largest = f["largest_batch_per_chip"] or (
         f"fits {f['fits_batch_per_chip']}" if f["fits_batch_per_chip"]
         else "none compiled fits")
     lines.append(f"| {f['preset']} | {f['generation']} | {line} | {largest}"
+                 f" | {f.get('refused_batch_per_chip') or ''}"
                  f" | {f['chips_for_paper_batch'] or 'n/a'} | "
                  f"{f['bound_images_per_sec_per_chip']} |")
   return "\n".join(lines) + "\n"

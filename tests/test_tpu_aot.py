@@ -4,6 +4,7 @@ libtpu's compiler (installed by .ci/run, extra `tpu-aot`) compiles for
 topologies described by jax.experimental.topologies; XLA's own memory and
 cost analyses of the compiled programs are checked.
 """
+import json
 import sys
 
 import jax
@@ -15,7 +16,10 @@ pytest.importorskip("libtpu")
 sys.path.insert(0, str(REPO / "benchmarks"))
 import tpu_aot  # noqa: E402  (benchmarks/tpu_aot.py)
 
-BANK, QUERIES = 200_000, 500
+# Near the smallest bank (> 40,960 rows) whose share per device (BANK / 8
+# rows of 32 floats) is 20x what moves (8192 elements): the vote's compile
+# time grows with the rows per device.
+BANK, QUERIES = 50_000, 500
 
 
 @pytest.fixture(autouse=True)
@@ -65,3 +69,25 @@ def test_tiny_train_step_and_knn_compile_for_tpu(tiny_config, slice_name):
     assert one["peak_bytes"] < hbm
     assert every["argument_bytes"] * n <= one["argument_bytes"] * 1.05
     assert every["peak_bytes"] * 4 < one["peak_bytes"], (every, one)
+
+
+def test_a_row_that_does_not_fit_fails_the_run_unless_a_probe(tmp_path,
+                                                              monkeypatch):
+  """Rows already in the JSON are not compiled again, and the exit status
+  is 1 while any row does not fit, except rows compiled as probes."""
+  def compile_again(*args):
+    raise AssertionError(f"compiled a row the JSON has: {args}")
+  monkeypatch.setattr(tpu_aot, "run_one", compile_again)
+  out = tmp_path / "aot.json"
+  refused = tpu_aot.misfit_row(
+      "byol_r50", "v3-8", "train_step", 512,
+      "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm.", 60.0)
+  argv = ["--presets=byol_r50", "--slices=v3-8", "--programs=train_step",
+          "--batch=512", f"--out={out}"]
+  out.write_text(json.dumps({"rows": [refused]}))
+  assert tpu_aot.main(argv) == 1
+  out.write_text(json.dumps({"rows": [dict(refused, expected_misfit=True)]}))
+  assert tpu_aot.main(argv) == 0
+  fits = tpu_aot.fits_summary([dict(refused, expected_misfit=True)])
+  assert fits[0]["refused_batch_per_chip"] == 1024  # 2 cores per v3 chip.
+  assert fits[0]["fits_batch_per_chip"] is None
