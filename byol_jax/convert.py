@@ -12,10 +12,10 @@ to-torch writes the online encoder as a torchvision state_dict without `fc`.
 from absl import flags
 from ml_collections import config_flags
 
+from byol_jax.errors import ConfigError
 from byol_jax.interop import convert_official
 from byol_jax.interop import convert_torch
 from byol_jax.trainer import cli
-from byol_jax.errors import ConfigError
 
 COMMANDS = ("from-official", "to-torch")
 

@@ -22,13 +22,13 @@ from absl import flags
 from etils import epath
 
 from byol_jax import data
-from byol_jax.trainer import cli
-from byol_jax.interop import pretrained
 from byol_jax import progress
 from byol_jax.core import sharding
+from byol_jax.core.methods import network
 from byol_jax.errors import ConfigError
 from byol_jax.evaluation import linear
-from byol_jax.core.methods import network
+from byol_jax.interop import pretrained
+from byol_jax.trainer import cli
 
 PRESETS = {
     "linear": dict(mode="linear", epochs=80, batch_size=256, base_lr=0.2,

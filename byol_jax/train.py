@@ -21,27 +21,27 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from byol_jax import data
+from byol_jax import prepare
+from byol_jax import progress
+from byol_jax import storage
+from byol_jax.core import methods
+from byol_jax.core import optim
+from byol_jax.core import sharding
+from byol_jax.core import step as step_lib
+from byol_jax.core import train_state
+from byol_jax.errors import ConfigError
+from byol_jax.evaluation import monitor as monitor_lib
 from byol_jax.trainer import checkpoint
 from byol_jax.trainer import checkpoint_facts
 from byol_jax.trainer import cli
-from byol_jax import data
 from byol_jax.trainer import divergence
 from byol_jax.trainer import job_errors
 from byol_jax.trainer import lock as lock_lib
-from byol_jax.core import methods
 from byol_jax.trainer import metric_writer
-from byol_jax.core import optim
 from byol_jax.trainer import preempt
-from byol_jax import prepare
-from byol_jax import progress
 from byol_jax.trainer import resume
-from byol_jax.core import sharding
-from byol_jax.core import step as step_lib
-from byol_jax import storage
-from byol_jax.core import train_state
 from byol_jax.trainer import validate
-from byol_jax.errors import ConfigError
-from byol_jax.evaluation import monitor as monitor_lib
 
 
 class NonFiniteError(RuntimeError):

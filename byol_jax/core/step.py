@@ -14,10 +14,10 @@ from jax.sharding import Mesh
 
 from byol_jax.core import methods
 from byol_jax.core import sharding
-from byol_jax.data import augment
 from byol_jax.core.methods import byol
 from byol_jax.core.methods import network
 from byol_jax.core.train_state import TrainState
+from byol_jax.data import augment
 
 
 def classifier_metrics(logits: jax.Array, labels: jax.Array):

@@ -21,15 +21,15 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from byol_jax.trainer import checkpoint
-from byol_jax.trainer import config_lib
 from byol_jax.core import methods
 from byol_jax.core import models
 from byol_jax.core import optim
-from byol_jax.interop import safe_pickle
 from byol_jax.core import sharding
 from byol_jax.core import train_state
 from byol_jax.errors import ConfigError
+from byol_jax.interop import safe_pickle
+from byol_jax.trainer import checkpoint
+from byol_jax.trainer import config_lib
 
 _STATE_FIELDS = ("online_params", "target_params", "online_state",
                  "target_state", "opt_state")

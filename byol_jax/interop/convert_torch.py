@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from byol_jax.interop import pretrained
 from byol_jax.errors import ConfigError
+from byol_jax.interop import pretrained
 
 FORMATS = (".pt", ".pth", ".safetensors")
 _LAYERS = {"stem_conv": "conv1", "stem_bn": "bn1",

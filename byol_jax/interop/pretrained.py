@@ -15,9 +15,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from byol_jax import storage
-from byol_jax.trainer.checkpoint import as_path, config_from_json
-from byol_jax.errors import ConfigError
 from byol_jax.core.methods import network
+from byol_jax.errors import ConfigError
+from byol_jax.trainer.checkpoint import as_path, config_from_json
 
 
 def _step_of(name: str) -> int | None:

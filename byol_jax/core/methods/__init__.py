@@ -4,10 +4,10 @@ Each has `HAS_TARGET`, `make_network(config)` and `loss_fn` (see byol.loss_fn).
 """
 from types import ModuleType
 
-from byol_jax.errors import ConfigError
 from byol_jax.core.methods import byol
 from byol_jax.core.methods import simclr
 from byol_jax.core.methods import simsiam
+from byol_jax.errors import ConfigError
 
 METHODS: dict[str, ModuleType] = {
     "byol": byol, "simsiam": simsiam, "simclr": simclr}

@@ -1,7 +1,7 @@
 """Encoders (ResNet v1) and MLP heads."""
 from byol_jax.core.models.heads import MLP
-from byol_jax.core.models.resnet import DEPTHS
 from byol_jax.core.models.resnet import depth_of
+from byol_jax.core.models.resnet import DEPTHS
 from byol_jax.core.models.resnet import PADDINGS
 from byol_jax.core.models.resnet import representation_dim
 from byol_jax.core.models.resnet import resnet
