@@ -1,14 +1,11 @@
 """Orbax checkpoints of the train state: when to save, saving, restoring.
 
 WORKDIR/checkpoints/<step>/{state, config, checksums}: the `TrainState`, the
-run's resolved config as JSON (`load_encoder` needs nothing else) and one
-32-bit sum per leaf (`checksums.py`), verified after every restore so that
-flipped bytes that still decode are caught. Orbax decides when to save
-without touching a device (steps, minutes, preemption), saves asynchronously
-and atomically (a step appears only when complete), and its metadata gives
-the saved layout, checked before the arrays are read. Only damage
-(`checkpoint_facts`) moves a checkpoint aside; other read errors are
-retried, then stop the run.
+resolved config as JSON (all `load_encoder` needs) and per-leaf checksums,
+verified after every restore. Orbax decides when to save (steps, minutes,
+preemption) and saves asynchronously and atomically; its metadata gives the
+saved layout, checked before reading. Only damage (`checkpoint_facts`) moves
+a checkpoint aside; other read errors are retried, then stop the run.
 """
 import contextlib
 import copy
@@ -39,7 +36,6 @@ ITEMS = ("state", "config", "checksums")
 _RESTORE_ATTEMPTS = 3
 _RETRY_SECONDS = 2.0
 DamagedCheckpointError = checkpoint_facts.DamagedCheckpointError
-first_line = checkpoint_facts.describe
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
@@ -117,13 +113,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
                read_only: bool = False):
-    """Opens (or creates) WORKDIR/checkpoints.
-
-    Args:
-      workdir: the run's directory (local path or a bucket).
-      config: the run's config (its cadences; saved with each state).
-      read_only: open existing checkpoints for reading only.
-    """
+    """Opens (or creates) WORKDIR/checkpoints (local or a bucket); `config`
+    gives the cadences and is saved with each state."""
     self.directory = as_path(workdir) / "checkpoints"
     self._config_json = config_to_json(config)
     self._preemption = _Preemption()
@@ -153,12 +144,10 @@ class Checkpointer:
     """Turns SIGTERM into a save at the next step (one process; JAX's
     preemption sync point does it on several)."""
     if jax.process_count() == 1:
-      self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._previous_sigterm = signal.signal(
+          signal.SIGTERM,
+          lambda *_: setattr(self._preemption, "requested", True))
     return self
-
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self._preemption.requested = True
 
   def __exit__(self, exc_type, exc, tb):
     if self._previous_sigterm is not None:
@@ -315,10 +304,9 @@ class Checkpointer:
     self._manager.reload()
     return f"{self.directory.parent}/{folder}/"
 
+
 def shared_decision(value: int) -> int:
   """Process 0's `value` on every process (once per run, at start-up)."""
-  if jax.process_count() == 1:
-    return int(value)
   return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 

@@ -1,12 +1,10 @@
 """What a checkpoint's files say: its layout, and whether it is damaged.
 
-Damage is decided from facts, never from words in an error message: a
-missing file, JSON that does not parse, an absent item, or TensorStore's
-status codes NOT_FOUND, DATA_LOSS and OUT_OF_RANGE (a file missing,
-undecodable or truncated). Every other code (UNAVAILABLE, PERMISSION_DENIED,
-RESOURCE_EXHAUSTED ...) is the storage or the code, and moves nothing. A
-saved layout (tree, shapes, dtypes) other than the expected one is not damage
-either: the running code builds another state.
+Damage is decided from facts, never from an error's wording: a missing
+file, JSON that does not parse, an absent item, or TensorStore's codes
+NOT_FOUND, DATA_LOSS, OUT_OF_RANGE. Other codes (UNAVAILABLE,
+PERMISSION_DENIED ...) are the storage's and move nothing; nor does another
+layout.
 """
 import errno
 import json
@@ -48,16 +46,8 @@ def _flat(tree, **kwargs) -> dict[str, Any]:
 
 
 def layout_differences(metadata: Any, abstract_state: Any) -> list[str]:
-  """How a saved state's layout differs from the expected one (empty: same).
-
-  Args:
-    metadata: Orbax's tree metadata of the saved state.
-    abstract_state: the state the running code builds (ShapeDtypeStructs).
-
-  Returns:
-    Phrases naming the leaves that are extra, missing, reshaped or of
-    another dtype ('reshaped: params.x.kernel (3, 3) -> (3, 4)').
-  """
+  """Phrases for how Orbax's `metadata` of a saved state differs from
+  `abstract_state` ('reshaped: params.x.kernel (3, 3) -> (3, 4)'; [] same)."""
   saved = _flat(metadata, is_leaf=lambda m: hasattr(m, "shape"))
   want = _flat(abstract_state)
   both = sorted(set(saved) & set(want))

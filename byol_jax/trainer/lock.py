@@ -1,18 +1,14 @@
 """One trainer per workdir: WORKDIR/trainer.lock, held by the job's process 0.
 
-The lock is JSON naming its holder (host, pid, the kernel's boot id, the
-process's start time in clock ticks, its pid namespace, the job's token) and
-a heartbeat that a thread refreshes every `HEARTBEAT_SECONDS`. The holder is
-alive when:
-- a local workdir: it holds a `flock` on the file, which the kernel drops
-  when it dies, whatever its pid namespace (a restarted container is pid 1
-  again); on the same kernel, a free flock means the holder is gone;
-- the same kernel and pid namespace: its pid runs with its start time;
-- otherwise (another host or container, or a bucket): its heartbeat moves
-  within `STALE_SECONDS`. One older than `OLD_SECONDS` is dead at once; no
-  clocks are compared otherwise.
-On a bucket the lock is written and read back (the last writer wins: gcsfs
-offers no create-if-absent). Process 0 shares the token with the others.
+The lock is JSON naming its holder (host, pid, boot id, start time in clock
+ticks, pid namespace, the job's token) with a heartbeat refreshed every
+`HEARTBEAT_SECONDS`. The holder is alive when it holds the file's `flock`
+(local workdirs: the kernel drops it when the holder dies; on the same
+kernel a free flock means it is gone); else, on the same kernel and pid
+namespace, when its pid runs with its start time; else (another host or
+container, or a bucket) when its heartbeat moves within `STALE_SECONDS`
+(one older than `OLD_SECONDS` is dead at once). On a bucket the lock is
+written and read back: the last writer wins. Process 0 shares the token.
 """
 import fcntl
 import json
@@ -31,6 +27,7 @@ from byol_jax import progress
 from byol_jax import storage
 from byol_jax.errors import ConfigError
 from byol_jax.trainer import checkpoint
+from byol_jax.trainer import checkpoint_facts
 
 LOCK_NAME = "trainer.lock"
 HEARTBEAT_SECONDS = 10.0
@@ -62,27 +59,6 @@ def _parse(text: str) -> dict:
   except ValueError:
     return {}
   return holder if isinstance(holder, dict) else {}
-
-
-def check_writable(workdir: epath.Path) -> None:
-  """Creates the workdir and writes and removes a probe file in it.
-
-  Raises:
-    ConfigError: it is a file, or cannot be created or written.
-  """
-  if workdir.exists() and not workdir.is_dir():
-    raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass "
-                      "a directory (it is created if missing).")
-  probe = workdir / f".write_test.{uuid.uuid4().hex[:8]}"
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe.write_text("ok")
-    probe.unlink()
-  except Exception as e:  # pylint: disable=broad-except
-    raise ConfigError(
-        f"--workdir={workdir} is not writable ({type(e).__name__}: "
-        f"{checkpoint.first_line(e)}); pass a directory you can write to."
-    ) from e
 
 
 class WorkdirLock:
@@ -120,13 +96,8 @@ class WorkdirLock:
       return {}
 
   def _alive(self, holder: dict, flock: str) -> bool:
-    """Whether the lock's holder runs (may watch it for STALE_SECONDS).
-
-    Args:
-      holder: its record ({} if unreadable).
-      flock: 'held' (by another process), 'free' (we hold it now) or ''
-        (a bucket: no flock).
-    """
+    """Whether the holder of `holder` ({}: unreadable) runs; `flock` is
+    'held' (by another process), 'free' (ours now) or '' (a bucket)."""
     if flock == "held":
       return True  # The kernel keeps a dead process's flock for no one.
     if not holder or (flock == "free" and
@@ -173,10 +144,19 @@ class WorkdirLock:
 
   def _try_acquire(self) -> str:
     """Takes the lock; returns why not ('' if taken)."""
-    try:
-      check_writable(self.path.parent)
-    except ConfigError as e:
-      return str(e)
+    workdir = self.path.parent
+    if workdir.exists() and not workdir.is_dir():
+      return (f"--workdir={workdir} is a file, not a directory; pass a "
+              "directory (it is created if missing).")
+    probe = workdir / f".write_test.{uuid.uuid4().hex[:8]}"
+    try:  # One line now rather than a traceback at the first save.
+      workdir.mkdir(parents=True, exist_ok=True)
+      probe.write_text("ok")
+      probe.unlink()
+    except Exception as e:  # pylint: disable=broad-except
+      return (f"--workdir={workdir} is not writable ({type(e).__name__}: "
+              f"{checkpoint_facts.describe(e)}); pass a directory you can "
+              "write to.")
     said = False
     for _ in range(5):
       flock, holder = self._claim()

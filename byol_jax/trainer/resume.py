@@ -1,11 +1,9 @@
 """Where a run starts: which checkpoint, checked against the config first.
 
-Decided once, before any state is built: the stored config of the
-checkpoint is compared with the current one (a change that alters the state
-or what the run computes is refused, nothing moved), then the checkpoint is
-restored; only real damage moves it aside, and the next older one is tried.
-A workdir that has checkpoints, or whose checkpoints were all quarantined,
-never starts again from step 0 unless asked to (`start_over`).
+A config change that alters the state or the run is refused (nothing
+moved); only real damage moves a checkpoint aside, then the next older one
+is tried. A workdir with checkpoints, or whose checkpoints were all
+quarantined, starts again from step 0 only with `start_over`.
 """
 from typing import Any, Callable
 
