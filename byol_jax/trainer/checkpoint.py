@@ -8,7 +8,6 @@ saved layout, checked before reading. Only damage (`checkpoint_facts`) moves
 a checkpoint aside; other read errors are retried, then stop the run.
 """
 import contextlib
-import copy
 import dataclasses
 import datetime
 import json
@@ -44,39 +43,12 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
-def config_to_json(config: ml_collections.ConfigDict) -> dict:
-  """A JSON-able dict of the config (tuples become lists)."""
-  return json.loads(config.to_json())
-
-
-def config_from_json(d: dict) -> ml_collections.ConfigDict:
-  """Inverse of `config_to_json`; fields it lacks (a checkpoint written
-  before they existed) take their `config_lib.base_config()` defaults."""
-  d = copy.deepcopy(dict(d))
-  # Written before optimizer.classifier existed: the classifier had its own
-  # SGD then (so a SimSiam or SimCLR run resumes as it was).
-  if isinstance(d.get("optimizer"), dict):
-    d["optimizer"].setdefault("classifier", "sgd")
-
-  def fill(d, defaults):
-    for key, value in defaults.items():
-      if isinstance(value, dict) and isinstance(d.get(key), dict):
-        fill(d[key], value)
-      d.setdefault(key, value)
-  fill(d, config_to_json(config_lib.base_config()))
-  config = ml_collections.ConfigDict(d)
-  for key in ("crop_scale", "crop_ratio"):
-    if key in config.data:
-      config.data[key] = tuple(config.data[key])
-  return config
-
-
 def write_config(workdir: epath.Path,
                  config: ml_collections.ConfigDict) -> None:
   """WORKDIR/config.json: the resolved config of the latest start."""
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(
-        config_to_json(config), indent=2, sort_keys=True))
+        config_lib.config_to_json(config), indent=2, sort_keys=True))
 
 
 @dataclasses.dataclass
@@ -116,7 +88,7 @@ class Checkpointer:
     """Opens (or creates) WORKDIR/checkpoints (local or a bucket); `config`
     gives the cadences and is saved with each state."""
     self.directory = as_path(workdir) / "checkpoints"
-    self._config_json = config_to_json(config)
+    self._config_json = config_lib.config_to_json(config)
     self._preemption = _Preemption()
     rules = [self._preemption]
     if config.checkpoint_every_steps > 0:
@@ -243,7 +215,7 @@ class Checkpointer:
     """The config saved with checkpoint `step`."""
     restored = self._with_retries(lambda: self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore())))
-    return config_from_json(restored.config)
+    return config_lib.config_from_json(restored.config)
 
   def restore(self, abstract_state: Any, step: int) -> Any:
     """Checkpoint `step`, each leaf placed as `abstract_state` (with

@@ -41,7 +41,7 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
         walk(v, f"{prefix}{k}.")
       else:
         out[f"{prefix}{k}"] = v
-  walk(checkpoint.config_to_json(config), "")
+  walk(config_lib.config_to_json(config), "")
   return out
 
 
