@@ -161,11 +161,8 @@ class Checkpointer:
       self._manager.check_for_errors()
 
   def save(self, step: int, state: Any) -> None:
-    """Starts an asynchronous save of `state` at `step` (no-op if it exists).
-
-    Raises:
-      StorageError: if the previous save failed or this one cannot start.
-    """
+    """Starts an asynchronous save of `state` at `step` (no-op if it exists);
+    StorageError if the previous save failed or this one cannot start."""
     # The previous save had a whole interval to finish: waiting costs
     # nothing, and its failure surfaces here, at once.
     self.wait()

@@ -120,16 +120,15 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
   """(state, step) to start from: restored, or `init()` in a new workdir.
 
   Args:
-    restore_step: resume from this checkpoint instead of the newest; newer
-      ones (another trajectory now) move to WORKDIR/checkpoints_superseded/.
+    restore_step: resume from this checkpoint, not the newest; newer ones
+      move to WORKDIR/checkpoints_superseded/ (as all do with `start_over`).
     say: where the one-line notices go.
     allow: fields the user changes on purpose (see `config_changes`).
-    start_over: train from step 0 on purpose: the checkpoints move to
-      WORKDIR/checkpoints_superseded/; a workdir whose checkpoints were all
-      quarantined starts again only with it.
+    start_over: train from step 0 on purpose (the only way to restart a
+      workdir whose checkpoints were all quarantined).
 
   Raises:
-    ConfigError: a config change that alters the run, a missing or damaged
+    ConfigError: a refused config change, a missing or damaged
       --restore_step, or no readable checkpoint in the workdir.
     StorageError: the storage keeps failing.
   """
