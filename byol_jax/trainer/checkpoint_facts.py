@@ -36,7 +36,7 @@ class LayoutError(ConfigError):
   """A checkpoint holds a state of another layout than the expected one."""
 
 
-def _flat(tree, **kwargs) -> dict[str, Any]:
+def flat(tree, **kwargs) -> dict[str, Any]:
   """{'params.x.kernel': leaf} of a pytree."""
   def name(k):
     return str(next((getattr(k, a) for a in ("name", "key", "idx")
@@ -48,8 +48,8 @@ def _flat(tree, **kwargs) -> dict[str, Any]:
 def layout_differences(metadata: Any, abstract_state: Any) -> list[str]:
   """Phrases for how Orbax's `metadata` of a saved state differs from
   `abstract_state` ('reshaped: params.x.kernel (3, 3) -> (3, 4)'; [] same)."""
-  saved = _flat(metadata, is_leaf=lambda m: hasattr(m, "shape"))
-  want = _flat(abstract_state)
+  saved = flat(metadata, is_leaf=lambda m: hasattr(m, "shape"))
+  want = flat(abstract_state)
   both = sorted(set(saved) & set(want))
 
   def changed(attr, as_):

@@ -52,15 +52,6 @@ def start_ticks(pid: int) -> int | None:
   return int(stat.rsplit(")", 1)[1].split()[19]) if stat else None  # Field 22
 
 
-def _parse(text: str) -> dict:
-  """A record ({} if unreadable: its writer died while writing)."""
-  try:
-    holder = json.loads(text)
-  except ValueError:
-    return {}
-  return holder if isinstance(holder, dict) else {}
-
-
 class WorkdirLock:
   """The job's lock on WORKDIR (see the module docstring)."""
 
@@ -89,11 +80,12 @@ class WorkdirLock:
   def _holder(self) -> dict | None:
     """The lock's record; None if there is no lock, {} if unreadable."""
     try:
-      return _parse(self.path.read_text())
+      holder = json.loads(self.path.read_text())
     except FileNotFoundError:
       return None
-    except OSError:
+    except (OSError, ValueError):  # Or its writer died while writing.
       return {}
+    return holder if isinstance(holder, dict) else {}
 
   def _alive(self, holder: dict, flock: str) -> bool:
     """Whether the holder of `holder` ({}: unreadable) runs; `flock` is
@@ -211,11 +203,10 @@ class WorkdirLock:
       os.close(fd)
       return "retry", None
     self._fd = fd
-    text = os.read(fd, 1 << 16).decode("utf-8", "replace").strip()
-    if not text:
+    if not os.fstat(fd).st_size:
       self._write()
       return "free", None
-    return "free", _parse(text)
+    return "free", self._holder() or {}
 
   def _unclaim(self) -> None:
     if self._fd is not None:

@@ -13,6 +13,7 @@ from absl import logging
 
 from byol_jax.errors import ConfigError
 from byol_jax.trainer import checkpoint
+from byol_jax.trainer import checkpoint_facts
 from byol_jax.trainer import config_lib
 
 # Fields a resumed run may change: cadences, evaluation settings, the length
@@ -33,16 +34,9 @@ _DAMAGED = "checkpoints_damaged"
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  out = {}
-
-  def walk(d, prefix):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        walk(v, f"{prefix}{k}.")
-      else:
-        out[f"{prefix}{k}"] = v
-  walk(config_lib.config_to_json(config), "")
-  return out
+  """{'optimizer.lr': value} of a config (lists are values)."""
+  return checkpoint_facts.flat(config_lib.config_to_json(config),
+                               is_leaf=lambda x: not isinstance(x, dict))
 
 
 def _matches(key: str, prefixes) -> bool:
