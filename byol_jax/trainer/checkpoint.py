@@ -78,10 +78,8 @@ class _Preemption(policies.SaveDecisionPolicy):
 
 
 class Checkpointer:
-  """Decides, saves and restores the train state of one run.
-
-  Every process creates it and calls the same methods in the same order.
-  """
+  """Decides, saves and restores the train state of one run (every process
+  creates it and calls the same methods in the same order)."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
                read_only: bool = False):
