@@ -213,8 +213,7 @@ class Checkpointer:
     return config_lib.config_from_json(restored.config)
 
   def restore(self, abstract_state: Any, step: int) -> Any:
-    """Checkpoint `step`, each leaf placed as `abstract_state` (with
-    shardings) says.
+    """Checkpoint `step`, placed as `abstract_state`'s shardings say.
 
     Raises:
       LayoutError: the saved tree, shapes or dtypes differ (nothing moved).

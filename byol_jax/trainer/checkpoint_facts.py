@@ -114,12 +114,9 @@ def describe(e: BaseException) -> str:
 
 
 def quiet_closed_event_loops() -> None:
-  """Drops the 'Event loop is closed' errors of TensorStore's callbacks.
-
-  After a failed read or write, TensorStore completes futures whose asyncio
-  loop Orbax has closed already: hundreds of tracebacks on a damaged
-  checkpoint that say nothing about the run.
-  """
+  """Drops the 'Event loop is closed' errors of TensorStore's callbacks:
+  after a failed read or write it completes futures whose asyncio loop
+  Orbax has closed, hundreds of tracebacks that say nothing about the run."""
   previous = sys.unraisablehook
   if getattr(previous, "_byol_jax_quiet", False):
     return

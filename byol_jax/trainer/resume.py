@@ -47,13 +47,10 @@ def _matches(key: str, prefixes) -> bool:
 def config_changes(saved: ml_collections.ConfigDict,
                    current: ml_collections.ConfigDict,
                    allow: tuple[str, ...] = ()) -> tuple[dict, dict]:
-  """(refused, allowed) differences {field: (saved, current)}.
-
-  Fields the saved config lacks count as their current default. `allow`
-  names fields (or prefixes such as 'optimizer') the user changes on
-  purpose, e.g. a lower learning rate after a NaN; fields that shape the
-  state stay refused.
-  """
+  """(refused, allowed) differences {field: (saved, current)}; fields the
+  saved config lacks count as their default. `allow` names fields or
+  prefixes ('optimizer') changed on purpose; those shaping the state stay
+  refused."""
   defaults = _flat(config_lib.base_config())
   old, new = _flat(saved), _flat(current)
   refused, allowed = {}, {}
