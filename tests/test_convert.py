@@ -110,18 +110,18 @@ def test_unknown_padding_is_one_config_error():
 def test_config_without_classifier_optimizer_loads_as_its_own_sgd():
   """Before optimizer.classifier existed every classifier had its own SGD:
   an old SimSiam or SimCLR checkpoint's config says so, and resumes."""
-  old = checkpoint.config_to_json(config_lib.base_config())
+  old = config_lib.config_to_json(config_lib.base_config())
   del old["optimizer"]["classifier"]
-  assert checkpoint.config_from_json(old).optimizer.classifier == "sgd"
+  assert config_lib.config_from_json(old).optimizer.classifier == "sgd"
   assert config_lib.base_config().optimizer.classifier == "main"
 
 
 def test_config_without_padding_loads_as_symmetric():
   """A checkpoint config written before model.padding existed still loads."""
-  old = checkpoint.config_to_json(config_lib.base_config())
+  old = config_lib.config_to_json(config_lib.base_config())
   del old["model"]["padding"]
   old["model"]["depth"] = 18
-  config = checkpoint.config_from_json(old)
+  config = config_lib.config_from_json(old)
   assert config.model.padding == "symmetric"
   assert config.model.depth == 18
 

@@ -10,7 +10,6 @@ Haiku's ResNet v1 has byol_jax's layout with TF 'SAME' padding, so it maps
 name by name (the tables below) onto `models.ResNet(padding='same')`. Kernels
 are HWIO / [in, out] in both; batch-norm vectors lose Haiku's 1-axes.
 """
-import json
 import re
 from typing import Any
 
@@ -244,9 +243,7 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, step: int,
   ckpt = checkpoint.Checkpointer(workdir, config)
   ckpt.save(step, state)
   ckpt.close()
-  path = checkpoint.as_path(workdir) / "config.json"
-  path.write_text(json.dumps(checkpoint.config_to_json(config), indent=2,
-                             sort_keys=True))
+  checkpoint.write_config(checkpoint.as_path(workdir), config)
 
 
 def from_official(checkpoint_path: str, workdir: str, which: str = "online",

@@ -17,7 +17,8 @@ from etils import epath
 from byol_jax import storage
 from byol_jax.core.methods import network
 from byol_jax.errors import ConfigError
-from byol_jax.trainer.checkpoint import as_path, config_from_json
+from byol_jax.trainer.checkpoint import as_path
+from byol_jax.trainer.config_lib import config_from_json
 
 
 def _step_of(name: str) -> int | None:

@@ -1,17 +1,13 @@
 """Orbax checkpoints of the train state: when to save, saving, restoring.
 
 WORKDIR/checkpoints/<step>/{state, config, checksums}: the `TrainState`, the
-run's resolved config as JSON (`load_encoder` needs nothing else) and one
-32-bit sum per leaf (`checksums.py`), verified after every restore so that
-flipped bytes that still decode are caught. Orbax decides when to save
-without touching a device (steps, minutes, preemption), saves asynchronously
-and atomically (a step appears only when complete), and its metadata gives
-the saved layout, checked before the arrays are read. Only damage
-(`checkpoint_facts`) moves a checkpoint aside; other read errors are
-retried, then stop the run.
+resolved config as JSON (all `load_encoder` needs) and per-leaf checksums,
+verified after every restore. Orbax decides when to save (steps, minutes,
+preemption) and saves asynchronously and atomically; its metadata gives the
+saved layout, checked before reading. Only damage (`checkpoint_facts`) moves
+a checkpoint aside; other read errors are retried, then stop the run.
 """
 import contextlib
-import copy
 import dataclasses
 import datetime
 import json
@@ -39,7 +35,6 @@ ITEMS = ("state", "config", "checksums")
 _RESTORE_ATTEMPTS = 3
 _RETRY_SECONDS = 2.0
 DamagedCheckpointError = checkpoint_facts.DamagedCheckpointError
-first_line = checkpoint_facts.describe
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
@@ -48,39 +43,12 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
-def config_to_json(config: ml_collections.ConfigDict) -> dict:
-  """A JSON-able dict of the config (tuples become lists)."""
-  return json.loads(config.to_json())
-
-
-def config_from_json(d: dict) -> ml_collections.ConfigDict:
-  """Inverse of `config_to_json`; fields it lacks (a checkpoint written
-  before they existed) take their `config_lib.base_config()` defaults."""
-  d = copy.deepcopy(dict(d))
-  # Written before optimizer.classifier existed: the classifier had its own
-  # SGD then (so a SimSiam or SimCLR run resumes as it was).
-  if isinstance(d.get("optimizer"), dict):
-    d["optimizer"].setdefault("classifier", "sgd")
-
-  def fill(d, defaults):
-    for key, value in defaults.items():
-      if isinstance(value, dict) and isinstance(d.get(key), dict):
-        fill(d[key], value)
-      d.setdefault(key, value)
-  fill(d, config_to_json(config_lib.base_config()))
-  config = ml_collections.ConfigDict(d)
-  for key in ("crop_scale", "crop_ratio"):
-    if key in config.data:
-      config.data[key] = tuple(config.data[key])
-  return config
-
-
 def write_config(workdir: epath.Path,
                  config: ml_collections.ConfigDict) -> None:
   """WORKDIR/config.json: the resolved config of the latest start."""
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(
-        config_to_json(config), indent=2, sort_keys=True))
+        config_lib.config_to_json(config), indent=2, sort_keys=True))
 
 
 @dataclasses.dataclass
@@ -110,22 +78,15 @@ class _Preemption(policies.SaveDecisionPolicy):
 
 
 class Checkpointer:
-  """Decides, saves and restores the train state of one run.
-
-  Every process creates it and calls the same methods in the same order.
-  """
+  """Decides, saves and restores the train state of one run (every process
+  creates it and calls the same methods in the same order)."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
                read_only: bool = False):
-    """Opens (or creates) WORKDIR/checkpoints.
-
-    Args:
-      workdir: the run's directory (local path or a bucket).
-      config: the run's config (its cadences; saved with each state).
-      read_only: open existing checkpoints for reading only.
-    """
+    """Opens (or creates) WORKDIR/checkpoints (local or a bucket); `config`
+    gives the cadences and is saved with each state."""
     self.directory = as_path(workdir) / "checkpoints"
-    self._config_json = config_to_json(config)
+    self._config_json = config_lib.config_to_json(config)
     self._preemption = _Preemption()
     rules = [self._preemption]
     if config.checkpoint_every_steps > 0:
@@ -153,12 +114,10 @@ class Checkpointer:
     """Turns SIGTERM into a save at the next step (one process; JAX's
     preemption sync point does it on several)."""
     if jax.process_count() == 1:
-      self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._previous_sigterm = signal.signal(
+          signal.SIGTERM,
+          lambda *_: setattr(self._preemption, "requested", True))
     return self
-
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self._preemption.requested = True
 
   def __exit__(self, exc_type, exc, tb):
     if self._previous_sigterm is not None:
@@ -200,11 +159,8 @@ class Checkpointer:
       self._manager.check_for_errors()
 
   def save(self, step: int, state: Any) -> None:
-    """Starts an asynchronous save of `state` at `step` (no-op if it exists).
-
-    Raises:
-      StorageError: if the previous save failed or this one cannot start.
-    """
+    """Starts an asynchronous save of `state` at `step` (no-op if it exists);
+    StorageError if the previous save failed or this one cannot start."""
     # The previous save had a whole interval to finish: waiting costs
     # nothing, and its failure surfaces here, at once.
     self.wait()
@@ -254,11 +210,10 @@ class Checkpointer:
     """The config saved with checkpoint `step`."""
     restored = self._with_retries(lambda: self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore())))
-    return config_from_json(restored.config)
+    return config_lib.config_from_json(restored.config)
 
   def restore(self, abstract_state: Any, step: int) -> Any:
-    """Checkpoint `step`, each leaf placed as `abstract_state` (with
-    shardings) says.
+    """Checkpoint `step`, placed as `abstract_state`'s shardings say.
 
     Raises:
       LayoutError: the saved tree, shapes or dtypes differ (nothing moved).
@@ -315,10 +270,9 @@ class Checkpointer:
     self._manager.reload()
     return f"{self.directory.parent}/{folder}/"
 
+
 def shared_decision(value: int) -> int:
   """Process 0's `value` on every process (once per run, at start-up)."""
-  if jax.process_count() == 1:
-    return int(value)
   return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 

@@ -1,12 +1,10 @@
 """What a checkpoint's files say: its layout, and whether it is damaged.
 
-Damage is decided from facts, never from words in an error message: a
-missing file, JSON that does not parse, an absent item, or TensorStore's
-status codes NOT_FOUND, DATA_LOSS and OUT_OF_RANGE (a file missing,
-undecodable or truncated). Every other code (UNAVAILABLE, PERMISSION_DENIED,
-RESOURCE_EXHAUSTED ...) is the storage or the code, and moves nothing. A
-saved layout (tree, shapes, dtypes) other than the expected one is not damage
-either: the running code builds another state.
+Damage is decided from facts, never from an error's wording: a missing
+file, JSON that does not parse, an absent item, or TensorStore's codes
+NOT_FOUND, DATA_LOSS, OUT_OF_RANGE. Other codes (UNAVAILABLE,
+PERMISSION_DENIED ...) are the storage's and move nothing; nor does another
+layout.
 """
 import errno
 import json
@@ -38,7 +36,7 @@ class LayoutError(ConfigError):
   """A checkpoint holds a state of another layout than the expected one."""
 
 
-def _flat(tree, **kwargs) -> dict[str, Any]:
+def flat(tree, **kwargs) -> dict[str, Any]:
   """{'params.x.kernel': leaf} of a pytree."""
   def name(k):
     return str(next((getattr(k, a) for a in ("name", "key", "idx")
@@ -48,18 +46,10 @@ def _flat(tree, **kwargs) -> dict[str, Any]:
 
 
 def layout_differences(metadata: Any, abstract_state: Any) -> list[str]:
-  """How a saved state's layout differs from the expected one (empty: same).
-
-  Args:
-    metadata: Orbax's tree metadata of the saved state.
-    abstract_state: the state the running code builds (ShapeDtypeStructs).
-
-  Returns:
-    Phrases naming the leaves that are extra, missing, reshaped or of
-    another dtype ('reshaped: params.x.kernel (3, 3) -> (3, 4)').
-  """
-  saved = _flat(metadata, is_leaf=lambda m: hasattr(m, "shape"))
-  want = _flat(abstract_state)
+  """Phrases for how Orbax's `metadata` of a saved state differs from
+  `abstract_state` ('reshaped: params.x.kernel (3, 3) -> (3, 4)'; [] same)."""
+  saved = flat(metadata, is_leaf=lambda m: hasattr(m, "shape"))
+  want = flat(abstract_state)
   both = sorted(set(saved) & set(want))
 
   def changed(attr, as_):
@@ -124,12 +114,9 @@ def describe(e: BaseException) -> str:
 
 
 def quiet_closed_event_loops() -> None:
-  """Drops the 'Event loop is closed' errors of TensorStore's callbacks.
-
-  After a failed read or write, TensorStore completes futures whose asyncio
-  loop Orbax has closed already: hundreds of tracebacks on a damaged
-  checkpoint that say nothing about the run.
-  """
+  """Drops the 'Event loop is closed' errors of TensorStore's callbacks:
+  after a failed read or write it completes futures whose asyncio loop
+  Orbax has closed, hundreds of tracebacks that say nothing about the run."""
   previous = sys.unraisablehook
   if getattr(previous, "_byol_jax_quiet", False):
     return

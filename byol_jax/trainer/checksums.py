@@ -1,7 +1,5 @@
-"""Checksums of a train state: one 32-bit word per leaf, computed on device.
-
-Written beside each checkpoint and verified after restore (`checkpoint.py`),
-so that flipped bytes that still decode are caught.
+"""One 32-bit checksum per leaf, computed on device: saved with each
+checkpoint and verified after restore, so flipped bytes that decode are caught.
 """
 from typing import Any
 

@@ -1,4 +1,7 @@
-"""The config schema of every config file, and the parser of its `:ARG`."""
+"""The config schema of every config file, the parser of its `:ARG`, and
+the JSON a checkpoint stores it as."""
+import copy
+import json
 from typing import Any
 
 import ml_collections
@@ -134,3 +137,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_minutes = 0.0  # 0: off
   c.keep_checkpoints = 3
   return c
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict:
+  """A JSON-able dict of the config (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def config_from_json(d: dict) -> ml_collections.ConfigDict:
+  """Inverse of `config_to_json`; fields it lacks (a checkpoint written
+  before they existed) take their `base_config()` defaults."""
+  d = copy.deepcopy(dict(d))
+  # Written before optimizer.classifier existed: the classifier had its own
+  # SGD then (so a SimSiam or SimCLR run resumes as it was).
+  if isinstance(d.get("optimizer"), dict):
+    d["optimizer"].setdefault("classifier", "sgd")
+
+  def fill(d, defaults):
+    for key, value in defaults.items():
+      if isinstance(value, dict) and isinstance(d.get(key), dict):
+        fill(d[key], value)
+      d.setdefault(key, value)
+  fill(d, config_to_json(base_config()))
+  config = ml_collections.ConfigDict(d)
+  for key in ("crop_scale", "crop_ratio"):
+    if key in config.data:
+      config.data[key] = tuple(config.data[key])
+  return config

@@ -1,18 +1,14 @@
 """One trainer per workdir: WORKDIR/trainer.lock, held by the job's process 0.
 
-The lock is JSON naming its holder (host, pid, the kernel's boot id, the
-process's start time in clock ticks, its pid namespace, the job's token) and
-a heartbeat that a thread refreshes every `HEARTBEAT_SECONDS`. The holder is
-alive when:
-- a local workdir: it holds a `flock` on the file, which the kernel drops
-  when it dies, whatever its pid namespace (a restarted container is pid 1
-  again); on the same kernel, a free flock means the holder is gone;
-- the same kernel and pid namespace: its pid runs with its start time;
-- otherwise (another host or container, or a bucket): its heartbeat moves
-  within `STALE_SECONDS`. One older than `OLD_SECONDS` is dead at once; no
-  clocks are compared otherwise.
-On a bucket the lock is written and read back (the last writer wins: gcsfs
-offers no create-if-absent). Process 0 shares the token with the others.
+The lock is JSON naming its holder (host, pid, boot id, start time in clock
+ticks, pid namespace, the job's token) with a heartbeat refreshed every
+`HEARTBEAT_SECONDS`. The holder is alive when it holds the file's `flock`
+(local workdirs: the kernel drops it when the holder dies; on the same
+kernel a free flock means it is gone); else, on the same kernel and pid
+namespace, when its pid runs with its start time; else (another host or
+container, or a bucket) when its heartbeat moves within `STALE_SECONDS`
+(one older than `OLD_SECONDS` is dead at once). On a bucket the lock is
+written and read back: the last writer wins. Process 0 shares the token.
 """
 import fcntl
 import json
@@ -31,6 +27,7 @@ from byol_jax import progress
 from byol_jax import storage
 from byol_jax.errors import ConfigError
 from byol_jax.trainer import checkpoint
+from byol_jax.trainer import checkpoint_facts
 
 LOCK_NAME = "trainer.lock"
 HEARTBEAT_SECONDS = 10.0
@@ -53,36 +50,6 @@ def start_ticks(pid: int) -> int | None:
   """When process `pid` started (clock ticks since boot), or None if gone."""
   stat = _read(f"/proc/{pid}/stat")
   return int(stat.rsplit(")", 1)[1].split()[19]) if stat else None  # Field 22
-
-
-def _parse(text: str) -> dict:
-  """A record ({} if unreadable: its writer died while writing)."""
-  try:
-    holder = json.loads(text)
-  except ValueError:
-    return {}
-  return holder if isinstance(holder, dict) else {}
-
-
-def check_writable(workdir: epath.Path) -> None:
-  """Creates the workdir and writes and removes a probe file in it.
-
-  Raises:
-    ConfigError: it is a file, or cannot be created or written.
-  """
-  if workdir.exists() and not workdir.is_dir():
-    raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass "
-                      "a directory (it is created if missing).")
-  probe = workdir / f".write_test.{uuid.uuid4().hex[:8]}"
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe.write_text("ok")
-    probe.unlink()
-  except Exception as e:  # pylint: disable=broad-except
-    raise ConfigError(
-        f"--workdir={workdir} is not writable ({type(e).__name__}: "
-        f"{checkpoint.first_line(e)}); pass a directory you can write to."
-    ) from e
 
 
 class WorkdirLock:
@@ -113,20 +80,16 @@ class WorkdirLock:
   def _holder(self) -> dict | None:
     """The lock's record; None if there is no lock, {} if unreadable."""
     try:
-      return _parse(self.path.read_text())
+      holder = json.loads(self.path.read_text())
     except FileNotFoundError:
       return None
-    except OSError:
+    except (OSError, ValueError):  # Or its writer died while writing.
       return {}
+    return holder if isinstance(holder, dict) else {}
 
   def _alive(self, holder: dict, flock: str) -> bool:
-    """Whether the lock's holder runs (may watch it for STALE_SECONDS).
-
-    Args:
-      holder: its record ({} if unreadable).
-      flock: 'held' (by another process), 'free' (we hold it now) or ''
-        (a bucket: no flock).
-    """
+    """Whether the holder of `holder` ({}: unreadable) runs; `flock` is
+    'held' (by another process), 'free' (ours now) or '' (a bucket)."""
     if flock == "held":
       return True  # The kernel keeps a dead process's flock for no one.
     if not holder or (flock == "free" and
@@ -173,10 +136,19 @@ class WorkdirLock:
 
   def _try_acquire(self) -> str:
     """Takes the lock; returns why not ('' if taken)."""
-    try:
-      check_writable(self.path.parent)
-    except ConfigError as e:
-      return str(e)
+    workdir = self.path.parent
+    if workdir.exists() and not workdir.is_dir():
+      return (f"--workdir={workdir} is a file, not a directory; pass a "
+              "directory (it is created if missing).")
+    probe = workdir / f".write_test.{uuid.uuid4().hex[:8]}"
+    try:  # One line now rather than a traceback at the first save.
+      workdir.mkdir(parents=True, exist_ok=True)
+      probe.write_text("ok")
+      probe.unlink()
+    except Exception as e:  # pylint: disable=broad-except
+      return (f"--workdir={workdir} is not writable ({type(e).__name__}: "
+              f"{checkpoint_facts.describe(e)}); pass a directory you can "
+              "write to.")
     said = False
     for _ in range(5):
       flock, holder = self._claim()
@@ -231,11 +203,10 @@ class WorkdirLock:
       os.close(fd)
       return "retry", None
     self._fd = fd
-    text = os.read(fd, 1 << 16).decode("utf-8", "replace").strip()
-    if not text:
+    if not os.fstat(fd).st_size:
       self._write()
       return "free", None
-    return "free", _parse(text)
+    return "free", self._holder() or {}
 
   def _unclaim(self) -> None:
     if self._fd is not None:

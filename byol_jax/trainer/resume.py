@@ -1,11 +1,9 @@
 """Where a run starts: which checkpoint, checked against the config first.
 
-Decided once, before any state is built: the stored config of the
-checkpoint is compared with the current one (a change that alters the state
-or what the run computes is refused, nothing moved), then the checkpoint is
-restored; only real damage moves it aside, and the next older one is tried.
-A workdir that has checkpoints, or whose checkpoints were all quarantined,
-never starts again from step 0 unless asked to (`start_over`).
+A config change that alters the state or the run is refused (nothing
+moved); only real damage moves a checkpoint aside, then the next older one
+is tried. A workdir with checkpoints, or whose checkpoints were all
+quarantined, starts again from step 0 only with `start_over`.
 """
 from typing import Any, Callable
 
@@ -15,6 +13,7 @@ from absl import logging
 
 from byol_jax.errors import ConfigError
 from byol_jax.trainer import checkpoint
+from byol_jax.trainer import checkpoint_facts
 from byol_jax.trainer import config_lib
 
 # Fields a resumed run may change: cadences, evaluation settings, the length
@@ -35,16 +34,9 @@ _DAMAGED = "checkpoints_damaged"
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  out = {}
-
-  def walk(d, prefix):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        walk(v, f"{prefix}{k}.")
-      else:
-        out[f"{prefix}{k}"] = v
-  walk(checkpoint.config_to_json(config), "")
-  return out
+  """{'optimizer.lr': value} of a config (lists are values)."""
+  return checkpoint_facts.flat(config_lib.config_to_json(config),
+                               is_leaf=lambda x: not isinstance(x, dict))
 
 
 def _matches(key: str, prefixes) -> bool:
@@ -55,13 +47,10 @@ def _matches(key: str, prefixes) -> bool:
 def config_changes(saved: ml_collections.ConfigDict,
                    current: ml_collections.ConfigDict,
                    allow: tuple[str, ...] = ()) -> tuple[dict, dict]:
-  """(refused, allowed) differences {field: (saved, current)}.
-
-  Fields the saved config lacks count as their current default. `allow`
-  names fields (or prefixes such as 'optimizer') the user changes on
-  purpose, e.g. a lower learning rate after a NaN; fields that shape the
-  state stay refused.
-  """
+  """(refused, allowed) differences {field: (saved, current)}; fields the
+  saved config lacks count as their default. `allow` names fields or
+  prefixes ('optimizer') changed on purpose; those shaping the state stay
+  refused."""
   defaults = _flat(config_lib.base_config())
   old, new = _flat(saved), _flat(current)
   refused, allowed = {}, {}
@@ -122,16 +111,15 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
   """(state, step) to start from: restored, or `init()` in a new workdir.
 
   Args:
-    restore_step: resume from this checkpoint instead of the newest; newer
-      ones (another trajectory now) move to WORKDIR/checkpoints_superseded/.
+    restore_step: resume from this checkpoint, not the newest; newer ones
+      move to WORKDIR/checkpoints_superseded/ (as all do with `start_over`).
     say: where the one-line notices go.
     allow: fields the user changes on purpose (see `config_changes`).
-    start_over: train from step 0 on purpose: the checkpoints move to
-      WORKDIR/checkpoints_superseded/; a workdir whose checkpoints were all
-      quarantined starts again only with it.
+    start_over: train from step 0 on purpose (the only way to restart a
+      workdir whose checkpoints were all quarantined).
 
   Raises:
-    ConfigError: a config change that alters the run, a missing or damaged
+    ConfigError: a refused config change, a missing or damaged
       --restore_step, or no readable checkpoint in the workdir.
     StorageError: the storage keeps failing.
   """
