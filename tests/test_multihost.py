@@ -265,6 +265,14 @@ def _start_job(tmp_path, cifar_npz, port, env):
   return procs, logs
 
 
+def _kill_leftovers(procs):
+  """SIGKILL to the session of every trainer still running, then reaps all."""
+  for proc in procs:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def _wait_for(text, procs, logs):
   """Until process 0's log has `text`; fails if either process ends."""
   deadline = time.monotonic() + 300
@@ -300,10 +308,7 @@ def test_a_lost_process_stops_the_job_cleanly(tmp_path, cifar_npz, victim,
     code = procs[survivor].wait(timeout=60)
     took = time.monotonic() - killed
   finally:
-    for proc in procs:
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait()
+    _kill_leftovers(procs)
   lock = tmp_path / "run" / "trainer.lock"
   for _ in range(100):  # The stderr filter finishes after the trainer.
     if not lock.exists():
@@ -336,10 +341,7 @@ def test_sigterm_while_the_job_compiles_ends_it(tmp_path, cifar_npz):
     codes = [proc.wait(timeout=60) for proc in procs]
     took = time.monotonic() - sent
   finally:
-    for proc in procs:
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait()
+    _kill_leftovers(procs)
   report = f"exit {codes} after {took:.1f}s:\n" + "\n".join(
       log.read_text(errors="replace")[-2000:] for log in logs)
   assert codes == [143, 143] and took < 10, report

@@ -165,11 +165,11 @@ def test_elapsed_time_and_eta_across_restarts(monkeypatch):
 # (the empty-manifest checkpoint it meets is quarantined there too).
 
 
-def _kill_after_first_checkpoint(cmd, workdir) -> list[int]:
+def _kill_after_first_checkpoint(cmd, workdir, timeout_s=300) -> list[int]:
   """Starts the trainer, kills it (SIGKILL) once a checkpoint is on disk."""
   proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(2),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
+  deadline = time.time() + timeout_s
   while not checkpoint_steps(workdir) and time.time() < deadline:
     if proc.poll() is not None:
       break
@@ -287,17 +287,8 @@ def test_kill_and_resume_on_a_tfds_source(tmp_path, cifar_npz, train_cmd,
   ref = tmp_path / "ref"
   run_train(ref, arg, *flags, devices=2)
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(train_cmd(killed, arg, *flags), cwd=REPO,
-                          env=train_env(2), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 600
-  while not checkpoint_steps(killed) and time.time() < deadline:
-    if proc.poll() is not None:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  saved = checkpoint_steps(killed)
+  saved = _kill_after_first_checkpoint(train_cmd(killed, arg, *flags), killed,
+                                       timeout_s=600)
   assert saved and saved[-1] < steps, f"kill came too late: {saved}"
   run_train(killed, arg, *flags, devices=2)
   (_, a, sa), (_, b, sb) = (pretrained.load_run(str(ref)),
