@@ -1,4 +1,4 @@
-r"""A tiny run for CPUs, tests and the README smoke run (about 35 s on 2 cores).
+r"""A tiny run for CPUs, tests and the README smoke run (README, Quickstart).
 
 Narrow ResNet-10 (8 base filters, one block per stage), small heads, 32 px CIFAR-10 images from
 the packed subset in ../shared/datasets, on-device data path, and milder
@@ -52,16 +52,14 @@ def get_config(arg=None):
   c.tau_base = 0.99
   config_lib.set_cifar10_data(c, arg.source, arg.path)
   # Half-strength colour jitter and crops of at least 20% of the image: in a
-  # few hundred CPU steps the full recipe (crops from 8%, jitter 0.4/0.4/0.2/
-  # 0.1) leaves BYOL's features below a random encoder's in a short linear
-  # probe; with these they are above it (README, Results).
+  # few hundred CPU steps the full recipe leaves BYOL's features below a
+  # random encoder's in a short linear probe (README, Results).
   c.data.crop_scale = (0.2, 1.0)
   jitter = dict(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.05)
   if arg.method == "simsiam":
-    # SimSiam keeps the full-strength jitter: with the half-strength one a
-    # logistic probe of its features stayed near the random encoder's (22-29%
-    # vs 28% after 300-1000 steps); with this it went 26% (250 steps) -> 28%
-    # -> 30% -> 32% (1000) against 28% (tests/test_train.py).
+    # SimSiam keeps the full-strength jitter: with the half-strength one its
+    # features do not beat a random encoder's in a short probe (README,
+    # Results; tests/test_train.py).
     jitter = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
   c.augment.view1 = config_lib.view_augment(blur=0.0, solarize=0.0, **jitter)
   c.augment.view2 = config_lib.view_augment(blur=0.0, solarize=0.2, **jitter)
