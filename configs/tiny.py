@@ -65,6 +65,7 @@ def get_config(arg=None):
   c.augment.view2 = config_lib.view_augment(blur=0.0, solarize=0.2, **jitter)
   c.knn.k = 20
   c.eval_every_steps = 0
+  c.eval_batch_size = 256  # Fewer, larger evaluation batches on CPUs.
   c.log_every_steps = 10
   c.checkpoint_every_steps = 20
   c.keep_checkpoints = 3

@@ -129,14 +129,19 @@ def tiny_config(cifar_npz):
 
 @pytest.fixture(scope="session")
 def train_cmd(cifar_npz):
-  """train_cmd(workdir, arg='', *flags, narrow=True): the trainer's argv."""
+  """train_cmd(workdir, arg='', *flags, narrow=True): the trainer's argv.
+
+  Narrow runs leave the kNN monitor off (it is most of a short run's
+  evaluation); a flag in `flags` turns it on again.
+  """
   def make(workdir, arg="", *extra, narrow=True):
     base = (f"batch={NARROW['batch']}" if narrow else "")
     arg = ",".join(a for a in (f"path={cifar_npz}", base, arg) if a)
     narrowing = ([f"--config.model.num_filters={NARROW['filters']}",
                   f"--config.projector.hidden_dim={NARROW['hidden']}",
                   f"--config.predictor.hidden_dim={NARROW['hidden']}",
-                  "--config.knn.k=10"] if narrow else [])
+                  "--config.knn.k=10", "--config.knn.enabled=False"]
+                 if narrow else [])
     return [sys.executable, "-m", "byol_jax.train",
             f"--config={CONFIGS / 'tiny.py'}:{arg}", f"--workdir={workdir}",
             *narrowing, *extra]
@@ -179,7 +184,7 @@ def trained_run(tmp_path_factory, run_train):
       proc = run_train(root / "run", f"steps={TRAINED_STEPS}",
                        "--config.checkpoint_every_steps=8",
                        "--config.log_every_steps=4", "--profile_steps=2:4",
-                       devices=2)
+                       "--config.knn.enabled=True", devices=2)
       record.write_text(json.dumps(dict(
           args=proc.args, returncode=proc.returncode, stdout=proc.stdout,
           stderr=proc.stderr)))

@@ -459,6 +459,7 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path, tiny_config):
     ("total_steps", -5, "total_steps=-5 must be >= 0"),
     ("log_every_steps", 0, "log_every_steps=0 must be > 0"),
     ("checkpoint_every_steps", -1, "checkpoint_every_steps=-1"),
+    ("eval_batch_size", -8, "eval_batch_size=-8 must be >= 0"),
     ("data__eval_split", "nope", "nope"),
     ("data__train_split", "nope", "nope"),
     ("method", "moco", "Unknown method"),
@@ -544,13 +545,17 @@ def test_second_trainer_is_refused_while_the_first_runs(tmp_path, train_cmd):
   first = _start(train_cmd, workdir)
   try:
     _wait_for_step(first, 1)
+    # Paused (a stopped process still holds its lock) so that the second
+    # trainer's start-up has the CPUs; then it must train on.
+    first.send_signal(signal.SIGSTOP)
     second = subprocess.run(
         train_cmd(workdir, "steps=10", "--config.seed=7"), cwd=REPO,
         env=train_env(2), capture_output=True, text=True, timeout=300)
+    first.send_signal(signal.SIGCONT)
     assert second.returncode == 1
     errors = error_lines(second.stderr)
     assert len(errors) == 1 and f"pid {first.pid}" in errors[0], second.stderr
-    assert first.poll() is None  # The first one trains on.
+    _wait_for_step(first, 1)  # The first one trains on.
   finally:
     first.send_signal(signal.SIGTERM)
     first.communicate(timeout=300)

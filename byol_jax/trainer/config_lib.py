@@ -127,6 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Evaluation during training.
   c.eval_every_steps = 0         # 0: only at the end (if the data has labels)
+  # Images per evaluation batch (forward passes only); 0: batch_size.
+  c.eval_batch_size = 0
   # kNN monitor at every evaluation; `target`: also on BYOL's EMA encoder.
   c.knn = ml_collections.ConfigDict(
       dict(enabled=False, k=200, temperature=0.1, target=False))

@@ -19,8 +19,9 @@ from byol_jax.trainer import config_lib
 # Fields a resumed run may change: cadences, evaluation settings, the length
 # of the run and where the same data lives. The name of a folder or file
 # (data.name, not read for them) follows data.path.
-RESUMABLE = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-             "checkpoint_every_minutes", "keep_checkpoints", "total_steps",
+RESUMABLE = ("log_every_steps", "eval_every_steps", "eval_batch_size",
+             "checkpoint_every_steps", "checkpoint_every_minutes",
+             "keep_checkpoints", "total_steps",
              "num_epochs", "knn.", "data.path", "data.data_dir",
              "data.num_parallel_calls", "data.cache", "data.skip_corrupt",
              "data.max_undecodable_fraction", "data.canvas_size")

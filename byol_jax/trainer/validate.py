@@ -63,7 +63,7 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
               "predictor.num_layers")
   _positive(config, "total_steps", "num_epochs", "warmup_epochs",
             "checkpoint_every_steps", "checkpoint_every_minutes",
-            "eval_every_steps", "optimizer.weight_decay",
+            "eval_every_steps", "eval_batch_size", "optimizer.weight_decay",
             "num_train_examples", allow_zero=True)
   _require(config.total_steps > 0 or config.num_epochs > 0,
            "Both config.total_steps and config.num_epochs are 0; set one of "
