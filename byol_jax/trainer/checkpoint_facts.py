@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import re
-import sys
 from typing import Any
 
 import jax
@@ -38,11 +37,9 @@ class LayoutError(ConfigError):
 
 def flat(tree, **kwargs) -> dict[str, Any]:
   """{'params.x.kernel': leaf} of a pytree."""
-  def name(k):
-    return str(next((getattr(k, a) for a in ("name", "key", "idx")
-                     if hasattr(k, a)), k))
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree, **kwargs)
-  return {".".join(map(name, path)): leaf for path, leaf in leaves}
+  return {jax.tree_util.keystr(path, simple=True, separator="."): leaf
+          for path, leaf in leaves}
 
 
 def layout_differences(metadata: Any, abstract_state: Any) -> list[str]:
@@ -112,18 +109,3 @@ def describe(e: BaseException) -> str:
   first = text.splitlines()[0] if text else type(e).__name__
   return first.split(" [tensorstore_spec")[0][:200]
 
-
-def quiet_closed_event_loops() -> None:
-  """Drops the 'Event loop is closed' errors of TensorStore's callbacks:
-  after a failed read or write it completes futures whose asyncio loop
-  Orbax has closed, hundreds of tracebacks that say nothing about the run."""
-  previous = sys.unraisablehook
-  if getattr(previous, "_byol_jax_quiet", False):
-    return
-
-  def hook(unraisable):
-    e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-      previous(unraisable)
-  hook._byol_jax_quiet = True  # pylint: disable=protected-access
-  sys.unraisablehook = hook
