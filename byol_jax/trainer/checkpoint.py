@@ -55,7 +55,8 @@ class _Minutes(policies.ContinuousCheckpointingPolicy):
   processes it is a host round trip); time counts from `start` until the
   first checkpoint."""
   every: int = 1
-  start: Any = None
+  start: Any = dataclasses.field(default_factory=lambda: types.SimpleNamespace(
+      time=datetime.datetime.now(datetime.timezone.utc)))
 
   def should_save(self, step, previous_steps, *, context) -> bool:
     return not step.step % self.every and super().should_save(
@@ -95,9 +96,7 @@ class Checkpointer:
     if config.checkpoint_every_minutes > 0:
       rules.append(_Minutes(
           minimum_interval_secs=int(60 * config.checkpoint_every_minutes),
-          every=max(int(config.log_every_steps), 1),
-          start=types.SimpleNamespace(
-              time=datetime.datetime.now(datetime.timezone.utc))))
+          every=max(int(config.log_every_steps), 1)))
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
