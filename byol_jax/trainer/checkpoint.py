@@ -52,8 +52,8 @@ def write_config(workdir: epath.Path,
 @dataclasses.dataclass
 class _Minutes(policies.ContinuousCheckpointingPolicy):
   """Orbax's minimum-interval policy, asked only at log steps (on several
-  processes it is a host round trip); time counts from `start` until the
-  first checkpoint."""
+  processes it is a host round trip); time counts from its creation until
+  the first checkpoint."""
   every: int = 1
   start: Any = dataclasses.field(default_factory=lambda: types.SimpleNamespace(
       time=datetime.datetime.now(datetime.timezone.utc)))
@@ -67,7 +67,7 @@ class _Minutes(policies.ContinuousCheckpointingPolicy):
 class _Preemption(policies.SaveDecisionPolicy):
   """Saves at SIGTERM (one process: `requested()`) or at JAX's preemption
   sync point (several; Orbax passes it in `context`), and remembers it."""
-  requested: Callable[[], bool] = lambda: False
+  requested: Callable[[], bool]
   reached: bool = False
 
   def should_save(self, step, previous_steps, *, context) -> bool:

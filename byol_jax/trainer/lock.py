@@ -158,7 +158,7 @@ class WorkdirLock:
       gone = flock == "free" and (
           (holder or {}).get("boot_id") == self._me["boot_id"])
       if flock == "held" or not gone and self._alive(holder):
-        self._unclaim()
+        self.release()
         holder = holder or {}
         return (f"{self.path.parent} is in use by another trainer (pid "
                 f"{holder.get('pid')} on host {holder.get('host')}, started "
@@ -196,11 +196,6 @@ class WorkdirLock:
     os.close(fd)
     return flock
 
-  def _unclaim(self) -> None:
-    if self._fd is not None:
-      os.close(self._fd)
-      self._fd = None
-
   def _heartbeat(self) -> None:
     while not self._stop.wait(HEARTBEAT_SECONDS):
       try:
@@ -213,9 +208,10 @@ class WorkdirLock:
     self._stop.set()
     if self._thread not in (None, threading.current_thread()):
       self._thread.join(timeout=5)
-    if self.held:
-      if (self._holder() or {}).get("token") == self.token:
-        self.path.unlink(missing_ok=True)
-      self.held = False
-    self._unclaim()
+    if self.held and (self._holder() or {}).get("token") == self.token:
+      self.path.unlink(missing_ok=True)
+    self.held = False
+    if self._fd is not None:  # Drops the flock.
+      os.close(self._fd)
+      self._fd = None
 
