@@ -157,7 +157,7 @@ class WorkdirLock:
       # A free flock on the same kernel: its holder is gone.
       gone = flock == "free" and (
           (holder or {}).get("boot_id") == self._me["boot_id"])
-      if flock == "held" or not gone and self._alive(holder):
+      if flock == "held" or (not gone and self._alive(holder)):
         self.release()
         holder = holder or {}
         return (f"{self.path.parent} is in use by another trainer (pid "
@@ -188,10 +188,10 @@ class WorkdirLock:
       if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
         self._fd = fd
         return "free"
+      flock = None  # Released and removed meanwhile.
+    except FileNotFoundError:  # Removed meanwhile.
       flock = None
-    except FileNotFoundError:
-      flock = None
-    except OSError:
+    except OSError:  # Held: its holder runs.
       flock = "held"
     os.close(fd)
     return flock
