@@ -114,11 +114,8 @@ class WorkdirLock:
     return False
 
   def acquire(self) -> None:
-    """Takes the lock on process 0 and shares the decision and the token.
-
-    Raises:
-      ConfigError: on every process, when process 0 refuses.
-    """
+    """Takes the lock on process 0 and shares the decision and the token;
+    raises ConfigError on every process when process 0 refuses."""
     refusal = ""
     if jax.process_index() == 0:
       self.token = random.getrandbits(31) or 1  # Shared as an int32.
