@@ -4,6 +4,7 @@ STORAGE_EMULATOR_HOST (how tests/ rehearse a pod's gs:// workdir).
 """
 import importlib.util
 import os
+import sys
 
 import fsspec
 
@@ -58,3 +59,19 @@ def check(path, flag: str = "--workdir") -> None:
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     # ... and needs no credentials (tensorstore would log that it has none).
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+
+
+def quiet_closed_event_loops() -> None:
+  """Drops the 'Event loop is closed' errors of TensorStore's callbacks:
+  after a failed read or write it completes futures whose asyncio loop
+  Orbax has closed, hundreds of tracebacks that say nothing about the run."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_byol_jax_quiet", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+  hook._byol_jax_quiet = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook

@@ -33,7 +33,6 @@ from byol_jax.core import train_state
 from byol_jax.errors import ConfigError
 from byol_jax.evaluation import monitor as monitor_lib
 from byol_jax.trainer import checkpoint
-from byol_jax.trainer import checkpoint_facts
 from byol_jax.trainer import cli
 from byol_jax.trainer import divergence
 from byol_jax.trainer import job_errors
@@ -117,7 +116,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               if method.HAS_TARGET else None)
 
     # --- Restore or initialise: decided once, before the data is built.
-    ckpt = stack.enter_context(checkpoint.Checkpointer(workdir, config))
+    ckpt = stack.enter_context(checkpoint.Checkpointer(
+        workdir, config, stop_requested=lambda: guard.requested))
     guard.on_exit(ckpt.wait)
     guard.saves_with(lambda s, st: (ckpt.save(s, st), ckpt.wait()))
     abstract = train_state.abstract(config, model, tx, mesh, method.HAS_TARGET)
@@ -320,7 +320,7 @@ def main(argv):
   if config is None or not f.workdir:
     cli.exit_error("give --config=configs/NAME.py[:ARG] and --workdir=DIR.",
                    cli.EXIT_USAGE)
-  checkpoint_facts.quiet_closed_event_loops()
+  storage.quiet_closed_event_loops()
   storage.check(f.workdir)
   cli.join_job()
   try:

@@ -161,7 +161,7 @@ def run(args) -> None:
   tx, _ = optim.build_optimizer(config, args.steps, args.steps)
   abstract = train_state.abstract(config, model, tx, mesh, method.HAS_TARGET)
   ckpt = checkpoint.Checkpointer(args.workdir, config)
-  assert ckpt.latest_step() == args.steps, ckpt.latest_step()
+  assert max(ckpt.all_steps()) == args.steps, ckpt.all_steps()
   restored = ckpt.restore(abstract, args.steps)
   if jax.process_count() > 1:  # Global arrays, replicated like the saved.
     for leaf in jax.tree.leaves(restored):

@@ -295,7 +295,7 @@ def test_from_official_matches_haiku(official_r50, official_r50_workdir):
   mesh = sharding.make_mesh()
   abstract = train_state.abstract(config, model, tx, mesh, True)
   ckpt = checkpoint.Checkpointer(str(workdir), config)
-  restored = jax.device_get(ckpt.restore(abstract, ckpt.latest_step()))
+  restored = jax.device_get(ckpt.restore(abstract, max(ckpt.all_steps())))
   ckpt.close()
   assert int(restored.step) == 12345
   main = restored.opt_state.inner_states["main"].inner_state

@@ -415,6 +415,6 @@ def test_lock_same_host_pid_reused_or_alive(tmp_path):
   # A bucket has no flock: the pid and its start time decide.
   record["start_ticks"] += 1  # The same pid, started at another time.
   lock = lock_lib.WorkdirLock(workdir)
-  assert not lock._alive(record, "")  # pylint: disable=protected-access
+  assert not lock._alive(record)  # pylint: disable=protected-access
   record["start_ticks"] -= 1
-  assert lock._alive(record, "")  # pylint: disable=protected-access
+  assert lock._alive(record)  # pylint: disable=protected-access

@@ -12,14 +12,12 @@ import dataclasses
 import datetime
 import json
 import os
-import signal
 import time
 import types
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -54,10 +52,11 @@ def write_config(workdir: epath.Path,
 @dataclasses.dataclass
 class _Minutes(policies.ContinuousCheckpointingPolicy):
   """Orbax's minimum-interval policy, asked only at log steps (on several
-  processes it is a host round trip); time counts from `start` until the
-  first checkpoint."""
+  processes it is a host round trip); time counts from its creation until
+  the first checkpoint."""
   every: int = 1
-  start: Any = None
+  start: Any = dataclasses.field(default_factory=lambda: types.SimpleNamespace(
+      time=datetime.datetime.now(datetime.timezone.utc)))
 
   def should_save(self, step, previous_steps, *, context) -> bool:
     return not step.step % self.every and super().should_save(
@@ -66,14 +65,14 @@ class _Minutes(policies.ContinuousCheckpointingPolicy):
 
 @dataclasses.dataclass
 class _Preemption(policies.SaveDecisionPolicy):
-  """Saves at SIGTERM (one process) or at JAX's preemption sync point
-  (several; Orbax passes it in `context`), and remembers it."""
-  requested: bool = False   # Set by the SIGTERM handler.
+  """Saves at SIGTERM (one process: `requested()`) or at JAX's preemption
+  sync point (several; Orbax passes it in `context`), and remembers it."""
+  requested: Callable[[], bool]
   reached: bool = False
 
   def should_save(self, step, previous_steps, *, context) -> bool:
     self.reached = self.reached or context.reached_preemption or (
-        self.requested and jax.process_count() == 1)
+        self.requested() and jax.process_count() == 1)
     return self.reached
 
 
@@ -82,12 +81,14 @@ class Checkpointer:
   creates it and calls the same methods in the same order)."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
-               read_only: bool = False):
+               read_only: bool = False,
+               stop_requested: Callable[[], bool] = lambda: False):
     """Opens (or creates) WORKDIR/checkpoints (local or a bucket); `config`
-    gives the cadences and is saved with each state."""
+    gives the cadences and is saved with each state; `stop_requested`
+    (SIGTERM, as `preempt.Guard.requested` says) saves at the next step."""
     self.directory = as_path(workdir) / "checkpoints"
     self._config_json = config_lib.config_to_json(config)
-    self._preemption = _Preemption()
+    self._preemption = _Preemption(stop_requested)
     rules = [self._preemption]
     if config.checkpoint_every_steps > 0:
       rules.append(policies.FixedIntervalPolicy(
@@ -95,9 +96,7 @@ class Checkpointer:
     if config.checkpoint_every_minutes > 0:
       rules.append(_Minutes(
           minimum_interval_secs=int(60 * config.checkpoint_every_minutes),
-          every=max(int(config.log_every_steps), 1),
-          start=types.SimpleNamespace(
-              time=datetime.datetime.now(datetime.timezone.utc))))
+          every=max(int(config.log_every_steps), 1)))
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -107,21 +106,12 @@ class Checkpointer:
         item_handlers=dict(state=ocp.StandardCheckpointHandler(),
                            config=ocp.JsonCheckpointHandler(),
                            checksums=ocp.JsonCheckpointHandler()))
-    self._previous_sigterm = None
     self._said = set(self._manager.all_steps())
 
   def __enter__(self):
-    """Turns SIGTERM into a save at the next step (one process; JAX's
-    preemption sync point does it on several)."""
-    if jax.process_count() == 1:
-      self._previous_sigterm = signal.signal(
-          signal.SIGTERM,
-          lambda *_: setattr(self._preemption, "requested", True))
     return self
 
   def __exit__(self, exc_type, exc, tb):
-    if self._previous_sigterm is not None:
-      signal.signal(signal.SIGTERM, self._previous_sigterm)
     try:
       with self._saving():
         self.close()
@@ -195,16 +185,13 @@ class Checkpointer:
   def close(self) -> None:
     """Finishes the save in flight (so no partial step is left) and closes."""
     try:
-      self._manager.wait_until_finished()
+      self._manager.wait_until_finished()  # Its error is raised once.
     finally:
       self._manager.close()
 
   # ----------------------------------------------------------- restoring ----
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
-
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
 
   def saved_config(self, step: int) -> ml_collections.ConfigDict:
     """The config saved with checkpoint `step`."""
@@ -270,14 +257,3 @@ class Checkpointer:
     self._manager.reload()
     return f"{self.directory.parent}/{folder}/"
 
-
-def shared_decision(value: int) -> int:
-  """Process 0's `value` on every process (once per run, at start-up)."""
-  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
-
-
-def all_processes_ok(ok: bool) -> bool:
-  """True when `ok` holds on every process (same answer everywhere)."""
-  if jax.process_count() == 1:
-    return bool(ok)
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))

@@ -10,18 +10,17 @@ import errno
 import json
 import os
 import re
-import sys
 from typing import Any
 
 import jax
 
 from byol_jax.errors import ConfigError
 
-_DAMAGE_CODES = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE")
+_DAMAGE = re.compile(r"(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE): ")  # TensorStore.
 _WHAT = {"NOT_FOUND": "is missing", "DATA_LOSS": "does not decode",
          "OUT_OF_RANGE": "is truncated",
          "RESOURCE_EXHAUSTED": "could not be written"}
-_CODE = re.compile(r"^([A-Z][A-Z_]+): ")
+_CODE = re.compile(r"([A-Z][A-Z_]+): ")
 _LOCAL_FILE = re.compile(r'(?:local )?file "([^"]+)"')
 _SHOWN = 4   # Leaves named per kind of difference.
 _ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
@@ -38,41 +37,34 @@ class LayoutError(ConfigError):
 
 def flat(tree, **kwargs) -> dict[str, Any]:
   """{'params.x.kernel': leaf} of a pytree."""
-  def name(k):
-    return str(next((getattr(k, a) for a in ("name", "key", "idx")
-                     if hasattr(k, a)), k))
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree, **kwargs)
-  return {".".join(map(name, path)): leaf for path, leaf in leaves}
+  return {jax.tree_util.keystr(path, simple=True, separator="."): leaf
+          for path, leaf in leaves}
 
 
-def layout_differences(metadata: Any, abstract_state: Any) -> list[str]:
-  """Phrases for how Orbax's `metadata` of a saved state differs from
-  `abstract_state` ('reshaped: params.x.kernel (3, 3) -> (3, 4)'; [] same)."""
+def check_layout(metadata: Any, abstract_state: Any, where: str) -> None:
+  """Raises LayoutError (nothing moved) unless Orbax's `metadata` of a saved
+  state matches `abstract_state`, DamagedCheckpointError if it is missing."""
+  if metadata is None:
+    raise DamagedCheckpointError(
+        f"{where}: its state has no metadata file (_METADATA)")
   saved = flat(metadata, is_leaf=lambda m: hasattr(m, "shape"))
   want = flat(abstract_state)
-  both = sorted(set(saved) & set(want))
 
-  def changed(attr, as_):
+  def changed(attr, as_):  # ['params.x.kernel (3, 3) -> (3, 4)']
     pairs = {k: (as_(getattr(saved[k], attr)), as_(getattr(want[k], attr)))
-             for k in both if getattr(saved[k], attr) is not None}
+             for k in sorted(saved.keys() & want.keys())
+             if getattr(saved[k], attr) is not None}
     return [f"{k} {a} -> {b}" for k, (a, b) in pairs.items() if a != b]
   kinds = {
       "leaves this version does not build:": sorted(set(saved) - set(want)),
       "leaves the checkpoint lacks:": sorted(set(want) - set(saved)),
       "reshaped:": changed("shape", tuple),
       "another dtype:": changed("dtype", str)}
-  return [f"{kind} {', '.join(keys[:_SHOWN])}" +
-          (f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else "")
-          for kind, keys in kinds.items() if keys]
-
-
-def check_layout(metadata: Any, abstract_state: Any, where: str) -> None:
-  """Raises LayoutError (nothing moved) unless the saved layout is expected,
-  DamagedCheckpointError if the metadata is missing."""
-  if metadata is None:
-    raise DamagedCheckpointError(
-        f"{where}: its state has no metadata file (_METADATA)")
-  differences = layout_differences(metadata, abstract_state)
+  differences = [
+      f"{kind} {', '.join(keys[:_SHOWN])}" +
+      (f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else "")
+      for kind, keys in kinds.items() if keys]
   if differences:
     raise LayoutError(
         f"{where} holds a state of another layout than this version of "
@@ -82,17 +74,11 @@ def check_layout(metadata: Any, abstract_state: Any, where: str) -> None:
         "linear_eval still read its encoder).")
 
 
-def status_code(e: BaseException) -> str | None:
-  """The canonical status code of a TensorStore error ('DATA_LOSS'), if any."""
-  m = _CODE.match(str(e))
-  return m.group(1) if m else None
-
-
 def is_damage(e: BaseException) -> bool:
   """Whether a read error is a fact about the checkpoint's own files."""
   return isinstance(e, (DamagedCheckpointError, FileNotFoundError,
                         json.JSONDecodeError, KeyError, EOFError)
-                    ) or status_code(e) in _DAMAGE_CODES
+                    ) or _DAMAGE.match(str(e)) is not None
 
 
 def describe(e: BaseException) -> str:
@@ -102,28 +88,13 @@ def describe(e: BaseException) -> str:
     return f"a JSON file does not parse ({e.msg})"
   if isinstance(e, KeyError):
     return f"an item is missing ({text.strip(chr(39) + chr(34))[:160]})"
-  code, files = status_code(e), _LOCAL_FILE.findall(text)
+  code, files = _CODE.match(text), _LOCAL_FILE.findall(text)
   if code and files:
     # The operating system's own words, where TensorStore passes them on.
     why = [os.strerror(n) for n in _ERRNOS if os.strerror(n) in text]
-    return (f"{code}: file {files[-1]} "
-            f"{_WHAT.get(code, 'could not be read or written')}" +
+    return (f"{code[1]}: file {files[-1]} "
+            f"{_WHAT.get(code[1], 'could not be read or written')}" +
             (f" ({why[0]})" if why else ""))
   first = text.splitlines()[0] if text else type(e).__name__
   return first.split(" [tensorstore_spec")[0][:200]
 
-
-def quiet_closed_event_loops() -> None:
-  """Drops the 'Event loop is closed' errors of TensorStore's callbacks:
-  after a failed read or write it completes futures whose asyncio loop
-  Orbax has closed, hundreds of tracebacks that say nothing about the run."""
-  previous = sys.unraisablehook
-  if getattr(previous, "_byol_jax_quiet", False):
-    return
-
-  def hook(unraisable):
-    e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-      previous(unraisable)
-  hook._byol_jax_quiet = True  # pylint: disable=protected-access
-  sys.unraisablehook = hook

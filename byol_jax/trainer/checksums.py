@@ -8,6 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
+# One small program per leaf shape, dtype and sharding, not one over every
+# leaf: that one's compile time grows with the number of leaves.
+@jax.jit
 def _leaf_checksum(x: jax.Array) -> jax.Array:
   """A position-weighted sum of the array's bits as uint32 words, mod 2^32.
 
@@ -24,14 +27,9 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
                  dtype=jnp.uint32)
 
 
-# One small program per leaf shape, dtype and sharding, not one over every
-# leaf: that one's compile time grows with the number of leaves.
-_leaf_checksum_fn = jax.jit(_leaf_checksum)
-
-
 def compute(state: Any) -> dict[str, int]:
   """{leaf path: uint32 checksum} of a pytree of arrays (computed on device)."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(state)
-  sums = jax.device_get([_leaf_checksum_fn(v) for _, v in leaves])
+  sums = jax.device_get([_leaf_checksum(v) for _, v in leaves])
   return {jax.tree_util.keystr(p): int(np.asarray(s))
           for (p, _), s in zip(leaves, sums)}

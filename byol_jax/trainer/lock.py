@@ -26,8 +26,8 @@ from etils import epath
 from byol_jax import progress
 from byol_jax import storage
 from byol_jax.errors import ConfigError
-from byol_jax.trainer import checkpoint
 from byol_jax.trainer import checkpoint_facts
+from byol_jax.trainer import multihost
 
 LOCK_NAME = "trainer.lock"
 HEARTBEAT_SECONDS = 10.0
@@ -78,22 +78,21 @@ class WorkdirLock:
       self.path.write_text(record)
 
   def _holder(self) -> dict | None:
-    """The lock's record; None if there is no lock, {} if unreadable."""
+    """The lock's record; None if there is none (or it is empty), {} if
+    unreadable."""
     try:
-      holder = json.loads(self.path.read_text())
+      text = self.path.read_text().strip()
+      holder = json.loads(text) if text else None
     except FileNotFoundError:
       return None
     except (OSError, ValueError):  # Or its writer died while writing.
       return {}
-    return holder if isinstance(holder, dict) else {}
+    return holder if isinstance(holder, (dict, type(None))) else {}
 
-  def _alive(self, holder: dict, flock: str) -> bool:
-    """Whether the holder of `holder` ({}: unreadable) runs; `flock` is
-    'held' (by another process), 'free' (ours now) or '' (a bucket)."""
-    if flock == "held":
-      return True  # The kernel keeps a dead process's flock for no one.
-    if not holder or (flock == "free" and
-                      holder.get("boot_id") == self._me["boot_id"]):
+  def _alive(self, holder: dict | None) -> bool:
+    """Whether the writer of `holder` runs, where no flock tells: its pid
+    and start time on this kernel, else its heartbeat."""
+    if not holder:
       return False
     if holder.get("boot_id") and all(
         holder.get(k) == self._me[k] for k in ("boot_id", "pid_ns")):
@@ -115,16 +114,13 @@ class WorkdirLock:
     return False
 
   def acquire(self) -> None:
-    """Takes the lock on process 0 and shares the decision and the token.
-
-    Raises:
-      ConfigError: on every process, when process 0 refuses.
-    """
+    """Takes the lock on process 0 and shares the decision and the token;
+    raises ConfigError on every process when process 0 refuses."""
     refusal = ""
     if jax.process_index() == 0:
       self.token = random.getrandbits(31) or 1  # Shared as an int32.
       refusal = self._try_acquire()
-    token = checkpoint.shared_decision(0 if refusal else self.token)
+    token = multihost.shared_decision(0 if refusal else self.token)
     if not token:
       raise ConfigError(refusal or f"{self.path.parent} is in use by another "
                         "trainer (see process 0's error).")
@@ -151,67 +147,51 @@ class WorkdirLock:
               "write to.")
     said = False
     for _ in range(5):
-      flock, holder = self._claim()
-      if flock == "retry":
+      flock = self._flock()
+      if flock is None:
         continue
-      if holder is None:  # Created by this process.
-        self.held = True
-        return ""
-      if self._alive(holder, flock):
-        self._unclaim()
+      holder = self._holder()
+      # A free flock on the same kernel: its holder is gone.
+      gone = flock == "free" and (
+          (holder or {}).get("boot_id") == self._me["boot_id"])
+      if flock == "held" or (not gone and self._alive(holder)):
+        self.release()
+        holder = holder or {}
         return (f"{self.path.parent} is in use by another trainer (pid "
                 f"{holder.get('pid')} on host {holder.get('host')}, started "
                 f"{time.ctime(float(holder.get('started', 0)))}); wait for "
                 "it to finish, or pass another --workdir. If that process "
                 f"is gone, delete {self.path}.")
-      if not said:
+      if holder is not None and not said:
         progress.say(f"Taking over the lock of {self.path.parent} left by pid "
                      f"{holder.get('pid')} on host {holder.get('host')}, "
                      "which is no longer running.")
         said = True
-      if self._local:  # Ours: we hold its flock.
-        self._write()
+      self._write()  # On a bucket, read back: the last writer wins.
+      if self._local or (self._holder() or {}).get("token") == self.token:
         self.held = True
         return ""
-      if self._holder() == holder:  # Unchanged: create it afresh.
-        self.path.unlink(missing_ok=True)
     return f"Could not take the lock {self.path}; delete it and try again."
 
-  def _claim(self) -> tuple[str, dict | None]:
-    """Creates the lock if there is none: (flock as `_alive` takes it, or
-    'retry' if the lock changed meanwhile; the record found, or None if this
-    process created the lock)."""
+  def _flock(self) -> str | None:
+    """Takes the flock of a local lock (creating the file): 'free' (ours
+    now), 'held' (a live process holds it: the kernel drops a dead one's)
+    or None if the file was removed meanwhile; '' on a bucket."""
     if not self._local:
-      if self._holder() is None:
-        self._write()  # Then read back: the last writer wins.
-      holder = self._holder()
-      if holder is None:
-        return "retry", None
-      return "", (None if holder.get("token") == self.token else holder)
-    path = os.fspath(self.path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+      return ""
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # A live process holds it.
-      os.close(fd)
-      return "held", self._holder() or {}
-    try:
-      same = os.fstat(fd).st_ino == os.stat(path).st_ino
-    except OSError:
-      same = False
-    if not same:  # Released and removed meanwhile.
-      os.close(fd)
-      return "retry", None
-    self._fd = fd
-    if not os.fstat(fd).st_size:
-      self._write()
-      return "free", None
-    return "free", self._holder() or {}
-
-  def _unclaim(self) -> None:
-    if self._fd is not None:
-      os.close(self._fd)
-      self._fd = None
+      if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+        self._fd = fd
+        return "free"
+      flock = None  # Released and removed meanwhile.
+    except FileNotFoundError:  # Removed meanwhile.
+      flock = None
+    except OSError:  # Held: its holder runs.
+      flock = "held"
+    os.close(fd)
+    return flock
 
   def _heartbeat(self) -> None:
     while not self._stop.wait(HEARTBEAT_SECONDS):
@@ -225,10 +205,10 @@ class WorkdirLock:
     self._stop.set()
     if self._thread not in (None, threading.current_thread()):
       self._thread.join(timeout=5)
-    if self.held:
-      holder = self._holder()
-      if holder and holder.get("token") == self.token:
-        self.path.unlink(missing_ok=True)
-      self.held = False
-    self._unclaim()
+    if self.held and (self._holder() or {}).get("token") == self.token:
+      self.path.unlink(missing_ok=True)
+    self.held = False
+    if self._fd is not None:  # Drops the flock.
+      os.close(self._fd)
+      self._fd = None
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from byol_jax.core import sharding
 from byol_jax.errors import ConfigError
@@ -183,3 +184,15 @@ def _connect_cpu_collectives() -> None:
   if int(total) != jax.device_count():
     raise RuntimeError(f"CPU collectives: {int(total)} devices answered, not "
                        f"{jax.device_count()}.")
+
+
+def shared_decision(value: int) -> int:
+  """Process 0's `value` on every process (once per run, at start-up)."""
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def all_processes_ok(ok: bool) -> bool:
+  """True when `ok` holds on every process (same answer everywhere)."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))

@@ -15,6 +15,7 @@ from byol_jax.errors import ConfigError
 from byol_jax.trainer import checkpoint
 from byol_jax.trainer import checkpoint_facts
 from byol_jax.trainer import config_lib
+from byol_jax.trainer import multihost
 
 # Fields a resumed run may change: cadences, evaluation settings, the length
 # of the run and where the same data lives. The name of a folder or file
@@ -41,8 +42,8 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _matches(key: str, prefixes) -> bool:
-  return any(key == p or (p.endswith(".") and key.startswith(p)) or
-             key.startswith(p + ".") for p in prefixes)
+  """Whether `key` is one of `prefixes` or lies under one ('model.')."""
+  return any((key + ".").startswith(p.rstrip(".") + ".") for p in prefixes)
 
 
 def config_changes(saved: ml_collections.ConfigDict,
@@ -127,7 +128,7 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
   check_allowed(allow)
   # Process 0's listing decides; every process then walks the same steps.
   steps = ckpt.all_steps()
-  newest = checkpoint.shared_decision(max(steps, default=-1))
+  newest = multihost.shared_decision(max(steps, default=-1))
   steps = [s for s in steps if s <= newest]
   if start_over and restore_step is not None:
     raise ConfigError("--start_over trains from step 0: drop "
@@ -140,19 +141,15 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
         f": the checkpoints {steps} were moved to "
         f"{ckpt.move_aside(steps, _SUPERSEDED)}." if steps else "."))
     return init(), 0
-  if not steps:
-    if checkpoint.shared_decision(len(_quarantined(ckpt))):
-      raise ConfigError(_all_damaged(ckpt))
-    return init(), 0
   for step in [restore_step] if restore_step is not None else steps[::-1]:
     why, state = "", None
     try:
       allowed = check_config(ckpt.saved_config(step), config,
                              f"{ckpt.directory}/{step}", allow)
       state = ckpt.restore(abstract_state, step)
-    except checkpoint.DamagedCheckpointError as e:
+    except checkpoint_facts.DamagedCheckpointError as e:
       why = str(e)
-    if checkpoint.all_processes_ok(not why):
+    if multihost.all_processes_ok(not why):
       newer = [s for s in steps if s > step and restore_step is not None]
       if newer:  # Another trajectory now: kept, out of the way.
         say(f"Resuming from step {step}: the newer checkpoints {newer} were "
@@ -168,7 +165,14 @@ def restore_or_init(ckpt: checkpoint.Checkpointer,
       raise ConfigError(
           f"--restore_step={restore_step}: the checkpoint is damaged ({why});"
           f" it was moved to {_DAMAGED}/. Pick another step.")
-  raise ConfigError(_all_damaged(ckpt))
+  damaged = _quarantined(ckpt)
+  if not steps and not multihost.shared_decision(len(damaged)):
+    return init(), 0  # A new workdir.
+  raise ConfigError(
+      f"Every checkpoint of {ckpt.directory.parent} is damaged (steps "
+      f"{damaged}, moved to {ckpt.directory.parent}/{_DAMAGED}/); the run "
+      "does not start again from step 0 by itself: pass --start_over to "
+      "train this workdir from step 0 on purpose, or use another --workdir.")
 
 
 def _quarantined(ckpt: checkpoint.Checkpointer) -> list[int]:
@@ -177,11 +181,3 @@ def _quarantined(ckpt: checkpoint.Checkpointer) -> list[int]:
   names = [p.name.split("-")[0] for p in folder.iterdir()
            ] if folder.is_dir() else []
   return sorted(int(n) for n in names if n.isdigit())
-
-
-def _all_damaged(ckpt: checkpoint.Checkpointer) -> str:
-  return (f"Every checkpoint of {ckpt.directory.parent} is damaged (steps "
-          f"{_quarantined(ckpt)}, moved to {ckpt.directory.parent}/"
-          f"{_DAMAGED}/); the run does not start again from step 0 by "
-          "itself: pass --start_over to train this workdir from step 0 on "
-          "purpose, or use another --workdir.")
