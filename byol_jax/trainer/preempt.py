@@ -2,7 +2,8 @@
 
 Python's handlers cannot run while the main thread is in one long C++ call
 (compiling, restoring): `Guard` routes SIGTERM through `set_wakeup_fd` to a
-watcher thread. In the loop the checkpointer handles SIGTERM; while the main
+watcher thread. In the loop a SIGTERM only sets `requested`, which the
+checkpointer's save policy reads after the next step; while the main
 thread is `busy(...)`, the watcher saves a newer state if one is registered,
 runs the exit callbacks and exits 143. On several processes JAX's notifier
 owns SIGTERM: the watcher polls its coordination-service key instead (the
@@ -131,7 +132,7 @@ class Guard:
       self._mutex.acquire()
     if self._busy is None or self._sockets is None:
       self._mutex.release()
-      return  # In the loop: the checkpointer saves after the next step.
+      return  # In the loop: the checkpointer reads `requested`.
     # Keeps the mutex: the main thread must not leave its busy call now.
     try:
       if self._newer is not None and self._save is not None:
