@@ -10,7 +10,10 @@ project uses, applied before its server is built:
   condition of that generation, fails with "Malformed StorageGeneration");
 - a request body sent with `Transfer-Encoding: chunked` is de-chunked even
   when a `Content-Length` header came too (RFC 9112: the transfer coding
-  wins), as TensorFlow's GCS uploads send it.
+  wins), as TensorFlow's GCS uploads send it;
+- objects move within a bucket (`.../o/SRC/moveTo/o/DST`, which gcsfs tries
+  first for every rename): the emulator answers 501, and gcsfs retries that
+  for about 30 s before it copies and deletes instead.
 
 `--tf_proxy` adds what TensorFlow's own GCS filesystem (hard-wired to
 https://www.googleapis.com and https://storage.googleapis.com, used by TFDS
@@ -19,6 +22,7 @@ localhost:PORT that answers CONNECT with TLS under CERT/KEY (trusted through
 CURL_CA_BUNDLE) and forwards each request to the emulator. TensorFlow's curl
 uses it through `https_proxy`; conftest's `tf_gcs_env` sets that up.
 """
+import http
 import http.client
 import http.server
 import socketserver
@@ -53,8 +57,20 @@ def _read_raw_data_chunked_first(request_handler):
   return _read_raw_data(request_handler)
 
 
+def _move(request, response, storage, *args, **kwargs):
+  """moveTo: a copy within the bucket, then the source deleted."""
+  request.params["dest_bucket_name"] = request.params["bucket_name"]
+  objects.copy(request, response, storage, *args, **kwargs)
+  if response.status == http.HTTPStatus.OK:
+    objects.delete(request, response, storage, *args, **kwargs)
+
+
 objects.download = _download_with_generation
 emulator_server._read_raw_data = _read_raw_data_chunked_first  # pylint: disable=protected-access
+emulator_server.HANDLERS = tuple(
+    (rf"^{prefix}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+     r"(?P<dest_object_id>.*[^/]+)$", {"POST": _move})
+    for prefix in ("/storage/v1", "")) + emulator_server.HANDLERS
 from gcp_storage_emulator import __main__ as emulator  # noqa: E402  pylint: disable=g-import-not-at-top
 
 

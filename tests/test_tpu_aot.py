@@ -16,10 +16,10 @@ pytest.importorskip("libtpu")
 sys.path.insert(0, str(REPO / "benchmarks"))
 import tpu_aot  # noqa: E402  (benchmarks/tpu_aot.py)
 
-# Near the smallest bank (> 40,960 rows) whose share per device (BANK / 8
-# rows of 32 floats) is 20x what moves (8192 elements): the vote's compile
-# time grows with the rows per device.
-BANK, QUERIES = 50_000, 500
+# Bank rows per device: near the fewest (> 5,120 rows of 32 floats) whose
+# share is 20x what moves (8192 elements); the vote's compile time grows
+# with the rows per device.
+ROWS_PER_DEVICE, QUERIES = 6_250, 500
 
 
 @pytest.fixture(autouse=True)
@@ -53,18 +53,19 @@ def test_tiny_train_step_and_knn_compile_for_tpu(tiny_config, slice_name):
   # The kNN vote: every device holds 1/n of the bank, and only query
   # features ([chunk, D]) and candidate lists ([chunk, k]) move, never the
   # bank.
-  every = tpu_aot.compile_knn_vote(config, mesh, BANK, QUERIES, 8 * n)
+  bank = ROWS_PER_DEVICE * n
+  every = tpu_aot.compile_knn_vote(config, mesh, bank, QUERIES, 8 * n)
   assert 0 < every["peak_bytes"] < hbm
   dim = 8 * config.model.num_filters  # ResNet-10's representation.
   moved = [v["largest_elements"] for k, v in every["collectives"].items()
            if k in ("all-gather", "all-to-all")]
   assert moved and max(moved) <= 256 * max(dim, config.knn.k), (
       every["collectives"])
-  assert max(moved) < BANK // n * dim / 20
+  assert max(moved) < bank // n * dim / 20
   if n == 8:
     # The same bank on one device: a device's memory shrinks with the
     # devices (arguments 1/8, peak well under half).
-    one = tpu_aot.compile_knn_vote(config, tpu_aot.slice_mesh(s, 1), BANK,
+    one = tpu_aot.compile_knn_vote(config, tpu_aot.slice_mesh(s, 1), bank,
                                    QUERIES, 8 * n)
     assert one["peak_bytes"] < hbm
     assert every["argument_bytes"] * n <= one["argument_bytes"] * 1.05
