@@ -22,8 +22,15 @@ probes that must not fit:
     python benchmarks/tpu_aot.py --presets=byol_r50 --slices=v3-8 \
         --programs=train_step --batch=512 --expect-misfit
 
-XLA's TPU compiler overflows a thread's stack on v6e (SIGSEGV in
-LloRegion::AppendInstruction's recursion), also with a 4 GiB `ulimit -s`.
+The libtpu that jax[tpu] pins for jax 0.10.2 (0.0.42.1) overflows a
+thread's stack compiling any train step for v6e (SIGSEGV in
+MigrateInstructionUsers' recursion, whatever `ulimit -s` or
+--xla_internal_thread_stack_size_bytes); libtpu 0.0.52 compiles it, loaded
+through TPU_LIBRARY_PATH (each row records the libtpu that compiled it):
+
+    pip install --no-deps --target /tmp/libtpu52 libtpu==0.0.52
+    TPU_LIBRARY_PATH=/tmp/libtpu52/libtpu/libtpu.so \
+        python benchmarks/tpu_aot.py --slices=v6e-4
 """
 import argparse
 import dataclasses
@@ -295,7 +302,8 @@ def run_one(preset: str, slice_name: str, program: str,
     state, _ = pretrain_parts(config, mesh)
     fn = compile_knn if program == "knn_monitor" else compile_linear
     rows = [dict(base, per_device_batch=None, **fn(config, mesh, state))]
-  out = [dict(complete(r, s, n), commit=run_info.commit()) for r in rows]
+  out = [dict(complete(r, s, n), commit=run_info.commit(),
+              libtpu=libtpu_version()) for r in rows]
   for r in out:
     log(f"{r['preset']} {r['slice']} {r['program']} b={r['per_device_batch']}"
         f": {r['peak_gib']} GiB, {r['flops'] / 1e9:.1f} GFLOP, "
@@ -304,7 +312,16 @@ def run_one(preset: str, slice_name: str, program: str,
 
 
 def libtpu_version() -> str | None:
+  """The libtpu that compiles: TPU_LIBRARY_PATH's wheel if set (e.g.
+  .../site/libtpu/libtpu.so beside libtpu-X.dist-info), else the installed
+  one."""
   import importlib.metadata  # pylint: disable=g-import-not-at-top
+  path = os.environ.get("TPU_LIBRARY_PATH")
+  if path:
+    site = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    found = [d[len("libtpu-"):-len(".dist-info")] for d in os.listdir(site)
+             if d.startswith("libtpu-") and d.endswith(".dist-info")]
+    return found[0] if found else path
   try:
     return importlib.metadata.version("libtpu")
   except importlib.metadata.PackageNotFoundError:
@@ -365,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         failed = True
       elif args.expect_misfit:
         r["expected_misfit"] = True
+    if os.path.exists(args.out):  # Rows another run wrote meanwhile too.
+      with open(args.out) as f:
+        result["rows"] = json.load(f)["rows"]
     result["rows"] = [r for r in result["rows"]
                       if row_key(r) not in {row_key(x) for x in rows}] + rows
     result.update(

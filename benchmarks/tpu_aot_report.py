@@ -85,7 +85,10 @@ NOTE = (
     "refused (RESOURCE_EXHAUSTED); 'expected_misfit' rows were compiled with "
     "--expect-misfit as probes of the refusal. 'finish' rows compile the "
     "presets' canvas of 448 px (at canvas 224, v3-8 batch 8: 2.2 GFLOP, 0.012"
-    " GiB). Compiled on 2 shared CPU cores under load: compile seconds are "
+    " GiB). Each row's 'libtpu' is the compiler's version (rows without it: "
+    "versions.libtpu at the time, 0.0.42.1); v6e rows come from libtpu "
+    "0.0.52 through TPU_LIBRARY_PATH, since 0.0.42.1 crashes compiling for "
+    "v6e. Compiled on 2 shared CPU cores under load: compile seconds are "
     "wall time under that load.")
 
 
