@@ -373,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         failed = True
         continue  # Not a verdict on the program: no row.
       # XLA refuses a program that cannot fit: that is a row too.
-      rows = [misfit_row(preset, name, program, b, str(e),
-                         time.time() - start)]
+      rows = [dict(misfit_row(preset, name, program, b, str(e),
+                              time.time() - start), libtpu=libtpu_version())]
     for r in rows:
       if args.expect_misfit and r["fits"]:  # A probe that fits: a plain row.
         print(f"{preset} {name} {program} b={b}: fits; expected not to",
