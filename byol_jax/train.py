@@ -140,8 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # --- Data, built once at the start step; evaluators, built once.
     with guard.busy("starting the data pipeline"):
       pipeline = data.build_pretrain(config, mesh, start_step=step)
-      monitor = monitor_lib.Monitor(
-          config, mesh, batch_size=config.get("eval_batch_size") or None)
+      monitor = monitor_lib.Monitor(config, mesh)
     evaluate = monitor.enabled
 
     # --- The compiled step.

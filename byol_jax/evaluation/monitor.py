@@ -29,7 +29,8 @@ class Monitor:
                batch_size: int | None = None):
     """Builds the eval pipelines and programs; no classes: no evaluation.
 
-    `batch_size`: the global eval batch (default: config.batch_size).
+    `batch_size`: the global eval batch (default: config.eval_batch_size,
+    else config.batch_size).
     """
     # XLA:CPU's simulated devices can deadlock on a deep queue of
     # collectives: there, one batch in flight at a time.
@@ -42,8 +43,8 @@ class Monitor:
     self._stacks, self._bank = {}, None
     if not self.enabled:
       return
-    batch_size = sharding.fit_batch_size(batch_size or config.batch_size,
-                                         mesh)
+    batch_size = sharding.fit_batch_size(
+        batch_size or config.get("eval_batch_size") or config.batch_size, mesh)
     self._queries = data.build_eval(config, mesh, config.data.eval_split,
                                     batch_size)
     # A stand-in classifier where there is none (a target encoder): one
