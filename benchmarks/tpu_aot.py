@@ -30,7 +30,11 @@ through TPU_LIBRARY_PATH (each row records the libtpu that compiled it):
 
     pip install --no-deps --target /tmp/libtpu52 libtpu==0.0.52
     TPU_LIBRARY_PATH=/tmp/libtpu52/libtpu/libtpu.so \
-        python benchmarks/tpu_aot.py --slices=v6e-4
+        python benchmarks/tpu_aot.py --slices=v6e-4 --programs=train_step
+
+The kNN monitor goes the other way: 0.0.52 refuses jax 0.10.2's HLO of it
+(a RET_CHECK on an async-update instruction's operands) and 0.0.42.1
+compiles it for v6e.
 """
 import argparse
 import dataclasses
@@ -66,8 +70,8 @@ from byol_jax.evaluation import monitor  # noqa: E402
 
 from tpu_aot_report import (  # noqa: E402  (benchmarks/tpu_aot_report.py)
     BATCHES, GIB, NOTE, PRESETS, PROGRAMS, SLICES, Slice, collectives,
-    complete, fits_on, fits_summary, misfit_row, plan, row_key, summarize,
-    table)
+    compiled, complete, fits_on, fits_summary, misfit_row, plan, row_key,
+    summarize, table)
 
 IMAGENET_TRAIN, IMAGENET_EVAL = 1_281_167, 50_000
 
@@ -345,11 +349,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--out", default=os.path.join(
       run_info.REPO, "benchmarks", "results", "tpu_aot.json"))
   p.add_argument("--readme", action="store_true",
-                 help="print README's Fits-on table from --out and stop")
+                 help="print README's Fits-on and compiled tables from --out "
+                 "and stop")
   args = p.parse_args(argv)
   if args.readme:
     with open(args.out) as f:
-      print(fits_on(json.load(f)), end="")
+      result = json.load(f)
+    print(fits_on(result) + "\n" + compiled(result), end="")
     return 0
   result = {"rows": []}
   if os.path.exists(args.out):

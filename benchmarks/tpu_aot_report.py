@@ -87,9 +87,10 @@ NOTE = (
     "presets' canvas of 448 px (at canvas 224, v3-8 batch 8: 2.2 GFLOP, 0.012"
     " GiB). Each row's 'libtpu' is the compiler's version (rows without it: "
     "versions.libtpu at the time, 0.0.42.1); v6e rows come from libtpu "
-    "0.0.52 through TPU_LIBRARY_PATH, since 0.0.42.1 crashes compiling for "
-    "v6e. Compiled on 2 shared CPU cores under load: compile seconds are "
-    "wall time under that load.")
+    "0.0.52 through TPU_LIBRARY_PATH, since 0.0.42.1 crashes compiling "
+    "train steps for v6e, except the kNN monitor's: 0.0.52 refuses its HLO "
+    "and 0.0.42.1 compiles it. Compiled on 2 shared CPU cores under load: "
+    "compile seconds are wall time under that load.")
 
 
 # ------------------------------------------------------------------ jobs --
@@ -313,3 +314,32 @@ def fits_on(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+
+
+def compiled(result: dict) -> str:
+  """README's table of what was compiled: per preset and program, per
+  generation, the per-device batches on a 1-host slice (train step), 'yes'
+  for the other programs, and '2 hosts: b' for rows of 2-host slices."""
+  cells: dict[tuple, dict] = {}
+  for r in result["rows"]:
+    if not r.get("peak_bytes"):
+      continue  # Refused rows are in the "Fits on" table.
+    key = (r["preset"], r["program"], SLICES[r["slice"]].generation)
+    b = r["per_device_batch"] if r["program"] == "train_step" else None
+    cells.setdefault(key, {}).setdefault(r["hosts"], set()).add(b)
+  lines = ["| preset | program | " + " | ".join(GENERATIONS) + " |",
+           "| --- | --- |" + " --- |" * len(GENERATIONS)]
+  for preset in PRESETS:
+    for program in PROGRAMS:
+      row = []
+      for g in GENERATIONS:
+        parts = []
+        for hosts, batches in sorted(cells.get((preset, program, g),
+                                               {}).items()):
+          text = ", ".join(str(b) for b in sorted(x for x in batches if x))
+          text = text or "yes"
+          parts.append(text if hosts == 1 else f"{hosts} hosts: {text}")
+        row.append("; ".join(parts) or "-")
+      if any(c != "-" for c in row):
+        lines.append(f"| {preset} | {program} | " + " | ".join(row) + " |")
+  return "\n".join(lines) + "\n"

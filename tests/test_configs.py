@@ -8,6 +8,7 @@ too, not only the base value.
 """
 import json
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -295,3 +296,16 @@ def test_imagenet_presets_use_the_measured_host_path():
     c = load_config(name)
     assert c.data.canvas_size == (2 * c.data.image_size
                                   if faster and negligible else 0), name
+
+
+def test_readme_tpu_tables_are_the_committed_json():
+  """README's "Fits on" and compiled-programs tables are what
+  `benchmarks/tpu_aot.py --readme` prints from the committed JSON."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import tpu_aot_report  # pylint: disable=g-import-not-at-top
+  result = json.loads(
+      (REPO / "benchmarks" / "results" / "tpu_aot.json").read_text())
+  readme = (REPO / "README.md").read_text()
+  for table in (tpu_aot_report.fits_on(result),
+                tpu_aot_report.compiled(result)):
+    assert table in readme, table
