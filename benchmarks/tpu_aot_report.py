@@ -314,8 +314,6 @@ def fits_on(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-
-
 def compiled(result: dict) -> str:
   """README's table of what was compiled: per preset and program, per
   generation, the per-device batches on a 1-host slice (train step), 'yes'
@@ -323,7 +321,7 @@ def compiled(result: dict) -> str:
   cells: dict[tuple, dict] = {}
   for r in result["rows"]:
     if not r.get("peak_bytes"):
-      continue  # Refused rows are in the "Fits on" table.
+      continue  # Refused rows: the .md table and README's prose.
     key = (r["preset"], r["program"], SLICES[r["slice"]].generation)
     b = r["per_device_batch"] if r["program"] == "train_step" else None
     cells.setdefault(key, {}).setdefault(r["hosts"], set()).add(b)
