@@ -306,8 +306,7 @@ def run_one(preset: str, slice_name: str, program: str,
     state, _ = pretrain_parts(config, mesh)
     fn = compile_knn if program == "knn_monitor" else compile_linear
     rows = [dict(base, per_device_batch=None, **fn(config, mesh, state))]
-  out = [dict(complete(r, s, n), commit=run_info.commit(),
-              libtpu=libtpu_version()) for r in rows]
+  out = [dict(complete(r, s, n), commit=run_info.commit()) for r in rows]
   for r in out:
     log(f"{r['preset']} {r['slice']} {r['program']} b={r['per_device_batch']}"
         f": {r['peak_gib']} GiB, {r['flops'] / 1e9:.1f} GFLOP, "
@@ -366,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
               args.programs.split(","),
               tuple(int(i) for i in args.batches.split(",")), args.batch)
   failed = False
+  compiler = libtpu_version()
   for preset, name, program, b in jobs:
     if (preset, name, program, b) in done:
       continue
@@ -379,9 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         failed = True
         continue  # Not a verdict on the program: no row.
       # XLA refuses a program that cannot fit: that is a row too.
-      rows = [dict(misfit_row(preset, name, program, b, str(e),
-                              time.time() - start), libtpu=libtpu_version())]
+      rows = [misfit_row(preset, name, program, b, str(e),
+                         time.time() - start)]
     for r in rows:
+      r["libtpu"] = compiler
       if args.expect_misfit and r["fits"]:  # A probe that fits: a plain row.
         print(f"{preset} {name} {program} b={b}: fits; expected not to",
               flush=True)
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                       if row_key(r) not in {row_key(x) for x in rows}] + rows
     result.update(
         commit="per row ('commit')",
-        versions=dict(run_info.versions(), libtpu=libtpu_version()),
+        versions=run_info.versions(),  # libtpu: per row.
         slices={k: dataclasses.asdict(v) for k, v in SLICES.items()},
         fits=fits_summary(result["rows"]), note=NOTE)
     with open(args.out, "w") as f:

@@ -85,12 +85,11 @@ NOTE = (
     "refused (RESOURCE_EXHAUSTED); 'expected_misfit' rows were compiled with "
     "--expect-misfit as probes of the refusal. 'finish' rows compile the "
     "presets' canvas of 448 px (at canvas 224, v3-8 batch 8: 2.2 GFLOP, 0.012"
-    " GiB). Each row's 'libtpu' is the compiler's version (rows without it: "
-    "versions.libtpu at the time, 0.0.42.1); v6e rows come from libtpu "
-    "0.0.52 through TPU_LIBRARY_PATH, since 0.0.42.1 crashes compiling "
-    "train steps for v6e, except the kNN monitor's: 0.0.52 refuses its HLO "
-    "and 0.0.42.1 compiles it. Compiled on 2 shared CPU cores under load: "
-    "compile seconds are wall time under that load.")
+    " GiB). Each row's 'libtpu' is the compiler's version; v6e rows come "
+    "from libtpu 0.0.52 through TPU_LIBRARY_PATH, since 0.0.42.1 crashes "
+    "compiling train steps for v6e, except the kNN monitor's: 0.0.52 "
+    "refuses its HLO and 0.0.42.1 compiles it. Compiled on 2 shared CPU "
+    "cores under load: compile seconds are wall time under that load.")
 
 
 # ------------------------------------------------------------------ jobs --
